@@ -1,0 +1,24 @@
+# Two commands on a fresh machine:
+#   make run    installs into .venv and trains the quickstart on 2 local workers
+#   make test   installs into .venv and runs the whole test suite
+# torch is pinned to the CPU build that lies on this machine's disk; an unpinned
+# torch would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+TORCH_PIN ?= torch==2.13.0
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)"
+	$(VENV)/bin/pip install --quiet -e ".[federated,dev]" "$(TORCH_PIN)"
+	touch $@
+
+.PHONY: install run test
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/shoal run
+
+test: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests

@@ -1,0 +1,293 @@
+"""Shoal's configuration: nested keyword-only dataclasses, TOML, `key.sub=value` overrides.
+
+Every field is declared with `option(...)`, which carries a one-line help text and the
+allowed values or range; `validate` checks them all and raises `ConfigError` naming the
+field. The same metadata renders `shoal config` and docs/config.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A user's mistake in a config file, an override or a command-line flag."""
+
+
+def option(default: Any, help: str, *, choices: tuple | None = None,
+           min: float | None = None, max: float | None = None) -> Any:
+    """A config field with its one-line help, allowed values and range."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = option("gpt", "Reference model to train; ignored when `factory` is set.",
+                       choices=("gpt", "mlp", "dlrm"))
+    flavour: str = option("debug", "Size preset of the reference model (see shoal/models).",
+                          choices=("debug", "small", "medium", "125m"))
+    factory: str = option("", "Your own model as 'package.module:function'; called with the DataSpec, "
+                              "returns an nn.Module. Empty means use `name`.")
+    n_layers: int = option(0, "Transformer blocks or MLP hidden layers. 0 means the flavour's value.", min=0)
+    dim: int = option(0, "Hidden width. 0 means the flavour's value.", min=0)
+    n_heads: int = option(0, "Attention heads (gpt). 0 means the flavour's value.", min=0)
+    dropout: float = option(0.0, "Dropout probability inside the model. 0 disables it.", min=0.0, max=0.9)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = option("stdlib", "Where samples come from: 'stdlib' (character corpus of Python's own "
+                                   "sources, offline), 'text' (your text files), 'npy' (your x/y arrays), "
+                                   "'synthetic' (generated classification with a known rule), 'clicks' "
+                                   "(generated click log for dlrm).",
+                         choices=("stdlib", "text", "npy", "synthetic", "clicks"))
+    path: str = option("", "For 'text': a file or folder of .txt files. For 'npy': a folder with x.npy "
+                           "and y.npy, or 'X.npy,Y.npy'. Unused otherwise.")
+    seq_len: int = option(128, "Characters per training sequence (text sources).", min=2, max=65536)
+    max_bytes: int = option(4_000_000, "Cap on the stdlib corpus size in bytes, to keep the cache small.",
+                            min=10_000)
+    num_samples: int = option(8192, "Samples generated for 'synthetic' and 'clicks'.", min=16)
+    features: int = option(32, "Input features for 'synthetic'.", min=1)
+    classes: int = option(4, "Classes for 'synthetic'.", min=2)
+    val_fraction: float = option(0.05, "Share of samples held out for evaluation.", min=0.0, max=0.5)
+    cache_dir: str = option("", "Where the tokenised corpus is cached. Empty means ~/.cache/shoal.")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = option(200, "Optimizer steps to train.", min=1)
+    batch_size: int = option(32, "Global batch: samples per optimizer step over all data-parallel ranks.",
+                             min=1)
+    grad_accum: int = option(1, "Micro-batches per rank per step (gradient accumulation). 1 means none.",
+                             min=1)
+    optimizer: str = option("adamw", "Optimizer.", choices=("adamw", "sgd"))
+    lr: float = option(3e-3, "Peak learning rate.", min=0.0)
+    min_lr_ratio: float = option(0.1, "Final learning rate as a fraction of `lr` (cosine decay).",
+                                 min=0.0, max=1.0)
+    warmup_steps: int = option(20, "Linear warmup steps. 0 disables warmup.", min=0)
+    weight_decay: float = option(0.1, "Decoupled weight decay (AdamW) or L2 (SGD).", min=0.0)
+    momentum: float = option(0.0, "SGD momentum. 0 means plain SGD.", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this. 0 disables clipping.", min=0.0)
+    precision: str = option("fp32", "Compute precision: 'bf16' runs forward under bf16 autocast.",
+                            choices=("fp32", "bf16"))
+    seed: int = option(1234, "Seed for weights, data order and dropout.")
+    eval_every: int = option(50, "Evaluate on held-out data every N steps. 0 disables evaluation.", min=0)
+    eval_batches: int = option(4, "Batches per evaluation.", min=1)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    dp_replicate: int = option(-1, "Data-parallel replicas (DDP, or HSDP with dp_shard>1). "
+                                   "-1 means all ranks the other degrees leave.", min=-1)
+    dp_shard: int = option(1, "Fully sharded (FSDP) degree. 1 means disabled; -1 fills the world.", min=-1)
+    tp: int = option(1, "Tensor parallel degree. 1 means disabled.", min=1)
+    pp: int = option(1, "Pipeline parallel degree. 1 means disabled.", min=1)
+    pp_schedule: str = option("1f1b", "Pipeline schedule.", choices=("gpipe", "1f1b", "interleaved_1f1b"))
+    pp_microbatches: int = option(4, "Micro-batches per pipeline step.", min=1)
+    activation_checkpointing: str = option("none", "Recompute activations in backward to save memory.",
+                                           choices=("none", "full", "selective"))
+    compile: bool = option(False, "Compile each block with torch.compile.")
+    cpu_offload: bool = option(False, "Keep FSDP-sharded parameters and optimizer state in CPU memory.")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = option(0, "Save every N steps. 0 means only at the end.", min=0)
+    keep: int = option(3, "Checkpoints kept; older ones are deleted. 0 keeps all.", min=0)
+    async_save: bool = option(False, "Write checkpoints in the background while training goes on.")
+    dir: str = option("", "Checkpoint folder. Empty means <run dir>/checkpoints.")
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    nproc: int = option(2, "Worker processes on this host.", min=1, max=512)
+    device: str = option("auto", "Where workers compute: 'auto' picks cuda when present.",
+                         choices=("auto", "cpu", "cuda"))
+    backend: str = option("auto", "c10d backend: 'auto' is nccl on cuda and gloo on cpu.",
+                          choices=("auto", "gloo", "nccl"))
+    threads: int = option(0, "Torch threads per worker. 0 means cores / nproc.", min=0)
+    rdzv_timeout: int = option(60, "Seconds to wait for the other hosts at rendezvous.", min=1)
+    max_restarts: int = option(0, "Times the launcher restarts the workers after a failure.", min=0)
+
+
+@dataclass(kw_only=True)
+class LogConfig:
+    name: str = option("", "Run name: the run directory is <dir>/<name>. Empty means the config file's name.")
+    dir: str = option("runs", "Folder that holds run directories.")
+    every: int = option(10, "Print a progress line every N steps (plain mode).", min=1)
+    tensorboard: bool = option(True, "Also write TensorBoard event files.")
+    progress: str = option("auto", "Progress display on rank 0: a live bar on a terminal, plain lines otherwise.",
+                           choices=("auto", "bar", "plain", "off"))
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _field_types(section_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check one value's type; strings from the command line are parsed first."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                value = text.lower() in ("true", "1", "yes")
+            else:
+                value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: expected {kind.__name__}, got '{value}'") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested dicts (parsed TOML), checking keys and types."""
+    cfg = base or Config()
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown section [{section}]{_suggest(section, list(SECTIONS))}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value")
+        target = getattr(cfg, section)
+        types = _field_types(type(target))
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"unknown key {section}.{key}{_suggest(key, list(types))}")
+            setattr(target, key, _coerce(f"{section}.{key}", value, types[key]))
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `section.key=value` strings, as typed on the command line."""
+    for item in overrides:
+        name, sep, value = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        from_dict({section: {key: value}}, cfg)
+    return cfg
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a TOML file (or the defaults when path is None), apply overrides and validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: malformed TOML: {err}") from None
+        from_dict(raw, cfg)
+        if not cfg.log.name:
+            cfg.log.name = path.stem if path.stem != "config" else path.parent.name
+    apply_overrides(cfg, overrides or [])
+    if not cfg.log.name:
+        cfg.log.name = "shoal"
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Check every field's allowed values and range, then the rules that span fields."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value, meta = getattr(obj, f.name), f.metadata
+            where = f"{section}.{f.name}"
+            if meta.get("choices") and value not in meta["choices"]:
+                raise ConfigError(f"{where} = {value!r} is not one of {', '.join(map(str, meta['choices']))}"
+                                  f"{_suggest(str(value), list(meta['choices'])) if isinstance(value, str) else ''}")
+            if meta.get("min") is not None and value < meta["min"]:
+                raise ConfigError(f"{where} = {value} is below its minimum {meta['min']}")
+            if meta.get("max") is not None and value > meta["max"]:
+                raise ConfigError(f"{where} = {value} is above its maximum {meta['max']}")
+    if cfg.model.factory and ":" not in cfg.model.factory:
+        raise ConfigError(f"model.factory = '{cfg.model.factory}' must look like 'package.module:function'")
+    if cfg.data.source in ("text", "npy") and not cfg.data.path:
+        raise ConfigError(f"data.path is required when data.source = '{cfg.data.source}'")
+    if cfg.data.source in ("text", "npy"):
+        for part in cfg.data.path.split(","):
+            if not Path(part).exists():
+                raise ConfigError(f"data.path: {part} does not exist")
+    if cfg.train.warmup_steps >= cfg.train.steps and cfg.train.warmup_steps > 0:
+        raise ConfigError(f"train.warmup_steps = {cfg.train.warmup_steps} must be below train.steps "
+                          f"= {cfg.train.steps}")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML, the form written to every run directory."""
+    lines: list[str] = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference(markdown: bool = False) -> str:
+    """Every field with its default and one-line doc: `shoal config` and docs/config.md."""
+    out: list[str] = []
+    for section, cls in SECTIONS.items():
+        types = _field_types(cls)
+        defaults = cls()
+        out.append(f"## [{section}]\n" if markdown else f"[{section}]")
+        if markdown:
+            out += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            extra = ""
+            if meta.get("choices"):
+                extra = " One of: " + ", ".join(map(str, meta["choices"])) + "."
+            default = getattr(defaults, f.name)
+            if markdown:
+                out.append(f"| `{f.name}` | {types[f.name].__name__} | `{default!r}` | {meta['help']}{extra} |")
+            else:
+                out.append(f"  {f.name} = {default!r}  ({types[f.name].__name__})\n      {meta['help']}{extra}")
+        out.append("")
+    return "\n".join(out)
