@@ -130,6 +130,84 @@ class LogConfig:
 
 
 @dataclass(kw_only=True)
+class SyncConfig:
+    method: str = option("allreduce", "How data-parallel replicas agree: a gradient all-reduce every step "
+                                      "(allreduce, or compressed: fp16, bf16, int8, int4, powersgd) or an outer "
+                                      "sync every `inner_steps` steps (local_sgd, diloco). See docs/sync.md.",
+                         choices=("allreduce", "fp16", "bf16", "int8", "int4", "powersgd", "local_sgd",
+                                  "diloco"))
+    inner_steps: int = option(50, "Local optimizer steps between outer syncs (local_sgd, diloco). "
+                                  "1 means sync after every step.", min=1)
+    outer_lr: float = option(0.7, "DiLoCo outer learning rate on the averaged pseudo-gradient. "
+                                  "1 with outer_momentum 0 means plain parameter averaging.", min=0.0)
+    outer_momentum: float = option(0.9, "DiLoCo outer SGD momentum. 0 means no momentum.", min=0.0, max=1.0)
+    nesterov: bool = option(True, "Use Nesterov momentum in the DiLoCo outer step (ignored when "
+                                  "outer_momentum is 0).")
+    compression: str = option("none", "Wire format of DiLoCo pseudo-gradients. 'none' sends fp32.",
+                              choices=("none", "fp16", "bf16", "int8", "int4"))
+    fragments: int = option(1, "Streaming DiLoCo: parameter fragments synced in turn, staggered over "
+                               "inner_steps. 1 means sync the whole model at once.", min=1)
+    overlap: bool = option(False, "Streaming DiLoCo: let a fragment's all-reduce run behind the next "
+                                  "inner step (applied one step late). false means wait for it.")
+    powersgd_rank: int = option(4, "PowerSGD low-rank approximation rank. 1 is the most compression.", min=1)
+    powersgd_warmup: int = option(10, "Steps of plain all-reduce before PowerSGD starts; at least 2, "
+                                      "because DDP rebuilds its buckets after step 1.", min=2)
+    error_feedback: bool = option(True, "Carry each step's quantisation error into the next (int8, int4, "
+                                        "powersgd). false drops it.")
+
+
+@dataclass(kw_only=True)
+class FederatedConfig:
+    address: str = option("127.0.0.1:8443", "Where the federated server listens (host:port); clients use --server.")
+    certs_dir: str = option("certs", "Folder made by `shoal fed certs`: ca.pem, server.pem/.key, <client>.pem/.key, crl.pem.")
+    rounds: int = option(3, "Rounds of training (for fedbuff: server updates).", min=1)
+    strategy: str = option("fedavg", "How client updates become the next global model.",
+                           choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+                                    "fedtrimmedavg", "krum", "multikrum", "fedbuff"))
+    fraction: float = option(1.0, "Share of connected clients sampled for each round.", min=0.0, max=1.0)
+    min_clients: int = option(2, "Clients that must be connected before a round starts.", min=1)
+    round_timeout: float = option(60.0, "Seconds a round waits for replies; it then closes with those that answered.",
+                                  min=0.1)
+    join_timeout: float = option(300.0, "Seconds the server waits for `min_clients` to connect.", min=0.1)
+    local_epochs: int = option(1, "Passes over its own data each client makes per round.", min=1)
+    server_lr: float = option(1.0, "Server learning rate (fedadam/fedyogi/fedadagrad/fedbuff). 1 means plain mean.",
+                              min=0.0)
+    proximal_mu: float = option(0.01, "FedProx proximal weight mu. 0 makes FedProx equal FedAvg.", min=0.0)
+    beta1: float = option(0.9, "FedAdam/FedYogi first-moment decay.", min=0.0, max=1.0)
+    beta2: float = option(0.99, "FedAdam/FedYogi second-moment decay.", min=0.0, max=1.0)
+    tau: float = option(1e-3, "FedAdam/FedYogi/FedAdagrad adaptivity (epsilon).", min=0.0)
+    trim_fraction: float = option(0.2, "FedTrimmedAvg: share of values cut from each end per coordinate.",
+                                  min=0.0, max=0.49)
+    byzantine: int = option(1, "Krum/MultiKrum: number of malicious clients tolerated (f).", min=0)
+    krum_keep: int = option(0, "MultiKrum: best-scored updates averaged. 0 means n - f.", min=0)
+    buffer_size: int = option(3, "FedBuff: client updates buffered before each server update (K).", min=1)
+    max_staleness: int = option(10, "FedBuff: updates older than this many server versions are dropped.", min=0)
+    secagg: bool = option(False, "Secure aggregation: the server learns only the sum of the updates.")
+    secagg_threshold: int = option(0, "Secure aggregation: clients needed to unmask. 0 means a majority.", min=0)
+    dp: str = option("off", "Client-level central differential privacy: clip each update and add Gaussian noise.",
+                     choices=("off", "fixed", "adaptive"))
+    dp_noise: float = option(1.0, "DP noise multiplier z (noise std = z x clip norm).", min=0.0)
+    dp_clip: float = option(1.0, "DP clip norm of each client update (initial value when adaptive).", min=0.0)
+    dp_quantile: float = option(0.5, "Adaptive clipping: target share of updates left unclipped.", min=0.0, max=1.0)
+    dp_clip_lr: float = option(0.2, "Adaptive clipping: geometric learning rate of the clip norm.", min=0.0)
+    dp_delta: float = option(1e-5, "DP delta at which epsilon is reported.", min=0.0, max=1.0)
+    local_dp: bool = option(False, "DP-SGD inside each client through opacus (per-sample clipping and noise).")
+    local_dp_noise: float = option(1.0, "Local DP-SGD noise multiplier.", min=0.0)
+    local_dp_clip: float = option(1.0, "Local DP-SGD per-sample gradient clip norm.", min=0.0)
+    max_message_mb: int = option(512, "Largest gRPC message in MiB (models are sent whole).", min=1)
+    sim_clients: int = option(100, "`fed simulate`: virtual clients (--clients overrides).", min=1)
+    sim_workers: int = option(2, "`fed simulate`: worker processes; memory is set by this, not by the clients.",
+                              min=1)
+    sim_data: str = option("digits", "`fed simulate`: data split among clients: 'digits' (scikit-learn's bundled "
+                                     "8x8 images), 'breast_cancer' (bundled tabular) or 'data' (the [data] section).",
+                           choices=("digits", "breast_cancer", "data"))
+    partition: str = option("iid", "`fed simulate`: how samples are dealt to clients.",
+                            choices=("iid", "dirichlet", "shards"))
+    dirichlet_alpha: float = option(0.5, "Dirichlet concentration: small alpha means strong label skew.", min=1e-3)
+    shards_per_client: int = option(2, "Label shards per client for partition = 'shards'.", min=1)
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -138,6 +216,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -244,9 +324,20 @@ def validate(cfg: Config) -> None:
         for part in cfg.data.path.split(","):
             if not Path(part).exists():
                 raise ConfigError(f"data.path: {part} does not exist")
-    if cfg.train.warmup_steps >= cfg.train.steps and cfg.train.warmup_steps > 0:
-        raise ConfigError(f"train.warmup_steps = {cfg.train.warmup_steps} must be below train.steps "
-                          f"= {cfg.train.steps}")
+    sync = cfg.sync
+    outer = sync.method in ("local_sgd", "diloco")
+    if sync.method != "diloco" and (sync.compression != "none" or sync.fragments > 1 or sync.overlap):
+        raise ConfigError(f"sync.compression, sync.fragments and sync.overlap apply only to sync.method = "
+                          f"'diloco', not '{sync.method}'")
+    if sync.fragments > sync.inner_steps:
+        raise ConfigError(f"sync.fragments = {sync.fragments} must be at most sync.inner_steps = "
+                          f"{sync.inner_steps}: each fragment syncs once per outer round")
+    if outer and cfg.parallel.dp_replicate == 1:
+        raise ConfigError(f"sync.method = '{sync.method}' averages over the parallel.dp_replicate axis, "
+                          f"but parallel.dp_replicate = 1 leaves nothing to average over")
+    if sync.method in ("fp16", "bf16", "int8", "int4", "powersgd") and cfg.parallel.dp_shard != 1:
+        raise ConfigError(f"sync.method = '{sync.method}' is a DDP comm hook and needs parallel.dp_shard = 1 "
+                          f"(FSDP has no comm hooks)")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -27,6 +27,10 @@ class TokenWindows:
         self.tokens, self.seq_len = tokens, seq_len
         self.offsets = torch.arange(seq_len + 1)
 
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.seq_len
+
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
 
@@ -55,6 +59,7 @@ class Subset:
 
     def __init__(self, base, start: int, stop: int):
         self.base, self.start, self.stop = base, start, stop
+        self.tokens_per_sample = getattr(base, "tokens_per_sample", 1)
 
     def __len__(self) -> int:
         return self.stop - self.start

@@ -1,1 +1,1 @@
-"""launch"""
+"""Starting workers: on this machine, on many hosts, and (rendered) on clusters."""

@@ -1,1 +1,1 @@
-"""observe"""
+"""What the cluster is doing: metrics (JSONL + TensorBoard), live progress, run reports."""

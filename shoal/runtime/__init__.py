@@ -1,1 +1,1 @@
-"""runtime"""
+"""Who am I and who are my peers: the launcher's environment and the device mesh."""

@@ -1,0 +1,131 @@
+"""Checkpoints with Distributed Checkpoint (DCP): atomic, optionally async, resharding, retained.
+
+A checkpoint is written into a hidden `.tmp-step_N` folder and renamed to `step_N` only
+after every rank has finished writing and `meta.json` is in place, so a crash mid-save
+never leaves a folder that `latest_checkpoint` would pick. Model and optimizer state go
+through DCP (so a checkpoint saved on one layout loads on another); each rank's small
+trainer state (step, data position, RNG) goes into its own `trainer_rank{r}.pt`, read back
+with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+PREFIX = "step_"
+
+
+def _as_module(model_parts: list[nn.Module]) -> nn.Module:
+    # DCP's state-dict helpers take one module; several parts (pipeline stages) are
+    # saved through a container that keeps their own parameter names.
+    assert len(model_parts) == 1, "several model parts per rank need a merged state dict"
+    return model_parts[0]
+
+
+def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder`, oldest first."""
+    found = []
+    if Path(folder).is_dir():
+        for path in Path(folder).iterdir():
+            if path.name.startswith(PREFIX) and (path / "meta.json").is_file():
+                found.append((int(path.name[len(PREFIX):]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    steps = checkpoint_steps(folder)
+    return steps[-1][1] if steps else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+class Checkpointer:
+    """Saves and loads the checkpoints of one run; every rank makes the same calls."""
+
+    def __init__(self, folder: Path, *, keep: int = 3, async_save: bool = False, meta: dict | None = None):
+        self.folder, self.keep, self.async_save = Path(folder), keep, async_save
+        self.meta = meta or {}
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.distributed else 0
+        # Background writes gather results on their own group so they never interleave with
+        # the training collectives on the default one.
+        self.group = dist.new_group(backend="gloo") if self.distributed and async_save else None
+        self.pending: tuple[int, Any] | None = None
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _staging(self, step: int) -> Path:
+        return self.folder / f".tmp-{PREFIX}{step:08d}"
+
+    def save(self, step: int, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any]) -> None:
+        self.wait()
+        staging = self._staging(step)
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self._barrier()
+        model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
+        torch.save(trainer_state, staging / f"trainer_rank{self.rank}.pt")
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.async_save:
+            self.pending = (step, dcp.async_save(state, checkpoint_id=staging, process_group=self.group))
+        else:
+            dcp.save(state, checkpoint_id=staging)
+            self._publish(step)
+
+    def wait(self) -> None:
+        """Finish an async save in flight and publish it."""
+        if self.pending is not None:
+            step, future = self.pending
+            self.pending = None
+            future.result()
+            self._publish(step)
+
+    def _publish(self, step: int) -> None:
+        self._barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            staging = self._staging(step)
+            meta = {**self.meta, "step": step, "world_size": dist.get_world_size() if self.distributed else 1,
+                    "saved_at": time.time()}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1))
+            final = self.folder / f"{PREFIX}{step:08d}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(staging, final)  # the moment the checkpoint becomes visible, atomically
+            self._prune()
+        self._barrier()
+
+    def _prune(self) -> None:
+        for path in self.folder.glob(f".tmp-{PREFIX}*"):
+            shutil.rmtree(path, ignore_errors=True)  # left by a crash mid-save
+        if self.keep:
+            for _, path in checkpoint_steps(self.folder)[:-self.keep]:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def load(self, path: Path, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load model and optimizer state (any layout) and return this rank's trainer state."""
+        model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(_as_module(model_parts), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        own = Path(path) / f"trainer_rank{self.rank}.pt"
+        # After a change of world size a rank may have no file of its own: step and data
+        # position are the same on every rank, so rank 0's serve.
+        return torch.load(own if own.is_file() else Path(path) / "trainer_rank0.pt", weights_only=True)

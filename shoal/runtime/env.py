@@ -1,0 +1,85 @@
+"""Read this worker's place in the job from torchrun/elastic, SLURM or Kubernetes variables,
+and start its process group.
+
+torchrun (and `shoal run`/`shoal launch`, which use the same elastic agent) set RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT and host the store in the agent. Under a
+bare `srun`, SLURM's own SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID are used and rank 0 hosts
+the store. Kubernetes' PyTorchJob/TrainJob set the torchrun variables.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    restart_count: int
+    agent_hosts_store: bool
+    """True under an elastic agent (torchrun, shoal run/launch): the agent, not rank 0, owns the store."""
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist such as 'gpu[03-05,07],cpu1' -> 'gpu03'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env:
+        return WorkerEnv(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
+                         local_rank=int(env.get("LOCAL_RANK", 0)),
+                         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+                         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                         master_port=int(env.get("MASTER_PORT", 29500)),
+                         restart_count=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)),
+                         agent_hosts_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true")
+    if "SLURM_PROCID" in env:
+        job = int(env.get("SLURM_JOB_ID", 0))
+        return WorkerEnv(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                         local_rank=int(env.get("SLURM_LOCALID", 0)),
+                         local_world_size=int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]),
+                         master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                         master_port=int(env.get("MASTER_PORT", 20000 + job % 10000)),
+                         restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), agent_hosts_store=False)
+    return WorkerEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
+                     master_port=0, restart_count=0, agent_hosts_store=False)
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(worker: WorkerEnv, device: torch.device, backend: str = "auto",
+                     timeout: timedelta = timedelta(minutes=5)) -> None:
+    """Start the default process group; a single process runs without one."""
+    if worker.world_size == 1 and worker.master_port == 0:
+        return
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    store = dist.TCPStore(worker.master_addr, worker.master_port, worker.world_size,
+                          is_master=not worker.agent_hosts_store and worker.rank == 0, timeout=timeout)
+    # A restarted attempt must not see the keys of the attempt before it (see TORCH_NOTES.md:
+    # without this prefix Gloo connects to dead peers' addresses and hangs or is refused).
+    store = dist.PrefixStore(f"shoal/attempt_{worker.restart_count}", store)
+    dist.init_process_group(backend, store=store, rank=worker.rank, world_size=worker.world_size,
+                            timeout=timeout, device_id=device if device.type == "cuda" else None)

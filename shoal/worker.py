@@ -1,0 +1,128 @@
+"""One training worker: the process that `shoal run`, `shoal launch`, torchrun or srun start.
+
+    torchrun --nproc-per-node 2 -m shoal.worker CONFIG.toml [section.key=value ...]
+
+Reads its place in the job, joins the process group, builds mesh, model, parallel layout
+and data, and hands them to the Trainer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from shoal import config as config_module
+from shoal.config import Config, ConfigError
+from shoal.data import build_dataset
+from shoal.fault.checkpoint import Checkpointer
+from shoal.models import build_model
+from shoal.observe import rundir
+from shoal.observe.timing import CommTimer
+from shoal.parallel.compose import parallelize
+from shoal.runtime.env import WorkerEnv, init_distributed, pick_device, read_env
+from shoal.runtime.mesh import ParallelDims
+from shoal.train import Placement, Trainer
+
+log = logging.getLogger("shoal")
+
+
+def setup_logging(run_dir: Path, rank: int, verbose: bool) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
+    if rank == 0 or verbose:
+        # stdout: under the launcher, local rank 0's stdout is the terminal and its stderr a file
+        handlers.append(logging.StreamHandler(sys.stdout))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path:
+    """Use the launcher's run directory, or (under plain torchrun/srun) let rank 0 make one."""
+    if run_dir:
+        path = Path(run_dir)
+    else:
+        holder = [None]
+        if worker.rank == 0:
+            path = rundir.new_run_dir(cfg)
+            (path / "config.toml").write_text(config_module.to_toml(cfg))
+            holder = [str(path)]
+        if dist.is_initialized():
+            dist.broadcast_object_list(holder, src=0)  # a path string between trusted ranks of one job
+        path = Path(holder[0])
+    return path
+
+
+def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
+    worker = read_env()
+    torch.set_num_threads(cfg.launch.threads or max(1, (os.cpu_count() or 1) // worker.local_world_size))
+    device = pick_device(cfg.launch.device, worker.local_rank)
+    init_distributed(worker, device, cfg.launch.backend)
+    path = prepare_run_dir(cfg, worker, run_dir)
+    setup_logging(path, worker.rank, verbose)
+    dims = ParallelDims.from_config(cfg.parallel, worker.world_size)
+    mesh = dims.build_mesh(device.type) if worker.world_size > 1 else None
+    log.info("world %d on %s: dp_replicate=%d dp_shard=%d tp=%d pp=%d", worker.world_size, device,
+             dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp)
+
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
+    model = build_model(cfg.model, spec)
+    log.info("model %s: %.2fM parameters; %d training samples", cfg.model.factory or cfg.model.name,
+             sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
+    pm = parallelize(model, dims, mesh, cfg, device)
+    timer = None
+    if pm.ddp is not None:
+        timer = CommTimer()
+        timer.attach(pm.ddp)
+    torch.manual_seed(cfg.train.seed + 7919 * worker.rank)  # per-rank dropout streams
+
+    placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
+                          rank=worker.rank, device=device, master=worker.rank == 0)
+    checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
+                                async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg))
+    trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
+                      comm_timer=timer)
+    if resume:
+        _, checkpoint = rundir.find_resume(cfg, str(path) if resume == "latest" and run_dir else resume)
+        trainer.resume(checkpoint)
+        log.info("resumed from %s at step %d", checkpoint, trainer.step)
+    losses = trainer.fit()
+    log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
+             float("nan"), path)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return losses
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shoal.worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", help="config TOML (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="section.key=value")
+    parser.add_argument("--run-dir", help="run directory made by the launcher")
+    parser.add_argument("--resume", nargs="?", const="latest", help="continue from the latest checkpoint")
+    parser.add_argument("--verbose", action="store_true", help="every rank logs to the console")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not args.config.endswith(".toml"):
+        overrides.insert(0, args.config)
+        args.config = None
+    try:
+        cfg = config_module.load(args.config, overrides)
+        train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
+    except ConfigError as err:
+        print(f"shoal: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Shared test set-up: the `shoal` command of this environment, a small config, a shared corpus cache."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOAL = str(Path(sys.executable).parent / "shoal")
+
+# Small enough that a 2-worker run takes seconds on 2 cores.
+TINY = ["data.seq_len=32", "data.max_bytes=400000", "train.batch_size=8", "train.warmup_steps=2",
+        "train.eval_every=0", "launch.nproc=2", "launch.threads=1"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+    """One stdlib-corpus cache for the whole session (workers inherit SHOAL_CACHE)."""
+    path = tmp_path_factory.mktemp("cache")
+    os.environ["SHOAL_CACHE"] = str(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def shoal(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `shoal` command as a user types it."""
+    return subprocess.run([SHOAL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
