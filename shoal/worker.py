@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import Config, ConfigError
 from shoal.data import build_dataset
-from shoal.fault.checkpoint import Checkpointer
+from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
+from shoal.fault.elastic import JobStopped, StoreLost
 from shoal.models import build_model
 from shoal.observe import rundir
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import parallelize
-from shoal.runtime.env import WorkerEnv, init_distributed, pick_device, read_env
+from shoal.runtime.env import WorkerEnv, die_with_launcher, init_distributed, pick_device, read_env
 from shoal.runtime.mesh import ParallelDims
 from shoal.train import Placement, Trainer
 
@@ -60,12 +62,17 @@ def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path
 
 
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
+    die_with_launcher()
     worker = read_env()
     torch.set_num_threads(cfg.launch.threads or max(1, (os.cpu_count() or 1) // worker.local_world_size))
     device = pick_device(cfg.launch.device, worker.local_rank)
     init_distributed(worker, device, cfg.launch.backend)
     path = prepare_run_dir(cfg, worker, run_dir)
-    setup_logging(path, worker.rank, verbose)
+    replicas = None
+    if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many
+        from shoal.fault.elastic import Replicas
+        replicas = Replicas.from_env(cfg)
+    setup_logging(path, worker.rank if replicas is None else replicas.member, verbose)
     dims = ParallelDims.from_config(cfg.parallel, worker.world_size)
     mesh = dims.build_mesh(device.type) if worker.world_size > 1 else None
     log.info("world %d on %s: dp_replicate=%d dp_shard=%d tp=%d pp=%d", worker.world_size, device,
@@ -84,18 +91,33 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     torch.manual_seed(cfg.train.seed + 7919 * worker.rank)  # per-rank dropout streams
 
     placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
-                          rank=worker.rank, device=device, master=worker.rank == 0)
+                          rank=worker.rank, device=device,
+                          master=worker.rank == 0 if replicas is None else replicas.member == 0)
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg))
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
-                      comm_timer=timer)
+                      comm_timer=timer, replicas=replicas)
+    if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
+        resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:
         _, checkpoint = rundir.find_resume(cfg, str(path) if resume == "latest" and run_dir else resume)
         trainer.resume(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
-    losses = trainer.fit()
+    try:
+        losses = trainer.fit()
+    except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
+        log.error("%s; saving a checkpoint at step %d and stopping; continue with --resume", err, trainer.step)
+        replicas.rollback(trainer)
+        trainer.save()
+        if trainer.checkpointer is not None:
+            trainer.checkpointer.wait()
+        raise SystemExit(3) from None
+    except JobStopped as err:  # the coordinator ended the job; it says why
+        log.error("stopped: %s", err)
+        raise SystemExit(1) from None
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
              float("nan"), path)
+    log.info("peak memory %.0f MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if dist.is_initialized():
         dist.destroy_process_group()
     return losses

@@ -9,6 +9,7 @@ the launcher's.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ class Rendezvous:
     """This host runs the rendezvous store (node rank 0)."""
     run_id: str = ""
     timeout: int = 60
+    local_addr: str | None = None
+    """The address other hosts reach this one at; None on a single host."""
 
 
 class WorkerFailure(RuntimeError):
@@ -53,7 +56,8 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
         rdzv_endpoint=rendezvous.endpoint,
         rdzv_configs={"is_host": rendezvous.is_host, "join_timeout": rendezvous.timeout,
                       "read_timeout": rendezvous.timeout, "timeout": rendezvous.timeout},
-        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn")
+        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=rendezvous.local_addr)
+    os.environ["SHOAL_LAUNCHER_PID"] = str(os.getpid())  # workers end with this process
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
     except ChildFailedError as err:

@@ -30,12 +30,13 @@ def check_port_free(host: str, port: int) -> None:
                               f"pick another port") from None
 
 
-def wait_for_endpoint(host: str, port: int, timeout: float) -> None:
+def wait_for_endpoint(host: str, port: int, timeout: float) -> str:
+    """Wait until the endpoint answers; returns this host's address on the route to it."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host, port), timeout=2):
-                return
+            with socket.create_connection((host, port), timeout=2) as sock:
+                return sock.getsockname()[0]
         except OSError:
             if time.monotonic() > deadline:
                 raise ConfigError(f"--rdzv {host}:{port}: nobody answered within {timeout:.0f} s; is node rank 0 "
@@ -52,7 +53,9 @@ def node_rendezvous(endpoint: str, nnodes: int, node_rank: int, timeout: int, ru
     host, port = parse_endpoint(endpoint)
     if node_rank == 0:
         check_port_free(host, port)
+        local_addr = host
     else:
-        wait_for_endpoint(host, port, timeout)
+        local_addr = wait_for_endpoint(host, port, timeout)
+    # Peers must reach this host by an address, not by a hostname that may only resolve here.
     return Rendezvous(nnodes=nnodes, endpoint=f"{host}:{port}", is_host=node_rank == 0, run_id=run_id,
-                      timeout=timeout)
+                      timeout=timeout, local_addr=local_addr)

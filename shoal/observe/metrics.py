@@ -12,6 +12,7 @@ class MetricsLog:
     """Appends records to `<run_dir>/metrics.jsonl`; only the logging rank creates one."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True):
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a", buffering=1)
         self.writer = None

@@ -9,8 +9,11 @@ the store. Kubernetes' PyTorchJob/TrainJob set the torchrun variables.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -60,6 +63,21 @@ def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
                          restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), agent_hosts_store=False)
     return WorkerEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                      master_port=0, restart_count=0, agent_hosts_store=False)
+
+
+def die_with_launcher() -> None:
+    """Under Shoal's launcher, end this worker when the launcher dies, even by SIGKILL.
+
+    The elastic engine starts workers in sessions of their own, so a killed launcher would
+    otherwise leave them training as orphans beside the run that replaces it.
+    """
+    launcher = os.environ.get("SHOAL_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(launcher):  # it died before the request was in place
+        os._exit(1)
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
