@@ -62,6 +62,12 @@ def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
         worker_args += ["--resume", str(run_dir)]
     if args.verbose:
         worker_args.append("--verbose")
+    if cfg.fault.enabled:  # per-step fault tolerance (shoal/launch/supervisor.py, docs/fault.md)
+        from shoal.launch.supervisor import launch_fault_tolerant
+        code = launch_fault_tolerant(cfg, worker_args, run_dir, chaos=args.chaos, verbose=args.verbose,
+                                     multi_host=args.command == "launch")
+        if code is not None:
+            return code
     try:
         launch_workers(worker_args, nproc=cfg.launch.nproc, run_dir=run_dir, rendezvous=rendezvous,
                        max_restarts=cfg.launch.max_restarts, verbose=args.verbose)
@@ -81,7 +87,15 @@ def cmd_run(args) -> int:
     if args.print_config:
         print(config_module.to_toml(cfg), end="")
         return 0
-    _check_before_launch(cfg, cfg.launch.nproc)
+    per_step = False
+    if cfg.fault.enabled or args.chaos:  # [fault] rules and the chaos spec, before anything starts
+        from shoal.launch.supervisor import check_fault_tolerant
+        per_step = check_fault_tolerant(cfg, cfg.launch.nproc, args.chaos)
+        if per_step:
+            from shoal.launch.supervisor import start_forkserver
+            start_forkserver()  # workers' torch imports while this process does its own
+    if not per_step:  # per-step replicas split any batch; the other layouts need it to divide
+        _check_before_launch(cfg, cfg.launch.nproc)
     run_dir = _prepare_run(cfg, args.resume, exact_name=False)
     from shoal.launch.local import Rendezvous
     return _start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
@@ -128,6 +142,8 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the newest run of this name (or RUN_DIR) from its last checkpoint")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true", help="show every rank's output")
+    parser.add_argument("--chaos", metavar="SPEC", help="inject failures with fault.enabled, e.g. "
+                                                        "'kill=random,every=15s' (see docs/fault.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,6 +208,21 @@ class FederatedConfig:
 
 
 @dataclass(kw_only=True)
+class FaultConfig:
+    enabled: bool = option(False, "Per-step fault tolerance: survivors of a failure continue without a restart "
+                                  "and replacements receive state from a live peer. false means a failure stops "
+                                  "(or restarts, launch.max_restarts) every worker. See docs/fault.md.")
+    min_workers: int = option(1, "Training continues while at least this many workers are alive.", min=1)
+    max_workers: int = option(0, "Most workers training at once (joiners wait beyond it). 0 means launch.nproc.",
+                              min=0)
+    step_timeout: float = option(30.0, "Seconds a step's gradient exchange may take before the missing workers "
+                                       "are dropped as hung.", min=0.5)
+    join_timeout: float = option(120.0, "Seconds a worker waits to be admitted to the group before it gives up.",
+                                 min=1.0)
+    max_restarts: int = option(3, "Times the launcher restarts each dead local worker. 0 means never.", min=0)
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -218,6 +233,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]

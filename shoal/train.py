@@ -54,8 +54,12 @@ class Placement:
 
 class Trainer:
     def __init__(self, cfg: Config, model: ParallelModel, train_set, val_set, *, placement: Placement,
-                 run_dir: Path, checkpointer: Checkpointer | None = None, comm_timer: CommTimer | None = None):
+                 run_dir: Path, checkpointer: Checkpointer | None = None, comm_timer: CommTimer | None = None,
+                 replicas=None):
         self.cfg, self.model, self.train_set, self.val_set = cfg, model, train_set, val_set
+        # Fault-tolerant mode (shoal/fault/elastic.py): the replicas of each step set this
+        # rank's data share and average the gradients; None means the layout's own DDP/FSDP.
+        self.replicas = replicas
         self.where, self.run_dir = placement, Path(run_dir)
         t = cfg.train
         if t.batch_size % (placement.dp_size * t.grad_accum):
@@ -88,23 +92,35 @@ class Trainer:
         self.load_trainer_state(self.checkpointer.load(path, self.model.model_parts, self.optimizer))
 
     def save(self) -> None:
-        if self.checkpointer is not None:
+        if self.checkpointer is not None and (self.replicas is None or self.replicas.is_master):
             self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state())
 
     # -- one step ----------------------------------------------------------------------
-    def train_step(self) -> torch.Tensor:
-        """Forward and backward over `grad_accum` micro-batches, then one optimizer step."""
+    def train_step(self) -> torch.Tensor | None:
+        """Forward and backward over `grad_accum` micro-batches, then one optimizer step.
+        Returns None when a failure made the replicas abandon the step (nothing applied)."""
         t, where = self.cfg.train, self.where
+        if self.replicas is not None:  # may wait for a new group and receive state from a peer
+            where.dp_rank, where.dp_size = self.replicas.begin_step(self)
+        start, samples = self.sampler.state_dict(), 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)
         loss_sum = torch.zeros((), device=where.device)
         for micro in range(t.grad_accum):
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
+            samples += len(ids)
             inputs, targets = (x.to(where.device, non_blocking=True) for x in self.train_set.get(ids))
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
                 loss_sum += self.model.forward_backward(inputs, targets, 1.0 / t.grad_accum)
+        if self.replicas is not None:
+            loss_sum = self.replicas.reduce(self, samples, loss_sum / t.grad_accum)
+            if loss_sum is None:  # abandoned: the next group retries the same global batch
+                self.optimizer.zero_grad(set_to_none=True)
+                self.sampler.load_state_dict(start)
+                return None
+            loss_sum = loss_sum * t.grad_accum  # already the mean over every replica's samples
         if t.grad_clip > 0:
             clip = getattr(self.model, "clip_grad_norm_", None)
             if clip is not None:
@@ -154,7 +170,10 @@ class Trainer:
             while self.step < t.steps:
                 comm_before = self.comm_timer.seconds if self.comm_timer else 0.0
                 started = time.perf_counter()
-                loss = self.mean_over_dp(self.train_step())
+                loss = self.train_step()
+                if loss is None:
+                    continue
+                loss = self.mean_over_dp(loss)
                 seconds = time.perf_counter() - started
                 losses.append(loss)
                 rate = t.batch_size * tokens_per_sample / seconds

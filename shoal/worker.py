@@ -30,6 +30,7 @@ from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import WorkerEnv, die_with_launcher, init_distributed, pick_device, read_env
 from shoal.runtime.mesh import ParallelDims
+from shoal.sync import OUTER_SYNC_METHODS, comm_hook_for, outer_sync_for
 from shoal.train import Placement, Trainer
 
 log = logging.getLogger("shoal")
@@ -83,11 +84,12 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     model = build_model(cfg.model, spec)
     log.info("model %s: %.2fM parameters; %d training samples", cfg.model.factory or cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
-    pm = parallelize(model, dims, mesh, cfg, device)
+    outer_sync = cfg.sync.method in OUTER_SYNC_METHODS  # DiLoCo / local SGD own the replica axis
+    pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync)
     timer = None
     if pm.ddp is not None:
         timer = CommTimer()
-        timer.attach(pm.ddp)
+        timer.attach(pm.ddp, *(comm_hook_for(cfg.sync, pm.ddp.process_group) or (None, None)))
     torch.manual_seed(cfg.train.seed + 7919 * worker.rank)  # per-rank dropout streams
 
     placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
@@ -103,11 +105,14 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
         _, checkpoint = rundir.find_resume(cfg, str(path) if resume == "latest" and run_dir else resume)
         trainer.resume(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
+    replica_group = mesh["dp_replicate"].get_group() if mesh is not None else None
     try:
-        losses = trainer.fit()
+        with outer_sync_for(cfg.sync, model, trainer.optimizer, replica_group):
+            losses = trainer.fit()
     except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
-        log.error("%s; saving a checkpoint at step %d and stopping; continue with --resume", err, trainer.step)
         replicas.rollback(trainer)
+        log.error("%s; stopping%s; continue with --resume", err,
+                  f" with a checkpoint at step {trainer.step}" if replicas.is_master else "")
         trainer.save()
         if trainer.checkpointer is not None:
             trainer.checkpointer.wait()

@@ -29,15 +29,16 @@ class ShardedSampler:
         return self._perm
 
     def next_batch(self, rank: int, world: int) -> torch.Tensor:
-        """The ids this rank trains on next; every rank must call it once per micro-batch."""
-        if self.global_batch % world:
-            raise ValueError(f"global batch {self.global_batch} does not split over {world} data-parallel ranks")
+        """The ids this rank trains on next; every rank must call it once per micro-batch.
+
+        A batch that does not divide by `world` is split as evenly as it goes (the first
+        ranks get one more), as fault-tolerant replicas need when their number changes;
+        they weight gradients by sample count, so the step still equals one process's."""
         if self.position + self.global_batch > self.num_samples:  # drop the ragged tail, start a new epoch
             self.epoch, self.position, self._perm = self.epoch + 1, 0, None
         batch = self.permutation()[self.position:self.position + self.global_batch]
         self.position += self.global_batch
-        local = self.global_batch // world
-        return batch[rank * local:(rank + 1) * local]
+        return torch.tensor_split(batch, world)[rank]
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}

@@ -1,1 +1,1 @@
-"""fault"""
+"""Surviving failure: atomic checkpoints, per-step membership and recovery, failure injection."""

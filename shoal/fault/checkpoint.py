@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# torch.distributed.checkpoint is imported where it is used: it pulls in DTensor, seconds of
+# start-up that a worker should not pay before its first step.
 
 PREFIX = "step_"
 
@@ -72,6 +73,9 @@ class Checkpointer:
 
     def save(self, step: int, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer,
              trainer_state: dict[str, Any]) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
         self.wait()
         staging = self._staging(step)
         if self.rank == 0:
@@ -121,6 +125,9 @@ class Checkpointer:
 
     def load(self, path: Path, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Load model and optimizer state (any layout) and return this rank's trainer state."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
         model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         dcp.load(state, checkpoint_id=path)

@@ -1,1 +1,1 @@
-"""plan"""
+"""Planning a layout: per-rank memory estimates for every valid layout, and a recommendation."""

@@ -1,0 +1,109 @@
+"""Per-rank memory of parameters + gradients + optimizer state: replicated (DDP) vs fully
+sharded (FSDP) vs tensor parallel vs pipeline parallel, on 2 and 4 Gloo ranks.
+
+Measured on each rank after one AdamW step (the bytes of the tensors it holds: its shards
+only), next to `shoal plan`'s estimate. Goal (issue 3): FSDP's per-rank state at most 1/N
+of replicated + 10%.
+
+    .venv/bin/python benchmarks/memory.py            # table on stdout, JSON in benchmarks/out/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from shoal.config import Config
+from shoal.data.spec import DataSpec
+from shoal.models import build_model
+from shoal.parallel.compose import check_layout, parallelize
+from shoal.plan.measure import state_bytes
+from shoal.plan.memory import estimate_memory
+
+VOCAB, SEQ, BATCH = 256, 32, 8
+LAYOUTS = {
+    "replicated": {"dp_replicate": -1},
+    "fsdp": {"dp_shard": -1},
+    "tp": {"tp": -1},
+    "pp": {"pp": -1},
+}
+
+
+def config(world: int, layout: dict) -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads = "gpt", 128, 4, 4
+    cfg.data.seq_len, cfg.train.batch_size = SEQ, BATCH
+    cfg.parallel.dp_replicate, cfg.parallel.pp_microbatches = 1, 4
+    for axis, degree in layout.items():
+        setattr(cfg.parallel, axis, world if degree == -1 else degree)
+    return cfg
+
+
+def worker(rank: int, world: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    spec = DataSpec(kind="tokens", vocab_size=VOCAB, seq_len=SEQ)
+    rows = {}
+    for name, layout in LAYOUTS.items():
+        cfg = config(world, layout)
+        dims = check_layout(cfg, world)
+        mesh = dims.build_mesh("cpu")
+        torch.manual_seed(0)
+        pm = parallelize(build_model(cfg.model, spec), dims, mesh, cfg, torch.device("cpu"))
+        opt = torch.optim.AdamW(pm.parameters())
+        tokens = torch.randint(0, VOCAB, (BATCH // dims.dp, SEQ + 1))
+        pm.forward_backward(tokens[:, :-1], tokens[:, 1:], 1.0)
+        opt.step()
+        rows[name] = state_bytes(pm.parameters(), opt)
+        with torch.device("meta"):
+            rows[name]["estimate"] = estimate_memory(cfg, dims, build_model(cfg.model, spec)).state
+        dist.barrier()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    results = []
+    for world in (2, 4):
+        with tempfile.TemporaryDirectory() as out:
+            mp.spawn(worker, args=(world, free_port(), out), nprocs=world)
+            ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
+        replicated = max(r["replicated"]["params"] + r["replicated"]["grads"] + r["replicated"]["optimizer"]
+                         for r in ranks)
+        for name in LAYOUTS:
+            state = max(r[name]["params"] + r[name]["grads"] + r[name]["optimizer"] for r in ranks)
+            results.append({"world": world, "layout": name, "state_bytes_max_rank": state,
+                            "estimate_bytes": ranks[0][name]["estimate"] if name != "pp" else
+                            max(r[name]["estimate"] for r in ranks),
+                            "fraction_of_replicated": state / replicated,
+                            "goal_fraction": 1 / world * 1.10 if name == "fsdp" else None})
+    print(f"{'world':>5} {'layout':<11}{'state/rank (MB)':>16}{'estimate (MB)':>15}{'x replicated':>14}  goal")
+    for row in results:
+        goal = f"<= {row['goal_fraction']:.3f}" if row["goal_fraction"] else ""
+        ok = ("  met" if row["fraction_of_replicated"] <= row["goal_fraction"] else "  MISSED") if goal else ""
+        print(f"{row['world']:>5} {row['layout']:<11}{row['state_bytes_max_rank'] / 1e6:>16.3f}"
+              f"{row['estimate_bytes'] / 1e6:>15.3f}{row['fraction_of_replicated']:>14.3f}  {goal}{ok}")
+    target = Path(__file__).parent / "out" / "memory.json"
+    target.parent.mkdir(exist_ok=True)
+    target.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]),
+                                  "model": "gpt dim=128 n_layers=4 n_heads=4 vocab=256", "rows": results}, indent=1))
+    print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    main()

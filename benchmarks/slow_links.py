@@ -1,0 +1,142 @@
+"""Training over slow links: DDP against compressed all-reduce and DiLoCo, on a real 20 Mbit/s network.
+
+Each worker runs in its own network namespace (shoal/launch/netbed.py) whose link is
+limited with `tc tbf`; the workers are ordinary `python -m shoal.worker` processes that
+find each other through MASTER_ADDR, as on separate hosts. Every method gets the same
+token budget (steps x global batch). Bytes are the kernel's counters of each worker's
+link, not estimates.
+
+    sudo .venv/bin/python benchmarks/slow_links.py                 # all methods, ~25 min on 2 busy cores
+    sudo .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco --steps 200
+
+Prints a table and writes benchmarks/out/slow_links.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shoal.config import load  # noqa: E402
+from shoal.launch.netbed import Netbed  # noqa: E402
+from shoal.observe.metrics import read_metrics  # noqa: E402
+
+METHODS: dict[str, list[str]] = {
+    "ddp": ["sync.method=allreduce"],
+    "fp16": ["sync.method=fp16"],
+    "powersgd": ["sync.method=powersgd", "sync.powersgd_rank=4"],
+    "diloco": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int8"],
+    "diloco_h10": ["sync.method=diloco", "sync.inner_steps=10", "sync.compression=int8"],
+    "streaming": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int4", "sync.fragments=4",
+                  "sync.overlap=true"],
+}
+
+
+def common_overrides(args: argparse.Namespace, run_root: Path, name: str) -> list[str]:
+    return [
+        "model.name=gpt", f"model.flavour={args.flavour}", "data.source=stdlib", "data.seq_len=64",
+        f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
+        f"train.warmup_steps={args.steps // 10}", "train.eval_every=50", "train.eval_batches=8",
+        f"parallel.dp_replicate={args.workers}", "checkpoint.every=0", "checkpoint.keep=1",
+        "launch.threads=1", "log.progress=plain", "log.every=50", "log.tensorboard=false",
+        f"log.dir={run_root}", f"log.name={name}",
+    ]
+
+
+def run_method(bed: Netbed, args: argparse.Namespace, name: str, run_root: Path, port: int) -> dict:
+    overrides = common_overrides(args, run_root, name) + METHODS[name]
+    load(None, overrides)  # a bad override fails here, before four workers start
+    run_dir = run_root / name
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    before = [bed.counters(i)[0] for i in range(args.workers)]
+    started = time.perf_counter()
+    procs = []
+    for rank in range(args.workers):
+        env = bed.env(rank) | {"RANK": str(rank), "WORLD_SIZE": str(args.workers), "LOCAL_RANK": "0",
+                               "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": bed.address(0), "MASTER_PORT": str(port),
+                               "OMP_NUM_THREADS": "1"}
+        log = (run_dir / "logs" / f"stdout{rank}.txt").open("w")
+        procs.append(bed.spawn(rank, [sys.executable, "-m", "shoal.worker", *overrides, "--run-dir", str(run_dir)],
+                               env=env, stdout=log, stderr=subprocess.STDOUT))
+    codes = [p.wait() for p in procs]
+    wall = time.perf_counter() - started
+    if any(codes):
+        raise SystemExit(f"{name}: workers exited with {codes}; see {run_dir}/logs")
+    sent = [bed.counters(i)[0] - before[i] for i in range(args.workers)]
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [(r["time"], r["val_loss"]) for r in records if r.get("kind") == "eval"]
+    start = train[0]["time"] - train[0]["step_seconds"]
+    return {"method": name, "overrides": METHODS[name], "wall_seconds": round(wall, 1),
+            "train_seconds": round(train[-1]["time"] - start, 1),
+            "bytes_sent_per_worker": int(sum(sent) / len(sent)), "bytes_sent": sent,
+            "final_val_loss": evals[-1][1], "final_train_loss": train[-1]["loss"],
+            "val_curve": [(round(t - start, 1), loss) for t, loss in evals]}
+
+
+def time_to_reach(result: dict, target: float) -> float | None:
+    """Seconds of training until validation loss first reached `target`; None if never."""
+    return next((t for t, loss in result["val_curve"] if loss <= target + 1e-9), None)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {', '.join(METHODS)}")
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--rate", default="20mbit", help="each worker's link, both ways; none for no limit")
+    parser.add_argument("--steps", type=int, default=500, help="optimizer steps (the same for every method)")
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch, sequences of 64 tokens")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--flavour", default="debug", help="gpt size preset")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "slow_links.json"))
+    args = parser.parse_args()
+    names = [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(names) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+
+    from shoal.data import build_dataset
+    build_dataset(load(None, ["data.source=stdlib", "data.seq_len=64"]).data, 0)  # fill the cache once, here
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp, \
+            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix="shbench",
+                   subnet="10.79.0.0/24") as bed:
+        for index, name in enumerate(names):
+            print(f"running {name} ({args.steps} steps, {args.workers} workers at {args.rate})...", flush=True)
+            results.append(run_method(bed, args, name, Path(tmp), 29600 + index))
+
+    reference = next((r for r in results if r["method"] == "ddp"), None)
+    header = f"{'method':<10} {'wall s':>8} {'train s':>8} {'MB sent/worker':>15} {'val loss':>9} {'s to DDP loss':>14}"
+    print(f"\n{args.workers} workers, {args.rate} links, gpt {args.flavour}, {args.steps} steps x "
+          f"{args.batch_size} x 64 tokens\n{header}\n{'-' * len(header)}")
+    for r in results:
+        reach = time_to_reach(r, reference["final_val_loss"]) if reference else None
+        r["seconds_to_ddp_final_loss"] = reach
+        print(f"{r['method']:<10} {r['wall_seconds']:>8.1f} {r['train_seconds']:>8.1f} "
+              f"{r['bytes_sent_per_worker'] / 1e6:>15.2f} {r['final_val_loss']:>9.4f} "
+              f"{'never' if reach is None else f'{reach:.1f}':>14}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "command": "benchmarks/slow_links.py " + " ".join(sys.argv[1:]), "workers": args.workers,
+        "rate": args.rate, "steps": args.steps, "batch_size": args.batch_size, "flavour": args.flavour,
+        "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(), "results": results,
+    }, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

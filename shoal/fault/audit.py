@@ -1,0 +1,82 @@
+"""Check a fault-tolerant run's sample log: was any sample lost or seen twice, and did the
+replicas stay in lockstep?
+
+With SHOAL_SAMPLE_LOG=<folder> every worker appends, per committed step, the step's global
+sample ids and a digest of the parameters the step started from (shoal/fault/elastic.py).
+Records of one step written by different workers must agree on both; the ids of
+consecutive steps must be exactly the sampler's permutation, with nothing skipped or
+repeated, however often the membership changed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from shoal.data.sampler import ShardedSampler
+
+
+@dataclass
+class Audit:
+    steps: int = 0
+    """Committed steps (0..steps-1 all present when nothing was lost)."""
+    missing_steps: list[int] = field(default_factory=list)
+    disagreeing_steps: list[int] = field(default_factory=list)
+    """Steps whose records differ between workers in ids or parameters (replicas out of step)."""
+    wrong_batch_steps: list[int] = field(default_factory=list)
+    """Steps that trained on other samples than the sampler's next batch (lost or repeated data)."""
+    duplicated: int = 0
+    """Sample ids seen more than once within one epoch."""
+    sizes: list[int] = field(default_factory=list)
+    """Group size of each committed step, in step order."""
+    commit_times: list[float] = field(default_factory=list)
+    """Earliest time each step was committed, in step order."""
+    final_loss: float = float("nan")
+
+    @property
+    def clean(self) -> bool:
+        return not (self.missing_steps or self.disagreeing_steps or self.wrong_batch_steps or self.duplicated)
+
+
+def read_records(folder: Path) -> dict[int, list[dict]]:
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():  # a worker killed mid-write leaves at most a torn last line
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                by_step[record["step"]].append(record)
+    return by_step
+
+
+def audit(folder: Path, *, num_samples: int, global_batch: int, grad_accum: int, seed: int) -> Audit:
+    """Compare the sample log in `folder` with the batches an uninterrupted run trains on."""
+    by_step = read_records(folder)
+    result = Audit(steps=max(by_step) + 1 if by_step else 0)
+    sampler = ShardedSampler(num_samples, global_batch // grad_accum, seed)
+    seen: dict[int, set[int]] = defaultdict(set)
+    for step in range(result.steps):
+        expected = torch.cat([sampler.next_batch(0, 1) for _ in range(grad_accum)]).tolist()
+        epoch = sampler.epoch  # the batch's own epoch (a step's start may be the previous one's end)
+        records = by_step.get(step)
+        if not records:
+            result.missing_steps.append(step)
+            continue
+        first = records[0]
+        if any(r["ids"] != first["ids"] or r["params"] != first["params"] for r in records[1:]):
+            result.disagreeing_steps.append(step)
+        if first["ids"] != expected:
+            result.wrong_batch_steps.append(step)
+        epoch_seen = seen[epoch]
+        result.duplicated += sum(1 for i in first["ids"] if i in epoch_seen)
+        epoch_seen.update(first["ids"])
+        result.sizes.append(first["size"])
+        result.commit_times.append(min(r["t"] for r in records))
+        result.final_loss = first["loss"]
+    return result

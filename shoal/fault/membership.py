@@ -1,0 +1,156 @@
+"""Per-step membership: the coordinator that forms each generation of replicas.
+
+It runs in the launcher, beside the TCPStore it hosts, so it outlives any worker. Workers
+post a request (`ft/ready/<member>`: JSON with a sequence number, the generation they
+leave, their committed step and whether they hold state) and wait for their assignment
+(`ft/assign/<member>/<seq>`). The coordinator:
+
+- aborts the running generation (`ft/gen/<g>/abort`, which workers poll while they wait
+  on a collective) as soon as a member exits or asks to leave, so survivors that are not
+  directly connected to a dead peer do not wait out the step timeout;
+- asks the running generation to regroup at the next step boundary
+  (`ft/gen/<g>/reconfigure`, read by every member before its all-reduce and agreed through
+  it) when joiners wait and there is room;
+- forms generation g+1 from the requests once every old member has either asked or exited,
+  or `settle` seconds passed (a hung member is then left out and named in the log);
+- picks the state source: the member with state at the highest committed step, and asks for
+  a state transfer when anyone lacks it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from shoal.config import Config, ConfigError
+
+if TYPE_CHECKING:  # the launcher validates [fault] before it spends seconds importing torch
+    import torch.distributed as dist
+
+
+def validate_fault(cfg: Config, nproc: int) -> None:
+    """Rules of [fault] that span fields, checked before any worker starts."""
+    f = cfg.fault
+    max_workers = f.max_workers or nproc
+    if f.min_workers > max_workers:
+        raise ConfigError(f"fault.min_workers = {f.min_workers} is above fault.max_workers = {max_workers}")
+    if nproc > max_workers:
+        raise ConfigError(f"launch.nproc = {nproc} is above fault.max_workers = {max_workers}")
+    if f.min_workers > nproc:
+        raise ConfigError(f"fault.min_workers = {f.min_workers} is above the {nproc} workers launched (launch.nproc)")
+    micro_batch = cfg.train.batch_size // cfg.train.grad_accum
+    if micro_batch < max_workers:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {micro_batch} samples per micro-batch cannot give "
+                          f"each of fault.max_workers = {max_workers} workers a sample")
+    if f.step_timeout < 1.0:
+        raise ConfigError(f"fault.step_timeout = {f.step_timeout}s is too small to ever succeed: a worker cannot "
+                          f"even connect a process group that fast; use 1s or more (the default is 30s)")
+
+
+@dataclass
+class Request:
+    seq: int
+    after: int
+    step: int
+    has_state: bool
+
+
+@dataclass
+class Coordinator:
+    store: "dist.Store"
+    min_workers: int
+    max_workers: int
+    settle: float
+    """Seconds to wait for members that neither asked to regroup nor exited (hung ones)."""
+    initial: list[int]
+    """Members started at launch; the first generation waits for them (up to join_timeout)."""
+    join_timeout: float
+    log: Callable[[str], None] = print
+    gen: int = 0
+    members: list[int] = field(default_factory=list)
+    forming: bool = True
+    broken_since: float = field(default_factory=time.monotonic)
+    exited: set[int] = field(default_factory=set)
+    handled: dict[int, int] = field(default_factory=dict)
+    pending: dict[int, Request] = field(default_factory=dict)
+    stopped: str = ""
+    """Why the job cannot go on ('' while it can)."""
+    history: list[dict] = field(default_factory=list)
+    """(time, generation, members, source) of each generation formed, for the benchmark."""
+    _asked_reconfigure: int = -1
+
+    def mark_exited(self, member: int) -> None:
+        self.exited.add(member)
+        self.pending.pop(member, None)
+
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._collect()
+        if not self.forming:
+            leaving = [m for m in self.members if m in self.exited or m in self.pending]
+            if leaving:
+                self.store.set(f"ft/gen/{self.gen}/abort", "1")
+                self.forming, self.broken_since = True, now
+            elif (self.gen != self._asked_reconfigure and len(self.members) < self.max_workers
+                  and any(m not in self.members for m in self.pending)):
+                self.store.set(f"ft/gen/{self.gen}/reconfigure", "1")
+                self._asked_reconfigure = self.gen
+        if self.forming:
+            self._form(now)
+
+    def _collect(self) -> None:
+        # Members are numbered by one counter in the store, so workers started elsewhere are seen too.
+        for member in range(self.store.add("ft/next_member", 0)):
+            if member in self.exited:
+                continue
+            key = f"ft/ready/{member}"
+            if not self.store.check([key]):
+                continue
+            raw = json.loads(self.store.get(key))
+            if raw["seq"] > self.handled.get(member, 0) and member not in self.pending:
+                self.pending[member] = Request(raw["seq"], raw["after"], raw["step"], raw["has_state"])
+
+    def _form(self, now: float) -> None:
+        expected = self.members if self.gen else self.initial
+        waiting = [m for m in expected if m not in self.exited and m not in self.pending]
+        limit = self.settle if self.gen else self.join_timeout
+        if waiting and now - self.broken_since < limit:
+            return
+        old = [m for m in self.members if m in self.pending]
+        candidates = (old + sorted(m for m in self.pending if m not in old))[:self.max_workers]
+        if len(candidates) < self.min_workers or not candidates:
+            return  # the launcher restarts workers or gives up; requests stay pending meanwhile
+        if waiting:
+            self.log(f"generation {self.gen}: worker(s) {waiting} neither reported nor exited within "
+                     f"{limit:.1f}s; left out as hung")
+        stateful = [m for m in candidates if self.pending[m].has_state]
+        if not stateful:
+            self.stop("every worker holding the training state is gone; resume from the last checkpoint")
+            return
+        step = max(self.pending[m].step for m in stateful)
+        source = min(m for m in stateful if self.pending[m].step == step)
+        sync = any(not self.pending[m].has_state or self.pending[m].step != step for m in candidates)
+        self.gen += 1
+        self.members = candidates
+        self.store.set(f"ft/gen/{self.gen}", json.dumps({"members": candidates, "source": source, "sync": sync,
+                                                         "step": step}))
+        for member in candidates:
+            request = self.pending.pop(member)
+            self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
+            self.handled[member] = request.seq
+        self.forming = False
+        self.history.append({"t": time.time(), "gen": self.gen, "members": candidates, "source": source,
+                             "sync": sync, "step": step})
+        self.log(f"generation {self.gen}: workers {candidates} at step {step}"
+                 + (f", state from worker {source}" if sync else ""))
+
+    def stop(self, reason: str) -> None:
+        """End the job: every waiting worker gets a generation that tells it to stop."""
+        self.stopped = reason
+        self.gen += 1
+        self.store.set(f"ft/gen/{self.gen}", json.dumps({"stop": reason}))
+        for member, request in list(self.pending.items()):
+            self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
+        self.log(f"stopping: {reason}")

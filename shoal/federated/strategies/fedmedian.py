@@ -1,0 +1,20 @@
+"""FedMedian: the coordinate-wise median of the client updates (robust to outliers).
+
+Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+ICML 2018 (arXiv:1803.01498). With an even count the two middle values are averaged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from shoal.federated.strategies.base import ClientUpdate, Strategy
+
+
+class FedMedian(Strategy):
+    def aggregate_train(self, rnd: int, global_params: torch.Tensor,
+                        updates: list[ClientUpdate]) -> torch.Tensor:
+        ordered = torch.stack([u.delta for u in updates]).sort(dim=0).values
+        n = len(updates)
+        median = ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+        return global_params + median

@@ -1,0 +1,263 @@
+"""The fault-tolerant launcher: workers that come and go while training goes on.
+
+torch.distributed.elastic's agent treats the workers of a host as one unit: any failure
+stops and restarts all of them. Per-step fault tolerance needs the opposite, so this
+supervisor starts each worker as its own process, restarts only the dead one (up to
+`fault.max_restarts` per slot) and never touches the survivors. It hosts the c10d
+TCPStore that holds membership and runs the `Coordinator` beside it, so membership
+outlives any worker. Workers run without a default process group; each is a whole replica
+(see shoal/fault/elastic.py).
+
+Workers are forked from a forkserver that has imported torch and shoal once: on a busy
+machine importing torch takes seconds, and a replacement that starts in milliseconds
+rejoins while the survivors are still close to the step where its predecessor died.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from shoal.config import Config
+from shoal.fault import chaos as chaos_module
+
+# torch is imported inside functions: `start_forkserver` should begin importing it in the
+# forkserver before this process spends its own seconds doing the same.
+
+TICK = 0.01  # seconds between looks at the processes and the store: recovery latency is a few ticks
+
+
+def _worker_main(argv: list[str], env: dict[str, str], log_path: str | None) -> None:
+    """Entry of a forked worker: its own environment and output file, then `shoal.worker`."""
+    os.environ.clear()
+    os.environ.update(env)
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    from shoal.worker import main
+    sys.exit(main(argv))
+
+
+def start_forkserver() -> multiprocessing.context.BaseContext:
+    """Start (once) the process workers fork from; it imports torch and shoal meanwhile."""
+    ctx = multiprocessing.get_context("forkserver")
+    # torch._dynamo is imported lazily by the first optimizer a worker builds, for seconds
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "shoal.worker", "shoal.fault.elastic",
+                                "shoal.parallel.activation", "shoal.parallel.compile", "shoal.models.mlp",
+                                "shoal.models.gpt"])
+    from multiprocessing import forkserver
+    forkserver.ensure_running()
+    return ctx
+
+
+@dataclass
+class Slot:
+    index: int
+    member: int
+    proc: multiprocessing.process.BaseProcess
+    incarnation: int = 0
+    done: bool = False
+    """The slot's worker finished training, or will not be restarted."""
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None = None,
+                 verbose: bool = False, extra_env: dict[str, str] | None = None):
+        import torch.distributed as dist
+        from shoal.fault.membership import Coordinator
+        self.cfg, self.worker_args, self.run_dir, self.verbose = cfg, worker_args, Path(run_dir), verbose
+        self.log_dir = self.run_dir / "logs" / "workers"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.events = open(self.run_dir / "logs" / "fault_events.jsonl", "a")
+        self.store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False)
+        nproc = cfg.launch.nproc
+        f = cfg.fault
+        self.coordinator = Coordinator(self.store, min_workers=f.min_workers, max_workers=f.max_workers or nproc,
+                                       settle=max(1.0, f.step_timeout / 2), initial=[],
+                                       join_timeout=f.join_timeout, log=self.say)
+        self.injections = chaos_module.parse(chaos) if chaos else []
+        self.chaos_spec = chaos
+        self.extra_env = extra_env or {}
+        self.ctx = start_forkserver()
+        self.event("store", port=self.store.port)
+        self.finished = False
+        self.failures: list[str] = []
+        self.slots = [self._start(i, 0) for i in range(nproc)]
+        self.coordinator.initial = [slot.member for slot in self.slots]
+        self.monkey = chaos_module.ChaosMonkey(self.injections, started=time.monotonic(), seed=cfg.train.seed)
+
+    def say(self, text: str) -> None:
+        print(f"shoal: {text}", file=sys.stderr, flush=True)
+        self.event("log", text=text)
+
+    def event(self, kind: str, **fields) -> None:
+        self.events.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")
+        self.events.flush()
+
+    def _start(self, index: int, incarnation: int) -> Slot:
+        from shoal.fault import elastic
+        member = self.store.add("ft/next_member", 1) - 1  # shared with workers that join from elsewhere
+        env = {**os.environ, **self.extra_env, elastic.STORE_ENV: f"127.0.0.1:{self.store.port}",
+               elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(index),
+               elastic.INCARNATION_ENV: str(incarnation)}
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(name, None)  # each worker is a one-process replica; its peers come from the store
+        if self.chaos_spec:
+            env[elastic.CHAOS_ENV] = self.chaos_spec
+        out = None if self.verbose else str(self.log_dir / f"worker{member}.log")
+        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, out), daemon=False)
+        proc.start()
+        self.event("start", slot=index, member=member, pid=proc.pid, incarnation=incarnation)
+        return Slot(index, member, proc, incarnation)
+
+    def run(self) -> int:
+        """Supervise until training finishes (0), a worker reports a config error (2) or the job
+        cannot go on (1)."""
+        try:
+            while True:
+                code = self._poll()
+                if code is not None:
+                    return code
+                self.coordinator.tick()
+                if self.coordinator.stopped:
+                    self.failures.append(self.coordinator.stopped)
+                    self._wait_exit(grace=10.0)
+                    return 1
+                live = {} if self.finished else self._live()  # no failures injected into a finishing job
+                for action, slot, pid in self.monkey.tick(time.monotonic(), live):
+                    self.say(f"chaos: {action} worker slot {slot} (pid {pid})")
+                    self.event("chaos", action=action, slot=slot, pid=pid, member=self.slots[slot].member)
+                time.sleep(TICK)  # several sources (process exits, store keys, the chaos clock): poll them
+        finally:
+            self._kill_all()
+            self.events.close()
+
+    def _live(self) -> dict[int, int]:
+        return {s.index: s.proc.pid for s in self.slots if s.proc.exitcode is None}
+
+    def _poll(self) -> int | None:
+        for slot in self.slots:
+            if slot.done or slot.proc.exitcode is None:
+                continue
+            code = slot.proc.exitcode
+            self.coordinator.mark_exited(slot.member)
+            self.event("exit", slot=slot.index, member=slot.member, code=code)
+            if code == 0:
+                slot.done = self.finished = True
+            elif code == 2:  # a user mistake the worker found: its own one-line error
+                self.failures.append(self._tail(slot.member))
+                return 2
+            elif not self.finished and slot.incarnation < self.cfg.fault.max_restarts:
+                self.say(f"worker {slot.member} (slot {slot.index}) exited with {code}; starting a replacement")
+                self.slots[slot.index] = self._start(slot.index, slot.incarnation + 1)
+            else:
+                slot.done = True
+                if not self.finished:
+                    self.say(f"worker {slot.member} (slot {slot.index}) exited with {code}; no restarts left")
+                    self.failures.append(f"worker {slot.member} exited with {code}:\n{self._tail(slot.member)}")
+        running = [s for s in self.slots if not s.done]
+        if self.finished:
+            # Training is complete: workers still waiting to join have nothing left to do.
+            for s in running:
+                if s.member not in self.coordinator.members:
+                    s.proc.kill()
+                    s.proc.join()
+                    s.done = True
+                    self.event("retire", slot=s.index, member=s.member)
+            running = [s for s in running if not s.done]
+            return 0 if not running else None
+        if not running:
+            return 1
+        if len(running) < self.cfg.fault.min_workers:
+            self.failures.append(f"only {len(running)} worker(s) left, below fault.min_workers = "
+                                 f"{self.cfg.fault.min_workers}")
+            return 1
+        return None
+
+    def _tail(self, member: int, lines: int = 30) -> str:
+        path = self.log_dir / f"worker{member}.log"
+        if not path.is_file():
+            return "(output shown above)"
+        text = path.read_text(errors="replace").splitlines()
+        errors = [line for line in text if line.startswith("shoal: error:")]
+        return errors[-1] if errors else "\n".join(text[-lines:])
+
+    def _wait_exit(self, grace: float) -> None:
+        deadline = time.monotonic() + grace
+        for slot in self.slots:
+            slot.proc.join(timeout=max(0.1, deadline - time.monotonic()))
+
+    def _kill_all(self) -> None:
+        for slot in self.slots:
+            if slot.proc.exitcode is None:
+                try:
+                    os.kill(slot.proc.pid, signal.SIGCONT)  # a stopped worker must wake to die cleanly
+                    slot.proc.kill()
+                except ProcessLookupError:
+                    pass
+                slot.proc.join()
+
+
+def supervise(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None = None,
+              verbose: bool = False, extra_env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+    """Run a fault-tolerant job on this host; returns (exit code, failure messages)."""
+    supervisor = Supervisor(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose, extra_env=extra_env)
+    code = supervisor.run()
+    return code, supervisor.failures
+
+
+def per_step_unsupported(cfg: Config) -> str:
+    """Why this config cannot run per-step fault tolerance ('' when it can)."""
+    p = cfg.parallel
+    if p.dp_shard != 1 or p.tp != 1 or p.pp != 1:
+        return (f"the layout (dp_shard={p.dp_shard}, tp={p.tp}, pp={p.pp}) has no whole replica per worker "
+                f"to drop")
+    if cfg.sync.method != "allreduce":
+        return f"sync.method = '{cfg.sync.method}' is not supported by per-step fault tolerance yet"
+    return ""
+
+
+def check_fault_tolerant(cfg: Config, nproc: int, chaos: str | None) -> bool:
+    """Check [fault] and the chaos spec before anything starts; True when training will run
+    with per-step fault tolerance (False: restart-from-checkpoint, or fault tolerance off)."""
+    from shoal.config import ConfigError
+    from shoal.fault.membership import validate_fault
+    if chaos and not cfg.fault.enabled:
+        raise ConfigError("--chaos needs fault.enabled = true (otherwise the first failure stops the job)")
+    if chaos:
+        try:
+            chaos_module.parse(chaos)
+        except chaos_module.ChaosError as err:
+            raise ConfigError(str(err)) from None
+    if not cfg.fault.enabled:
+        return False
+    validate_fault(cfg, nproc)
+    if chaos and per_step_unsupported(cfg):
+        raise ConfigError(f"--chaos needs per-step fault tolerance, but {per_step_unsupported(cfg)}")
+    return not per_step_unsupported(cfg)
+
+
+def launch_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None,
+                          verbose: bool, multi_host: bool = False) -> int | None:
+    """Run with fault.enabled: per-step recovery when the layout allows, else return None after
+    saying so, for the caller to launch with elastic restarts from the last checkpoint."""
+    reason = "multi-host per-step fault tolerance is not implemented yet" if multi_host else per_step_unsupported(cfg)
+    if reason:
+        print(f"shoal: fault.enabled: {reason}; falling back to restarting every worker from the last "
+              f"checkpoint (up to fault.max_restarts = {cfg.fault.max_restarts} times)", file=sys.stderr)
+        cfg.launch.max_restarts = cfg.fault.max_restarts  # the elastic agent's restarts serve the fallback
+        return None
+    code, failures = supervise(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose)
+    for failure in failures:
+        print(failure if failure.startswith("shoal: error:") else f"shoal: {failure}", file=sys.stderr)
+    if code == 0:
+        print(f"shoal: run directory {run_dir}", file=sys.stderr)
+    return code

@@ -1,0 +1,283 @@
+"""Apply the configured parallel techniques to a model, in one fixed order.
+
+The Trainer sees the result only as a `ParallelModel`: which modules this rank holds, how
+to run forward and backward on a micro-batch, and how to skip gradient sync between
+micro-batches. A new technique is a new file in this folder plus its line here.
+`check_layout` refuses a layout the model cannot take before any worker starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from shoal.config import Config, ConfigError
+from shoal.models import compute_loss
+from shoal.runtime.mesh import ParallelDims
+
+COMM_HOOK_METHODS = ("fp16", "bf16", "int8", "int4", "powersgd")
+
+
+@dataclass
+class ParallelModel:
+    """A model spread over the mesh, as the Trainer uses it."""
+
+    module: nn.Module
+    """What forward runs: the model itself, or its DDP wrapper."""
+    model_parts: list[nn.Module]
+    """The unwrapped modules this rank holds (several pipeline stages under interleaved PP)."""
+    no_sync: Callable[[], ContextManager] = field(default=contextlib.nullcontext)
+    """Context in which backward does not synchronise gradients (all but the last micro-batch)."""
+    ddp: nn.Module | None = None
+    """The DDP wrapper, when there is one, for gradient comm hooks."""
+    pp_group: dist.ProcessGroup | None = None
+    """The pipeline group, when the model is split into stages: gradient norms sum over it."""
+
+    def parameters(self):
+        for part in self.model_parts:
+            yield from part.parameters()
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached."""
+        loss = compute_loss(self.module(inputs), targets)
+        (loss * loss_scale).backward()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return compute_loss(self.module(inputs), targets)
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.model_parts:
+            part.train(mode)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale all gradients so their global 2-norm is at most `max_norm`; returns the norm
+        before clipping. Sharded (DTensor) gradients count once, whole, and pipeline stages
+        add their parts, so every rank sees the norm of the full model's gradient."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # one norm per (mesh, placements) group: DTensor's reduction of a group's partial norm
+        # is a single collective, where one per gradient would be hundreds
+        groups: dict[object, list[torch.Tensor]] = {}
+        for g in grads:
+            key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+            groups.setdefault(key, []).append(g)
+        squares = torch.zeros((), dtype=torch.float64)
+        for key, members in groups.items():
+            norm = torch.nn.utils.get_total_norm(members, 2.0)
+            if isinstance(norm, DTensor):
+                norm = norm.full_tensor()
+            squares += norm.double().cpu() ** 2
+        if self.pp_group is not None:
+            squares = squares.to(grads[0].device if grads else "cpu")
+            dist.all_reduce(squares, group=self.pp_group)
+        total = squares.sqrt().float()
+        coef = min(1.0, max_norm / (float(total) + 1e-6))
+        if coef < 1.0:
+            for g in grads:
+                g.mul_(coef)
+        return total
+
+
+@dataclass
+class PipelineModel(ParallelModel):
+    """A model split into pipeline stages: forward and backward run the whole schedule."""
+
+    schedule: object = None
+    """The torch.distributed.pipelining schedule that runs this rank's stages."""
+    has_first: bool = False
+    has_last: bool = False
+    last_rank: int = 0
+    """Global rank of the pp-group member that holds the last stage (it computes the loss)."""
+    loss_scale: float = 1.0
+
+    def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return compute_loss(output, target) * self.loss_scale
+
+    def _run(self, step, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        args = (inputs,) if self.has_first else ()
+        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        step(*args, **kwargs)
+        # only the last stage saw the loss; the Trainer wants it on every rank
+        loss = (torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale if self.has_last
+                else torch.zeros((), device=inputs.device))
+        dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
+        return loss
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        self.loss_scale = loss_scale
+        return self._run(self.schedule.step, inputs, targets)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.loss_scale = 1.0
+        return self._run(self.schedule.eval, inputs, targets)
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, cfg: Config,
+                device: torch.device, *, replicate_gradients: bool = True) -> ParallelModel:
+    """Apply the techniques `dims` asks for. `replicate_gradients=False` leaves the
+    data-parallel axis alone for methods that average parameters instead (DiLoCo, local SGD)."""
+    from shoal.parallel.activation import apply_ac
+    from shoal.parallel.compile import apply_compile
+    model.to(device)
+    if dims.world_size == 1 or mesh is None:
+        apply_ac(model, None, cfg)
+        apply_compile(model, None, cfg)
+        return ParallelModel(module=model, model_parts=[model])
+
+    # 1. Tensor parallel first: it swaps weights for DTensors on the "tp" axis, and every
+    #    later step (stage split, checkpointing, compile, FSDP) then wraps those as they are.
+    if dims.tp > 1:
+        from shoal.parallel.tensor import apply_tp
+        apply_tp(model, mesh["tp"], cfg)
+    # 2. Pipeline split: each rank keeps its stages; what follows is applied per stage.
+    parts = [model]
+    if dims.pp > 1:
+        from shoal.parallel.pipeline import apply_pp
+        parts = apply_pp(model, mesh["pp"], cfg)
+    # 3. Activation checkpointing, then 4. compile: compile after checkpointing so the
+    #    recomputation is traced into the compiled graph, and before FSDP so FSDP's
+    #    all-gather hooks stay outside the graphs.
+    for part in parts:
+        apply_ac(part, None, cfg)
+        apply_compile(part, None, cfg)
+    # 5. Data parallel last: it must see the final modules and parameters (FSDP shards the
+    #    TP-split DTensors again along the data axis; DDP needs plain tensors).
+    pm_fields: dict = {}
+    dp_mesh = _data_parallel_mesh(dims, mesh, replicate_gradients)
+    if dp_mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
+        from shoal.parallel.shard import apply_fsdp
+        for part in parts:
+            apply_fsdp(part, dp_mesh, cfg)
+        if dims.pp == 1:  # pipeline stages switch FSDP's gradient sync themselves, per schedule step
+            pm_fields["no_sync"] = lambda: _fsdp_no_sync(parts)
+    elif dp_mesh is not None:
+        from shoal.parallel.data import apply_ddp
+        ddp = apply_ddp(model, dp_mesh, device)
+        return ParallelModel(module=ddp, model_parts=[model], no_sync=ddp.no_sync, ddp=ddp)
+
+    if dims.pp > 1:
+        return _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
+    return ParallelModel(module=model, model_parts=parts, **pm_fields)
+
+
+def _data_parallel_mesh(dims: ParallelDims, mesh: DeviceMesh, replicate_gradients: bool) -> DeviceMesh | None:
+    """The mesh gradients are reduced over: "dp_shard" alone (FSDP), both data axes (HSDP;
+    with dp_shard = 1 that is plain replication through FSDP, which unlike DDP takes the
+    DTensors of TP), or none."""
+    if not replicate_gradients:  # DiLoCo/local SGD own the replica axis; sharding stays
+        return mesh["dp_shard"] if dims.dp_shard > 1 else None
+    if dims.dp == 1:
+        return None
+    if dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1:
+        return mesh["dp_shard"] if dims.dp_replicate == 1 else mesh["dp_replicate", "dp_shard"]
+    return mesh["dp"]
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(parts: list[nn.Module]):
+    # FSDP keeps unsharded gradients and skips the reduce-scatter until sync is turned back on
+    for part in parts:
+        part.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.set_requires_gradient_sync(True)
+
+
+def _pipeline_model(parts: list[nn.Module], pp_mesh: DeviceMesh, cfg: Config, device: torch.device,
+                    pm_fields: dict) -> PipelineModel:
+    from shoal.parallel.pipeline import STAGES_PER_RANK, build_schedule, stage_ids
+    pp, rank = pp_mesh.size(), pp_mesh.get_local_rank()
+    ids = stage_ids(rank, pp, cfg.parallel.pp_schedule)
+    n_stages = pp * STAGES_PER_RANK[cfg.parallel.pp_schedule]
+    group = pp_mesh.get_group()
+    pm = PipelineModel(module=parts[0], model_parts=parts, pp_group=group, has_first=0 in ids,
+                       has_last=n_stages - 1 in ids, last_rank=dist.get_global_rank(group, pp - 1),
+                       **pm_fields)
+    pm.schedule = build_schedule(parts, pp_mesh, cfg, device, pm.loss_fn)
+    return pm
+
+
+def check_layout(cfg: Config, world_size: int) -> ParallelDims:
+    """Resolve the parallel degrees for `world_size` ranks and refuse, with a ConfigError
+    naming the field and what would be valid, any layout the model cannot take. Called by
+    the launcher before any worker starts, and by `shoal plan` for every candidate."""
+    from shoal.parallel.pipeline import SCHEDULES, STAGES_PER_RANK
+    par = cfg.parallel
+    dims = ParallelDims.from_config(par, world_size)
+    if par.pp_schedule not in SCHEDULES:
+        raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    model = "factory" if cfg.model.factory else cfg.model.name
+    if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm"):
+        raise ConfigError(f"parallel.tp = {dims.tp}: a model from model.factory has no tensor-parallel plan; "
+                          f"use parallel.tp = 1 (FSDP with parallel.dp_shard shards any model)")
+    if dims.pp > 1 and model != "gpt":
+        raise ConfigError(f"parallel.pp = {dims.pp}: pipeline stages split transformer layers, which only "
+                          f"model.name = 'gpt' has; use parallel.pp = 1")
+    sizes = model_sizes(cfg)
+    if model == "gpt":
+        if sizes["n_heads"] % dims.tp:
+            raise ConfigError(f"parallel.tp = {dims.tp} must divide model.n_heads = {sizes['n_heads']} (each rank "
+                              f"holds whole heads); valid: {_divisors(sizes['n_heads'])}")
+        if cfg.data.seq_len % dims.tp:
+            raise ConfigError(f"parallel.tp = {dims.tp} must divide data.seq_len = {cfg.data.seq_len} (sequence "
+                              f"parallelism splits the sequence)")
+        stages = dims.pp * STAGES_PER_RANK[par.pp_schedule]
+        if stages > sizes["n_layers"]:
+            per_rank = STAGES_PER_RANK[par.pp_schedule]
+            raise ConfigError(f"parallel.pp = {dims.pp} with pp_schedule = '{par.pp_schedule}' needs {stages} "
+                              f"stages ({per_rank} per rank) but the model has model.n_layers = "
+                              f"{sizes['n_layers']}; use parallel.pp <= {sizes['n_layers'] // per_rank}")
+    elif model == "mlp" and sizes["dim"] % dims.tp:
+        raise ConfigError(f"parallel.tp = {dims.tp} must divide model.dim = {sizes['dim']}; "
+                          f"valid: {_divisors(sizes['dim'])}")
+    if dims.pp > 1:
+        m = par.pp_microbatches
+        if par.pp_schedule == "1f1b" and m < dims.pp:
+            raise ConfigError(f"parallel.pp_microbatches = {m} must be at least parallel.pp = {dims.pp} for "
+                              f"the 1f1b schedule")
+        if par.pp_schedule == "interleaved_1f1b" and m % dims.pp:
+            raise ConfigError(f"parallel.pp_microbatches = {m} must be a multiple of parallel.pp = {dims.pp} "
+                              f"for the interleaved_1f1b schedule")
+        per_rank_batch = cfg.train.batch_size // max(1, dims.dp) // cfg.train.grad_accum
+        if per_rank_batch % m:
+            raise ConfigError(f"parallel.pp_microbatches = {m} must divide the per-rank micro-batch "
+                              f"(train.batch_size {cfg.train.batch_size} / {dims.dp} data-parallel ranks / "
+                              f"train.grad_accum {cfg.train.grad_accum} = {per_rank_batch})")
+    if cfg.train.batch_size % dims.dp:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must split evenly over the {dims.dp} "
+                          f"data-parallel ranks (dp_replicate x dp_shard)")
+    if par.cpu_offload and dims.dp_shard == 1:
+        raise ConfigError("parallel.cpu_offload offloads FSDP shards and needs parallel.dp_shard > 1")
+    if cfg.sync.method in COMM_HOOK_METHODS and (dims.tp > 1 or dims.pp > 1 or dims.dp_shard > 1):
+        raise ConfigError(f"sync.method = '{cfg.sync.method}' is a DDP comm hook; it needs parallel.tp = "
+                          f"parallel.pp = parallel.dp_shard = 1 (tp and pp reduce gradients through FSDP)")
+    return dims
+
+
+def model_sizes(cfg: Config) -> dict[str, int]:
+    """The model's dim, n_layers and n_heads with the flavour's defaults filled in."""
+    if cfg.model.name == "gpt":
+        from shoal.models.gpt import FLAVOURS
+    elif cfg.model.name == "mlp":
+        from shoal.models.mlp import FLAVOURS
+    else:
+        from shoal.models.dlrm import FLAVOURS
+    preset = FLAVOURS[cfg.model.flavour]
+    return {key: getattr(cfg.model, key, 0) or preset.get(key, 0) for key in ("dim", "n_layers", "n_heads")}
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)

@@ -1,0 +1,84 @@
+"""Pipeline parallelism (`torch.distributed.pipelining`): the gpt's layers split into
+stages, one (or, interleaved, several) per rank of the "pp" axis, with micro-batches
+flowing through them on a schedule.
+
+Schedules: GPipe (Huang et al., 2019: all forwards, then all backwards), 1F1B
+(Narayanan et al., "PipeDream", 2019: one forward, one backward, so at most pp
+micro-batches are in flight) and interleaved 1F1B (Narayanan et al., "Efficient
+Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", 2021: several
+smaller stages per rank, a smaller bubble for more messages).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from shoal.config import Config
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
+STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2}
+
+
+def stage_layers(n_layers: int, n_stages: int) -> list[range]:
+    """Layer indices of each stage, as even as the count allows; the remainder goes to the
+    later stages because stage 0 also runs the embeddings."""
+    base, extra = divmod(n_layers, n_stages)
+    out, start = [], 0
+    for s in range(n_stages):
+        size = base + (1 if s >= n_stages - extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
+    """Stages this rank holds; interleaved schedules place stage s on rank s % pp (loop order)."""
+    return [pp_rank + k * pp for k in range(STAGES_PER_RANK[schedule])]
+
+
+def apply_pp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> list[nn.Module]:
+    """The stages of `model` this rank of the 1-D "pp" `mesh` holds, as pruned copies that keep
+    the full model's parameter names (so checkpoints load under any pipeline degree)."""
+    schedule = cfg.parallel.pp_schedule
+    n_stages = mesh.size() * STAGES_PER_RANK[schedule]
+    names = list(model.layers.keys())
+    ranges = stage_layers(len(names), n_stages)
+    # A parameter-free skeleton of the model is copied per stage and given the submodules
+    # it owns; the submodules are moved, not copied, so no weight exists twice.
+    owned = {name: getattr(model, name) for name in ("tok_embeddings", "pos_embeddings", "layers", "norm", "output")}
+    for name in owned:
+        setattr(model, name, None)
+    skeleton = copy.deepcopy(model)
+    for name, module in owned.items():
+        setattr(model, name, module)
+    parts = []
+    for sid in stage_ids(mesh.get_local_rank(), mesh.size(), schedule):
+        part = copy.deepcopy(skeleton)
+        part.layers = nn.ModuleDict({names[i]: owned["layers"][names[i]] for i in ranges[sid]})
+        if sid == 0:
+            part.tok_embeddings, part.pos_embeddings = owned["tok_embeddings"], owned["pos_embeddings"]
+        if sid == n_stages - 1:
+            part.norm, part.output = owned["norm"], owned["output"]
+        parts.append(part)
+    return parts
+
+
+def build_schedule(parts: list[nn.Module], mesh: DeviceMesh, cfg: Config, device: torch.device,
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _PipelineSchedule:
+    """The schedule that runs `parts` (after TP, AC, compile and FSDP were applied to them)."""
+    schedule = cfg.parallel.pp_schedule
+    n_stages = mesh.size() * STAGES_PER_RANK[schedule]
+    ids = stage_ids(mesh.get_local_rank(), mesh.size(), schedule)
+    stages = [PipelineStage(part, sid, n_stages, device, group=mesh.get_group()) for part, sid in zip(parts, ids)]
+    cls = SCHEDULES[schedule]
+    # scale_grads (default) divides by the micro-batch count: the loss is a mean over the batch
+    if STAGES_PER_RANK[schedule] > 1:
+        return cls(stages, cfg.parallel.pp_microbatches, loss_fn=loss_fn)
+    return cls(stages[0], cfg.parallel.pp_microbatches, loss_fn=loss_fn)

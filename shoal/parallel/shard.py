@@ -1,0 +1,42 @@
+"""Fully sharded data parallelism (FSDP2, `torch.distributed.fsdp.fully_shard`) and its
+hybrid form (HSDP): parameters, gradients and optimizer state split over the data-parallel
+ranks, gathered one block at a time for forward and backward.
+
+ZeRO-3 in the terms of Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training
+Trillion Parameter Models" (2020). With a 2-D ("dp_replicate", "dp_shard") mesh FSDP
+shards inside each replica group and all-reduces between groups (HSDP), so a replica
+group can be dropped or added without touching the shards of the others.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from shoal.config import Config
+from shoal.parallel.blocks import model_blocks
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
+    """Shard `model` over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP) in place.
+
+    Each block is its own FSDP unit, so only one block's full parameters exist at a time;
+    the root is sharded last and holds what is left (embeddings, final norm, head).
+    """
+    bf16 = cfg.train.precision == "bf16"
+    # reduce in fp32 even with bf16 compute: summing N bf16 gradients loses the low bits
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32 if bf16 else None)
+    # pin_memory=False: pinning needs an accelerator, and on CPU there is nothing to pin for
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload \
+        else OffloadPolicy()
+    blocks = model_blocks(model)
+    for i, block in enumerate(blocks):
+        # the last block's parameters are needed first in backward: keeping them gathered
+        # after forward saves one all-gather per step
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=i < len(blocks) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    return model

@@ -1,0 +1,216 @@
+"""DiLoCo and Streaming DiLoCo: data parallelism that talks every H steps, not every step.
+
+DiLoCo (Douillard et al. 2023, arXiv 2311.08105): every replica runs
+`inner_steps` (H) steps of its own optimizer on its own data; then the replicas
+average their *pseudo-gradients* (outer parameters minus local parameters) and
+an outer optimizer, SGD with Nesterov momentum (lr 0.7, momentum 0.9), moves the
+shared outer parameters. Communication drops by a factor of H.
+
+Streaming DiLoCo (Douillard et al. 2025, arXiv 2501.18512) splits the
+parameters into `fragments` synced in turn, fragment p at inner steps
+t = (p + 1) * H / P (mod H), so the peak bandwidth is 1/P of the model's; with
+`overlap` a fragment's all-reduce runs behind the next inner step and its
+result replaces the local fragment one step late (the paper's mixing factor
+alpha = 0). Pseudo-gradients may travel as fp16, bf16, int8 (INTELLECT-1,
+arXiv 2412.01152) or int4 (Streaming DiLoCo): both papers found no error
+feedback needed for them, so none is kept.
+
+Use it around an unmodified model and inner optimizer (torchft's style); the
+training loop does not change:
+
+    with DiLoCo(model, inner_opt, group=replicas, inner_steps=50, compression="int8"):
+        for batch in loader:
+            loss_fn(model(batch)).backward(); inner_opt.step(); inner_opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from shoal.sync.compress import quantized_all_reduce
+
+__all__ = ["DiLoCo", "local_tensor", "split_fragments"]
+
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4")
+_WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the shard of a DTensor (FSDP, TP), else the tensor itself."""
+    return param.to_local() if isinstance(param, DTensor) else param.detach()
+
+
+def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int]]:
+    """Split parameters (in model order) into `fragments` contiguous runs of about equal size.
+
+    Contiguous runs keep a fragment to neighbouring layers, as in Streaming DiLoCo.
+    """
+    if not 1 <= fragments <= len(params):
+        raise ValueError(f"fragments = {fragments} must be between 1 and the {len(params)} parameter tensors")
+    total = sum(p.numel() for p in params)
+    runs: list[list[int]] = [[]]
+    seen = 0
+    for index, param in enumerate(params):
+        unopened = fragments - len(runs)
+        # Open the next fragment once this one holds its share, or when the tensors left are just enough.
+        if runs[-1] and unopened and (seen >= total * len(runs) / fragments or len(params) - index <= unopened):
+            runs.append([])
+        runs[-1].append(index)
+        seen += param.numel()
+    return runs
+
+
+class _Fragment:
+    """One fragment's outer parameters, outer optimizer and in-flight all-reduce."""
+
+    def __init__(self, params: list[nn.Parameter], outer_lr: float, outer_momentum: float, nesterov: bool):
+        self.params = params
+        # With FSDP inside a replica each rank holds a shard (a DTensor); replicas average their
+        # matching shards, so DiLoCo works on the local tensors, which share the parameters' memory.
+        self.local = [local_tensor(p) for p in params]
+        # Outer copies in fp32: the outer step must not round to the model's compute dtype.
+        self.outer = [p.detach().clone().float() for p in self.local]
+        self.optimizer = torch.optim.SGD(self.outer, lr=outer_lr, momentum=outer_momentum,
+                                         nesterov=nesterov and outer_momentum > 0)
+        self.pending: torch.futures.Future[torch.Tensor] | None = None
+
+
+class DiLoCo(contextlib.AbstractContextManager):
+    """Context manager that turns data-parallel training into (streaming) DiLoCo.
+
+    On entry every replica takes group rank 0's parameters; then a post-hook on
+    `inner_optimizer.step` counts inner steps and syncs each fragment when due.
+    `group` is the process group of replicas (e.g. the `dp_replicate` mesh
+    axis); inside a replica the model may itself be DDP/FSDP over another axis.
+    """
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *,
+                 group: dist.ProcessGroup | None = None, inner_steps: int = 50, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, nesterov: bool = True, compression: str = "none",
+                 fragments: int = 1, overlap: bool = False):
+        if inner_steps < 1:
+            raise ValueError(f"inner_steps = {inner_steps} must be at least 1")
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"compression = {compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        if fragments > inner_steps:
+            raise ValueError(f"fragments = {fragments} must be at most inner_steps = {inner_steps}")
+        self.model = model
+        self.inner_optimizer = inner_optimizer
+        self.group = group or dist.group.WORLD
+        self.inner_steps = inner_steps
+        self.compression = compression
+        self.overlap = overlap
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._fragments = [
+            _Fragment([params[i] for i in run], outer_lr, outer_momentum, nesterov)
+            for run in split_fragments(params, fragments)]
+        self.inner_step = 0  # inner steps taken inside this context
+        self.outer_syncs = 0  # fragment syncs completed
+        self._handle: Any = None
+
+    @property
+    def fragments(self) -> list[list[nn.Parameter]]:
+        """The model's parameters as synced together, fragment by fragment."""
+        return [fragment.params for fragment in self._fragments]
+
+    def due(self, step: int) -> list[int]:
+        """Fragments synced after inner step `step` (counted from 1 inside the context)."""
+        return [i for i in range(len(self._fragments)) if self._due(i, step)]
+
+    def __enter__(self) -> DiLoCo:
+        with torch.no_grad():
+            for fragment in self._fragments:
+                for param, outer in zip(fragment.local, fragment.outer):
+                    # Replicas must start equal, or the first average mixes unrelated models.
+                    dist.broadcast(param, group=self.group, group_src=0)
+                    outer.copy_(param)
+        self._handle = self.inner_optimizer.register_step_post_hook(self._after_inner_step)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._handle.remove()
+        if exc_info[0] is None:
+            # Finish in-flight syncs so the replicas leave the context equal where they synced.
+            for fragment in self._fragments:
+                self._finish(fragment)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Outer parameters, outer momentum, the step count and any average still in flight.
+
+        Tensors and numbers only, so it loads with `torch.load(weights_only=True)`. Save it
+        together with the model and inner optimizer to resume exactly where this left off.
+        """
+        fragments = []
+        for fragment in self._fragments:
+            # Waiting for an in-flight average does not apply it: the resumed run applies it
+            # at the same step as the uninterrupted one would.
+            pending = fragment.pending.wait() if fragment.pending is not None else None
+            fragments.append({"outer": [o.detach().clone() for o in fragment.outer],
+                              "optimizer": fragment.optimizer.state_dict(), "pending": pending})
+        return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs, "fragments": fragments}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; call it inside the context (after entry broadcast the model)."""
+        if len(state["fragments"]) != len(self._fragments):
+            raise ValueError(f"saved state has {len(state['fragments'])} fragments, this DiLoCo "
+                             f"{len(self._fragments)}")
+        self.inner_step, self.outer_syncs = int(state["inner_step"]), int(state["outer_syncs"])
+        for fragment, saved in zip(self._fragments, state["fragments"]):
+            with torch.no_grad():
+                for outer, value in zip(fragment.outer, saved["outer"]):
+                    outer.copy_(value)
+            fragment.optimizer.load_state_dict(saved["optimizer"])
+            fragment.pending = None
+            if saved["pending"] is not None:
+                fragment.pending = torch.futures.Future()
+                fragment.pending.set_result(saved["pending"])
+
+    def _due(self, index: int, step: int) -> bool:
+        offset = (index + 1) * self.inner_steps // len(self._fragments)
+        return step % self.inner_steps == offset % self.inner_steps
+
+    def _after_inner_step(self, *_: Any) -> None:
+        self.inner_step += 1
+        # A sync started one step ago (overlap) is applied now, after that step's local update.
+        for fragment in self._fragments:
+            self._finish(fragment)
+        for index, fragment in enumerate(self._fragments):
+            if self._due(index, self.inner_step):
+                self._start(fragment)
+                if not self.overlap:
+                    self._finish(fragment)
+
+    @torch.no_grad()
+    def _start(self, fragment: _Fragment) -> None:
+        """Send this fragment's pseudo-gradient (outer minus local) to the averaging."""
+        pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
+        if self.compression in ("int8", "int4"):
+            fragment.pending = quantized_all_reduce(pseudo, int(self.compression[3:]), self.group)
+            return
+        wire = pseudo.to(_WIRE_DTYPE[self.compression])
+        # Divide before summing: fp16 would overflow on sums of large values.
+        wire.div_(dist.get_world_size(self.group))
+        work = dist.all_reduce(wire, group=self.group, async_op=True)
+        fragment.pending = work.get_future().then(lambda _: wire.float())
+
+    @torch.no_grad()
+    def _finish(self, fragment: _Fragment) -> None:
+        """Wait for the average, take the outer step and put the outer parameters into the model."""
+        if fragment.pending is None:
+            return
+        average = fragment.pending.wait()
+        fragment.pending = None
+        start = 0
+        for outer in fragment.outer:
+            outer.grad = average[start:start + outer.numel()].view_as(outer)
+            start += outer.numel()
+        fragment.optimizer.step()
+        for param, outer in zip(fragment.local, fragment.outer):
+            param.copy_(outer)
+        self.outer_syncs += 1

@@ -1,0 +1,105 @@
+"""One-process checks of the fault-tolerance pieces: spec parsing, [fault] rules, optimizer
+state for joiners, uneven data shares, the sample audit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shoal import config
+from shoal.config import ConfigError
+from shoal.data.sampler import ShardedSampler
+from shoal.fault import chaos
+from shoal.fault.audit import audit
+from shoal.fault.elastic import materialize_optimizer_state, state_tensors
+from shoal.launch.supervisor import check_fault_tolerant
+
+
+def test_chaos_spec_parses_launcher_and_step_injections():
+    timed, step = chaos.parse("kill=random,every=15s;hang=1,step=7,at=before,for=500ms,size=3")
+    assert (timed.action, timed.target, timed.every, timed.start) == ("kill", "random", 15.0, 15.0)
+    assert (step.action, step.target, step.step, step.at, step.duration, step.size) == ("hang", "1", 7, "before", 0.5, 3)
+    assert chaos.parse("slow=0,every=2m,for=1s,count=3")[0].every == 120.0
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("kill=random", "either every=DURATION"),
+    ("kill=random,every=fast", "not a duration"),
+    ("explode=1,every=1s", "exactly one of kill, hang, slow"),
+    ("kill=1,step=3,at=middle", "not one of before, during, after, transfer"),
+    ("kill=source,step=3", "at=transfer goes with the target 'source'"),
+    ("kill=1,every=1s,colour=red", "unknown key(s) colour"),
+    ("kill", "must look like key=value"),
+    ("", "empty spec"),
+])
+def test_chaos_spec_errors_name_the_bad_part(spec, message):
+    with pytest.raises(chaos.ChaosError) as err:
+        chaos.parse(spec)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fault.min_workers=3", "fault.max_workers=2"], "fault.min_workers = 3 is above fault.max_workers = 2"),
+    (["fault.max_workers=1"], "launch.nproc = 2 is above fault.max_workers = 1"),
+    (["fault.step_timeout=0.6"], "too small to ever succeed"),
+    (["train.batch_size=2", "fault.max_workers=3"], "cannot give each of fault.max_workers = 3 workers a sample"),
+])
+def test_bad_fault_config_is_refused_before_start(overrides, message):
+    cfg = config.load(None, ["fault.enabled=true", "launch.nproc=2", *overrides])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_fault_tolerant(cfg, 2, None)
+
+
+def test_chaos_needs_fault_tolerance_and_a_valid_spec():
+    with pytest.raises(ConfigError, match="needs fault.enabled"):
+        check_fault_tolerant(config.load(None, []), 2, "kill=random,every=1s")
+    cfg = config.load(None, ["fault.enabled=true"])
+    with pytest.raises(ConfigError, match="not a duration"):
+        check_fault_tolerant(cfg, 2, "kill=random,every=soon")
+    assert check_fault_tolerant(cfg, 2, "kill=random,every=1s") is True
+    # no whole replica per worker: restart-from-checkpoint instead of per-step recovery
+    assert check_fault_tolerant(config.load(None, ["fault.enabled=true", "parallel.dp_shard=2"]), 2, None) is False
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.1),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+])
+def test_materialized_optimizer_state_changes_nothing(make):
+    """A joiner creates empty optimizer state to receive into; it must train like a fresh one."""
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    opt_a, opt_b = make(a.parameters()), make(b.parameters())
+    materialize_optimizer_state(opt_b)
+    assert torch.equal(a.weight, b.weight) and len(state_tensors(b, opt_b)) > 2
+    x = torch.randn(8, 4)
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        model(x).square().sum().backward()
+        opt.step()
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_uneven_shares_cover_the_global_batch():
+    shares = [ShardedSampler(100, 32, 1) for _ in range(3)]
+    parts = [s.next_batch(r, 3) for r, s in enumerate(shares)]
+    assert [len(p) for p in parts] == [11, 11, 10]
+    assert torch.equal(torch.cat(parts), ShardedSampler(100, 32, 1).next_batch(0, 1))
+
+
+def test_audit_finds_lost_repeated_and_diverged_steps(tmp_path):
+    sampler = ShardedSampler(64, 8, 5)
+    batches = [sampler.next_batch(0, 1).tolist() for _ in range(4)]
+    rows = [{"step": s, "t": s, "member": 0, "gen": 1, "size": 2, "epoch": 0, "params": "a", "loss": 1.0,
+             "ids": batches[s]} for s in range(4)]
+    (tmp_path / "member0.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert audit(tmp_path, num_samples=64, global_batch=8, grad_accum=1, seed=5).clean
+    rows[2]["ids"] = batches[1]  # step 2 retrained step 1's samples: repeated and lost
+    rows[3] = {**rows[3], "member": 1}
+    other = {**rows[3], "params": "b"}
+    (tmp_path / "member0.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:3]) + "\n")
+    (tmp_path / "member1.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(other) + "\n")
+    result = audit(tmp_path, num_samples=64, global_batch=8, grad_accum=1, seed=5)
+    assert result.wrong_batch_steps == [2] and result.duplicated == 8 and result.disagreeing_steps == [3]

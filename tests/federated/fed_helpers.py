@@ -1,0 +1,63 @@
+"""Helpers shared by the federated tests: site datasets, free ports, a tiny federation config."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+
+SITES = ("alpha", "beta", "gamma", "delta")
+
+
+def write_site(folder: Path, rows: int, seed: int, features: int = 6) -> Path:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(rows, features)).astype(np.float32)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "x.npy", x)
+    np.save(folder / "y.npy", y)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CONFIG = """
+[model]
+name = "mlp"
+dim = 8
+n_layers = 1
+
+[train]
+optimizer = "sgd"
+lr = 0.1
+batch_size = 16
+weight_decay = 0.0
+grad_clip = 0.0
+
+[data]
+val_fraction = 0.25
+
+[federated]
+certs_dir = "{certs}"
+address = "127.0.0.1:{port}"
+rounds = {rounds}
+min_clients = {min_clients}
+round_timeout = {timeout}
+join_timeout = 120
+
+[log]
+dir = "{runs}"
+name = "{name}"
+"""
+
+
+def write_config(path: Path, certs: Path, runs: Path, name: str, port: int, rounds: int = 2, min_clients: int = 3,
+                 timeout: float = 30.0, extra: str = "") -> Path:
+    path.write_text(CONFIG.format(certs=certs, runs=runs, name=name, port=port, rounds=rounds,
+                                  min_clients=min_clients, timeout=timeout) + extra)
+    return path

@@ -1,0 +1,93 @@
+"""Every layout reproduces one process on the same global batch: the loss of the first five
+steps (and of `evaluate` after them) to a relative 1e-4, and every reassembled parameter.
+Resumed layouts load another layout's checkpoint and must continue the same curve."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from parallel_harness import build, gpt_config, merged, run_layouts, spawn
+
+from shoal.parallel.compose import check_layout
+from shoal.plan.memory import estimate_memory
+
+pytestmark = pytest.mark.distributed
+
+# Worlds run in this order (the 2-rank world resumes the 4-rank world's checkpoint); within
+# a world, layouts run top to bottom, so a "save" precedes its "resume".
+LAYOUTS = {
+    4: {  # fewer, mixed layouts: four ranks share two cores, so each layout costs ~10 s here
+        "fsdp_cpu_offload": {"dp_shard": 4, "cpu_offload": True, "save": "fsdp4"},
+        "hsdp": {"dp_replicate": 2, "dp_shard": 2},
+        "dp_x_tp": {"dp_shard": 2, "tp": 2},
+        "pp_x_dp": {"pp": 2, "dp_shard": 2},
+        "dlrm_dp_x_tp": {"model": "dlrm", "dp_shard": 2, "tp": 2},
+    },
+    2: {
+        "ddp": {"dp_replicate": 2},
+        "fsdp_ac_full": {"dp_shard": 2, "activation_checkpointing": "full"},
+        "tp_ac_selective": {"tp": 2, "activation_checkpointing": "selective", "save": "tp2"},
+        "pp_gpipe": {"pp": 2, "pp_schedule": "gpipe"},
+        "pp_1f1b": {"pp": 2, "pp_schedule": "1f1b", "save": "pp2"},
+        "pp_interleaved_1f1b": {"pp": 2, "pp_schedule": "interleaved_1f1b"},
+        "dlrm_tp": {"model": "dlrm", "tp": 2},
+        # resharding: resume another layout's checkpoint; the steps after it must continue
+        # the single-process curve
+        "resume_fsdp4_as_fsdp2": {"dp_shard": 2, "resume": "fsdp4"},
+        "resume_tp2_as_dp2": {"dp_replicate": 2, "resume": "tp2"},
+        "resume_pp2_as_pp1": {"dp_shard": 2, "resume": "pp2"},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def world_results(request, tmp_path_factory):
+    """One Gloo world per size trains all its layouts in turn (starting worlds is the slow part)."""
+    world = request.param
+    out = tmp_path_factory.mktemp(f"world{world}")
+    checkpoints = tmp_path_factory.getbasetemp() / "checkpoints"
+    spawn(run_layouts, world, LAYOUTS[world], str(out), str(checkpoints))
+    return merged(str(out), world)
+
+
+CASES = [(w, name) for w in LAYOUTS for name in LAYOUTS[w]]
+
+
+@pytest.mark.parametrize("world_results,name", CASES, ids=[f"{w}ranks-{n}" for w, n in CASES],
+                         indirect=["world_results"])
+def test_layout_matches_single_process(world_results, name):
+    world = len(world_results[name])
+    results = world_results
+    for rank, res in enumerate(results[name]):
+        assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
+        assert res["loss_rel_err"] < 1e-4, (rank, res["losses"], res["ref_losses"])
+        assert res["param_max_err"] < 1e-4, (rank, res["param_max_err"])
+        assert res["n_params"] > 0 and not res["missing"]
+        # the layout really splits the weights: a rank stores less than the whole model
+        assert res["steps"] == (2 if "resume" in LAYOUTS[world][name] else 5)
+        sharded = any(LAYOUTS[world][name].get(k, 1) > 1 for k in ("dp_shard", "tp", "pp"))
+        assert (res["local_numel"] < res["full_numel"]) == sharded, (res["local_numel"], res["full_numel"])
+
+
+MEMORY_CASES = [(2, "ddp"), (2, "pp_gpipe"), (2, "pp_1f1b"), (4, "fsdp_cpu_offload"), (4, "hsdp"), (4, "dp_x_tp"),
+                (4, "pp_x_dp")]
+
+
+@pytest.mark.parametrize("world_results,name", MEMORY_CASES, ids=[f"{w}ranks-{n}" for w, n in MEMORY_CASES],
+                         indirect=["world_results"])
+def test_memory_estimate_matches_measured_peak(world_results, name):
+    """shoal plan's per-rank estimate against the busiest rank's measured state (parameter,
+    gradient and optimizer shards) and peak saved activations, within 25%."""
+    world = len(world_results[name])
+    cfg = gpt_config(**{k: v for k, v in LAYOUTS[world][name].items() if k not in ("save", "resume")})
+    dims = check_layout(cfg, world)
+    with torch.device("meta"):
+        model = build(cfg)
+    est = estimate_memory(cfg, dims, model)
+    measured = max((r["measured"] for r in world_results[name]),
+                   key=lambda m: m["params"] + m["grads"] + m["optimizer"] + m["activations"])
+    for part in ("params", "grads", "optimizer"):
+        assert abs(getattr(est, part) - measured[part]) <= 0.05 * measured[part], (part, est, measured)
+    est_total = est.state + est.activations
+    got_total = measured["params"] + measured["grads"] + measured["optimizer"] + measured["activations"]
+    assert abs(est_total - got_total) <= 0.25 * got_total, (est, measured)
