@@ -92,9 +92,40 @@ def state_tensors(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return tensors
 
 
+def _state_parts(trainer) -> list[torch.Tensor]:
+    sampler = trainer.sampler.state_dict()
+    meta = torch.tensor([trainer.step, sampler["epoch"], sampler["position"]], dtype=torch.int64)
+    return state_tensors(trainer.model, trainer.optimizer) + [meta, torch.get_rng_state()]
+
+
+def pack_state(trainer) -> torch.Tensor:
+    """A trainer's whole state (parameters, optimizer state, step, data position, RNG) as one
+    byte buffer; the layout is the same on every replica of the same model and optimizer."""
+    materialize_optimizer_state(trainer.optimizer)
+    return torch.cat([t.detach().reshape(-1).contiguous().view(torch.uint8) for t in _state_parts(trainer)])
+
+
+def unpack_state(trainer, buffer: torch.Tensor) -> None:
+    """Load a buffer made by `pack_state` on another replica into this trainer."""
+    materialize_optimizer_state(trainer.optimizer)
+    parts = _state_parts(trainer)
+    offset = 0
+    for t in parts[:-1]:  # tensors, then meta; the RNG state is set rather than copied into
+        n = t.numel() * t.element_size()
+        t.copy_(buffer[offset:offset + n].clone().view(t.dtype).view_as(t))  # clone: aligned for any dtype
+        offset += n
+    step, epoch, position = (int(v) for v in parts[-2])
+    trainer.step = step
+    trainer.sampler.load_state_dict({"epoch": epoch, "position": position})
+    torch.set_rng_state(buffer[offset:].clone())
+
+
 def _claim(store: dist.Store, injection: int, gen: int) -> bool:
     """Record that chaos injection k fires now, in generation `gen`; false if it already fired."""
-    return store.add(f"ft/chaos/claimed/{injection}", 1) == 1 and not store.set(f"ft/chaos/fired/{injection}", str(gen))
+    if store.add(f"ft/chaos/claimed/{injection}", 1) != 1:
+        return False
+    store.set(f"ft/chaos/fired/{injection}", str(gen))
+    return True
 
 
 def _fired_in(store: dist.Store, injection: int) -> int:
@@ -313,25 +344,12 @@ class Replicas:
 
         Members that already hold the source's state receive identical bytes, so even a
         broadcast cut short cannot corrupt them; nothing is copied in unless it completed."""
-        materialize_optimizer_state(trainer.optimizer)
-        tensors = state_tensors(trainer.model, trainer.optimizer)
-        sampler = trainer.sampler.state_dict()
-        meta = torch.tensor([trainer.step, sampler["epoch"], sampler["position"]], dtype=torch.int64)
-        parts = tensors + [meta, torch.get_rng_state()]
-        buffer = torch.cat([t.detach().reshape(-1).contiguous().view(torch.uint8) for t in parts])
+        buffer = pack_state(trainer)
         self._set(f"ft/gen/{self.gen}/where/{self.rank}", f"step {trainer.step}: in state transfer")
         options = dist.BroadcastOptions()
         options.rootRank = source
         work = self.pg.broadcast([buffer], options)
         self._fire("transfer", trainer.step, is_source=self.rank == source)
         self._wait(work, "state transfer", trainer.step)
-        offset = 0
-        for t in parts[:-1]:  # tensors, then meta; the RNG state is set rather than copied into
-            n = t.numel() * t.element_size()
-            t.copy_(buffer[offset:offset + n].clone().view(t.dtype).view_as(t))  # clone: aligned for any dtype
-            offset += n
-        step, epoch, position = (int(v) for v in meta)
-        trainer.step = step
-        trainer.sampler.load_state_dict({"epoch": epoch, "position": position})
-        torch.set_rng_state(buffer[offset:].clone())
+        unpack_state(trainer, buffer)
         self.has_state = True

@@ -113,11 +113,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from shoal.config import load
-    from shoal.federated.simulate import simulate
 
-    cfg = load(args.config, args.overrides)
+    cfg = load(args.config, args.overrides)  # before the heavy imports: bad input fails fast
     if args.clients < 0 or args.workers < 0:
         raise ConfigError("--clients and --workers must be positive")
+    from shoal.federated.simulate import simulate
+
     if args.clients:
         cfg.federated.sim_clients = args.clients
     if args.workers:

@@ -101,6 +101,7 @@ class FederatedClient:
                 return 0
             if task.kind == pb.Task.WAIT:
                 continue
+            log.info("round %d: %s task received", task.round, pb.Task.Kind.Name(task.kind))
             result = pb.Result(round=task.round, task_id=task.task_id)
             try:
                 self.work(task, result)

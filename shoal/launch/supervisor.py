@@ -108,7 +108,7 @@ class Supervisor:
         env = {**os.environ, **self.extra_env, elastic.STORE_ENV: f"127.0.0.1:{self.store.port}",
                elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(index),
                elastic.INCARNATION_ENV: str(incarnation)}
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHOAL_LAUNCHER_PID"):
             env.pop(name, None)  # each worker is a one-process replica; its peers come from the store
         if self.chaos_spec:
             env[elastic.CHAOS_ENV] = self.chaos_spec

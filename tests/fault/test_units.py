@@ -103,3 +103,62 @@ def test_audit_finds_lost_repeated_and_diverged_steps(tmp_path):
     (tmp_path / "member1.jsonl").write_text(json.dumps(rows[3]) + "\n" + json.dumps(other) + "\n")
     result = audit(tmp_path, num_samples=64, global_batch=8, grad_accum=1, seed=5)
     assert result.wrong_batch_steps == [2] and result.duplicated == 8 and result.disagreeing_steps == [3]
+
+
+def test_state_buffer_round_trip_moves_everything():
+    """What a joiner receives: odd-sized parameters (unaligned offsets), AdamW moments, step,
+    data position and RNG, from a trained replica into a fresh one."""
+    from types import SimpleNamespace
+    from shoal.fault.elastic import pack_state, unpack_state
+
+    def replica(seed):
+        torch.manual_seed(seed)
+        # 12 parameters in 3 tensors: with their AdamW state 156 bytes, so the int64 meta is unaligned
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2))
+        return SimpleNamespace(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), step=0,
+                               sampler=ShardedSampler(100, 10, 1))
+    source, joiner = replica(0), replica(1)
+    for _ in range(3):
+        source.model(torch.randn(4, 3)).sum().backward()
+        source.optimizer.step()
+        source.sampler.next_batch(0, 1)
+    source.step = 3
+    rng = torch.get_rng_state()
+    buffer = pack_state(source)
+    torch.manual_seed(99)
+    unpack_state(joiner, buffer)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert (joiner.step, joiner.sampler.state_dict()) == (3, source.sampler.state_dict())
+    for a, b in zip(state_tensors(source.model, source.optimizer), state_tensors(joiner.model, joiner.optimizer)):
+        assert torch.equal(a, b)
+
+
+def _state(pid: int) -> str:
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+
+def test_chaos_monkey_kills_and_pauses_real_processes():
+    """The launcher's clock: a kill is a real SIGKILL, a slow-down a real SIGSTOP that ends."""
+    import subprocess
+    import sys
+    import time
+    victims = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    try:
+        monkey = chaos.ChaosMonkey(chaos.parse("kill=0,every=10s,count=1;slow=1,every=10s,for=300ms,count=1"),
+                                   started=0.0)
+        assert monkey.tick(5.0, {0: victims[0].pid, 1: victims[1].pid}) == []  # not due yet
+        fired = monkey.tick(10.0, {0: victims[0].pid, 1: victims[1].pid})
+        assert [(a, s) for a, s, _ in fired] == [("kill", 0), ("slow", 1)]
+        assert victims[0].wait(timeout=10) == -9
+        deadline = time.monotonic() + 30
+        while _state(victims[1].pid) != "T" and time.monotonic() < deadline:  # paused (SIGSTOP) ...
+            time.sleep(0.01)
+        assert _state(victims[1].pid) == "T"
+        while _state(victims[1].pid) == "T" and time.monotonic() < deadline:  # ... then resumed (SIGCONT)
+            time.sleep(0.05)
+        assert _state(victims[1].pid) in ("S", "R") and victims[1].poll() is None
+        assert monkey.tick(20.0, {1: victims[1].pid}) == []  # count=1: each fired once
+    finally:
+        for v in victims:
+            v.kill()
+            v.wait()

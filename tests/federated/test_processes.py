@@ -21,7 +21,7 @@ from safetensors.torch import load, load_file
 from fed_helpers import free_port, write_config, write_site
 
 pytestmark = pytest.mark.e2e
-ROWS = {"alpha": 200, "beta": 300, "gamma": 400, "delta": 8_000}  # delta trains for seconds: killable mid-round
+ROWS = {"alpha": 200, "beta": 300, "gamma": 400, "delta": 16_000}  # delta trains long enough to be killed mid-round
 VAL = 0.25
 
 
@@ -31,12 +31,12 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, env=env)
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def read(path: Path) -> str:
@@ -52,7 +52,7 @@ def federations(tmp_path_factory, certs_dir):
     for name, sites in (("plain", list(ROWS)),):
         port = free_port()
         config = write_config(root / f"{name}.toml", certs_dir, root / "runs", name, port, rounds=3,
-                              min_clients=len(sites), timeout=8.0)
+                              min_clients=len(sites), timeout=12.0)
         procs[f"{name}-server"] = spawn(["server", str(config)], root / f"{name}-server.out")
         for site in sites:
             procs[f"{name}-{site}"] = spawn(["client", str(config), "--data", str(data[site]), "--server",
@@ -63,8 +63,9 @@ def federations(tmp_path_factory, certs_dir):
         server_log = runs["plain"] / "server.log"
         wait_for(lambda: "listening on" in read(server_log), 240, "the server to listen")
         knock(port, certs_dir)
-        wait_for(lambda: "round 3: training on" in read(server_log), 240, "round 3 of the plain federation")
-        procs["plain-delta"].send_signal(signal.SIGKILL)  # mid-round: it was sampled and is training
+        delta_log = root / "plain-delta.out"
+        wait_for(lambda: "round 3: TRAIN task received" in read(delta_log), 240, "delta to start round 3", poll=0.02)
+        procs["plain-delta"].send_signal(signal.SIGKILL)  # mid-round: it holds the task and is training
         procs["plain-server"].wait(timeout=240)
         yield root, runs, procs
     finally:
@@ -100,13 +101,14 @@ def test_round_closes_without_the_killed_client_and_equals_the_weighted_mean(fed
     assert procs["plain-server"].returncode == 0, read(root / "plain-server.out")
     rows = metrics(runs["plain"])
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert rows[0]["answered"] == 4 and rows[1]["answered"] == 4 and rows[2]["answered"] == 3
+    assert rows[0]["answered"] >= 3 and rows[1]["answered"] >= 3 and rows[2]["answered"] == 3
     log = read(runs["plain"] / "server.log")
     assert "round 3 TRAIN: no answer from ['delta']" in log
     # the plaintext and the forged caller were refused, and the log says why
     assert "refused a TLS connection: Handshake failed" in log and "WRONG_VERSION_NUMBER" in log
     assert log.count("refused a TLS connection") >= 2
     assert "'alpha' joined" in log and log.count("joined") == 4
+    assert "trained" not in read(root / "plain-delta.out").split("round 3: TRAIN task received")[1]
     # FedAvg: the final global model is the sample-weighted mean of what the survivors sent in round 3
     sent = {s: load((root / "audit" / "plain" / s / "round-0003.safetensors").read_bytes())
             for s in ("alpha", "beta", "gamma")}
