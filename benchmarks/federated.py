@@ -280,8 +280,13 @@ def main() -> None:
         if "sim" in parts:
             rows = bench_sim([int(c) for c in args.clients.split(",")], args.rounds, args.flower_python,
                              args.timeout, work)
-            kept = [r for r in results.get("simulation", []) if r["clients"] not in {x["clients"] for x in rows}]
-            results["simulation"] = sorted(kept + rows, key=lambda r: (r["clients"], r["framework"]))
+            # a new row replaces the old one for the same framework and clients, unless it measured nothing
+            fresh = [r for r in rows if not r["status"].startswith("not measured")]
+            replaced = {(r["framework"], r["clients"]) for r in fresh}
+            kept = [r for r in results.get("simulation", []) if (r["framework"], r["clients"]) not in replaced]
+            kept += [r for r in rows if r not in fresh and (r["framework"], r["clients"]) not in
+                     {(k["framework"], k["clients"]) for k in kept}]
+            results["simulation"] = sorted(kept + fresh, key=lambda r: (r["clients"], r["framework"]))
             print("\nSimulation: FedAvg, MLP on digits (IID), same local training\n")
             print(table(rows, ["framework", "clients", "rounds", "seconds", "peak_rss_mb", "peak_pss_mb",
                                "accuracy", "status"]))

@@ -125,7 +125,8 @@ class SecAggClient:
         out = {}
         for peer, (cipher_pk, _) in peers.items():
             x = index[peer]
-            plain = seed_shares[x - 1][1].to_bytes(SHARE_BYTES, "big") + key_shares[x - 1][1].to_bytes(SHARE_BYTES, "big")
+            plain = (seed_shares[x - 1][1].to_bytes(SHARE_BYTES, "big")
+                     + key_shares[x - 1][1].to_bytes(SHARE_BYTES, "big"))
             nonce = os.urandom(12)
             key = agree(self.cipher_key, cipher_pk, b"share")
             out[peer] = nonce + AESGCM(key).encrypt(nonce, plain, f"{self.client_id}|{peer}".encode())
@@ -193,5 +194,6 @@ class SecAggServer:
     def _rebuild(self, shares: dict[str, bytes], index: dict[str, int], owner: str) -> bytes:
         if len(shares) < self.threshold:
             raise ValueError(f"only {len(shares)} shares of {owner}'s secret; need {self.threshold}")
-        points = [(index[holder], int.from_bytes(value, "big")) for holder, value in list(shares.items())[:self.threshold]]
+        chosen = list(shares.items())[:self.threshold]
+        points = [(index[holder], int.from_bytes(value, "big")) for holder, value in chosen]
         return shamir_combine(points).to_bytes(32, "big")

@@ -108,7 +108,6 @@ def estimate_memory(cfg: Config, dims: ParallelDims, model: nn.Module | None = N
     n_layers = len(model.layers) if hasattr(model, "layers") else 0
     fsdp = dims.dp_shard > 1 or (dims.dp > 1 and (dims.tp > 1 or dims.pp > 1))
     ranks = [0] * dims.pp
-    biggest_block = 0
     for name, p in model.named_parameters():
         shape = list(p.shape)
         split = _tp_split_dim(model, name) if dims.tp > 1 else None
@@ -117,11 +116,11 @@ def estimate_memory(cfg: Config, dims: ParallelDims, model: nn.Module | None = N
         if dims.dp_shard > 1:  # FSDP pads dim 0 to a multiple of the shard count
             shape[0] = math.ceil(shape[0] / dims.dp_shard)
         ranks[_stage_of(name, n_layers, n_stages) % dims.pp if n_layers else 0] += math.prod(shape)
-        biggest_block = max(biggest_block, p.numel() // (dims.tp if split is not None else 1))
-    numel = max(ranks)
-    busiest = ranks.index(numel)
     opt_bytes = {"adamw": 2 * FP32, "sgd": FP32 if cfg.train.momentum else 0}[cfg.train.optimizer]
-    acts = _activations(cfg, dims, model, busiest)
+    # the busiest pipeline rank: stage 0 holds the most micro-batches in flight, the last the head
+    totals = [n * (2 * FP32 + opt_bytes) + _activations(cfg, dims, model, r) for r, n in enumerate(ranks)]
+    busiest = totals.index(max(totals))
+    numel, acts = ranks[busiest], _activations(cfg, dims, model, busiest)
     buffers = 0
     if dims.dp > 1 and not fsdp:
         buffers = numel * FP32  # DDP's gradient buckets are a second copy of the gradients

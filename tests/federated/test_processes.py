@@ -52,7 +52,7 @@ def federations(tmp_path_factory, certs_dir):
     for name, sites in (("plain", list(ROWS)),):
         port = free_port()
         config = write_config(root / f"{name}.toml", certs_dir, root / "runs", name, port, rounds=3,
-                              min_clients=len(sites), timeout=12.0)
+                              min_clients=len(sites), timeout=8.0)
         procs[f"{name}-server"] = spawn(["server", str(config)], root / f"{name}-server.out")
         for site in sites:
             procs[f"{name}-{site}"] = spawn(["client", str(config), "--data", str(data[site]), "--server",

@@ -149,7 +149,8 @@ def test_secure_aggregation_with_dp_through_real_clients(tmp_path, certs_dir, ca
                             min_clients=3, timeout=30),
                ["federated.secagg=true", "federated.dp=fixed", "federated.dp_noise=0.8", "federated.dp_clip=0.5"])
     server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
-    sites = {name: write_site(tmp_path / name, 120 + 40 * i, seed=i) for i, name in enumerate(["alpha", "beta", "gamma"])}
+    names = ["alpha", "beta", "gamma"]
+    sites = {name: write_site(tmp_path / name, 120 + 40 * i, seed=i) for i, name in enumerate(names)}
     clients = [FederatedClient(cfg, str(path), f"127.0.0.1:{port}", name, tmp_path / "audit" / name)
                for name, path in sites.items()]
     threads = [threading.Thread(target=c.run, args=(60.0,), daemon=True) for c in clients]
@@ -176,7 +177,8 @@ def test_fedbuff_applies_buffers_of_stale_updates(tmp_path, certs_dir):
                             min_clients=3, timeout=30),
                ["federated.strategy=fedbuff", "federated.buffer_size=2", "federated.max_staleness=3"])
     server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
-    sites = {name: write_site(tmp_path / name, 60 + 200 * i, seed=i) for i, name in enumerate(["alpha", "beta", "gamma"])}
+    names = ["alpha", "beta", "gamma"]
+    sites = {name: write_site(tmp_path / name, 60 + 200 * i, seed=i) for i, name in enumerate(names)}
     clients = [FederatedClient(cfg, str(path), f"127.0.0.1:{port}", name) for name, path in sites.items()]
     try:
         for client in clients:

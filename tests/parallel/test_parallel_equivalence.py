@@ -40,24 +40,30 @@ LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def world_results(request, tmp_path_factory):
-    """One Gloo world per size trains all its layouts in turn (starting worlds is the slow part)."""
-    world = request.param
+def _run_world(world: int, tmp_path_factory) -> dict[str, list[dict]]:
+    """One Gloo world trains all its layouts in turn (starting worlds is the slow part)."""
     out = tmp_path_factory.mktemp(f"world{world}")
     checkpoints = tmp_path_factory.getbasetemp() / "checkpoints"
     spawn(run_layouts, world, LAYOUTS[world], str(out), str(checkpoints))
     return merged(str(out), world)
 
 
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    return _run_world(4, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def world2(world4, tmp_path_factory):  # after world4: it resumes world4's checkpoint
+    return _run_world(2, tmp_path_factory)
+
+
 CASES = [(w, name) for w in LAYOUTS for name in LAYOUTS[w]]
 
 
-@pytest.mark.parametrize("world_results,name", CASES, ids=[f"{w}ranks-{n}" for w, n in CASES],
-                         indirect=["world_results"])
-def test_layout_matches_single_process(world_results, name):
-    world = len(world_results[name])
-    results = world_results
+@pytest.mark.parametrize("world,name", CASES, ids=[f"{w}ranks-{n}" for w, n in CASES])
+def test_layout_matches_single_process(request, world, name):
+    results = request.getfixturevalue(f"world{world}")
     for rank, res in enumerate(results[name]):
         assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
         assert res["loss_rel_err"] < 1e-4, (rank, res["losses"], res["ref_losses"])
@@ -69,22 +75,21 @@ def test_layout_matches_single_process(world_results, name):
         assert (res["local_numel"] < res["full_numel"]) == sharded, (res["local_numel"], res["full_numel"])
 
 
-MEMORY_CASES = [(2, "ddp"), (2, "pp_gpipe"), (2, "pp_1f1b"), (4, "fsdp_cpu_offload"), (4, "hsdp"), (4, "dp_x_tp"),
-                (4, "pp_x_dp")]
+MEMORY_CASES = [(4, "fsdp_cpu_offload"), (4, "hsdp"), (4, "dp_x_tp"), (4, "pp_x_dp"), (2, "ddp"), (2, "pp_gpipe"),
+                (2, "pp_1f1b")]
 
 
-@pytest.mark.parametrize("world_results,name", MEMORY_CASES, ids=[f"{w}ranks-{n}" for w, n in MEMORY_CASES],
-                         indirect=["world_results"])
-def test_memory_estimate_matches_measured_peak(world_results, name):
+@pytest.mark.parametrize("world,name", MEMORY_CASES, ids=[f"{w}ranks-{n}" for w, n in MEMORY_CASES])
+def test_memory_estimate_matches_measured_peak(request, world, name):
     """shoal plan's per-rank estimate against the busiest rank's measured state (parameter,
     gradient and optimizer shards) and peak saved activations, within 25%."""
-    world = len(world_results[name])
+    results = request.getfixturevalue(f"world{world}")
     cfg = gpt_config(**{k: v for k, v in LAYOUTS[world][name].items() if k not in ("save", "resume")})
     dims = check_layout(cfg, world)
     with torch.device("meta"):
         model = build(cfg)
     est = estimate_memory(cfg, dims, model)
-    measured = max((r["measured"] for r in world_results[name]),
+    measured = max((r["measured"] for r in results[name]),
                    key=lambda m: m["params"] + m["grads"] + m["optimizer"] + m["activations"])
     for part in ("params", "grads", "optimizer"):
         assert abs(getattr(est, part) - measured[part]) <= 0.05 * measured[part], (part, est, measured)
