@@ -35,9 +35,9 @@ from shoal.observe.metrics import read_metrics  # noqa: E402
 METHODS: dict[str, list[str]] = {
     "ddp": ["sync.method=allreduce"],
     "fp16": ["sync.method=fp16"],
+    "int8": ["sync.method=int8"],
     "powersgd": ["sync.method=powersgd", "sync.powersgd_rank=4"],
     "diloco": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int8"],
-    "diloco_h10": ["sync.method=diloco", "sync.inner_steps=10", "sync.compression=int8"],
     "streaming": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int4", "sync.fragments=4",
                   "sync.overlap=true"],
 }

@@ -29,7 +29,14 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tupl
 
 def run_world(fn: Callable[..., Any], world: int = 2, *args: Any) -> None:
     """Run fn(rank, world, *args) on `world` Gloo ranks; a failure on any rank fails the test."""
-    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    for attempt in range(3):
+        try:
+            mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
+            return
+        except mp.ProcessRaisedException as err:
+            # Another process on this shared machine may take the free port before rank 0 binds it.
+            if "ddress already in use" not in str(err) or attempt == 2:
+                raise
 
 
 def params_equal_across_ranks(params: list[torch.Tensor]) -> bool:
