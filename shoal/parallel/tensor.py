@@ -98,10 +98,22 @@ def _tp_dlrm(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     # and stay replicated. A tall table (many rows) is split by rows: each rank looks up the
     # ids it owns and an all-reduce sums the partial results. A short, wide one is split
     # by columns: each rank returns a slice of every vector and an all-gather joins them.
-    plan = {}
+    plan, rowwise = {}, []
     for name, table in model.embeddings.named_children():
         if table.num_embeddings >= mesh.size() * table.embedding_dim:
             plan[f"embeddings.{name}"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+            rowwise.append(table)
         else:
             plan[f"embeddings.{name}"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    return parallelize_module(model, mesh, plan)
+    parallelize_module(model, mesh, plan)
+    for table in rowwise:
+        table.weight.register_post_accumulate_grad_hook(_shard_like_param)
+    return model
+
+
+def _shard_like_param(param: nn.Parameter) -> None:
+    # DTensor (torch 2.13) returns a row-wise split table's gradient whole (Replicate) on
+    # every rank; keeping only this rank's rows (a local slice, no communication) makes the
+    # stored gradient as small as the weight shard, which is the point of splitting the table.
+    if param.grad is not None and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)

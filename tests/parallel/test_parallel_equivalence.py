@@ -8,7 +8,9 @@ import pytest
 import torch
 from parallel_harness import build, gpt_config, merged, run_layouts, spawn
 
+from shoal.config import ConfigError
 from shoal.parallel.compose import check_layout
+from shoal.plan.layouts import require_fit
 from shoal.plan.memory import estimate_memory
 
 pytestmark = pytest.mark.distributed
@@ -73,6 +75,8 @@ def test_layout_matches_single_process(request, world, name):
         assert res["steps"] == (2 if "resume" in LAYOUTS[world][name] else 5)
         sharded = any(LAYOUTS[world][name].get(k, 1) > 1 for k in ("dp_shard", "tp", "pp"))
         assert (res["local_numel"] < res["full_numel"]) == sharded, (res["local_numel"], res["full_numel"])
+        # and gradients are stored split like their parameters (not gathered whole)
+        assert res["measured"]["grads"] == res["measured"]["params"], res["measured"]
 
 
 MEMORY_CASES = [(4, "fsdp_cpu_offload"), (4, "hsdp"), (4, "dp_x_tp"), (4, "pp_x_dp"), (2, "ddp"), (2, "pp_gpipe"),
@@ -96,3 +100,22 @@ def test_memory_estimate_matches_measured_peak(request, world, name):
     est_total = est.state + est.activations
     got_total = measured["params"] + measured["grads"] + measured["optimizer"] + measured["activations"]
     assert abs(est_total - got_total) <= 0.25 * got_total, (est, measured)
+
+
+def test_too_big_to_replicate_trains_sharded_over_4_ranks(world4):
+    """A per-worker cap below the replicated parameters + optimizer state: `require_fit`
+    refuses the replicated layout before any worker starts, accepts FSDP over 4 ranks, and
+    that run (above) trained to the single-process curve within the cap."""
+    cfg = gpt_config(dp_shard=4)
+    sharded = estimate_memory(cfg, check_layout(cfg, 4))
+    replicated_cfg = gpt_config(dp_replicate=4)
+    replicated = estimate_memory(replicated_cfg, check_layout(replicated_cfg, 4))
+    cap = (sharded.total + replicated.state) // 2
+    assert replicated.params + replicated.optimizer > cap * 0.8 and replicated.state > cap
+    with pytest.raises(ConfigError, match="memory-per-worker"):
+        require_fit(replicated_cfg, 4, cap)
+    require_fit(cfg, 4, cap)
+    for res in world4["fsdp_cpu_offload"]:
+        assert "error" not in res and res["loss_rel_err"] < 1e-4
+        assert res["losses"][-2] < res["losses"][0]  # it learned
+        assert sum(res["measured"].values()) <= cap
