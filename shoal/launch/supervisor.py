@@ -250,6 +250,9 @@ def launch_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, *,
     """Run with fault.enabled: per-step recovery when the layout allows, else return None after
     saying so, for the caller to launch with elastic restarts from the last checkpoint."""
     reason = "multi-host per-step fault tolerance is not implemented yet" if multi_host else per_step_unsupported(cfg)
+    if reason and chaos:
+        from shoal.config import ConfigError
+        raise ConfigError(f"--chaos needs per-step fault tolerance, but {reason}")
     if reason:
         print(f"shoal: fault.enabled: {reason}; falling back to restarting every worker from the last "
               f"checkpoint (up to fault.max_restarts = {cfg.fault.max_restarts} times)", file=sys.stderr)

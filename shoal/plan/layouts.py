@@ -6,6 +6,8 @@ import copy
 import re
 from dataclasses import dataclass
 
+from torch import nn
+
 from shoal.config import Config, ConfigError
 from shoal.plan.memory import MemoryEstimate, estimate_memory, meta_model
 from shoal.runtime.mesh import ParallelDims
@@ -67,10 +69,11 @@ def with_degrees(cfg: Config, degrees: dict[str, int]) -> Config:
     return new
 
 
-def plan_layouts(cfg: Config, world: int, cap_bytes: int | None = None) -> list[LayoutPlan]:
+def plan_layouts(cfg: Config, world: int, cap_bytes: int | None = None,
+                 model: nn.Module | None = None) -> list[LayoutPlan]:
     """Every candidate layout of `world` ranks: refused with the reason, or sized."""
     from shoal.parallel.compose import check_layout
-    model = meta_model(cfg)
+    model = model if model is not None else meta_model(cfg)
     plans = []
     for degrees in candidate_degrees(world):
         layout_cfg = with_degrees(cfg, degrees)
@@ -96,14 +99,15 @@ def recommend(plans: list[LayoutPlan]) -> LayoutPlan | None:
                                       p.estimate.total))
 
 
-def require_fit(cfg: Config, world: int, cap_bytes: int) -> ParallelDims:
+def require_fit(cfg: Config, world: int, cap_bytes: int, model: nn.Module | None = None) -> ParallelDims:
     """Refuse, before any worker starts, a layout whose estimated per-rank memory exceeds
-    `cap_bytes`, naming the layouts that would fit."""
+    `cap_bytes`, naming the layouts that would fit. `model`: a meta-device model to size
+    instead of the configured one."""
     from shoal.parallel.compose import check_layout
     dims = check_layout(cfg, world)
-    est = estimate_memory(cfg, dims)
+    est = estimate_memory(cfg, dims, model)
     if est.total > cap_bytes:
-        fitting = [p.name for p in plan_layouts(cfg, world, cap_bytes) if p.fits]
+        fitting = [p.name for p in plan_layouts(cfg, world, cap_bytes, model) if p.fits]
         hint = (f"layouts that fit: {'; '.join(fitting)}" if fitting
                 else "no layout of this world fits; add workers or use a smaller model")
         raise ConfigError(f"the [parallel] layout needs an estimated {format_size(est.total)} per worker "
