@@ -28,10 +28,34 @@ PREFIX = "step_"
 
 
 def _as_module(model_parts: list[nn.Module]) -> nn.Module:
-    # DCP's state-dict helpers take one module; several parts (pipeline stages) are
-    # saved through a container that keeps their own parameter names.
-    assert len(model_parts) == 1, "several model parts per rank need a merged state dict"
-    return model_parts[0]
+    """One module holding every part's submodules under their own names.
+
+    DCP's state-dict helpers take one module; an interleaved pipeline gives a rank several
+    stages of one model whose parameter names do not overlap, so their module trees merge
+    (children of the same name, such as `layers`, merge key by key). The parameters are
+    the parts' own objects, so the optimizer's state maps onto them unchanged.
+    """
+    if len(model_parts) == 1:
+        return model_parts[0]
+    merged = nn.Module()
+    for part in model_parts:
+        _merge_into(merged, part)
+    return merged
+
+
+def _merge_into(target: nn.Module, source: nn.Module) -> None:
+    for name, param in source.named_parameters(recurse=False):
+        target.register_parameter(name, param)
+    for name, buffer in source.named_buffers(recurse=False):
+        target.register_buffer(name, buffer)
+    for name, child in source.named_children():
+        existing = getattr(target, name, None)
+        if isinstance(existing, nn.Module):
+            _merge_into(existing, child)
+        else:
+            holder = nn.Module()  # a fresh node, so merging never mutates a part's own tree
+            _merge_into(holder, child)
+            target.add_module(name, holder)
 
 
 def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:

@@ -48,3 +48,26 @@ def test_async_save_publishes_on_wait(tmp_path):
     ck.save(1, [model], opt, {"step": 1})
     ck.wait()
     assert latest_checkpoint(tmp_path).name == "step_00000001"
+
+
+def test_several_model_parts_per_rank_save_and_load_under_their_own_names(tmp_path):
+    """Interleaved pipeline stages: two parts of one model, one optimizer."""
+    torch.manual_seed(0)
+    whole = torch.nn.ModuleDict({"layers": torch.nn.ModuleDict({str(i): torch.nn.Linear(3, 3) for i in range(4)})})
+    parts = []
+    for keep in ((0, 2), (1, 3)):
+        part = torch.nn.Module()
+        part.layers = torch.nn.ModuleDict({str(i): whole["layers"][str(i)] for i in keep})
+        parts.append(part)
+    opt = torch.optim.AdamW(whole.parameters(), lr=0.1)
+    whole["layers"]["0"](torch.randn(2, 3)).sum().backward()
+    opt.step()
+    ck = Checkpointer(tmp_path, keep=1)
+    ck.save(1, parts, opt, {"step": 1})
+    saved = {k: v.clone() for k, v in whole.state_dict().items()}
+    with torch.no_grad():
+        for p in whole.parameters():
+            p.zero_()
+    ck.load(latest_checkpoint(tmp_path), parts, opt)
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in saved.items())
+    assert sorted(torch.load(latest_checkpoint(tmp_path) / "trainer_rank0.pt", weights_only=True)) == ["step"]
