@@ -16,11 +16,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from shoal.config import Config, ConfigError
 from shoal.models import compute_loss
 from shoal.runtime.mesh import ParallelDims
+from shoal.runtime.lazy import dtensor_type
 
 COMM_HOOK_METHODS = ("fp16", "bf16", "int8", "int4", "powersgd")
 
@@ -68,12 +68,12 @@ class ParallelModel:
         # is a single collective, where one per gradient would be hundreds
         groups: dict[object, list[torch.Tensor]] = {}
         for g in grads:
-            key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
+            key = (g.device_mesh, g.placements) if isinstance(g, dtensor_type()) else None
             groups.setdefault(key, []).append(g)
         squares = torch.zeros((), dtype=torch.float64)
         for key, members in groups.items():
             norm = torch.nn.utils.get_total_norm(members, 2.0)
-            if isinstance(norm, DTensor):
+            if isinstance(norm, dtensor_type()):
                 norm = norm.full_tensor()
             squares += norm.double().cpu() ** 2
         if self.pp_group is not None:

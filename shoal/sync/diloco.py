@@ -31,8 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from shoal.runtime.lazy import dtensor_type
 from shoal.sync.compress import quantized_all_reduce
 
 __all__ = ["DiLoCo", "local_tensor", "split_fragments"]
@@ -43,7 +43,7 @@ _WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 
 def local_tensor(param: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter: the shard of a DTensor (FSDP, TP), else the tensor itself."""
-    return param.to_local() if isinstance(param, DTensor) else param.detach()
+    return param.to_local() if isinstance(param, dtensor_type()) else param.detach()
 
 
 def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int]]:
