@@ -7,7 +7,6 @@ no checkpoints, no metrics files, no progress display. Run under torchrun:
 """
 
 import json
-import os
 import resource
 import sys
 import time

@@ -81,11 +81,18 @@ def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
     return 0
 
 
-def cmd_run(args) -> int:
-    extra = [f"launch.nproc={args.nproc}"] if args.nproc else []
-    cfg, _ = _load(args.items, extra)
+def _resolve(args) -> config_module.Config | None:
+    """The config of `run`/`launch` with --nproc applied; None once --print-config has printed it."""
+    cfg, _ = _load(args.items, [f"launch.nproc={args.nproc}"] if args.nproc else [])
     if args.print_config:
         print(config_module.to_toml(cfg), end="")
+        return None
+    return cfg
+
+
+def cmd_run(args) -> int:
+    cfg = _resolve(args)
+    if cfg is None:
         return 0
     per_step = False
     if cfg.fault.enabled or args.chaos:  # [fault] rules and the chaos spec, before anything starts
@@ -102,10 +109,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    extra = [f"launch.nproc={args.nproc}"] if args.nproc else []
-    cfg, _ = _load(args.items, extra)
-    if args.print_config:
-        print(config_module.to_toml(cfg), end="")
+    cfg = _resolve(args)
+    if cfg is None:
         return 0
     _check_before_launch(cfg, cfg.launch.nproc * args.nnodes)
     from shoal.launch.nodes import node_rendezvous

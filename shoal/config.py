@@ -123,7 +123,8 @@ class LaunchConfig:
 class LogConfig:
     name: str = option("", "Run name: the run directory is <dir>/<name>. Empty means the config file's name.")
     dir: str = option("runs", "Folder that holds run directories.")
-    every: int = option(10, "Print a progress line every N steps (plain mode).", min=1)
+    every: int = option(10, "Print a progress line (plain mode) and write TensorBoard scalars every N steps; "
+                            "metrics.jsonl gets every step.", min=1)
     tensorboard: bool = option(True, "Also write TensorBoard event files.")
     progress: str = option("auto", "Progress display on rank 0: a live bar on a terminal, plain lines otherwise.",
                            choices=("auto", "bar", "plain", "off"))

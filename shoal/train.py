@@ -159,7 +159,7 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> list[float]:
         t, ck = self.cfg.train, self.cfg.checkpoint
-        metrics = MetricsLog(self.run_dir, self.cfg.log.tensorboard) if self.where.master else None
+        metrics = MetricsLog(self.run_dir, self.cfg.log.tensorboard, self.cfg.log.every) if self.where.master else None
         tokens_per_sample = getattr(self.train_set, "tokens_per_sample", 1)
         unit = "tokens" if tokens_per_sample > 1 else "samples"
         progress = Progress(t.steps, self.step, mode=self.cfg.log.progress if self.where.master else "off",

@@ -29,7 +29,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -251,19 +250,3 @@ def register(subparsers: Any) -> None:
     stats = actions.add_parser("stats", help="bytes each worker sent and received")
     common(stats)
     stats.set_defaults(func=_cmd_stats)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m shoal.launch.netbed ...`, for use before shoal's own CLI has the command."""
-    parser = argparse.ArgumentParser(prog="shoal")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ConfigError as err:
-        print(f"shoal: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

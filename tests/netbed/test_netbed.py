@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.launch import netbed
+from shoal import cli
 from shoal.launch.netbed import Netbed, NetbedError, parse_rate
 
 PREFIX, SUBNET = "shtest", "10.78.0.0/24"  # apart from a bed a user may have up
@@ -69,7 +69,7 @@ def test_errors_without_root_or_tools(monkeypatch):
 
 
 def test_cli_reports_user_errors_with_exit_code_2(capsys):
-    assert netbed.main(["netbed", "up", "--workers", "2", "--rate", "fast", "--prefix", PREFIX]) == 2
+    assert cli.main(["netbed", "up", "--workers", "2", "--rate", "fast", "--prefix", PREFIX]) == 2
     assert "shoal: error: rate 'fast'" in capsys.readouterr().err
 
 

@@ -4,7 +4,6 @@ few steps, and compare it with one process on the same global batches."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import traceback
 from pathlib import Path
@@ -18,7 +17,6 @@ from shoal.models import build_model, compute_loss
 from shoal.data.spec import DataSpec
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import SavedActivations, state_bytes
-from shoal.runtime.mesh import ParallelDims
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 8, 5
 SAVE_AT = 3  # reshard tests: checkpoint after this many steps, resume there on another layout
