@@ -8,6 +8,7 @@ trains, with which settings), `aggregate_train` (client updates -> next global m
 
 from __future__ import annotations
 
+import abc
 import math
 import random
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ class ClientUpdate:
     """Server model version the client trained from (FedBuff measures staleness with it)."""
 
 
-class Strategy:
+class Strategy(abc.ABC):
     """Sampling and metric averaging; subclasses define `aggregate_train`."""
 
     asynchronous = False
@@ -47,9 +48,10 @@ class Strategy:
         chosen = sorted(rng.sample(sorted(available), min(wanted, len(available))))
         return chosen, {"local_epochs": float(self.cfg.local_epochs)}
 
+    @abc.abstractmethod
     def aggregate_train(self, rnd: int, global_params: torch.Tensor,
                         updates: list[ClientUpdate]) -> torch.Tensor:
-        raise NotImplementedError
+        """The next global model from this round's client updates."""
 
     def apply_mean(self, rnd: int, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
         """Next global model from the mean update alone (linear strategies only)."""

@@ -7,6 +7,8 @@ correction), and x <- x + eta * m / (sqrt(v) + tau).
 
 from __future__ import annotations
 
+import abc
+
 import torch
 
 from shoal.config import FederatedConfig
@@ -21,8 +23,9 @@ class FedOpt(Strategy):
         self.m: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
 
+    @abc.abstractmethod
     def second_moment(self, v: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The server optimizer's second-moment update: what tells FedAdam, FedYogi and FedAdagrad apart."""
 
     def aggregate_train(self, rnd: int, global_params: torch.Tensor,
                         updates: list[ClientUpdate]) -> torch.Tensor:
