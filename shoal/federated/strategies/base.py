@@ -55,7 +55,7 @@ class Strategy(abc.ABC):
 
     def apply_mean(self, rnd: int, global_params: torch.Tensor, mean_delta: torch.Tensor) -> torch.Tensor:
         """Next global model from the mean update alone (linear strategies only)."""
-        raise NotImplementedError(f"{type(self).__name__} needs every update, not only their mean")
+        raise TypeError(f"{type(self).__name__} needs every update, not only their mean (it is not linear)")
 
     def configure_evaluate(self, rnd: int, available: list[str], rng: random.Random) -> list[str]:
         """Every available client evaluates the new global model on its held-out data."""
