@@ -63,9 +63,12 @@ def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
     if args.verbose:
         worker_args.append("--verbose")
     if cfg.fault.enabled:  # per-step fault tolerance (shoal/launch/supervisor.py, docs/fault.md)
-        from shoal.launch.supervisor import launch_fault_tolerant
+        from shoal.launch.supervisor import launch_fault_tolerant, per_step_unsupported
+        if not rendezvous.is_host and not per_step_unsupported(cfg):  # a host adding workers to the job
+            from shoal.launch.remote import join_fault_tolerant
+            return join_fault_tolerant(cfg, worker_args, run_dir, rendezvous.endpoint, verbose=args.verbose)
         code = launch_fault_tolerant(cfg, worker_args, run_dir, chaos=args.chaos, verbose=args.verbose,
-                                     multi_host=args.command == "launch")
+                                     rendezvous=rendezvous if args.command == "launch" else None)
         if code is not None:
             return code
     try:
@@ -112,11 +115,28 @@ def cmd_launch(args) -> int:
     cfg = _resolve(args)
     if cfg is None:
         return 0
-    _check_before_launch(cfg, cfg.launch.nproc * args.nnodes)
+    per_step = False
+    if cfg.fault.enabled or args.chaos:
+        from shoal.launch.supervisor import check_fault_tolerant
+        if cfg.fault.enabled and not cfg.fault.max_workers:  # room for every host's workers
+            cfg.fault.max_workers = cfg.launch.nproc * args.nnodes
+        per_step = check_fault_tolerant(cfg, cfg.launch.nproc, args.chaos)
+        if args.chaos and args.node_rank:
+            raise ConfigError("--chaos is given to node rank 0's launcher, which injects into its own workers")
+    if not per_step:
+        _check_before_launch(cfg, cfg.launch.nproc * args.nnodes)
     from shoal.launch.nodes import node_rendezvous
     rendezvous = node_rendezvous(args.rdzv, args.nnodes, args.node_rank, cfg.launch.rdzv_timeout,
                                  args.run_id or f"shoal-{cfg.log.name}")
-    run_dir = _prepare_run(cfg, args.resume, exact_name=True)
+    if per_step and not rendezvous.is_host:
+        # Workers of this host join the running job and receive its state from a live peer; the
+        # run directory (shared or not) holds their logs, and its checkpoints are the job's.
+        args.resume = None
+        run_dir = Path(cfg.log.dir) / cfg.log.name
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
+    else:
+        run_dir = _prepare_run(cfg, args.resume, exact_name=True)
     return _start(cfg, run_dir, args, rendezvous)
 
 

@@ -214,8 +214,8 @@ class FaultConfig:
                                   "and replacements receive state from a live peer. false means a failure stops "
                                   "(or restarts, launch.max_restarts) every worker. See docs/fault.md.")
     min_workers: int = option(1, "Training continues while at least this many workers are alive.", min=1)
-    max_workers: int = option(0, "Most workers training at once (joiners wait beyond it). 0 means launch.nproc.",
-                              min=0)
+    max_workers: int = option(0, "Most workers training at once (joiners wait beyond it). 0 means launch.nproc "
+                                 "(times --nnodes under shoal launch).", min=0)
     step_timeout: float = option(30.0, "Seconds a step's gradient exchange may take before the missing workers "
                                        "are dropped as hung.", min=0.5)
     join_timeout: float = option(120.0, "Seconds a worker waits to be admitted to the group before it gives up.",

@@ -9,6 +9,7 @@ and data, and hands them to the Trainer.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import resource
@@ -23,7 +24,7 @@ from shoal import config as config_module
 from shoal.config import Config, ConfigError
 from shoal.data import build_dataset
 from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
-from shoal.fault.elastic import JobStopped, StoreLost
+from shoal.fault.elastic import GroupBroken, JobStopped, StoreLost
 from shoal.models import build_model
 from shoal.observe import rundir
 from shoal.observe.timing import CommTimer
@@ -67,14 +68,18 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     worker = read_env()
     torch.set_num_threads(cfg.launch.threads or max(1, (os.cpu_count() or 1) // worker.local_world_size))
     device = pick_device(cfg.launch.device, worker.local_rank)
-    init_distributed(worker, device, cfg.launch.backend)
-    path = prepare_run_dir(cfg, worker, run_dir)
     replicas = None
     if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many
         from shoal.fault.elastic import Replicas
-        replicas = Replicas.from_env(cfg)
-    setup_logging(path, worker.rank if replicas is None else replicas.member, verbose)
-    dims = ParallelDims.from_config(cfg.parallel, worker.world_size)
+        replicas = Replicas.from_env(cfg)  # a replica group's worker also joins its group's process group here
+    else:
+        init_distributed(worker, device, cfg.launch.backend)
+    path = prepare_run_dir(cfg, worker, run_dir)
+    setup_logging(path, worker.rank if replicas is None else replicas.log_id, verbose)
+    # Under fault tolerance the replica axis is the changing set of replicas (shoal/fault/elastic.py);
+    # this process group holds one replica group, which shards the model over dp_shard.
+    parallel = cfg.parallel if replicas is None else dataclasses.replace(cfg.parallel, dp_replicate=1)
+    dims = ParallelDims.from_config(parallel, worker.world_size)
     mesh = dims.build_mesh(device.type) if worker.world_size > 1 else None
     log.info("world %d on %s: dp_replicate=%d dp_shard=%d tp=%d pp=%d", worker.world_size, device,
              dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp)
@@ -94,9 +99,10 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
 
     placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
                           rank=worker.rank, device=device,
-                          master=worker.rank == 0 if replicas is None else replicas.member == 0)
+                          master=worker.rank == 0 and (replicas is None or replicas.member == 0))
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
-                                async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg))
+                                async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),
+                                replicas_differ=outer_sync)
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
                       comm_timer=timer, replicas=replicas)
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
@@ -107,16 +113,29 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
     replica_group = mesh["dp_replicate"].get_group() if mesh is not None else None
     try:
-        with outer_sync_for(cfg.sync, model, trainer.optimizer, replica_group):
+        if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
+            from shoal.fault.outer import elastic_outer_sync
+            sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, trainer)
+        else:
+            sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, replica_group)
+        with sync_context as synced:
+            trainer.attach_outer_sync(synced)  # checkpoints hold its state; a resumed run gets it back
             losses = trainer.fit()
     except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
         replicas.rollback(trainer)
+        # The lanes of a replica group may lose the store at different points of a step, so
+        # they cannot save together: a group job resumes from its last periodic checkpoint.
+        saving = replicas.is_master and not replicas.grouped
         log.error("%s; stopping%s; continue with --resume", err,
-                  f" with a checkpoint at step {trainer.step}" if replicas.is_master else "")
-        trainer.save()
+                  f" with a checkpoint at step {trainer.step}" if saving else "")
+        if saving:
+            trainer.save()
         if trainer.checkpointer is not None:
             trainer.checkpointer.wait()
         raise SystemExit(3) from None
+    except GroupBroken as err:  # a peer of this replica group died: the launcher restarts the whole group
+        log.error("%s; exiting for the launcher to restart the group", err)
+        raise SystemExit(1) from None
     except JobStopped as err:  # the coordinator ended the job; it says why
         log.error("stopped: %s", err)
         raise SystemExit(1) from None

@@ -3,7 +3,9 @@ replicas stay in lockstep?
 
 With SHOAL_SAMPLE_LOG=<folder> every worker appends, per committed step, the step's global
 sample ids and a digest of the parameters the step started from (shoal/fault/elastic.py).
-Records of one step written by different workers must agree on both; the ids of
+Records of one step written by different workers must agree on the ids, and those of the
+same lane on the parameters (a replica group's rank j holds shard j: lane j of every group
+must hold identical shards; a whole-model replica is lane 0); the ids of
 consecutive steps must be exactly the sampler's permutation, with nothing skipped or
 repeated, however often the membership changed.
 """
@@ -26,7 +28,7 @@ class Audit:
     """Committed steps (0..steps-1 all present when nothing was lost)."""
     missing_steps: list[int] = field(default_factory=list)
     disagreeing_steps: list[int] = field(default_factory=list)
-    """Steps whose records differ between workers in ids or parameters (replicas out of step)."""
+    """Steps whose records differ between workers in ids, or within a lane in parameters (replicas out of step)."""
     wrong_batch_steps: list[int] = field(default_factory=list)
     """Steps that trained on other samples than the sampler's next batch (lost or repeated data)."""
     duplicated: int = 0
@@ -69,7 +71,10 @@ def audit(folder: Path, *, num_samples: int, global_batch: int, grad_accum: int,
             result.missing_steps.append(step)
             continue
         first = records[0]
-        if any(r["ids"] != first["ids"] or r["params"] != first["params"] for r in records[1:]):
+        lanes: dict[int, str] = {}
+        for r in records:
+            lanes.setdefault(r.get("lane", 0), r["params"])
+        if any(r["ids"] != first["ids"] or r["params"] != lanes[r.get("lane", 0)] for r in records[1:]):
             result.disagreeing_steps.append(step)
         if first["ids"] != expected:
             result.wrong_batch_steps.append(step)

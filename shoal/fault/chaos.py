@@ -132,8 +132,10 @@ def parse(spec: str) -> list[Injection]:
 def pause(pid: int, seconds: float) -> None:
     """SIGSTOP `pid` now and SIGCONT it after `seconds`, from a helper process that outlives the
     caller's own pause (a stopped process cannot wake itself)."""
-    subprocess.Popen([sys.executable, "-c", f"import os,signal,time; time.sleep({seconds}); "
-                      f"os.kill({pid}, signal.SIGCONT)"], start_new_session=True)
+    # The paused worker may be killed meanwhile (its group restarted): then there is nothing to wake.
+    wake = (f"import os, signal, time\ntime.sleep({seconds})\n"
+            f"try:\n    os.kill({pid}, signal.SIGCONT)\nexcept ProcessLookupError:\n    pass\n")
+    subprocess.Popen([sys.executable, "-c", wake], start_new_session=True)
     os.kill(pid, signal.SIGSTOP)
 
 

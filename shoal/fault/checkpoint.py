@@ -80,9 +80,14 @@ def read_meta(path: Path) -> dict[str, Any]:
 class Checkpointer:
     """Saves and loads the checkpoints of one run; every rank makes the same calls."""
 
-    def __init__(self, folder: Path, *, keep: int = 3, async_save: bool = False, meta: dict | None = None):
+    def __init__(self, folder: Path, *, keep: int = 3, async_save: bool = False, meta: dict | None = None,
+                 replicas_differ: bool = False):
         self.folder, self.keep, self.async_save = Path(folder), keep, async_save
         self.meta = meta or {}
+        # DiLoCo / LocalSGD replicas hold different weights between syncs, and DCP writes one copy of
+        # a tensor that several ranks hold: take it from the lowest rank, so the saved model is replica
+        # 0's, not a mix of replicas (each rank's own weights go into its trainer state).
+        self.replicas_differ = replicas_differ
         self.distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if self.distributed else 0
         # Background writes gather results on their own group so they never interleave with
@@ -109,10 +114,12 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
         torch.save(trainer_state, staging / f"trainer_rank{self.rank}.pt")
         state = {"model": model_sd, "optim": optim_sd}
+        planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=self.replicas_differ)
         if self.async_save:
-            self.pending = (step, dcp.async_save(state, checkpoint_id=staging, process_group=self.group))
+            self.pending = (step, dcp.async_save(state, checkpoint_id=staging, process_group=self.group,
+                                                 planner=planner))
         else:
-            dcp.save(state, checkpoint_id=staging)
+            dcp.save(state, checkpoint_id=staging, planner=planner)
             self._publish(step)
 
     def wait(self) -> None:

@@ -1,15 +1,22 @@
 """Per-step membership for fault-tolerant data parallelism: the worker's side.
 
-In fault-tolerant mode every worker is a whole replica of the model. Each step the
-replicas average their gradients over the process group of the current *generation*, a
-`ProcessGroupGloo` built on `PrefixStore("shoal/ft/pg/<g>")` over the launcher's TCPStore,
-so a new generation never meets the keys of an old one. When the all-reduce fails (a
+In fault-tolerant mode the unit of membership is a *replica*: one worker holding the whole
+model (DDP-like), or a replica group of `parallel.dp_shard` workers that shard it with FSDP2
+over a default process group of their own (HSDP-like). Each step the replicas average their
+gradients over the process group of the current *generation*, a `ProcessGroupGloo` built on
+`PrefixStore("shoal/ft/pg/<g>")` over the launcher's TCPStore, so a new generation never
+meets the keys of an old one. In a replica group, rank j of every group is in *lane* j: the
+generation has one such group per lane (`shoal/ft/pg/<g>/lane<j>`) that averages the local
+gradient shards FSDP's reduce-scatter left, and the ranks of a group agree on every
+decision (commit or abandon, regroup, accept a state transfer) by one small all-reduce over
+their own group, so a group never splits. When the all-reduce fails (a
 peer died), times out (a peer hangs) or the coordinator aborts the generation (the
 launcher saw a peer exit), the step is abandoned before anything is applied and the
 worker asks the coordinator (shoal/fault/membership.py, in the launcher) for the next
 generation. A worker without current state (a replacement, a joiner, or one that missed
 a step the others committed) receives parameters, optimizer state, step, RNG and data
-position from a live peer by one broadcast over the new group. The approach follows
+position from a live peer by one broadcast over the new group (per lane: each rank receives
+its own shards from the same rank of the source group). The approach follows
 torchft's per-step quorum (Rice et al., "TorchFT", 2025), with membership kept in the
 c10d store of the launcher instead of a separate lighthouse.
 
@@ -33,6 +40,7 @@ import torch.distributed as dist
 from shoal.config import Config
 from shoal.data.sampler import ShardedSampler
 from shoal.fault import chaos
+from shoal.runtime.lazy import dtensor_type
 
 log = logging.getLogger("shoal")
 
@@ -53,6 +61,16 @@ class StoreLost(RuntimeError):
 
 class JobStopped(RuntimeError):
     """The coordinator ended the job (every worker with current state is gone)."""
+
+
+class GroupBroken(RuntimeError):
+    """A peer of this worker's own replica group is gone: the group cannot go on, and the
+    supervisor restarts all of it (it kills the rest of the group in any case)."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: the local shard of a DTensor (an alias, not a copy)."""
+    return t.to_local() if isinstance(t, dtensor_type()) else t
 
 
 def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -85,17 +103,19 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def state_tensors(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Everything a replica's training depends on, in an order every replica agrees on."""
     params = list(model.parameters())
-    tensors = [p.data for p in params]
+    tensors = [_local(p.data) for p in params]
     for p in params:
         state = optimizer.state.get(p, {})
-        tensors += [state[k] for k in sorted(state) if torch.is_tensor(state[k])]
+        tensors += [_local(state[k]) for k in sorted(state) if torch.is_tensor(state[k])]
     return tensors
 
 
 def _state_parts(trainer) -> list[torch.Tensor]:
     sampler = trainer.sampler.state_dict()
     meta = torch.tensor([trainer.step, sampler["epoch"], sampler["position"]], dtype=torch.int64)
-    return state_tensors(trainer.model, trainer.optimizer) + [meta, torch.get_rng_state()]
+    # An outer sync (DiLoCo, shoal/fault/outer.py) adds its outer parameters and momentum.
+    outer = trainer.outer_sync.state_tensors() if hasattr(trainer.outer_sync, "state_tensors") else []
+    return state_tensors(trainer.model, trainer.optimizer) + outer + [meta, torch.get_rng_state()]
 
 
 def pack_state(trainer) -> torch.Tensor:
@@ -118,6 +138,8 @@ def unpack_state(trainer, buffer: torch.Tensor) -> None:
     trainer.step = step
     trainer.sampler.load_state_dict({"epoch": epoch, "position": position})
     torch.set_rng_state(buffer[offset:].clone())
+    if hasattr(trainer.outer_sync, "state_received"):
+        trainer.outer_sync.state_received()
 
 
 def _claim(store: dist.Store, injection: int, gen: int) -> bool:
@@ -135,14 +157,20 @@ def _fired_in(store: dist.Store, injection: int) -> int:
 
 class Replicas:
     """This worker's membership in the changing group of replicas; the Trainer asks it for the
-    step's data-parallel rank and size (`begin_step`) and for the gradient average (`reduce`)."""
+    step's data-parallel rank and size (`begin_step`) and for the gradient average (`reduce`).
+
+    `member` numbers the replica (a worker, or a replica group whose workers share it);
+    `lane` is this worker's rank inside its replica group (0 for a whole-model replica)."""
 
     def __init__(self, store: dist.Store, *, member: int, slot: int, incarnation: int, cfg: Config,
+                 lane: int = 0, group_size: int = 1,
                  chaos_points: chaos.ChaosPoints | None = None, sample_log: Path | None = None):
         self.store, self.member, self.slot, self.cfg = store, member, slot, cfg
+        self.lane, self.group_size = lane, group_size
         self.timeout = timedelta(seconds=cfg.fault.step_timeout)
         self.chaos = chaos_points
-        self.sample_log = sample_log / f"member{member}.jsonl" if sample_log else None
+        name = f"member{member}.jsonl" if group_size == 1 else f"member{member}.lane{lane}.jsonl"
+        self.sample_log = sample_log / name if sample_log else None
         self.gen, self.members, self.rank = -1, [member], 0
         self.pg: dist.ProcessGroup | None = None
         # A worker of the first launch has the state every first-launch worker has (same seed or
@@ -153,6 +181,8 @@ class Replicas:
         self.abandoned: list[dist.ProcessGroup] = []  # kept alive: a group's destructor would wait on its stuck work
         self.step_start: dict | None = None
         self.step_started = -1
+        self.regroup_on_abort = True
+        """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
 
     def rollback(self, trainer) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
@@ -170,22 +200,42 @@ class Replicas:
         member = int(os.environ[MEMBER_ENV]) if started_here else store.add("ft/next_member", 1) - 1
         incarnation = int(os.environ.get(INCARNATION_ENV, 0)) if started_here else 1
         slot = int(os.environ.get(SLOT_ENV, -1))
+        # A replica group's workers get RANK/WORLD_SIZE inside their group from the supervisor.
+        lane, group_size = (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))) if started_here \
+            else (0, 1)
+        if group_size > 1:
+            # The group's own default process group, for FSDP: its keys are under the group's
+            # member number, which a restarted group never reuses (see TORCH_NOTES.md).
+            dist.init_process_group("gloo", store=dist.PrefixStore(f"shoal/ft/group/{member}", store), rank=lane,
+                                    world_size=group_size,
+                                    timeout=timedelta(seconds=max(2 * cfg.fault.step_timeout, 30.0)))
         spec = os.environ.get(CHAOS_ENV)
         points = chaos.ChaosPoints(chaos.parse(spec), slot=slot, nproc=cfg.launch.nproc, seed=cfg.train.seed,
                                    claim=lambda k, gen: _claim(store, k, gen),
                                    fired_in=lambda k: _fired_in(store, k)) if spec else None
         sample_log = Path(os.environ[SAMPLE_LOG_ENV]) if os.environ.get(SAMPLE_LOG_ENV) else None
-        return cls(store, member=member, slot=slot, incarnation=incarnation, cfg=cfg,
-                   chaos_points=points, sample_log=sample_log)
+        return cls(store, member=member, slot=slot, incarnation=incarnation, cfg=cfg, lane=lane,
+                   group_size=group_size, chaos_points=points, sample_log=sample_log)
 
     @property
     def size(self) -> int:
+        """Replicas (workers or replica groups) in the current generation."""
         return len(self.members)
 
     @property
+    def grouped(self) -> bool:
+        return self.group_size > 1
+
+    @property
+    def log_id(self) -> int:
+        """A number naming this worker's log file, unique in the job."""
+        return self.member if not self.grouped else self.member * self.group_size + self.lane
+
+    @property
     def is_master(self) -> bool:
-        """Rank 0 of the current generation saves checkpoints and publishes progress."""
-        return self.rank == 0
+        """Rank 0 of the current generation saves checkpoints and writes metrics (a worker that
+        never joined a generation holds no training state to save)."""
+        return self.rank == 0 and self.gen >= 0 and self.has_state
 
     # -- store access: a lost store ends the job cleanly instead of hanging it -----------
     def _check(self, key: str) -> bool:
@@ -204,7 +254,10 @@ class Replicas:
     def begin_step(self, trainer) -> tuple[int, int]:
         """Join a generation if this worker has none (or its generation was aborted); returns
         this step's (dp_rank, dp_size)."""
-        while self.needs_join or self._check(f"ft/gen/{self.gen}/abort"):
+        # A replica group learns of an abort inside `reduce`, where its ranks agree on it; read
+        # here, one rank could see it and another not, and the group would split.
+        while self.needs_join or (not self.grouped and self.regroup_on_abort
+                                  and self._check(f"ft/gen/{self.gen}/abort")):
             self.needs_join = True
             try:
                 self._join(trainer)
@@ -212,39 +265,83 @@ class Replicas:
                 log.warning("generation %d broke while forming: %s", self.gen, err)
         self.step_start = trainer.sampler.state_dict()
         self.step_started = trainer.step
-        self._set(f"ft/gen/{self.gen}/where/{self.rank}", f"step {trainer.step}: forward/backward")
-        return self.rank, self.size
+        self._set(self._where_key(self.rank), f"step {trainer.step}: forward/backward")
+        # Split the global batch among the replicas, then among the ranks of each group: with a
+        # micro-batch that divides by the group size, the ranks of a group get equal shares, so
+        # FSDP's plain mean inside the group is the group's sample-weighted mean.
+        return self.rank * self.group_size + self.lane, self.size * self.group_size
+
+    def _where_key(self, rank: int) -> str:
+        key = f"ft/gen/{self.gen}/where/{rank}"
+        return key if not self.grouped else f"{key}/lane{self.lane}"
+
+    def _agree(self, values: list[float], what: str) -> torch.Tensor:
+        """Sum `values` over the ranks of this replica group (its own process group). A failure
+        means a peer of the group is gone: the whole group stops and is restarted."""
+        total = torch.tensor(values, dtype=torch.float64)
+        if not self.grouped:
+            return total
+        try:
+            dist.all_reduce(total)
+        except RuntimeError as err:
+            raise GroupBroken(f"replica group {self.member} lost a worker ({what}): "
+                              f"{str(err).splitlines()[0][:200]}") from None
+        return total
+
+    def publish_progress(self, step: int, loss: float) -> None:
+        """Step `step` is done without a gradient average (an outer sync averages parameters
+        every few steps instead): tell the launcher, and fire chaos set for this step."""
+        self._fire("before", step - 1)
+        self._set("ft/progress", json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size}))
 
     def reduce(self, trainer, samples: int, loss: torch.Tensor) -> torch.Tensor | None:
         """Average gradients over the generation, weighted by each replica's sample count.
         Returns the global mean loss, or None when the step was abandoned (nothing applied)."""
         step = trainer.step
         params = list(trainer.model.parameters())
+        # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
+        # averages shard j of every group.
+        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
         reconfigure = 1.0 if self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        flat = torch.cat([g.reshape(-1) for g in grads])
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
+        failure = None
         try:
             self._fire("before", step)
-            self._set(f"ft/gen/{self.gen}/where/{self.rank}", f"step {step}: in allreduce")
+            self._set(self._where_key(self.rank), f"step {step}: in allreduce")
             work = self.pg.allreduce([flat])
             self._fire("during", step)
             self._wait(work, "allreduce", step)
             self._fire("after", step)
         except GenerationBroken as err:
-            log.warning("step %d abandoned in generation %d: %s", step, self.gen, err)
+            failure = err
+        # A group commits only if every lane's all-reduce completed; it regroups if any lane
+        # was asked to, or the generation was aborted meanwhile.
+        ok = failure is None
+        regroup = float(ok and flat[-1] > 0) + float(self.grouped and self._check(f"ft/gen/{self.gen}/abort"))
+        agreed = self._agree([float(ok), regroup, float(flat[-2]) if ok else 0.0, float(flat[-3]) if ok else 0.0],
+                             f"step {step}")
+        if agreed[0] < self.group_size:
+            log.warning("step %d abandoned in generation %d: %s", step, self.gen,
+                        failure or "another lane of this replica group failed")
             self.needs_join = True
             return None
         total = flat[-3]
         offset = 0
-        for p in params:
-            p.grad = (flat[offset:offset + p.numel()] / total).view_as(p)
-            offset += p.numel()
-        if flat[-1] > 0:  # the coordinator has joiners waiting: every member regroups after this step
+        for p, g in zip(params, grads):
+            mean = flat[offset:offset + g.numel()] / total
+            if self.grouped:
+                g.copy_(mean.view_as(g))  # g aliases the DTensor gradient's local shard
+            else:
+                p.grad = mean.view_as(p)
+            offset += g.numel()
+        if agreed[1] > 0:  # joiners wait (or a replica left): every member regroups after this step
             self.needs_join = True
-        self._set("ft/progress", json.dumps({"step": step + 1, "loss": float(flat[-2] / total), "gen": self.gen,
+        mean_loss = (agreed[2] / agreed[3]).float()  # over every lane: all the step's samples
+        self._set("ft/progress", json.dumps({"step": step + 1, "loss": float(mean_loss), "gen": self.gen,
                                               "size": self.size}))
-        self._log_samples(trainer, step, flat[-2] / total)
-        return flat[-2] / total
+        self._log_samples(trainer, step, mean_loss)
+        return mean_loss
 
     def _fire(self, point: str, step: int, *, is_source: bool = False) -> None:
         if self.chaos is not None:
@@ -265,6 +362,8 @@ class Replicas:
                         work.wait()
                         return
                     except RuntimeError as err:
+                        if "Timed out" in str(err):  # Gloo's own timeout (the group's) came first: a peer hangs
+                            raise GenerationBroken(self._diagnose(op, step)) from None
                         raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
             if self._check(abort_key):
                 raise GenerationBroken("the coordinator aborted the generation (a member left)")
@@ -276,10 +375,11 @@ class Replicas:
         expected = f"step {step}: in {op}"
         missing = []
         for rank, member in enumerate(self.members):
-            key = f"ft/gen/{self.gen}/where/{rank}"
+            key = self._where_key(rank)
             seen = self.store.get(key).decode() if self._check(key) else "not started"
             if seen != expected:
-                missing.append(f"rank {rank} (worker {member}) last seen '{seen}'")
+                who = f"worker {member}" if not self.grouped else f"replica group {member}, lane {self.lane}"
+                missing.append(f"rank {rank} ({who}) last seen '{seen}'")
         text = (f"step {step}: {op} timed out after {self.timeout.total_seconds():.1f}s; did not arrive: "
                 + ("; ".join(missing) or "none (all arrived; the network or the collective stalled)"))
         log.error(text)
@@ -294,8 +394,10 @@ class Replicas:
         sampler.load_state_dict(self.step_start)
         ids = torch.cat([sampler.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
         # A digest of the parameters the step starts from: replicas in lockstep must agree on it.
-        params = torch.cat([p.detach().reshape(-1) for p in trainer.model.parameters()])
-        record = {"step": step, "t": time.time(), "member": self.member, "gen": self.gen, "size": self.size,
+        # In a replica group, a digest of this rank's shards: the same lane of every group must agree.
+        params = torch.cat([_local(p.detach()).reshape(-1) for p in trainer.model.parameters()])
+        record = {"step": step, "t": time.time(), "member": self.member, "lane": self.lane, "gen": self.gen,
+                  "size": self.size,
                   "epoch": self.step_start["epoch"], "params": hashlib.sha1(params.numpy().tobytes()).hexdigest(),
                   "loss": float(loss), "ids": ids.tolist()}
         with open(self.sample_log, "a") as f:
@@ -308,8 +410,9 @@ class Replicas:
             self.abandoned.append(self.pg)
             self.pg = None
         self.seq += 1
-        self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen, "step": trainer.step,
-                                                         "has_state": self.has_state}))
+        if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
+            self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen,
+                                                             "step": trainer.step, "has_state": self.has_state}))
         log.info("asking to join after generation %d (step %d, %s)", self.gen, trainer.step,
                  "holding state" if self.has_state else "needing state")
         key = f"ft/assign/{self.member}/{self.seq}"
@@ -327,29 +430,46 @@ class Replicas:
         self.gen, self.members = gen, info["members"]
         self.rank = self.members.index(self.member)
         started = time.perf_counter()
+        prefix = f"shoal/ft/pg/{gen}" if not self.grouped else f"shoal/ft/pg/{gen}/lane{self.lane}"
+        buffer, failure = None, None
         try:
-            self.pg = dist.ProcessGroupGloo(dist.PrefixStore(f"shoal/ft/pg/{gen}", self.store), self.rank,
-                                            self.size, self.timeout)
-        except RuntimeError as err:
-            raise GenerationBroken(f"could not connect generation {gen}: {str(err).splitlines()[0][:200]}") from None
-        if info["sync"]:
-            self._transfer(trainer, self.members.index(info["source"]))
+            try:
+                self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), self.rank, self.size,
+                                                self.timeout)
+            except RuntimeError as err:
+                raise GenerationBroken(f"could not connect generation {gen}: "
+                                       f"{str(err).splitlines()[0][:200]}") from None
+            if info["sync"]:
+                buffer = self._transfer(trainer, self.members.index(info["source"]))
+        except GenerationBroken as err:
+            failure = err
+        # Every rank of a replica group must have connected (and received its shards) before
+        # any of them goes on; otherwise the whole group asks again, copying nothing in.
+        if self._agree([float(failure is None)], f"joining generation {gen}")[0] < self.group_size:
+            raise failure or GenerationBroken("another lane of this replica group could not join")
+        # A member holding state at the source's step already has it (replicas in lockstep) or
+        # must keep its own (DiLoCo replicas between syncs): only the others copy it in.
+        if buffer is not None and (not self.has_state or trainer.step != info["step"]):
+            unpack_state(trainer, buffer)
+            self.has_state = True
         self.needs_join = False
-        log.info("generation %d: %d workers %s, this is rank %d at step %d (%.2fs%s)", gen, self.size,
+        unit = "worker" if not self.grouped else "replica group"
+        log.info("generation %d: %d %ss %s, this is rank %d at step %d (%.2fs%s)", gen, self.size, unit,
                  self.members, self.rank, trainer.step, time.perf_counter() - started,
-                 ", state from worker %d" % info["source"] if info["sync"] else "")
+                 f", state from {unit} {info['source']}" if info["sync"] else "")
 
-    def _transfer(self, trainer, source: int) -> None:
-        """Broadcast the source's whole training state to the generation as one byte buffer.
+    def _transfer(self, trainer, source: int) -> torch.Tensor:
+        """Broadcast the source's whole training state to the generation as one byte buffer
+        (in a replica group: this lane's shards, from the same lane of the source group), and
+        return what arrived; the caller copies it in.
 
         Members that already hold the source's state receive identical bytes, so even a
         broadcast cut short cannot corrupt them; nothing is copied in unless it completed."""
         buffer = pack_state(trainer)
-        self._set(f"ft/gen/{self.gen}/where/{self.rank}", f"step {trainer.step}: in state transfer")
+        self._set(self._where_key(self.rank), f"step {trainer.step}: in state transfer")
         options = dist.BroadcastOptions()
         options.rootRank = source
         work = self.pg.broadcast([buffer], options)
         self._fire("transfer", trainer.step, is_source=self.rank == source)
         self._wait(work, "state transfer", trainer.step)
-        unpack_state(trainer, buffer)
-        self.has_state = True
+        return buffer

@@ -15,6 +15,10 @@ leave, their committed step and whether they hold state) and wait for their assi
   or `settle` seconds passed (a hung member is then left out and named in the log);
 - picks the state source: the member with state at the highest committed step, and asks for
   a state transfer when anyone lacks it.
+
+A member is a replica: one worker, or a replica group of workers that share one member
+number (its rank 0 asks for all of it; see shoal/fault/elastic.py). The coordinator does
+not tell the two apart, so every lane of a replica group sees the same generations.
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ if TYPE_CHECKING:  # the launcher validates [fault] before it spends seconds imp
     import torch.distributed as dist
 
 
-def validate_fault(cfg: Config, nproc: int) -> None:
-    """Rules of [fault] that span fields, checked before any worker starts."""
+def validate_fault(cfg: Config, nproc: int, group_size: int = 1) -> None:
+    """Rules of [fault] that span fields, checked before any worker starts. `group_size` is
+    the number of workers per replica (parallel.dp_shard for replica groups)."""
     f = cfg.fault
     max_workers = f.max_workers or nproc
     if f.min_workers > max_workers:
@@ -44,6 +49,13 @@ def validate_fault(cfg: Config, nproc: int) -> None:
     if micro_batch < max_workers:
         raise ConfigError(f"train.batch_size / train.grad_accum = {micro_batch} samples per micro-batch cannot give "
                           f"each of fault.max_workers = {max_workers} workers a sample")
+    if group_size > 1 and micro_batch % group_size:
+        raise ConfigError(f"train.batch_size / train.grad_accum = {micro_batch} samples per micro-batch must divide "
+                          f"by parallel.dp_shard = {group_size}, so the workers of a replica group get equal shares")
+    if group_size > 1 and (f.max_workers or nproc) != nproc:
+        raise ConfigError(f"fault.max_workers = {f.max_workers} is above launch.nproc = {nproc}: replica groups "
+                          f"(parallel.dp_shard = {group_size}) run on one host and cannot take workers from "
+                          f"elsewhere; use fault.max_workers = 0")
     if f.step_timeout < 1.0:
         raise ConfigError(f"fault.step_timeout = {f.step_timeout}s is too small to ever succeed: a worker cannot "
                           f"even connect a process group that fast; use 1s or more (the default is 30s)")
@@ -68,6 +80,8 @@ class Coordinator:
     """Members started at launch; the first generation waits for them (up to join_timeout)."""
     join_timeout: float
     log: Callable[[str], None] = print
+    unit: str = "worker"
+    """What a member is, for the log: a worker, or a replica group."""
     gen: int = 0
     members: list[int] = field(default_factory=list)
     forming: bool = True
@@ -79,7 +93,13 @@ class Coordinator:
     """Why the job cannot go on ('' while it can)."""
     history: list[dict] = field(default_factory=list)
     """(time, generation, members, source) of each generation formed, for the benchmark."""
+    left_out: list[int] = field(default_factory=list)
+    """Members left out as hung and not yet taken by `take_left_out` (the launcher kills hung replica groups)."""
     _asked_reconfigure: int = -1
+
+    def take_left_out(self) -> list[int]:
+        taken, self.left_out = self.left_out, []
+        return taken
 
     def mark_exited(self, member: int) -> None:
         self.exited.add(member)
@@ -116,6 +136,10 @@ class Coordinator:
         expected = self.members if self.gen else self.initial
         waiting = [m for m in expected if m not in self.exited and m not in self.pending]
         limit = self.settle if self.gen else self.join_timeout
+        if self.gen and waiting and not any(m in self.pending for m in self.members):
+            # The settle clock starts when the first old member reports: replicas that only meet
+            # at outer syncs (DiLoCo) report at their next sync, not when a peer dies.
+            self.broken_since = now
         if waiting and now - self.broken_since < limit:
             return
         old = [m for m in self.members if m in self.pending]
@@ -123,8 +147,9 @@ class Coordinator:
         if len(candidates) < self.min_workers or not candidates:
             return  # the launcher restarts workers or gives up; requests stay pending meanwhile
         if waiting:
-            self.log(f"generation {self.gen}: worker(s) {waiting} neither reported nor exited within "
+            self.log(f"generation {self.gen}: {self.unit}(s) {waiting} neither reported nor exited within "
                      f"{limit:.1f}s; left out as hung")
+            self.left_out += waiting
         stateful = [m for m in candidates if self.pending[m].has_state]
         if not stateful:
             self.stop("every worker holding the training state is gone; resume from the last checkpoint")
@@ -143,8 +168,8 @@ class Coordinator:
         self.forming = False
         self.history.append({"t": time.time(), "gen": self.gen, "members": candidates, "source": source,
                              "sync": sync, "step": step})
-        self.log(f"generation {self.gen}: workers {candidates} at step {step}"
-                 + (f", state from worker {source}" if sync else ""))
+        self.log(f"generation {self.gen}: {self.unit}s {candidates} at step {step}"
+                 + (f", state from {self.unit} {source}" if sync else ""))
 
     def stop(self, reason: str) -> None:
         """End the job: every waiting worker gets a generation that tells it to stop."""

@@ -5,8 +5,11 @@ stops and restarts all of them. Per-step fault tolerance needs the opposite, so 
 supervisor starts each worker as its own process, restarts only the dead one (up to
 `fault.max_restarts` per slot) and never touches the survivors. It hosts the c10d
 TCPStore that holds membership and runs the `Coordinator` beside it, so membership
-outlives any worker. Workers run without a default process group; each is a whole replica
-(see shoal/fault/elastic.py).
+outlives any worker. Each worker is a whole replica without a default process group, or,
+with `parallel.dp_shard = S > 1`, one of the S workers of a replica group that shard the
+model together (see shoal/fault/elastic.py). A replica group lives and dies as one: when
+one of its workers exits or is left out as hung, the supervisor kills the rest (they may be
+stuck in a collective with it) and restarts all S, which rejoin as a new member.
 
 Workers are forked from a forkserver that has imported torch and shoal once: on a busy
 machine importing torch takes seconds, and a replacement that starts in milliseconds
@@ -31,6 +34,8 @@ from shoal.fault import chaos as chaos_module
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
 
+FINISHED_KEY = "ft/finished"
+"""Set once training finished: other hosts' workers still waiting to join stop (shoal/launch/remote.py)."""
 TICK = 0.01  # seconds between looks at the processes and the store: recovery latency is a few ticks
 
 
@@ -62,7 +67,9 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
 class Slot:
     index: int
     member: int
+    """The replica this worker belongs to (shared by the workers of a replica group)."""
     proc: multiprocessing.process.BaseProcess
+    log: Path | None
     incarnation: int = 0
     done: bool = False
     """The slot's worker finished training, or will not be restarted."""
@@ -70,19 +77,29 @@ class Slot:
 
 class Supervisor:
     def __init__(self, cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None = None,
-                 verbose: bool = False, extra_env: dict[str, str] | None = None):
+                 verbose: bool = False, extra_env: dict[str, str] | None = None, store_port: int = 0):
         import torch.distributed as dist
         from shoal.fault.membership import Coordinator
+        from shoal.observe.fleet import FleetProgress
         self.cfg, self.worker_args, self.run_dir, self.verbose = cfg, worker_args, Path(run_dir), verbose
         self.log_dir = self.run_dir / "logs" / "workers"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.events = open(self.run_dir / "logs" / "fault_events.jsonl", "a")
-        self.store = dist.TCPStore("127.0.0.1", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False)
+        # It listens on every interface: workers of other hosts (shoal/launch/remote.py) join through it.
+        self.store = dist.TCPStore("127.0.0.1", store_port, None, True, timeout=timedelta(seconds=30),
+                                   wait_for_workers=False)
+        # No worker owns the terminal (any may die): the launcher shows the job's progress.
+        self.fleet = FleetProgress(self.store, cfg.train.steps, mode=cfg.log.progress, every=cfg.log.every,
+                                   samples_per_step=cfg.train.batch_size)
         nproc = cfg.launch.nproc
         f = cfg.fault
-        self.coordinator = Coordinator(self.store, min_workers=f.min_workers, max_workers=f.max_workers or nproc,
+        self.group_size = replica_group_size(cfg)
+        # the coordinator counts replicas: whole workers, or replica groups of group_size workers
+        self.coordinator = Coordinator(self.store, min_workers=-(-f.min_workers // self.group_size),
+                                       max_workers=(f.max_workers or nproc) // self.group_size,
                                        settle=max(1.0, f.step_timeout / 2), initial=[],
-                                       join_timeout=f.join_timeout, log=self.say)
+                                       join_timeout=f.join_timeout, log=self.say,
+                                       unit="worker" if self.group_size == 1 else "replica group")
         self.injections = chaos_module.parse(chaos) if chaos else []
         self.chaos_spec = chaos
         self.extra_env = extra_env or {}
@@ -90,8 +107,10 @@ class Supervisor:
         self.event("store", port=self.store.port)
         self.finished = False
         self.failures: list[str] = []
-        self.slots = [self._start(i, 0) for i in range(nproc)]
-        self.coordinator.initial = [slot.member for slot in self.slots]
+        self.slots: list[Slot] = []
+        for first in range(0, nproc, self.group_size):
+            self.slots += self._start_group(first, 0)
+        self.coordinator.initial = sorted({slot.member for slot in self.slots})
         self.monkey = chaos_module.ChaosMonkey(self.injections, started=time.monotonic(), seed=cfg.train.seed)
 
     def say(self, text: str) -> None:
@@ -102,21 +121,30 @@ class Supervisor:
         self.events.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")
         self.events.flush()
 
-    def _start(self, index: int, incarnation: int) -> Slot:
-        from shoal.fault import elastic
+    def _start_group(self, first: int, incarnation: int) -> list[Slot]:
+        """Start the replica whose first worker slot is `first`: one worker, or a replica group."""
         member = self.store.add("ft/next_member", 1) - 1  # shared with workers that join from elsewhere
+        return [self._start(first + lane, lane, member, incarnation) for lane in range(self.group_size)]
+
+    def _start(self, index: int, lane: int, member: int, incarnation: int) -> Slot:
+        from shoal.fault import elastic
         env = {**os.environ, **self.extra_env, elastic.STORE_ENV: f"127.0.0.1:{self.store.port}",
                elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(index),
                elastic.INCARNATION_ENV: str(incarnation)}
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHOAL_LAUNCHER_PID"):
-            env.pop(name, None)  # each worker is a one-process replica; its peers come from the store
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                     "SHOAL_LAUNCHER_PID"):
+            env.pop(name, None)  # a worker's peers come from the store, not from a launcher's rendezvous
+        if self.group_size > 1:  # its place in its replica group, which builds its own process group
+            env.update(RANK=str(lane), WORLD_SIZE=str(self.group_size), LOCAL_RANK=str(lane),
+                       LOCAL_WORLD_SIZE=str(self.group_size))
         if self.chaos_spec:
             env[elastic.CHAOS_ENV] = self.chaos_spec
-        out = None if self.verbose else str(self.log_dir / f"worker{member}.log")
-        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, out), daemon=False)
+        name = f"worker{member}.log" if self.group_size == 1 else f"worker{member}.lane{lane}.log"
+        out = None if self.verbose else self.log_dir / name
+        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, out and str(out)), daemon=False)
         proc.start()
-        self.event("start", slot=index, member=member, pid=proc.pid, incarnation=incarnation)
-        return Slot(index, member, proc, incarnation)
+        self.event("start", slot=index, member=member, lane=lane, pid=proc.pid, incarnation=incarnation)
+        return Slot(index, member, proc, out, incarnation)
 
     def run(self) -> int:
         """Supervise until training finishes (0), a worker reports a config error (2) or the job
@@ -127,6 +155,8 @@ class Supervisor:
                 if code is not None:
                     return code
                 self.coordinator.tick()
+                self.fleet.poll()
+                self._kill_hung_groups()
                 if self.coordinator.stopped:
                     self.failures.append(self.coordinator.stopped)
                     self._wait_exit(grace=10.0)
@@ -137,11 +167,52 @@ class Supervisor:
                     self.event("chaos", action=action, slot=slot, pid=pid, member=self.slots[slot].member)
                 time.sleep(TICK)  # several sources (process exits, store keys, the chaos clock): poll them
         finally:
+            self.fleet.close()
             self._kill_all()
             self.events.close()
 
     def _live(self) -> dict[int, int]:
         return {s.index: s.proc.pid for s in self.slots if s.proc.exitcode is None}
+
+    def _group(self, slot: Slot) -> list[Slot]:
+        """The slots of `slot`'s replica (itself alone when each worker is a whole replica)."""
+        first = slot.index - slot.index % self.group_size
+        return self.slots[first:first + self.group_size]
+
+    def _stop_rest_of_group(self, slot: Slot) -> None:
+        """Kill the other workers of a failed replica group: they may wait in a collective with
+        the dead one, and the group restarts as a whole."""
+        for peer in self._group(slot):
+            if peer is slot or peer.done:
+                continue
+            killed = peer.proc.exitcode is None
+            if killed:
+                try:
+                    os.kill(peer.proc.pid, signal.SIGCONT)  # a stopped worker must wake to die
+                    peer.proc.kill()
+                except ProcessLookupError:
+                    pass
+            peer.proc.join()
+            peer.done = True
+            # with_group: stopped here because of its group, not by a failure of its own
+            self.event("exit", slot=peer.index, member=peer.member, code=peer.proc.exitcode,
+                       **({"with_group": True} if killed else {}))
+
+    def _kill_hung_groups(self) -> None:
+        """A replica group the coordinator left out as hung is killed, and so restarted."""
+        left_out = self.coordinator.take_left_out()
+        if self.group_size == 1:
+            return  # a whole-replica worker left out as hung rejoins by itself when it wakes
+        for member in left_out:
+            for slot in self.slots:
+                if slot.member == member and not slot.done and slot.proc.exitcode is None:
+                    self.say(f"replica group {member} was left out as hung; restarting it")
+                    try:
+                        os.kill(slot.proc.pid, signal.SIGCONT)
+                        slot.proc.kill()
+                    except ProcessLookupError:
+                        pass  # it exited meanwhile: _poll restarts the group all the same
+                    break
 
     def _poll(self) -> int | None:
         for slot in self.slots:
@@ -151,18 +222,26 @@ class Supervisor:
             self.coordinator.mark_exited(slot.member)
             self.event("exit", slot=slot.index, member=slot.member, code=code)
             if code == 0:
+                if not self.finished:
+                    self.store.set(FINISHED_KEY, "1")  # other hosts' workers still waiting to join stop
                 slot.done = self.finished = True
-            elif code == 2:  # a user mistake the worker found: its own one-line error
-                self.failures.append(self._tail(slot.member))
+                continue
+            self._stop_rest_of_group(slot)
+            what = f"worker {slot.member} (slot {slot.index})" if self.group_size == 1 else \
+                f"worker slot {slot.index} of replica group {slot.member}"
+            if code == 2:  # a user mistake the worker found: its own one-line error
+                self.failures.append(self._tail(slot))
                 return 2
             elif not self.finished and slot.incarnation < self.cfg.fault.max_restarts:
-                self.say(f"worker {slot.member} (slot {slot.index}) exited with {code}; starting a replacement")
-                self.slots[slot.index] = self._start(slot.index, slot.incarnation + 1)
+                self.say(f"{what} exited with {code}; starting a replacement"
+                         + ("" if self.group_size == 1 else f" group of {self.group_size} workers"))
+                first = slot.index - slot.index % self.group_size
+                self.slots[first:first + self.group_size] = self._start_group(first, slot.incarnation + 1)
             else:
                 slot.done = True
                 if not self.finished:
-                    self.say(f"worker {slot.member} (slot {slot.index}) exited with {code}; no restarts left")
-                    self.failures.append(f"worker {slot.member} exited with {code}:\n{self._tail(slot.member)}")
+                    self.say(f"{what} exited with {code}; no restarts left")
+                    self.failures.append(f"{what} exited with {code}:\n{self._tail(slot)}")
         running = [s for s in self.slots if not s.done]
         if self.finished:
             # Training is complete: workers still waiting to join have nothing left to do.
@@ -182,9 +261,9 @@ class Supervisor:
             return 1
         return None
 
-    def _tail(self, member: int, lines: int = 30) -> str:
-        path = self.log_dir / f"worker{member}.log"
-        if not path.is_file():
+    def _tail(self, slot: Slot, lines: int = 30) -> str:
+        path = slot.log
+        if path is None or not path.is_file():
             return "(output shown above)"
         text = path.read_text(errors="replace").splitlines()
         errors = [line for line in text if line.startswith("shoal: error:")]
@@ -207,21 +286,38 @@ class Supervisor:
 
 
 def supervise(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None = None,
-              verbose: bool = False, extra_env: dict[str, str] | None = None) -> tuple[int, list[str]]:
+              verbose: bool = False, extra_env: dict[str, str] | None = None,
+              store_port: int = 0) -> tuple[int, list[str]]:
     """Run a fault-tolerant job on this host; returns (exit code, failure messages)."""
-    supervisor = Supervisor(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose, extra_env=extra_env)
+    supervisor = Supervisor(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose, extra_env=extra_env,
+                            store_port=store_port)
     code = supervisor.run()
     return code, supervisor.failures
 
 
+def replica_group_size(cfg: Config) -> int:
+    """Workers per replica under per-step fault tolerance: parallel.dp_shard, whose workers
+    shard one full copy of the model (1: every worker is a whole replica)."""
+    return max(1, cfg.parallel.dp_shard)
+
+
 def per_step_unsupported(cfg: Config) -> str:
     """Why this config cannot run per-step fault tolerance ('' when it can)."""
-    p = cfg.parallel
-    if p.dp_shard != 1 or p.tp != 1 or p.pp != 1:
-        return (f"the layout (dp_shard={p.dp_shard}, tp={p.tp}, pp={p.pp}) has no whole replica per worker "
-                f"to drop")
-    if cfg.sync.method != "allreduce":
-        return f"sync.method = '{cfg.sync.method}' is not supported by per-step fault tolerance yet"
+    p, nproc = cfg.parallel, cfg.launch.nproc
+    shard = p.dp_shard
+    replicas = nproc // shard if shard > 0 and nproc % shard == 0 else 0
+    if p.tp != 1 or p.pp != 1 or shard == -1 or (shard > 1 and (replicas < 2 or p.dp_replicate not in (-1, replicas))):
+        return (f"the layout (dp_replicate={p.dp_replicate}, dp_shard={shard}, tp={p.tp}, pp={p.pp}) over "
+                f"{nproc} workers has no replica to drop (per-step recovery needs whole replicas, or "
+                f"dp_replicate >= 2 replica groups of dp_shard workers with tp = pp = 1)")
+    sync = cfg.sync
+    if sync.method == "diloco" and shard == 1:  # shoal/fault/outer.py: replicas meet at outer syncs
+        if sync.fragments != 1 or sync.overlap:
+            return (f"streaming DiLoCo (sync.fragments = {sync.fragments}, sync.overlap = {sync.overlap}) is not "
+                    f"supported by per-step fault tolerance yet; use sync.fragments = 1 without overlap")
+        return ""
+    if sync.method != "allreduce":
+        return f"sync.method = '{sync.method}' is not supported by per-step fault tolerance yet"
     return ""
 
 
@@ -239,17 +335,22 @@ def check_fault_tolerant(cfg: Config, nproc: int, chaos: str | None) -> bool:
             raise ConfigError(str(err)) from None
     if not cfg.fault.enabled:
         return False
-    validate_fault(cfg, nproc)
+    validate_fault(cfg, nproc, group_size=1 if per_step_unsupported(cfg) else replica_group_size(cfg))
     if chaos and per_step_unsupported(cfg):
         raise ConfigError(f"--chaos needs per-step fault tolerance, but {per_step_unsupported(cfg)}")
     return not per_step_unsupported(cfg)
 
 
 def launch_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None,
-                          verbose: bool, multi_host: bool = False) -> int | None:
+                          verbose: bool, rendezvous=None) -> int | None:
     """Run with fault.enabled: per-step recovery when the layout allows, else return None after
-    saying so, for the caller to launch with elastic restarts from the last checkpoint."""
-    reason = "multi-host per-step fault tolerance is not implemented yet" if multi_host else per_step_unsupported(cfg)
+    saying so, for the caller to launch with elastic restarts from the last checkpoint.
+
+    With `rendezvous` (`shoal launch`, node rank 0) the membership store listens on its port,
+    where the other hosts' launchers (shoal/launch/remote.py) send their workers."""
+    reason = per_step_unsupported(cfg)
+    if rendezvous is not None and not reason and replica_group_size(cfg) > 1:
+        reason = "replica groups across hosts are not supported by per-step fault tolerance yet"
     if reason and chaos:
         from shoal.config import ConfigError
         raise ConfigError(f"--chaos needs per-step fault tolerance, but {reason}")
@@ -258,7 +359,12 @@ def launch_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, *,
               f"checkpoint (up to fault.max_restarts = {cfg.fault.max_restarts} times)", file=sys.stderr)
         cfg.launch.max_restarts = cfg.fault.max_restarts  # the elastic agent's restarts serve the fallback
         return None
-    code, failures = supervise(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose)
+    store_port = int(rendezvous.endpoint.rpartition(":")[2]) if rendezvous is not None else 0
+    if rendezvous is not None:
+        print(f"shoal: fault-tolerant job: other hosts join with `shoal launch --node-rank 1 --rdzv "
+              f"{rendezvous.endpoint} ...` (up to fault.max_workers = {cfg.fault.max_workers} workers)",
+              file=sys.stderr)
+    code, failures = supervise(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose, store_port=store_port)
     for failure in failures:
         print(failure if failure.startswith("shoal: error:") else f"shoal: {failure}", file=sys.stderr)
     if code == 0:

@@ -14,6 +14,7 @@ class Progress:
         self.mode, self.every, self.unit, self.total = mode, every, unit, total_steps
         self.start_time, self.start_step = time.perf_counter(), start_step
         self.bar = None
+        self.printed = start_step
         if mode == "bar":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
                 TimeRemainingColumn
@@ -28,7 +29,8 @@ class Progress:
         rate_text = f"{rate:,.0f} {self.unit}/s"
         if self.bar is not None:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", rate=rate_text)
-        elif self.mode == "plain" and (step % self.every == 0 or step == self.total):
+        elif self.mode == "plain" and (step // self.every > self.printed // self.every or step == self.total):
+            self.printed = step  # a caller that skips steps (the fault-tolerant launcher) still prints
             done = step - self.start_step
             elapsed = time.perf_counter() - self.start_time
             eta = elapsed / done * (self.total - step) if done else 0.0

@@ -13,7 +13,10 @@ t = (p + 1) * H / P (mod H), so the peak bandwidth is 1/P of the model's; with
 result replaces the local fragment one step late (the paper's mixing factor
 alpha = 0). Pseudo-gradients may travel as fp16, bf16, int8 (INTELLECT-1,
 arXiv 2412.01152) or int4 (Streaming DiLoCo): both papers found no error
-feedback needed for them, so none is kept.
+feedback needed for them, so none is kept. Quantised pseudo-gradients travel
+as one all-gather of every rank's codes where the sync overlaps the next step
+(or with 2 replicas), else as an all-to-all plus an all-gather of the averaged
+codes, half the bytes at 4 replicas (`quantized_reduce_scatter`).
 
 Use it around an unmodified model and inner optimizer (torchft's style); the
 training loop does not change:
@@ -32,18 +35,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.runtime.lazy import dtensor_type
-from shoal.sync.compress import quantized_all_reduce
+from shoal.sync.compress import quantized_all_reduce, quantized_reduce_scatter
+from shoal.sync.replica_state import load_replica_state, local_tensor, make_replicas_equal, replica_state
 
 __all__ = ["DiLoCo", "local_tensor", "split_fragments"]
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4")
 _WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter: the shard of a DTensor (FSDP, TP), else the tensor itself."""
-    return param.to_local() if isinstance(param, dtensor_type()) else param.detach()
 
 
 def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int]]:
@@ -84,8 +82,9 @@ class _Fragment:
 class DiLoCo(contextlib.AbstractContextManager):
     """Context manager that turns data-parallel training into (streaming) DiLoCo.
 
-    On entry every replica takes group rank 0's parameters; then a post-hook on
-    `inner_optimizer.step` counts inner steps and syncs each fragment when due.
+    On entry every replica takes group rank 0's parameters (sent only if they differ);
+    then a post-hook on `inner_optimizer.step` counts inner steps and syncs each
+    fragment when due.
     `group` is the process group of replicas (e.g. the `dp_replicate` mesh
     axis); inside a replica the model may itself be DDP/FSDP over another axis.
     """
@@ -124,11 +123,11 @@ class DiLoCo(contextlib.AbstractContextManager):
         return [i for i in range(len(self._fragments)) if self._due(i, step)]
 
     def __enter__(self) -> DiLoCo:
+        # Replicas must start equal, or the first average mixes unrelated models.
+        make_replicas_equal([param for fragment in self._fragments for param in fragment.local], self.group)
         with torch.no_grad():
             for fragment in self._fragments:
                 for param, outer in zip(fragment.local, fragment.outer):
-                    # Replicas must start equal, or the first average mixes unrelated models.
-                    dist.broadcast(param, group=self.group, group_src=0)
                     outer.copy_(param)
         self._handle = self.inner_optimizer.register_step_post_hook(self._after_inner_step)
         return self
@@ -141,10 +140,11 @@ class DiLoCo(contextlib.AbstractContextManager):
                 self._finish(fragment)
 
     def state_dict(self) -> dict[str, Any]:
-        """Outer parameters, outer momentum, the step count and any average still in flight.
+        """Everything a resumed run needs to repeat this one: outer parameters, outer momentum,
+        the step counts, any average still in flight, and this replica's own parameters and
+        inner-optimizer state (replicas differ between syncs, which a DCP checkpoint cannot hold).
 
-        Tensors and numbers only, so it loads with `torch.load(weights_only=True)`. Save it
-        together with the model and inner optimizer to resume exactly where this left off.
+        Tensors and numbers only, so it loads with `torch.load(weights_only=True)`.
         """
         fragments = []
         for fragment in self._fragments:
@@ -153,17 +153,22 @@ class DiLoCo(contextlib.AbstractContextManager):
             pending = fragment.pending.wait() if fragment.pending is not None else None
             fragments.append({"outer": [o.detach().clone() for o in fragment.outer],
                               "optimizer": fragment.optimizer.state_dict(), "pending": pending})
-        return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs, "fragments": fragments}
+        return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs, "fragments": fragments,
+                "replica": replica_state(self.model, self.inner_optimizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`; call it inside the context (after entry broadcast the model)."""
+        """Restore `state_dict()`; call it inside the context (entry broadcasts rank 0's model)."""
         if len(state["fragments"]) != len(self._fragments):
             raise ValueError(f"saved state has {len(state['fragments'])} fragments, this DiLoCo "
                              f"{len(self._fragments)}")
         self.inner_step, self.outer_syncs = int(state["inner_step"]), int(state["outer_syncs"])
+        load_replica_state(self.model, self.inner_optimizer, state["replica"])
         for fragment, saved in zip(self._fragments, state["fragments"]):
             with torch.no_grad():
                 for outer, value in zip(fragment.outer, saved["outer"]):
+                    if outer.shape != value.shape:
+                        raise ValueError(f"saved outer parameters of shape {tuple(value.shape)} do not fit "
+                                         f"{tuple(outer.shape)}: resume DiLoCo on the layout it was saved on")
                     outer.copy_(value)
             fragment.optimizer.load_state_dict(saved["optimizer"])
             fragment.pending = None
@@ -191,7 +196,14 @@ class DiLoCo(contextlib.AbstractContextManager):
         """Send this fragment's pseudo-gradient (outer minus local) to the averaging."""
         pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
         if self.compression in ("int8", "int4"):
-            fragment.pending = quantized_all_reduce(pseudo, int(self.compression[3:]), self.group)
+            bits = int(self.compression[3:])
+            if self.overlap or dist.get_world_size(self.group) <= 2:
+                # One all-gather, left to run behind the next inner step (same bytes as below at 2).
+                fragment.pending = quantized_all_reduce(pseudo, bits, self.group)
+            else:
+                # Waited for anyway: all-to-all + all-gather send half the all-gather's bytes at 4 ranks.
+                fragment.pending = torch.futures.Future()
+                fragment.pending.set_result(quantized_reduce_scatter(pseudo, bits, self.group))
             return
         wire = pseudo.to(_WIRE_DTYPE[self.compression])
         # Divide before summing: fp16 would overflow on sums of large values.

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.sync.diloco import local_tensor
+from shoal.sync.replica_state import load_replica_state, local_tensor, make_replicas_equal, replica_state
 
 __all__ = ["LocalSGD"]
 
@@ -39,22 +39,24 @@ class LocalSGD(contextlib.AbstractContextManager):
         self._handle: Any = None
 
     def __enter__(self) -> LocalSGD:
-        with torch.no_grad():
-            for param in self.model.parameters():
-                # Replicas must start equal, or averaging mixes unrelated models.
-                dist.broadcast(local_tensor(param), group=self.group, group_src=0)
+        # Replicas must start equal, or averaging mixes unrelated models.
+        make_replicas_equal([local_tensor(p) for p in self.model.parameters()], self.group)
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self._handle.remove()
 
-    def state_dict(self) -> dict[str, int]:
-        """The step count, so a resumed run averages at the same steps."""
-        return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs}
+    def state_dict(self) -> dict[str, Any]:
+        """The step counts and this replica's own parameters and optimizer state, so a resumed
+        run averages at the same steps from the same values (replicas differ between averages)."""
+        return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs,
+                "replica": replica_state(self.model, self.optimizer)}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`; call it inside the context (entry broadcasts rank 0's model)."""
         self.inner_step, self.outer_syncs = int(state["inner_step"]), int(state["outer_syncs"])
+        load_replica_state(self.model, self.optimizer, state["replica"])
 
     def _after_step(self, *_: Any) -> None:
         self.inner_step += 1

@@ -116,7 +116,7 @@ def test_state_buffer_round_trip_moves_everything():
         # 12 parameters in 3 tensors: with their AdamW state 156 bytes, so the int64 meta is unaligned
         model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2))
         return SimpleNamespace(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), step=0,
-                               sampler=ShardedSampler(100, 10, 1))
+                               sampler=ShardedSampler(100, 10, 1), outer_sync=None)  # as a Trainer without DiLoCo
     source, joiner = replica(0), replica(1)
     for _ in range(3):
         source.model(torch.randn(4, 3)).sum().backward()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from shoal.config import SyncConfig
 from shoal.sync import outer_sync_for
 from shoal.sync.diloco import DiLoCo
 from shoal.sync.local_sgd import LocalSGD
+from shoal.sync.replica_state import make_replicas_equal
 
 pytestmark = pytest.mark.distributed
 
@@ -135,9 +138,57 @@ def diloco_across_fsdp_replicas(rank: int, world: int) -> None:
             losses.append(loss.item())
             full = [p.full_tensor() for p in model.parameters()]  # the whole model, as one replica holds it
             assert params_equal_across_ranks(full) == (step % 3 == 0), f"step {step}"
-    assert diloco.outer_syncs == 4
-    assert sum(losses[-3:]) < sum(losses[:3])
+            if step == 7:  # between syncs: each replica's own shards and AdamW moments are in the state
+                buffer = io.BytesIO()
+                torch.save(diloco.state_dict(), buffer)
+        assert diloco.outer_syncs == 4
+        assert sum(losses[-3:]) < sum(losses[:3])
+        buffer.seek(0)
+        diloco.load_state_dict(torch.load(buffer, weights_only=True))  # as a resumed run does
+        for step, (x, y) in enumerate(data[7:], start=8):
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            inner.step()
+            inner.zero_grad()
+            assert loss.item() == losses[step - 1], f"step {step} after loading the step-7 state"
 
 
 def test_diloco_across_replicas_of_fsdp_shards():
     run_world(diloco_across_fsdp_replicas, 4)
+
+
+def three_replicas_int8(rank: int, world: int) -> None:
+    from shoal.sync.compress import quantized_all_reduce, quantized_reduce_scatter
+    # The two-step average itself: bit-identical everywhere, within two roundings of the true mean.
+    for bits, numel in ((8, 1000), (4, 3 * 256 + 5), (8, 1)):
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(rank * 7 + numel)) * (rank + 1)
+        everyone = [torch.empty_like(x) for _ in range(world)]
+        torch.distributed.all_gather(everyone, x)
+        true = torch.stack(everyone).mean(0)
+        got = quantized_reduce_scatter(x, bits)
+        assert params_equal_across_ranks([got])
+        step = max(e.abs().max() for e in everyone) / {8: 127, 4: 7}[bits]
+        assert (got - true).abs().max() <= step, (bits, numel)
+        assert not torch.equal(got, quantized_all_reduce(x, bits).wait()) or numel == 1  # the other path
+    # DiLoCo on 3 replicas without overlap takes that path and leaves the replicas equal after each sync.
+    model, data = make_task(200 + rank, steps=8)
+    inner = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    with DiLoCo(model, inner, inner_steps=4, compression="int8") as diloco:
+        for step, (x, y) in enumerate(data, start=1):
+            nn.functional.mse_loss(model(x), y).backward()
+            inner.step()
+            inner.zero_grad()
+            assert params_equal_across_ranks(list(model.parameters())) == (step % 4 == 0), step
+    assert diloco.outer_syncs == 2
+    # Entry sends the model only where the replicas differ: equal now, so nothing travels...
+    params = [p.detach() for p in model.parameters()]
+    assert not make_replicas_equal(params, torch.distributed.group.WORLD)
+    with torch.no_grad():
+        params[0].add_(rank == 2)
+    # ...and after one replica drifted, everyone takes rank 0's values.
+    assert make_replicas_equal(params, torch.distributed.group.WORLD)
+    assert params_equal_across_ranks(params)
+
+
+def test_int8_diloco_on_three_replicas_averages_in_two_steps():
+    run_world(three_replicas_int8, 3)

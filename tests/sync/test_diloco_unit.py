@@ -75,3 +75,33 @@ def test_resume_from_state_dict_is_exact(single_rank_group, overlap):
         _train(model, inner, diloco, 6, seed=2)
     for p, q in zip(model.parameters(), straight):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("method", ["diloco", "local_sgd"])
+def test_the_outer_sync_state_alone_restores_the_replica(single_rank_group, method):
+    # What a checkpoint's DCP part cannot hold (each replica's own weights and AdamW moments between
+    # syncs) is in the state: loaded into a fresh model and optimizer, the run goes on exactly.
+    from shoal.sync.local_sgd import LocalSGD
+
+    def fresh(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sync = DiLoCo(model, inner, inner_steps=4) if method == "diloco" else LocalSGD(model, inner, inner_steps=4)
+        return model, inner, sync
+
+    model, inner, sync = fresh(0)
+    with sync:
+        _train(model, inner, sync, 6, seed=1)  # between syncs
+        buffer = io.BytesIO()
+        torch.save(sync.state_dict(), buffer)
+        _train(model, inner, sync, 6, seed=2)
+    straight = [p.detach().clone() for p in model.parameters()]
+    buffer.seek(0)
+    model, inner, sync = fresh(1)  # other weights, no optimizer state yet
+    with sync:
+        sync.load_state_dict(torch.load(buffer, weights_only=True))
+        _train(model, inner, sync, 6, seed=2)
+    assert (sync.outer_syncs, sync.inner_step) == (3, 12)
+    for p, q in zip(model.parameters(), straight):
+        assert torch.equal(p, q)

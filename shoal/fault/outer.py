@@ -1,0 +1,190 @@
+"""DiLoCo whose replicas come and go: the outer sync on top of per-step membership.
+
+In fault-tolerant mode (shoal/fault/elastic.py) the replicas of a generation average their
+gradients every step. With `sync.method = "diloco"` they talk only at outer syncs, so
+membership changes there too:
+
+- Between syncs nobody regroups: a replica that dies mid-phase is noticed at the next sync
+  (its all-reduce fails, or the coordinator has aborted the generation); what it trained
+  since the last sync is lost, and the survivors' syncs go on without it.
+- At a sync, a failed average is retried over the next generation with the same
+  pseudo-gradients (the survivors' local parameters have not moved).
+- A replica joins at a sync: the coordinator's request to regroup travels with the
+  average, and after the outer step the members regroup with the joiner, which receives
+  the outer parameters, the outer momentum and the inner state from a live peer.
+- A replica that received state during a failed sync holds another replica's unsynced
+  progress; it takes part in the retry with weight 0, so no replica counts twice.
+
+The average is weighted: one small all-reduce agrees on the weights (and on whether to
+regroup afterwards), then the pseudo-gradients travel as configured (fp32, fp16, bf16,
+int8, int4), each scaled by its weight's share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from shoal.fault.elastic import POLL, GenerationBroken, Replicas, materialize_optimizer_state
+from shoal.sync.compress import quantized_all_reduce
+from shoal.sync.diloco import DiLoCo
+
+log = logging.getLogger("shoal")
+
+_WIRE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ElasticDiLoCo(DiLoCo):
+    """DiLoCo over the changing replicas of a fault-tolerant job (no overlap: a sync that
+    fails must be retried before the outer step)."""
+
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, replicas: Replicas, trainer,
+                 **options: Any):
+        options["overlap"] = False
+        super().__init__(model, inner_optimizer, group=None, **options)
+        self.replicas, self.trainer = replicas, trainer
+        # A replica whose local fragment is another's unsynced progress (received mid-sync).
+        self.borrowed = [False] * len(self._fragments)
+        self.syncing = -1  # the fragment whose sync is under way (a joiner received mid-way finishes it)
+        self.owed = -1
+        self._counters = torch.zeros(3, dtype=torch.int64)
+        self.last_weight = 0.0  # replicas that counted in the last average
+        for fragment in self._fragments:
+            # Present from the start, so every replica's transferable state has one layout; a
+            # zero buffer makes SGD's first momentum step equal to the one without a buffer.
+            if fragment.optimizer.defaults["momentum"]:
+                for outer in fragment.outer:
+                    fragment.optimizer.state[outer]["momentum_buffer"] = torch.zeros_like(outer)
+
+    def __enter__(self) -> ElasticDiLoCo:
+        # Replicas start equal without a collective: the first launch's share one seed (or one
+        # checkpoint), every later one receives its state from a live peer.
+        with torch.no_grad():
+            for fragment in self._fragments:
+                for param, outer in zip(fragment.local, fragment.outer):
+                    outer.copy_(param)
+        self.replicas.regroup_on_abort = False  # membership changes wait for the next sync
+        # The inner optimizer's state must exist before the hook counts steps: creating it later
+        # (for a state transfer) takes an optimizer step that is not an inner step.
+        materialize_optimizer_state(self.inner_optimizer)
+        self._handle = self.inner_optimizer.register_step_post_hook(self._after_inner_step)
+        return self
+
+    # -- state that travels to a joining replica ---------------------------------------
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The outer state, as tensors in an order every replica agrees on (copied into in place)."""
+        self._counters.copy_(torch.tensor([self.inner_step, self.outer_syncs, self.syncing]))
+        tensors = [self._counters]
+        for fragment in self._fragments:
+            tensors += fragment.outer
+            tensors += [fragment.optimizer.state[o]["momentum_buffer"] for o in fragment.outer
+                        if "momentum_buffer" in fragment.optimizer.state[o]]
+        return tensors
+
+    def state_received(self) -> None:
+        """After `state_tensors()` (and the model) were overwritten by a peer's."""
+        self.inner_step, self.outer_syncs, self.owed = (int(v) for v in self._counters)
+        with torch.no_grad():
+            self.borrowed = [any(not torch.equal(p.float(), o) for p, o in zip(f.local, f.outer))
+                             for f in self._fragments]
+
+    def owed_sync(self, trainer) -> bool:
+        """A replica that received its state in the middle of a sync takes part in the rest of it
+        (with weight 0) and completes the step the sender was in; True when it did."""
+        if self.owed < 0:
+            return False
+        fragment, self.owed = self._fragments[self.owed], -1
+        log.info("joined during the outer sync of step %d: taking part with weight 0", trainer.step + 1)
+        self._start(fragment)
+        self._finish(fragment)
+        trainer.step += 1  # the sender's step ended with this sync
+        return True
+
+    # -- the sync ------------------------------------------------------------------------
+    @torch.no_grad()
+    def _start(self, fragment) -> None:
+        index = self._fragments.index(fragment)
+        replicas, trainer = self.replicas, self.trainer
+        self.syncing = index
+        while True:
+            try:
+                average, regroup = self._average(index)
+                break
+            except GenerationBroken as err:
+                log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
+                            trainer.step, replicas.gen, err)
+                replicas.needs_join = True
+                trainer.where.dp_rank, trainer.where.dp_size = replicas.begin_step(trainer)
+        self.borrowed[index], self.syncing = False, -1
+        if regroup:  # joiners wait (or a member left): regroup after this sync, joiners get the result
+            replicas.needs_join = True
+        fragment.pending = torch.futures.Future()
+        fragment.pending.set_result(average)
+
+    def _average(self, index: int) -> tuple[torch.Tensor, bool]:
+        replicas, step = self.replicas, self.trainer.step
+        fragment = self._fragments[index]
+        pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
+        weight = 0.0 if self.borrowed[index] else 1.0
+        reconfigure = 1.0 if replicas._check(f"ft/gen/{replicas.gen}/reconfigure") else 0.0
+        head = torch.tensor([weight, reconfigure], dtype=torch.float64)
+        replicas._set(replicas._where_key(replicas.rank), f"step {step}: in outer sync")
+        replicas._fire("during", step)
+        self._wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
+        self.last_weight = float(head[0])
+        share = weight / self.last_weight
+        if self.compression in ("int8", "int4"):
+            # The quantized all-reduce averages; scaled by the group size, the average is the sum.
+            future = quantized_all_reduce(pseudo * (share * replicas.size), int(self.compression[3:]), replicas.pg)
+        else:
+            wire = (pseudo * share).to(_WIRE[self.compression])
+            future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
+        average = self._wait(future, "outer sync", step)
+        replicas._set("ft/progress", json.dumps({"step": step, "loss": float("nan"), "gen": replicas.gen,
+                                                  "size": replicas.size, "outer_syncs": self.outer_syncs + 1}))
+        return average, head[1] > 0
+
+    def _wait(self, work, op: str, step: int):
+        """Wait for a collective (Work or Future) like the per-step all-reduce does: give up when
+        it fails, when the coordinator aborts the generation, or after step_timeout."""
+        future = work.get_future() if isinstance(work, dist.Work) else work
+        replicas = self.replicas
+        deadline = time.monotonic() + replicas.timeout.total_seconds()
+        abort_key = f"ft/gen/{replicas.gen}/abort"
+        while not future.done():
+            if replicas._check(abort_key):
+                raise GenerationBroken("the coordinator aborted the generation (a member left)")
+            if time.monotonic() > deadline:
+                raise GenerationBroken(replicas._diagnose(op, step))
+            time.sleep(POLL.total_seconds())
+        try:
+            return future.wait()
+        except RuntimeError as err:
+            raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
+
+    def _finish(self, fragment) -> None:
+        synced = fragment.pending is not None
+        super()._finish(fragment)
+        if synced and self.replicas.sample_log is not None:
+            # What the tests check: every replica holds the same outer parameters after each sync.
+            outer = torch.cat([o.reshape(-1) for o in fragment.outer])
+            record = {"sync": self.outer_syncs, "step": self.trainer.step + 1, "member": self.replicas.member,
+                      "gen": self.replicas.gen, "size": self.replicas.size, "weight": self.last_weight,
+                      "outer": hashlib.sha1(outer.numpy().tobytes()).hexdigest()}
+            with open(self.replicas.sample_log.with_suffix(".outer"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, replicas: Replicas,
+                       trainer) -> ElasticDiLoCo:
+    """`[sync]` diloco under per-step fault tolerance (shoal/launch/supervisor.py checks the rest)."""
+    return ElasticDiLoCo(model, optimizer, replicas=replicas, trainer=trainer, inner_steps=cfg.inner_steps,
+                         outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
+                         compression=cfg.compression, fragments=1)

@@ -1,0 +1,94 @@
+"""A fault-tolerant job across two hosts (network namespaces): node rank 0's `shoal launch`
+hosts membership; a second host's `shoal launch` adds its worker to the running job, that
+worker is SIGKILLed and restarted by its own launcher, and training finishes on both hosts
+with no sample lost or repeated and the replicas identical at every step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from shoal.fault.audit import audit, read_records
+from tests.conftest import SHOAL, free_port
+from tests.e2e.test_launch import two_hosts  # noqa: F401 - the fixture
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
+
+STEPS = 2000  # long enough for the second host to start (seconds of imports) and join
+JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
+       "train.eval_every=0", f"train.steps={STEPS}", "launch.threads=1", "launch.nproc=1", "fault.enabled=true",
+       "fault.step_timeout=3", "log.progress=off", "checkpoint.every=0"]
+
+
+class Launcher:
+    """A `shoal launch` in a namespace, its stderr collected as it comes."""
+
+    def __init__(self, host: str, link: str, node_rank: int, endpoint: str, cwd, env):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", host, SHOAL, "launch", "--nnodes", "2", "--node-rank", str(node_rank),
+             "--rdzv", endpoint, *JOB], cwd=cwd, env={**env, "GLOO_SOCKET_IFNAME": link},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+        self.reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.proc.kill()
+            self.reader.join(timeout=5)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_a_second_host_joins_loses_its_worker_and_rejoins(tmp_path, two_hosts):  # noqa: F811
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples)}
+    (host_a, link_a), (host_b, link_b) = two_hosts
+    endpoint = f"10.77.0.1:{free_port()}"
+    first = Launcher(host_a, link_a, 0, endpoint, tmp_path, env)
+    second = None
+    try:
+        def sizes() -> list[int]:
+            return [r[0]["size"] for _, r in sorted(read_records(samples).items())]
+        wait_for(lambda: len(sizes()) >= 1, 90, "the first host to train alone")
+        second = Launcher(host_b, link_b, 1, endpoint, tmp_path, env)  # a host added to the running job
+        wait_for(lambda: sizes().count(2) >= 10, 90, "10 steps with the second host's worker")
+        started = [line for line in second.lines if "started, joining" in line]
+        pid = int(started[0].split("pid ")[1].split(")")[0])
+        os.kill(pid, signal.SIGKILL)  # the second host's launcher must restart it
+        killed_at = len(sizes())
+        wait_for(lambda: sizes()[killed_at:].count(2) >= 10, 90, "10 steps with the replacement")
+        assert first.finish(120) == 0, first.text()
+        assert second.finish(30) == 0, second.text()
+    finally:
+        first.proc.kill()
+        if second is not None:
+            second.proc.kill()
+
+    result = audit(samples, num_samples=7783, global_batch=32, grad_accum=1, seed=1234)
+    assert not result.missing_steps and not result.wrong_batch_steps and not result.duplicated, result
+    assert not result.disagreeing_steps, result  # the replicas held identical parameters at every step
+    assert len(result.sizes) == STEPS
+    assert result.sizes[0] == 1 and result.sizes[-1] == 2
+    assert "starting a replacement" in second.text()
+    # The coordinator sent state to the joining worker, and again to its replacement.
+    assert first.text().count("state from worker") >= 2, first.text()
