@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,27 @@ def shoal(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) 
     """Run the `shoal` command as a user types it."""
     return subprocess.run([SHOAL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def wait_for(condition, timeout: float, what: str):
+    """Poll `condition` (files and logs written by other processes: no event to wait on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def crash_after_checkpoint(args: list[str], cwd: Path, name: str, step: int) -> None:
+    """Start `shoal run ARGS log.name=NAME` and SIGKILL the launcher and its workers at once
+    as soon as the checkpoint of `step` is complete (or the run ended)."""
+    proc = subprocess.Popen([SHOAL, "run", *args, f"log.name={name}"], cwd=cwd, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = Path(cwd) / "runs" / name / "checkpoints" / f"step_{step:08d}" / "meta.json"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -4,15 +4,11 @@ The checkpoints fall between outer syncs (every 6 steps, H = 4), so the replicas
 weights and inner-optimizer moments when saved, and a fragment's average is still in flight.
 """
 
-import os
 import re
-import signal
-import subprocess
-import time
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, shoal
+from tests.conftest import TINY, crash_after_checkpoint, shoal
 from tests.e2e.test_run import train_records
 
 pytestmark = pytest.mark.e2e
@@ -32,14 +28,7 @@ def test_diloco_resume_after_a_crash_repeats_the_uninterrupted_losses_bit_for_bi
     expected = {r["step"]: r["loss"] for r in train_records(tmp_path / "runs" / "clean")}
     assert sorted(expected) == list(range(1, STEPS + 1))
 
-    proc = subprocess.Popen([SHOAL, "run", *args, "log.name=crash"], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "runs" / "crash" / "checkpoints" / f"step_{EVERY:08d}" / "meta.json"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers die at once
-    proc.wait()
+    crash_after_checkpoint(args, tmp_path, "crash", EVERY)  # launcher and both workers die at once
     run = tmp_path / "runs" / "crash"
     before = train_records(run)
     assert not before or before[-1]["step"] < STEPS, "the run finished before it could be killed"

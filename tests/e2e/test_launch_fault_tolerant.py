@@ -9,13 +9,11 @@ import os
 import signal
 import subprocess
 import threading
-import time
 
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import SHOAL, free_port
-from tests.e2e.test_launch import two_hosts  # noqa: F401 - the fixture
+from tests.conftest import SHOAL, free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -48,17 +46,7 @@ class Launcher:
             self.reader.join(timeout=5)
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def test_a_second_host_joins_loses_its_worker_and_rejoins(tmp_path, two_hosts):  # noqa: F811
+def test_a_second_host_joins_loses_its_worker_and_rejoins(tmp_path, two_hosts):
     samples = tmp_path / "samples"
     samples.mkdir()
     env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples)}

@@ -1,15 +1,12 @@
 """`shoal run` / `shoal report` / `shoal config` as a user types them."""
 
 import json
-import os
 import shutil
-import signal
 import subprocess
-import time
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, shoal
+from tests.conftest import SHOAL, TINY, crash_after_checkpoint, shoal
 
 pytestmark = pytest.mark.e2e
 
@@ -46,14 +43,7 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses_bit_for_bit(tmp_p
     assert clean.returncode == 0, clean.stderr
     expected = {r["step"]: r["loss"] for r in train_records(tmp_path / "runs" / "clean")}
 
-    proc = subprocess.Popen([SHOAL, "run", *args, "log.name=crash"], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "runs" / "crash" / "checkpoints" / "step_00000005" / "meta.json"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both workers die at once
-    proc.wait()
+    crash_after_checkpoint(args, tmp_path, "crash", 5)  # launcher and both workers die at once
     run = tmp_path / "runs" / "crash"
     before = train_records(run)
     assert before[-1]["step"] < 40, "the run finished before it could be killed"

@@ -8,29 +8,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import ROOT, SHOAL
+from tests.conftest import ROOT, SHOAL, wait_for
 
 pytestmark = pytest.mark.timeout(200)
 
 JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
        "train.eval_every=0", "train.steps=1000000", "launch.threads=1", "launch.nproc=2", "fault.enabled=true",
        "fault.max_workers=3", "fault.step_timeout=3", "log.progress=off"]
-
-
-def wait_for(condition, timeout: float, what: str):
-    """Poll the sample log (files, no event to wait on) until `condition` holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_two_grow_to_three_and_shrink_to_two(tmp_path):
