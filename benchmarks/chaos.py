@@ -40,6 +40,11 @@ WORKLOAD = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data
             "fault.max_restarts=1000"]
 
 
+GRACE = 15.0
+"""Seconds a run goes on after its measured window, without new failures, so that a kill near the
+window's end can show its recovery; samples committed then do not count as goodput."""
+
+
 def wait_for(condition, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,13 +59,17 @@ def run_shoal(workdir: Path, workers: int, duration: float, chaos: str | None) -
     samples = workdir / "samples"
     samples.mkdir(parents=True)
     args = [SHOAL, "run", *WORKLOAD, f"launch.nproc={workers}", "log.name=bench"] + (["--chaos", chaos] if chaos else [])
+    # Ctrl-C (SIGINT) ends the run as a user would; a shell's background job starts with SIGINT ignored,
+    # which the launcher would inherit, so it is given back its default.
     proc = subprocess.Popen(args, cwd=workdir, env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: any(p.stat().st_size for p in samples.glob("*.jsonl")), 300, "the first step")
         start = time.time()
         time.sleep(duration)  # the measured window: training runs (and fails) on its own meanwhile
         end = time.time()
+        time.sleep(GRACE)  # a kill at the window's end gets the time to recover (not counted as goodput)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
@@ -137,6 +146,7 @@ def run_torchrun(workdir: Path, workers: int, duration: float, every: float | No
                     kills.append(time.time())
                 next_kill += every
             time.sleep(0.05)
+        time.sleep(GRACE)  # as for Shoal: late kills may still recover; no more kills now
         progress = steps()
     finally:
         proc.kill()
