@@ -407,6 +407,10 @@ class Replicas:
     def _join(self, trainer) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
         if self.pg is not None:
+            # Shut the old group down: its transport threads would otherwise keep spinning on the
+            # sockets of dead peers, more CPU with every generation (benchmarks/chaos.py lost a
+            # quarter of its throughput to them after 12 kills).
+            self.pg.shutdown()
             self.abandoned.append(self.pg)
             self.pg = None
         self.seq += 1
