@@ -182,6 +182,7 @@ class Replicas:
         self.step_start: dict | None = None
         self.step_started = -1
         self.regroup_on_abort = True
+        self.device = None  # the Gloo device every generation's group shares (made at the first join)
         """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
 
     def rollback(self, trainer) -> None:
@@ -404,13 +405,21 @@ class Replicas:
             f.write(json.dumps(record) + "\n")
 
     # -- membership --------------------------------------------------------------------
+    def _gloo_options(self):
+        """Every generation's group on one Gloo device (one transport thread): a device per group
+        left a thread per abandoned generation, spinning on the sockets of its dead peers."""
+        if self.device is None:
+            interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
+            self.device = (dist.ProcessGroupGloo.create_device(interface=interface) if interface
+                           else dist.ProcessGroupGloo.create_default_device())
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [self.device]
+        options._timeout = self.timeout
+        return options
+
     def _join(self, trainer) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
         if self.pg is not None:
-            # Shut the old group down: its transport threads would otherwise keep spinning on the
-            # sockets of dead peers, more CPU with every generation (benchmarks/chaos.py lost a
-            # quarter of its throughput to them after 12 kills).
-            self.pg.shutdown()
             self.abandoned.append(self.pg)
             self.pg = None
         self.seq += 1
@@ -439,7 +448,7 @@ class Replicas:
         try:
             try:
                 self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), self.rank, self.size,
-                                                self.timeout)
+                                                self._gloo_options())
             except RuntimeError as err:
                 raise GenerationBroken(f"could not connect generation {gen}: "
                                        f"{str(err).splitlines()[0][:200]}") from None
