@@ -25,8 +25,10 @@ def test_two_grow_to_three_and_shrink_to_two(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples), "PYTHONPATH": str(ROOT)}
+    # SIGINT back to its default: a test run started as a shell's background job inherits it ignored.
     job = subprocess.Popen([SHOAL, "run", *JOB], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+                           stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     joiner = subprocess.Popen([sys.executable, "-m", "tests.fault.joiner", str(tmp_path / "runs")], cwd=ROOT,
                               env={**env, "SHOAL_CACHE": os.environ["SHOAL_CACHE"]}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -111,9 +112,11 @@ def test_cleanup_on_ctrl_c():
     script = (f"import time; from shoal.launch.netbed import Netbed\n"
               f"with Netbed(2, '20mbit', prefix='{PREFIX}', subnet='{SUBNET}'):\n"
               f"    print('up', flush=True); time.sleep(60)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    # SIGINT back to its default: a test run started as a shell's background job inherits it ignored.
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout.readline().strip() == "up"
-    proc.send_signal(2)  # SIGINT, as Ctrl-C sends
+    proc.send_signal(signal.SIGINT)  # as Ctrl-C sends
     proc.wait(timeout=30)
     time.sleep(0.1)
     assert not os.path.exists(f"/run/netns/{PREFIX}0") and not os.path.exists(f"/sys/class/net/{PREFIX}br")
