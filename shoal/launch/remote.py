@@ -27,7 +27,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from shoal.config import Config
-from shoal.launch.supervisor import FINISHED_KEY, TICK, _worker_main, start_forkserver
+from shoal.launch.supervisor import FINISHED_KEY, TICK, _worker_main, start_forkserver, worker_failure_text
 
 STORE_LOST = 3
 
@@ -135,13 +135,8 @@ class RemoteHost:
                                  f"continue with `shoal run ... --resume` where its checkpoints are")
         return 1
 
-    def _tail(self, member: int, lines: int = 30) -> str:
-        path = self.log_dir / f"worker{member}.log"
-        if not path.is_file():
-            return "(output shown above)"
-        text = path.read_text(errors="replace").splitlines()
-        errors = [line for line in text if line.startswith("shoal: error:")]
-        return errors[-1] if errors else "\n".join(text[-lines:])
+    def _tail(self, member: int) -> str:
+        return worker_failure_text(self.log_dir / f"worker{member}.log")
 
 
 def join_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, endpoint: str, *,

@@ -63,6 +63,16 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     return ctx
 
 
+def worker_failure_text(log: Path | None, lines: int = 30) -> str:
+    """What to show of a failed worker: its one-line `shoal: error:` if it wrote one, else the
+    end of its log."""
+    if log is None or not log.is_file():
+        return "(output shown above)"
+    text = log.read_text(errors="replace").splitlines()
+    errors = [line for line in text if line.startswith("shoal: error:")]
+    return errors[-1] if errors else "\n".join(text[-lines:])
+
+
 @dataclass
 class Slot:
     index: int
@@ -261,13 +271,8 @@ class Supervisor:
             return 1
         return None
 
-    def _tail(self, slot: Slot, lines: int = 30) -> str:
-        path = slot.log
-        if path is None or not path.is_file():
-            return "(output shown above)"
-        text = path.read_text(errors="replace").splitlines()
-        errors = [line for line in text if line.startswith("shoal: error:")]
-        return errors[-1] if errors else "\n".join(text[-lines:])
+    def _tail(self, slot: Slot) -> str:
+        return worker_failure_text(slot.log)
 
     def _wait_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace
