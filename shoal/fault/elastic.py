@@ -68,6 +68,13 @@ class GroupBroken(RuntimeError):
     supervisor restarts all of it (it kills the rest of the group in any case)."""
 
 
+Collective = dist.Work | torch.futures.Future
+
+
+def _finished(work: Collective) -> bool:
+    return work.is_completed() if isinstance(work, dist.Work) else work.done()
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: the local shard of a DTensor (an alias, not a copy)."""
     return t.to_local() if isinstance(t, dtensor_type()) else t
@@ -178,12 +185,13 @@ class Replicas:
         self.has_state = incarnation == 0
         self.needs_join = True
         self.seq = 0
-        self.abandoned: list[dist.ProcessGroup] = []  # kept alive: a group's destructor would wait on its stuck work
+        self.inflight: list[Collective] = []  # this generation's collectives not yet seen finished
+        self.retiring: list[tuple[float, dist.ProcessGroup, list[Collective]]] = []
         self.step_start: dict | None = None
         self.step_started = -1
         self.regroup_on_abort = True
-        self.device = None  # the Gloo device every generation's group shares (made at the first join)
         """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
+        self.device = None  # the Gloo device every generation's group shares (made at the first join)
 
     def rollback(self, trainer) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
@@ -255,6 +263,7 @@ class Replicas:
     def begin_step(self, trainer) -> tuple[int, int]:
         """Join a generation if this worker has none (or its generation was aborted); returns
         this step's (dp_rank, dp_size)."""
+        self._reap()
         # A replica group learns of an abort inside `reduce`, where its ranks agree on it; read
         # here, one rank could see it and another not, and the group would split.
         while self.needs_join or (not self.grouped and self.regroup_on_abort
@@ -312,7 +321,7 @@ class Replicas:
             self._set(self._where_key(self.rank), f"step {step}: in allreduce")
             work = self.pg.allreduce([flat])
             self._fire("during", step)
-            self._wait(work, "allreduce", step)
+            self.wait(work, "allreduce", step)
             self._fire("after", step)
         except GenerationBroken as err:
             failure = err
@@ -348,24 +357,28 @@ class Replicas:
         if self.chaos is not None:
             self.chaos.fire(point, step, size=self.size, gen=self.gen, is_source=is_source)
 
-    def _wait(self, work: dist.Work, op: str, step: int) -> None:
-        """Wait for a collective, giving up when it fails, when the coordinator aborts this
-        generation, or after step_timeout (then naming the ranks that never arrived)."""
+    def wait(self, work: Collective, op: str, step: int):
+        """Wait for a collective of this generation (its Work, or a Future chained on one), giving
+        up when it fails, when the coordinator aborts the generation, or after step_timeout (then
+        naming the ranks that never arrived). Returns what a Future holds."""
+        self.inflight = [w for w in self.inflight if not _finished(w)] + [work]
         deadline = time.monotonic() + self.timeout.total_seconds()
         abort_key = f"ft/gen/{self.gen}/abort"
         while True:
-            try:
-                work.wait(POLL)
-                return
-            except RuntimeError:
-                if work.is_completed():  # it failed (a peer died mid-way), or finished just after the poll
-                    try:
-                        work.wait()
-                        return
-                    except RuntimeError as err:
-                        if "Timed out" in str(err):  # Gloo's own timeout (the group's) came first: a peer hangs
-                            raise GenerationBroken(self._diagnose(op, step)) from None
-                        raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
+            if isinstance(work, dist.Work):
+                try:
+                    work.wait(POLL)  # returns as soon as it completes
+                except RuntimeError:
+                    pass
+            elif not work.done():
+                time.sleep(POLL.total_seconds())
+            if _finished(work):  # done, or failed: a peer died mid-way, or Gloo's own timeout came first
+                try:
+                    return work.wait()
+                except RuntimeError as err:
+                    if "Timed out" in str(err):  # a peer hangs
+                        raise GenerationBroken(self._diagnose(op, step)) from None
+                    raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
             if self._check(abort_key):
                 raise GenerationBroken("the coordinator aborted the generation (a member left)")
             if time.monotonic() > deadline:
@@ -417,11 +430,25 @@ class Replicas:
         options._timeout = self.timeout
         return options
 
+    def _reap(self) -> None:
+        """Destroy the groups of abandoned generations once their collectives have ended.
+
+        Kept alive, a group's Gloo pairs stay on the device's event loop, and a pair holding bytes
+        that a peer sent for a collective this rank gave up polls that loop without pause (half a
+        core, for as long as the process lives). Destroyed while a collective is still in
+        flight, the group's destructor would wait for it, up to the step timeout, stalling training."""
+        if not self.retiring:
+            return
+        too_old = time.monotonic() - 2 * self.timeout.total_seconds()  # Gloo's own timeout has ended them
+        self.retiring = [(since, pg, works) for since, pg, works in self.retiring
+                         if since > too_old and not all(map(_finished, works))]
+
     def _join(self, trainer) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
         if self.pg is not None:
-            self.abandoned.append(self.pg)
-            self.pg = None
+            self.retiring.append((time.monotonic(), self.pg, self.inflight))
+            self.pg, self.inflight = None, []
+        self._reap()
         self.seq += 1
         if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
             self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen,
@@ -484,5 +511,5 @@ class Replicas:
         options.rootRank = source
         work = self.pg.broadcast([buffer], options)
         self._fire("transfer", trainer.step, is_source=self.rank == source)
-        self._wait(work, "state transfer", trainer.step)
+        self.wait(work, "state transfer", trainer.step)
         return buffer

@@ -25,14 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from shoal.fault.elastic import POLL, GenerationBroken, Replicas, materialize_optimizer_state
+from shoal.fault.elastic import GenerationBroken, Replicas, materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
 
@@ -137,7 +135,7 @@ class ElasticDiLoCo(DiLoCo):
         head = torch.tensor([weight, reconfigure], dtype=torch.float64)
         replicas._set(replicas._where_key(replicas.rank), f"step {step}: in outer sync")
         replicas._fire("during", step)
-        self._wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
+        replicas.wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
         self.last_weight = float(head[0])
         share = weight / self.last_weight
         if self.compression in ("int8", "int4"):
@@ -146,28 +144,10 @@ class ElasticDiLoCo(DiLoCo):
         else:
             wire = (pseudo * share).to(_WIRE[self.compression])
             future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
-        average = self._wait(future, "outer sync", step)
+        average = replicas.wait(future, "outer sync", step)
         replicas._set("ft/progress", json.dumps({"step": step, "loss": float("nan"), "gen": replicas.gen,
                                                   "size": replicas.size, "outer_syncs": self.outer_syncs + 1}))
         return average, head[1] > 0
-
-    def _wait(self, work, op: str, step: int):
-        """Wait for a collective (Work or Future) like the per-step all-reduce does: give up when
-        it fails, when the coordinator aborts the generation, or after step_timeout."""
-        future = work.get_future() if isinstance(work, dist.Work) else work
-        replicas = self.replicas
-        deadline = time.monotonic() + replicas.timeout.total_seconds()
-        abort_key = f"ft/gen/{replicas.gen}/abort"
-        while not future.done():
-            if replicas._check(abort_key):
-                raise GenerationBroken("the coordinator aborted the generation (a member left)")
-            if time.monotonic() > deadline:
-                raise GenerationBroken(replicas._diagnose(op, step))
-            time.sleep(POLL.total_seconds())
-        try:
-            return future.wait()
-        except RuntimeError as err:
-            raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
 
     def _finish(self, fragment) -> None:
         synced = fragment.pending is not None
