@@ -430,6 +430,13 @@ class Replicas:
         options._timeout = self.timeout
         return options
 
+    def _abandon(self) -> None:
+        """Leave the current generation: its group is destroyed once its collectives have ended."""
+        if self.pg is not None:
+            self.retiring.append((time.monotonic(), self.pg, self.inflight))
+            self.pg, self.inflight = None, []
+        self._reap()
+
     def _reap(self) -> None:
         """Destroy the groups of abandoned generations once their collectives have ended.
 
@@ -445,10 +452,7 @@ class Replicas:
 
     def _join(self, trainer) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
-        if self.pg is not None:
-            self.retiring.append((time.monotonic(), self.pg, self.inflight))
-            self.pg, self.inflight = None, []
-        self._reap()
+        self._abandon()
         self.seq += 1
         if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
             self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen,

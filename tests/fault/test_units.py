@@ -4,6 +4,8 @@ state for joiners, uneven data shares, the sample audit."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -162,3 +164,51 @@ def test_chaos_monkey_kills_and_pauses_real_processes():
         for v in victims:
             v.kill()
             v.wait()
+
+
+def _sockets() -> int:
+    return sum(os.readlink(f"/proc/self/fd/{fd}").startswith("socket:") for fd in os.listdir("/proc/self/fd")
+               if os.path.exists(f"/proc/self/fd/{fd}"))
+
+
+def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
+    """A group kept alive after its generation was abandoned can busy-poll Gloo's event loop
+    (bytes arriving for a collective this rank gave up); one destroyed while its collective is
+    in flight blocks in its destructor until the step timeout. Two ranks of a real Gloo group,
+    in two threads: rank 0 gives up an all-reduce rank 1 has not reached."""
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from shoal.fault.elastic import GenerationBroken, Replicas
+
+    store = dist.HashStore()
+    cfg = config.load(None, ["fault.enabled=true", "fault.step_timeout=20"])
+    before = _sockets()
+    pgs = {}
+
+    def connect(rank):
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_default_device()]
+        options._timeout = timedelta(seconds=20)
+        pgs[rank] = dist.ProcessGroupGloo(dist.PrefixStore("pg", store), rank, 2, options)
+
+    threads = [threading.Thread(target=connect, args=(rank,)) for rank in (0, 1)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    replicas = Replicas(store, member=0, slot=0, incarnation=0, cfg=cfg)
+    replicas.gen, replicas.pg = 1, pgs.pop(0)
+    store.set("ft/gen/1/abort", "1")  # the coordinator saw a member leave
+    with pytest.raises(GenerationBroken, match="aborted"):
+        replicas.wait(replicas.pg.allreduce([torch.ones(4)]), "allreduce", 0)
+    connected = _sockets()
+    assert connected > before
+    started = time.monotonic()
+    replicas._abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
+    assert time.monotonic() - started < 1.0 and _sockets() == connected and replicas.retiring
+    pgs[1].allreduce([torch.ones(4)]).wait()  # rank 1 arrives: the collective ends
+    started = time.monotonic()
+    replicas._reap()  # at the next step: destroyed, its sockets closed
+    assert time.monotonic() - started < 1.0 and not replicas.retiring
+    assert _sockets() < connected
