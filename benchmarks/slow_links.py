@@ -6,8 +6,9 @@ find each other through MASTER_ADDR, as on separate hosts. Every method gets the
 token budget (steps x global batch). Bytes are the kernel's counters of each worker's
 link, not estimates.
 
-    sudo .venv/bin/python benchmarks/slow_links.py                 # the issue's five methods, ~15-20 min
-    sudo .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco --steps 200
+    # as root: it makes network namespaces
+    .venv/bin/python benchmarks/slow_links.py                 # the issue's five methods, ~15-20 min
+    .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco --steps 200
 
 The default shape is chosen so that communication dominates DDP's step: the gpt debug model
 (137k parameters, 0.55 MB in fp32) with 4 sequences of 64 tokens per worker per step costs
@@ -50,6 +51,10 @@ METHODS: dict[str, list[str]] = {
                "sync.outer_momentum=0.9", "sync.nesterov=true"],
     "streaming": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int4", "sync.fragments=4",
                   "sync.overlap=true", "sync.outer_lr=0.7", "sync.outer_momentum=0.9", "sync.nesterov=true"],
+    # The best of a small sweep at this budget (docs/sync.md): syncs twice as often at half the bytes each,
+    # with a full outer step and light momentum, for 20 outer syncs' worth of pseudo-gradients.
+    "diloco-h25": ["sync.method=diloco", "sync.inner_steps=25", "sync.compression=int4", "sync.outer_lr=1.0",
+                   "sync.outer_momentum=0.5", "sync.nesterov=true"],
 }
 
 
