@@ -123,9 +123,9 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
             losses = trainer.fit()
     except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
         replicas.rollback(trainer)
-        # The lanes of a replica group may lose the store at different points of a step, so
-        # they cannot save together: a group job resumes from its last periodic checkpoint.
-        saving = replicas.is_master and not replicas.grouped
+        # The lanes of a replica group agree on the loss and stop at the same point of the step
+        # (Replicas.reduce, Replicas._join), so the master group's lanes save together here.
+        saving = replicas.is_master
         log.error("%s; stopping%s; continue with --resume", err,
                   f" with a checkpoint at step {trainer.step}" if saving else "")
         if saving:

@@ -192,6 +192,9 @@ class Replicas:
         self.regroup_on_abort = True
         """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
         self.device = None  # the Gloo device every generation's group shares (made at the first join)
+        self.store_lost: StoreLost | None = None
+        """In a replica group, the store failure a lane saw mid-step: it skips its other store calls
+        and the lanes stop together where they next agree (`reduce`, `_join`)."""
 
     def rollback(self, trainer) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
@@ -247,17 +250,31 @@ class Replicas:
         return self.rank == 0 and self.gen >= 0 and self.has_state
 
     # -- store access: a lost store ends the job cleanly instead of hanging it -----------
-    def _check(self, key: str) -> bool:
+    def _store_call(self, call, fallback):
+        """`call()`, or `fallback` once the store is lost. A whole-model replica stops at once; the
+        lanes of a replica group may each see the loss at a different store call, so a lane only
+        remembers it and carries on through the step's group collectives to the next agreement."""
+        if self.store_lost is not None:
+            return fallback
         try:
-            return self.store.check([key])
+            return call()
         except (dist.DistNetworkError, ConnectionError) as err:
-            raise StoreLost(f"membership store unreachable: {str(err).splitlines()[0]}") from None
+            self.store_lost = StoreLost(f"membership store unreachable: {str(err).splitlines()[0]}")
+            if not self.grouped:
+                raise self.store_lost from None
+            return fallback
+
+    def _check(self, key: str) -> bool:
+        return self._store_call(lambda: self.store.check([key]), False)
 
     def _set(self, key: str, value: str) -> None:
-        try:
-            self.store.set(key, value)
-        except (dist.DistNetworkError, ConnectionError) as err:
-            raise StoreLost(f"membership store unreachable: {str(err).splitlines()[0]}") from None
+        self._store_call(lambda: self.store.set(key, value), None)
+
+    def _stop_if_lost(self, lost: float) -> None:
+        """Raise StoreLost on every lane of a replica group when one of them lost the store (`lost`
+        is the count the lanes agreed on)."""
+        if lost > 0:
+            raise self.store_lost or StoreLost("another lane of this replica group lost the membership store")
 
     # -- the step ----------------------------------------------------------------------
     def begin_step(self, trainer) -> tuple[int, int]:
@@ -329,8 +346,9 @@ class Replicas:
         # was asked to, or the generation was aborted meanwhile.
         ok = failure is None
         regroup = float(ok and flat[-1] > 0) + float(self.grouped and self._check(f"ft/gen/{self.gen}/abort"))
-        agreed = self._agree([float(ok), regroup, float(flat[-2]) if ok else 0.0, float(flat[-3]) if ok else 0.0],
-                             f"step {step}")
+        agreed = self._agree([float(ok), regroup, float(flat[-2]) if ok else 0.0, float(flat[-3]) if ok else 0.0,
+                              float(self.store_lost is not None)], f"step {step}")
+        self._stop_if_lost(agreed[4])  # before anything is applied: every lane stops at this step
         if agreed[0] < self.group_size:
             log.warning("step %d abandoned in generation %d: %s", step, self.gen,
                         failure or "another lane of this replica group failed")
@@ -381,6 +399,8 @@ class Replicas:
                     raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
             if self._check(abort_key):
                 raise GenerationBroken("the coordinator aborted the generation (a member left)")
+            if self.store_lost is not None:
+                raise GenerationBroken(str(self.store_lost))
             if time.monotonic() > deadline:
                 raise GenerationBroken(self._diagnose(op, step))
 
@@ -390,7 +410,8 @@ class Replicas:
         missing = []
         for rank, member in enumerate(self.members):
             key = self._where_key(rank)
-            seen = self.store.get(key).decode() if self._check(key) else "not started"
+            seen = self._store_call(lambda: self.store.get(key).decode() if self.store.check([key]) else "not started",
+                                    "unknown (store lost)")
             if seen != expected:
                 who = f"worker {member}" if not self.grouped else f"replica group {member}, lane {self.lane}"
                 missing.append(f"rank {rank} ({who}) last seen '{seen}'")
@@ -459,24 +480,24 @@ class Replicas:
                                                              "step": trainer.step, "has_state": self.has_state}))
         log.info("asking to join after generation %d (step %d, %s)", self.gen, trainer.step,
                  "holding state" if self.has_state else "needing state")
-        key = f"ft/assign/{self.member}/{self.seq}"
         try:
-            self.store.wait([key], timedelta(seconds=self.cfg.fault.join_timeout))
-            gen = int(self.store.get(key))
-            info = json.loads(self.store.get(f"ft/gen/{gen}"))
+            gen, info = self._store_call(self._await_assignment, (self.gen, None))
         except dist.DistStoreError:
             raise RuntimeError(f"worker {self.member} was not admitted within fault.join_timeout = "
                                f"{self.cfg.fault.join_timeout}s") from None
-        except (dist.DistNetworkError, ConnectionError) as err:
-            raise StoreLost(f"membership store unreachable: {str(err).splitlines()[0]}") from None
-        if info.get("stop"):
+        if info is not None and info.get("stop"):
             raise JobStopped(info["stop"])
-        self.gen, self.members = gen, info["members"]
-        self.rank = self.members.index(self.member)
+        # A lane that lost the store stops as a member of the generation it was in; so must its peers.
+        previous = self.gen, self.members, self.rank
+        if info is not None:
+            self.gen, self.members = gen, info["members"]
+            self.rank = self.members.index(self.member)
         started = time.perf_counter()
         prefix = f"shoal/ft/pg/{gen}" if not self.grouped else f"shoal/ft/pg/{gen}/lane{self.lane}"
         buffer, failure = None, None
         try:
+            if info is None:
+                raise GenerationBroken(str(self.store_lost))
             try:
                 self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), self.rank, self.size,
                                                 self._gloo_options())
@@ -489,7 +510,11 @@ class Replicas:
             failure = err
         # Every rank of a replica group must have connected (and received its shards) before
         # any of them goes on; otherwise the whole group asks again, copying nothing in.
-        if self._agree([float(failure is None)], f"joining generation {gen}")[0] < self.group_size:
+        agreed = self._agree([float(failure is None), float(self.store_lost is not None)], f"joining generation {gen}")
+        if agreed[1] > 0:
+            self.gen, self.members, self.rank = previous
+        self._stop_if_lost(agreed[1])
+        if agreed[0] < self.group_size:
             raise failure or GenerationBroken("another lane of this replica group could not join")
         # A member holding state at the source's step already has it (replicas in lockstep) or
         # must keep its own (DiLoCo replicas between syncs): only the others copy it in.
@@ -501,6 +526,13 @@ class Replicas:
         log.info("generation %d: %d %ss %s, this is rank %d at step %d (%.2fs%s)", gen, self.size, unit,
                  self.members, self.rank, trainer.step, time.perf_counter() - started,
                  f", state from {unit} {info['source']}" if info["sync"] else "")
+
+    def _await_assignment(self) -> tuple[int, dict]:
+        """Wait for the coordinator to place this replica in a generation: (generation, its record)."""
+        key = f"ft/assign/{self.member}/{self.seq}"
+        self.store.wait([key], timedelta(seconds=self.cfg.fault.join_timeout))
+        gen = int(self.store.get(key))
+        return gen, json.loads(self.store.get(f"ft/gen/{gen}"))
 
     def _transfer(self, trainer, source: int) -> torch.Tensor:
         """Broadcast the source's whole training state to the generation as one byte buffer

@@ -17,6 +17,7 @@ from shoal.fault import chaos
 from shoal.fault.audit import audit
 from shoal.fault.elastic import materialize_optimizer_state, state_tensors
 from shoal.launch.supervisor import check_fault_tolerant
+from tests.conftest import wait_for
 
 
 def test_chaos_spec_parses_launcher_and_step_injections():
@@ -207,7 +208,9 @@ def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
     started = time.monotonic()
     replicas._abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
     assert time.monotonic() - started < 1.0 and _sockets() == connected and replicas.retiring
-    pgs[1].allreduce([torch.ones(4)]).wait()  # rank 1 arrives: the collective ends
+    pgs[1].allreduce([torch.ones(4)]).wait()  # rank 1 arrives: the collective ends (rank 0's side a moment later)
+    wait_for(lambda: all(w.is_completed() for _, _, works in replicas.retiring for w in works), 10,
+             "rank 0's side of the all-reduce")
     started = time.monotonic()
     replicas._reap()  # at the next step: destroyed, its sockets closed
     assert time.monotonic() - started < 1.0 and not replicas.retiring
