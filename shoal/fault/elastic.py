@@ -40,7 +40,7 @@ import torch.distributed as dist
 from shoal.config import Config
 from shoal.data.sampler import ShardedSampler
 from shoal.fault import chaos
-from shoal.runtime.lazy import dtensor_type
+from shoal.fault.state import local_part, pack_state, unpack_state
 
 log = logging.getLogger("shoal")
 
@@ -73,80 +73,6 @@ Collective = dist.Work | torch.futures.Future
 
 def _finished(work: Collective) -> bool:
     return work.is_completed() if isinstance(work, dist.Work) else work.done()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of a DTensor (an alias, not a copy)."""
-    return t.to_local() if isinstance(t, dtensor_type()) else t
-
-
-def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's per-parameter state without changing anything it means.
-
-    A joiner has no state yet, but the state broadcast needs the same tensors on every rank.
-    A step with zero gradients and lr = 0 creates them and leaves parameters unchanged; the
-    new state is then zeroed so the next real step behaves as the first one would (for SGD
-    momentum and Adam(W) with the default dampening, a zero buffer equals an absent one)."""
-    missing = {id(p) for group in optimizer.param_groups for p in group["params"] if p not in optimizer.state}
-    if not missing:
-        return
-    saved_lr = [group["lr"] for group in optimizer.param_groups]
-    saved_grads = {p: p.grad for group in optimizer.param_groups for p in group["params"]}
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        for p in group["params"]:
-            p.grad = torch.zeros_like(p) if id(p) in missing else None
-    optimizer.step()
-    for group, lr in zip(optimizer.param_groups, saved_lr):
-        group["lr"] = lr
-    for p, grad in saved_grads.items():
-        p.grad = grad
-    for p in (p for group in optimizer.param_groups for p in group["params"] if id(p) in missing):
-        for value in optimizer.state[p].values():
-            if torch.is_tensor(value):  # fresh moments and counters (weight decay may have touched them)
-                value.zero_()
-
-
-def state_tensors(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    """Everything a replica's training depends on, in an order every replica agrees on."""
-    params = list(model.parameters())
-    tensors = [_local(p.data) for p in params]
-    for p in params:
-        state = optimizer.state.get(p, {})
-        tensors += [_local(state[k]) for k in sorted(state) if torch.is_tensor(state[k])]
-    return tensors
-
-
-def _state_parts(trainer) -> list[torch.Tensor]:
-    sampler = trainer.sampler.state_dict()
-    meta = torch.tensor([trainer.step, sampler["epoch"], sampler["position"]], dtype=torch.int64)
-    # An outer sync (DiLoCo, shoal/fault/outer.py) adds its outer parameters and momentum.
-    outer = trainer.outer_sync.state_tensors() if hasattr(trainer.outer_sync, "state_tensors") else []
-    return state_tensors(trainer.model, trainer.optimizer) + outer + [meta, torch.get_rng_state()]
-
-
-def pack_state(trainer) -> torch.Tensor:
-    """A trainer's whole state (parameters, optimizer state, step, data position, RNG) as one
-    byte buffer; the layout is the same on every replica of the same model and optimizer."""
-    materialize_optimizer_state(trainer.optimizer)
-    return torch.cat([t.detach().reshape(-1).contiguous().view(torch.uint8) for t in _state_parts(trainer)])
-
-
-def unpack_state(trainer, buffer: torch.Tensor) -> None:
-    """Load a buffer made by `pack_state` on another replica into this trainer."""
-    materialize_optimizer_state(trainer.optimizer)
-    parts = _state_parts(trainer)
-    offset = 0
-    for t in parts[:-1]:  # tensors, then meta; the RNG state is set rather than copied into
-        n = t.numel() * t.element_size()
-        t.copy_(buffer[offset:offset + n].clone().view(t.dtype).view_as(t))  # clone: aligned for any dtype
-        offset += n
-    step, epoch, position = (int(v) for v in parts[-2])
-    trainer.step = step
-    trainer.sampler.load_state_dict({"epoch": epoch, "position": position})
-    torch.set_rng_state(buffer[offset:].clone())
-    if hasattr(trainer.outer_sync, "state_received"):
-        trainer.outer_sync.state_received()
 
 
 def _claim(store: dist.Store, injection: int, gen: int) -> bool:
@@ -328,7 +254,7 @@ class Replicas:
         params = list(trainer.model.parameters())
         # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
         # averages shard j of every group.
-        grads = [_local(p.grad) if p.grad is not None else torch.zeros_like(_local(p)) for p in params]
+        grads = [local_part(p.grad) if p.grad is not None else torch.zeros_like(local_part(p)) for p in params]
         reconfigure = 1.0 if self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
@@ -430,7 +356,7 @@ class Replicas:
         ids = torch.cat([sampler.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
         # A digest of the parameters the step starts from: replicas in lockstep must agree on it.
         # In a replica group, a digest of this rank's shards: the same lane of every group must agree.
-        params = torch.cat([_local(p.detach()).reshape(-1) for p in trainer.model.parameters()])
+        params = torch.cat([local_part(p.detach()).reshape(-1) for p in trainer.model.parameters()])
         record = {"step": step, "t": time.time(), "member": self.member, "lane": self.lane, "gen": self.gen,
                   "size": self.size,
                   "epoch": self.step_start["epoch"], "params": hashlib.sha1(params.numpy().tobytes()).hexdigest(),

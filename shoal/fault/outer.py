@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.fault.elastic import GenerationBroken, Replicas, materialize_optimizer_state
+from shoal.fault.elastic import GenerationBroken, Replicas
+from shoal.fault.state import materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
 

@@ -15,7 +15,7 @@ from shoal.config import ConfigError
 from shoal.data.sampler import ShardedSampler
 from shoal.fault import chaos
 from shoal.fault.audit import audit
-from shoal.fault.elastic import materialize_optimizer_state, state_tensors
+from shoal.fault.state import materialize_optimizer_state, state_tensors
 from shoal.launch.supervisor import check_fault_tolerant
 from tests.conftest import wait_for
 
@@ -112,7 +112,7 @@ def test_state_buffer_round_trip_moves_everything():
     """What a joiner receives: odd-sized parameters (unaligned offsets), AdamW moments, step,
     data position and RNG, from a trained replica into a fresh one."""
     from types import SimpleNamespace
-    from shoal.fault.elastic import pack_state, unpack_state
+    from shoal.fault.state import pack_state, unpack_state
 
     def replica(seed):
         torch.manual_seed(seed)
