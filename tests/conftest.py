@@ -51,6 +51,12 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def sigint_default() -> None:
+    """`preexec_fn` for a child the test stops with SIGINT (as Ctrl-C would): a test run started
+    as a shell's background job has SIGINT ignored, and the child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def crash_after_checkpoint(args: list[str], cwd: Path, name: str, step: int) -> None:
     """Start `shoal run ARGS log.name=NAME` and SIGKILL the launcher and its workers at once
     as soon as the checkpoint of `step` is complete (or the run ended)."""

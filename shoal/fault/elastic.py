@@ -40,7 +40,8 @@ import torch.distributed as dist
 from shoal.config import Config
 from shoal.data.sampler import ShardedSampler
 from shoal.fault import chaos
-from shoal.fault.state import local_part, pack_state, unpack_state
+from shoal.fault.state import pack_state, unpack_state
+from shoal.sync.replica_state import local_tensor
 
 log = logging.getLogger("shoal")
 
@@ -254,7 +255,7 @@ class Replicas:
         params = list(trainer.model.parameters())
         # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
         # averages shard j of every group.
-        grads = [local_part(p.grad) if p.grad is not None else torch.zeros_like(local_part(p)) for p in params]
+        grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
         reconfigure = 1.0 if self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
@@ -356,7 +357,7 @@ class Replicas:
         ids = torch.cat([sampler.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
         # A digest of the parameters the step starts from: replicas in lockstep must agree on it.
         # In a replica group, a digest of this rank's shards: the same lane of every group must agree.
-        params = torch.cat([local_part(p.detach()).reshape(-1) for p in trainer.model.parameters()])
+        params = torch.cat([local_tensor(p.detach()).reshape(-1) for p in trainer.model.parameters()])
         record = {"step": step, "t": time.time(), "member": self.member, "lane": self.lane, "gen": self.gen,
                   "size": self.size,
                   "epoch": self.step_start["epoch"], "params": hashlib.sha1(params.numpy().tobytes()).hexdigest(),

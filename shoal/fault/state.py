@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from shoal.runtime.lazy import dtensor_type
-
-
-def local_part(t: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a tensor: the local shard of a DTensor (an alias, not a copy)."""
-    return t.to_local() if isinstance(t, dtensor_type()) else t
+from shoal.sync.replica_state import local_tensor
 
 
 def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -44,10 +39,10 @@ def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def state_tensors(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """Everything a replica's training depends on, in an order every replica agrees on."""
     params = list(model.parameters())
-    tensors = [local_part(p.data) for p in params]
+    tensors = [local_tensor(p.data) for p in params]
     for p in params:
         state = optimizer.state.get(p, {})
-        tensors += [local_part(state[k]) for k in sorted(state) if torch.is_tensor(state[k])]
+        tensors += [local_tensor(state[k]) for k in sorted(state) if torch.is_tensor(state[k])]
     return tensors
 
 

@@ -38,6 +38,7 @@ class _Worker:
     member: int
     proc: object
     incarnation: int
+    log: Path | None  # None when its output goes to the console (--verbose)
 
 
 class RemoteHost:
@@ -67,11 +68,11 @@ class RemoteHost:
                elastic.INCARNATION_ENV: str(incarnation + 1)}
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHOAL_LAUNCHER_PID"):
             env.pop(name, None)
-        out = None if self.verbose else str(self.log_dir / f"worker{member}.log")
-        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, out), daemon=False)
+        log = None if self.verbose else self.log_dir / f"worker{member}.log"
+        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, str(log) if log else None), daemon=False)
         proc.start()
         self.say(f"worker {member} (slot {slot}, pid {proc.pid}) started, joining {self.endpoint}")
-        return _Worker(slot, member, proc, incarnation)
+        return _Worker(slot, member, proc, incarnation, log)
 
     def _finished(self) -> bool:
         try:
@@ -103,7 +104,7 @@ class RemoteHost:
             if code in (0, None) or worker.incarnation < 0:
                 continue
             if code == 2:
-                self.failures.append(self._tail(worker.member))
+                self.failures.append(worker_failure_text(worker.log))
                 return 2
             if code == STORE_LOST or self._finished():
                 worker.incarnation = -1  # done: the job ended or finished without it
@@ -115,7 +116,7 @@ class RemoteHost:
             else:
                 worker.incarnation = -1
                 self.failures.append(f"worker {worker.member} exited with {code}; no restarts left:\n"
-                                     f"{self._tail(worker.member)}")
+                                     f"{worker_failure_text(worker.log)}")
         if running and self._finished():
             # Training is over: workers still waiting for a generation have nothing left to join.
             for worker in self.workers:
@@ -135,8 +136,6 @@ class RemoteHost:
                                  f"continue with `shoal run ... --resume` where its checkpoints are")
         return 1
 
-    def _tail(self, member: int) -> str:
-        return worker_failure_text(self.log_dir / f"worker{member}.log")
 
 
 def join_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, endpoint: str, *,

@@ -240,7 +240,7 @@ class Supervisor:
             what = f"worker {slot.member} (slot {slot.index})" if self.group_size == 1 else \
                 f"worker slot {slot.index} of replica group {slot.member}"
             if code == 2:  # a user mistake the worker found: its own one-line error
-                self.failures.append(self._tail(slot))
+                self.failures.append(worker_failure_text(slot.log))
                 return 2
             elif not self.finished and slot.incarnation < self.cfg.fault.max_restarts:
                 self.say(f"{what} exited with {code}; starting a replacement"
@@ -251,7 +251,7 @@ class Supervisor:
                 slot.done = True
                 if not self.finished:
                     self.say(f"{what} exited with {code}; no restarts left")
-                    self.failures.append(f"{what} exited with {code}:\n{self._tail(slot)}")
+                    self.failures.append(f"{what} exited with {code}:\n{worker_failure_text(slot.log)}")
         running = [s for s in self.slots if not s.done]
         if self.finished:
             # Training is complete: workers still waiting to join have nothing left to do.
@@ -271,8 +271,6 @@ class Supervisor:
             return 1
         return None
 
-    def _tail(self, slot: Slot) -> str:
-        return worker_failure_text(slot.log)
 
     def _wait_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace

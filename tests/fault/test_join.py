@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import ROOT, SHOAL, wait_for
+from tests.conftest import ROOT, SHOAL, sigint_default, wait_for
 
 pytestmark = pytest.mark.timeout(200)
 
@@ -25,10 +25,9 @@ def test_two_grow_to_three_and_shrink_to_two(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples), "PYTHONPATH": str(ROOT)}
-    # SIGINT back to its default: a test run started as a shell's background job inherits it ignored.
     job = subprocess.Popen([SHOAL, "run", *JOB], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                           preexec_fn=sigint_default)
     joiner = subprocess.Popen([sys.executable, "-m", "tests.fault.joiner", str(tmp_path / "runs")], cwd=ROOT,
                               env={**env, "SHOAL_CACHE": os.environ["SHOAL_CACHE"]}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)

@@ -15,6 +15,7 @@ import pytest
 
 from shoal import cli
 from shoal.launch.netbed import Netbed, NetbedError, parse_rate
+from tests.conftest import sigint_default
 
 PREFIX, SUBNET = "shtest", "10.78.0.0/24"  # apart from a bed a user may have up
 
@@ -112,9 +113,8 @@ def test_cleanup_on_ctrl_c():
     script = (f"import time; from shoal.launch.netbed import Netbed\n"
               f"with Netbed(2, '20mbit', prefix='{PREFIX}', subnet='{SUBNET}'):\n"
               f"    print('up', flush=True); time.sleep(60)\n")
-    # SIGINT back to its default: a test run started as a shell's background job inherits it ignored.
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_default)
     assert proc.stdout.readline().strip() == "up"
     proc.send_signal(signal.SIGINT)  # as Ctrl-C sends
     proc.wait(timeout=30)
