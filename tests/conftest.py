@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,7 +18,17 @@ SHOAL = str(Path(sys.executable).parent / "shoal")
 
 # Small enough that a 2-worker run takes seconds on 2 cores.
 TINY = ["data.seq_len=32", "data.max_bytes=400000", "train.batch_size=8", "train.warmup_steps=2",
-        "train.eval_every=0", "launch.nproc=2", "launch.threads=1"]
+        "train.eval_every=0", "launch.nproc=2"]  # threads: the default, cores shared among the workers
+
+
+def torch_threads(log_text: str) -> list[int]:
+    """The torch thread count each worker start reported in a log ("...; N torch threads")."""
+    return [int(n) for n in re.findall(r"; (\d+) torch threads", log_text)]
+
+
+def threads_for(workers_on_host: int) -> int:
+    """What the default thread budget gives each of `workers_on_host` workers on this machine."""
+    return max(1, len(os.sched_getaffinity(0)) // workers_on_host)
 
 
 @pytest.fixture(scope="session", autouse=True)

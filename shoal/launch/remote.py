@@ -61,11 +61,13 @@ class RemoteHost:
 
     def _start(self, slot: int, incarnation: int) -> _Worker:
         from shoal.fault import elastic
+        from shoal.runtime.env import LOCAL_WORKERS_ENV
         member = self.store.add("ft/next_member", 1) - 1  # one numbering for the whole job
         env = {**os.environ, elastic.STORE_ENV: self.endpoint, elastic.MEMBER_ENV: str(member),
                elastic.SLOT_ENV: str(-1 - slot),  # launcher chaos addresses node rank 0's slots only
                # No worker here starts with the job's state: each receives it from a live peer.
-               elastic.INCARNATION_ENV: str(incarnation + 1)}
+               elastic.INCARNATION_ENV: str(incarnation + 1),
+               LOCAL_WORKERS_ENV: str(self.cfg.launch.nproc)}  # this host's cores are shared among them
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHOAL_LAUNCHER_PID"):
             env.pop(name, None)
         log = None if self.verbose else self.log_dir / f"worker{member}.log"

@@ -65,6 +65,33 @@ def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
                      master_port=0, restart_count=0, agent_hosts_store=False)
 
 
+LOCAL_WORKERS_ENV = "SHOAL_LOCAL_WORKERS"
+"""Workers that Shoal's own launchers (fault-tolerant supervisor, a joining host) run on this host."""
+
+
+def thread_budget(configured: int = 0, environ: dict[str, str] | None = None) -> int:
+    """Torch threads for this worker: `launch.threads` when set, else this host's usable cores
+    shared among the workers on it, however the worker was started.
+
+    Workers on a host come from Shoal's launchers (SHOAL_LOCAL_WORKERS), torchrun/elastic
+    (LOCAL_WORLD_SIZE) or SLURM (SLURM_CPUS_PER_TASK gives the cores outright, else
+    SLURM_NTASKS_PER_NODE shares them). Each worker taking every core would oversubscribe the
+    host: spinning OpenMP threads of 4 workers on 2 cores made steps 20x slower here."""
+    if configured:
+        return configured
+    env = os.environ if environ is None else environ
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+    workers = 1
+    for name in (LOCAL_WORKERS_ENV, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = env.get(name, "").split("(")[0]  # SLURM writes '2(x3)' for 2 tasks on each of 3 nodes
+        if value.isdigit() and int(value) > 0:
+            workers = int(value)
+            break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // workers)
+
+
 def die_with_launcher() -> None:
     """Under Shoal's launcher, end this worker when the launcher dies, even by SIGKILL.
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, free_port, shoal
+from tests.conftest import SHOAL, TINY, free_port, shoal, threads_for, torch_threads
 
 pytestmark = pytest.mark.e2e
 
@@ -38,6 +38,7 @@ def test_plain_torchrun_runs_the_worker(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     log = (tmp_path / "runs" / "shoal" / "logs" / "rank1.log").read_text()
     assert "world 2 on cpu" in log and "finished 3 steps" in log
+    assert torch_threads(log) == [threads_for(2)]  # torchrun's LOCAL_WORLD_SIZE shares the cores
 
 
 def test_slurm_variables_alone_start_a_job(tmp_path):
@@ -51,7 +52,9 @@ def test_slurm_variables_alone_start_a_job(tmp_path):
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "world 2 on cpu" in (tmp_path / "runs" / "shoal" / "logs" / "rank1.log").read_text()
+    log = (tmp_path / "runs" / "shoal" / "logs" / "rank1.log").read_text()
+    assert "world 2 on cpu" in log
+    assert torch_threads(log) == [threads_for(2)]  # SLURM_NTASKS_PER_NODE shares the cores
 
 
 def test_two_hosts_join_one_job_through_rendezvous(tmp_path, two_hosts):

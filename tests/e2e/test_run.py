@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, crash_after_checkpoint, shoal
+from tests.conftest import SHOAL, TINY, crash_after_checkpoint, shoal, threads_for, torch_threads
 
 pytestmark = pytest.mark.e2e
 
@@ -28,6 +28,8 @@ def test_run_leaves_a_complete_run_directory_and_report(tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "logs" / "rank0.log").is_file() and (run / "logs" / "rank1.log").is_file()
     assert "world 2 on cpu" in (run / "logs" / "rank1.log").read_text()
+    for rank in (0, 1):  # the default thread budget shares the cores between the 2 workers
+        assert torch_threads((run / "logs" / f"rank{rank}.log").read_text()) == [threads_for(2)]
     assert "rank 1" not in out.stdout  # other ranks stay quiet
     report = shoal("report", str(run), cwd=tmp_path)
     assert report.returncode == 0, report.stderr

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -6,7 +8,7 @@ from shoal import config
 from shoal.config import ConfigError
 from shoal.data.spec import DataSpec
 from shoal.models import build_model, compute_loss
-from shoal.runtime.env import _first_slurm_host, read_env
+from shoal.runtime.env import _first_slurm_host, read_env, thread_budget
 from shoal.runtime.mesh import ParallelDims
 
 TOKENS = DataSpec(kind="tokens", vocab_size=256, seq_len=16)
@@ -71,3 +73,16 @@ def test_env_from_torchrun_and_slurm():
     assert (env.master_addr, env.master_port, env.agent_hosts_store) == ("gpu03", 20077, False)
     assert _first_slurm_host("node7,node9") == "node7"
     assert _first_slurm_host("a[1,3-5]") == "a1"
+
+
+@pytest.mark.parametrize("env, workers", [
+    ({}, 1),  # a single process takes every core
+    ({"LOCAL_WORLD_SIZE": "2"}, 2),  # torchrun, shoal run
+    ({"SHOAL_LOCAL_WORKERS": "4", "LOCAL_WORLD_SIZE": "2"}, 4),  # a fault-tolerant launcher's workers
+    ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 2),  # srun: 2 tasks on each of 3 nodes
+])
+def test_thread_budget_shares_the_cores_among_the_workers_of_a_host(env, workers):
+    cores = len(os.sched_getaffinity(0))
+    assert thread_budget(0, env) == max(1, cores // workers)
+    assert thread_budget(3, env) == 3  # launch.threads wins
+    assert thread_budget(0, {"SLURM_CPUS_PER_TASK": "5", **env}) == 5  # SLURM says outright
