@@ -56,7 +56,8 @@ def _prepare_run(cfg: config_module.Config, resume: str | None, *, exact_name: b
 
 
 def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
-    from shoal.launch.local import WorkerFailure, launch_workers
+    from shoal.fault.preempt import PREEMPTED_CODES
+    from shoal.launch.local import Stopped, WorkerFailure, launch_workers
     worker_args = [str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
     if args.resume:
         worker_args += ["--resume", str(run_dir)]
@@ -73,15 +74,32 @@ def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
             return code
     try:
         launch_workers(worker_args, nproc=cfg.launch.nproc, run_dir=run_dir, rendezvous=rendezvous,
-                       max_restarts=cfg.launch.max_restarts, verbose=args.verbose)
+                       max_restarts=cfg.launch.max_restarts, verbose=args.verbose,
+                       grace_seconds=cfg.fault.grace_seconds)
+    except Stopped as stopped:  # SIGTERM/SIGINT/SIGUSR1 to the launcher, forwarded to every worker
+        return _say_stopped(cfg, stopped.signum, run_dir, args)
     except WorkerFailure as failure:
         if failure.exitcode == 2:  # a user mistake found by a worker: its one-line error
             print(failure.message, file=sys.stderr)
             return 2
+        if failure.exitcode in PREEMPTED_CODES:  # the signal reached the workers, not this process
+            return _say_stopped(cfg, failure.exitcode - 128, run_dir, args)
         print(f"shoal: worker rank {failure.rank} failed:\n{failure.message}", file=sys.stderr)
         return 1
     print(f"shoal: run directory {run_dir}", file=sys.stderr)
     return 0
+
+
+def _say_stopped(cfg: config_module.Config, signum: int, run_dir: Path, args) -> int:
+    """One line after a preemption: where the checkpoint is and the command that continues."""
+    import signal as signals
+    from shoal.fault.checkpoint import latest_checkpoint
+    from shoal.observe.rundir import checkpoint_folder
+    checkpoint = latest_checkpoint(checkpoint_folder(cfg, run_dir))
+    where = f"checkpoint {checkpoint.name}" if checkpoint else "no checkpoint was completed"
+    again = " ".join(["shoal", args.command, *args.items, "--resume", str(run_dir)])
+    print(f"shoal: stopped by {signals.Signals(signum).name} ({where}); continue with: {again}", file=sys.stderr)
+    return 128 + signum
 
 
 def _resolve(args) -> config_module.Config | None:

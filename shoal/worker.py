@@ -23,13 +23,14 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import Config, ConfigError
 from shoal.data import build_dataset
+from shoal.fault import preempt
 from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
 from shoal.fault.elastic import GroupBroken, JobStopped, StoreLost
 from shoal.models import build_model
 from shoal.observe import rundir
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import parallelize
-from shoal.runtime.env import WorkerEnv, die_with_launcher, init_distributed, pick_device, read_env
+from shoal.runtime.env import WorkerEnv, die_with_launcher, init_distributed, pick_device, read_env, thread_budget
 from shoal.runtime.mesh import ParallelDims
 from shoal.sync import OUTER_SYNC_METHODS, comm_hook_for, outer_sync_for
 from shoal.train import Placement, Trainer
@@ -65,8 +66,10 @@ def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path
 
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
     die_with_launcher()
+    if not os.environ.get("SHOAL_FT_STORE"):  # SIGTERM/SIGINT/SIGUSR1: stop at the next step with a checkpoint
+        preempt.install()
     worker = read_env()
-    torch.set_num_threads(cfg.launch.threads or max(1, (os.cpu_count() or 1) // worker.local_world_size))
+    torch.set_num_threads(thread_budget(cfg.launch.threads))
     device = pick_device(cfg.launch.device, worker.local_rank)
     replicas = None
     if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many
@@ -81,8 +84,8 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     parallel = cfg.parallel if replicas is None else dataclasses.replace(cfg.parallel, dp_replicate=1)
     dims = ParallelDims.from_config(parallel, worker.world_size)
     mesh = dims.build_mesh(device.type) if worker.world_size > 1 else None
-    log.info("world %d on %s: dp_replicate=%d dp_shard=%d tp=%d pp=%d", worker.world_size, device,
-             dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp)
+    log.info("world %d on %s: dp_replicate=%d dp_shard=%d tp=%d pp=%d; %d torch threads", worker.world_size,
+             device, dims.dp_replicate, dims.dp_shard, dims.tp, dims.pp, torch.get_num_threads())
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
@@ -139,6 +142,9 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     except JobStopped as err:  # the coordinator ended the job; it says why
         log.error("stopped: %s", err)
         raise SystemExit(1) from None
+    except preempt.Preempted as stopped:  # every rank saved the checkpoint of this step together
+        log.warning("%s; checkpoint saved; continue with --resume", stopped)
+        raise SystemExit(preempt.exit_code(stopped.signum)) from None
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
              float("nan"), path)
     log.info("peak memory %.0f MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -15,9 +15,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalException, Std
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, elastic_launch
+
+from shoal.fault.preempt import ELASTIC_SIGNALS
 
 
 @dataclass(kw_only=True)
@@ -43,9 +45,21 @@ class WorkerFailure(RuntimeError):
         self.rank, self.exitcode, self.message = rank, exitcode, message
 
 
+class Stopped(RuntimeError):
+    """The launcher received a stop signal; it forwarded it to the workers, which saved a checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
+
+
 def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezvous: Rendezvous,
-                   max_restarts: int = 0, verbose: bool = False) -> None:
-    """Run `python -m shoal.worker <worker_args>` on `nproc` local processes until they finish."""
+                   max_restarts: int = 0, verbose: bool = False, grace_seconds: float = 25) -> None:
+    """Run `python -m shoal.worker <worker_args>` on `nproc` local processes until they finish.
+
+    A stop signal (SIGTERM, SIGINT, SIGUSR1, ...) to this process is forwarded to the workers, which
+    stop at the next step with a checkpoint (shoal/fault/preempt.py); after `grace_seconds` the
+    agent kills them. It then raises `Stopped`."""
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     quiet = {local_rank: Std.ALL if local_rank else Std.ERR for local_rank in range(nproc)}
     logs = DefaultLogsSpecs(log_dir=str(Path(run_dir) / "logs" / "workers"),
@@ -56,10 +70,14 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
         rdzv_endpoint=rendezvous.endpoint,
         rdzv_configs={"is_host": rendezvous.is_host, "join_timeout": rendezvous.timeout,
                       "read_timeout": rendezvous.timeout, "timeout": rendezvous.timeout},
-        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=rendezvous.local_addr)
+        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=rendezvous.local_addr,
+        shutdown_timeout=max(1, int(grace_seconds)))
     os.environ["SHOAL_LAUNCHER_PID"] = str(os.getpid())  # workers end with this process
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ELASTIC_SIGNALS  # SLURM's --signal sends SIGUSR1
     try:
         elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
+    except SignalException as err:
+        raise Stopped(int(err.sigval)) from None
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         raise WorkerFailure(rank, failure.exitcode, _failure_text(failure, Path(run_dir))) from None

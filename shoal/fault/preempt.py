@@ -1,0 +1,54 @@
+"""Preemption: stop at the next step boundary with a checkpoint, then exit.
+
+Kubernetes, SLURM and spot reclaim send SIGTERM (SLURM's `--signal=B:USR1@60` sends SIGUSR1 ahead
+of time; Ctrl-C is SIGINT). A worker that receives one only records it here; the Trainer asks
+`requested()` at each step boundary and the ranks agree on it inside a collective they run anyway,
+so every rank stops after the same step, writes the same checkpoint and exits with
+`exit_code(signal)`: 128 + the signal's number, what a process ended by that signal returns.
+
+The launcher forwards the signal it receives to its workers (the elastic agent does it for
+`shoal run`/`shoal launch`, giving them `fault.grace_seconds` before SIGKILL), so it does not
+matter whether the signal reaches the launcher, every process, or one worker.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+PREEMPTED_CODES = tuple(128 + s for s in SIGNALS)
+"""Exit codes of a worker or run that stopped with a checkpoint because of one of SIGNALS."""
+ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+"""Signals torch's elastic agent catches and forwards to the workers (TORCHELASTIC_SIGNALS_TO_HANDLE)."""
+
+_received = 0
+
+
+class Preempted(Exception):
+    """Training stopped at a step boundary because a stop signal arrived; a checkpoint is saved."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+
+def _record(signum: int, frame) -> None:
+    global _received
+    _received = _received or signum
+
+
+def install() -> None:
+    """Record the stop signals instead of dying at once (main thread only: Python's rule)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in SIGNALS:
+            signal.signal(signum, _record)
+
+
+def requested() -> int:
+    """The first stop signal this process received, or 0."""
+    return _received
+
+
+def exit_code(signum: int) -> int:
+    return 128 + signum
