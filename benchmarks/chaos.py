@@ -36,8 +36,7 @@ from shoal.fault.audit import audit, read_records  # noqa: E402
 BATCH = 32
 WORKLOAD = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=64",
             f"train.batch_size={BATCH}", "train.steps=1000000", "train.eval_every=0", "train.warmup_steps=10",
-            "launch.threads=1", "log.progress=off", "fault.enabled=true", "fault.step_timeout=10",
-            "fault.max_restarts=1000"]
+            "log.progress=off", "fault.enabled=true", "fault.step_timeout=10"]  # otherwise the defaults
 
 
 GRACE = 15.0

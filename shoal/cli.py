@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from shoal import config as config_module
-from shoal.config import ConfigError
+from shoal.config import USER_ERROR, ConfigError
 
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
@@ -34,14 +34,8 @@ def _load(items: list[str], extra: list[str] | None = None) -> tuple[config_modu
 
 def _check_before_launch(cfg: config_module.Config, world_size: int) -> None:
     """Checks that need the world size, done before any worker starts."""
-    from shoal.runtime.mesh import ParallelDims
-    dims = ParallelDims.from_config(cfg.parallel, world_size)
-    check_layout = getattr(importlib.import_module("shoal.parallel.compose"), "check_layout", None)
-    if check_layout is not None:
-        check_layout(cfg, world_size)
-    if cfg.train.batch_size % (dims.dp * cfg.train.grad_accum):
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must divide into {dims.dp} data-parallel "
-                          f"ranks x train.grad_accum = {cfg.train.grad_accum}")
+    from shoal.parallel.compose import check_layout
+    check_layout(cfg, world_size)
 
 
 def _prepare_run(cfg: config_module.Config, resume: str | None, *, exact_name: bool) -> Path:
@@ -79,9 +73,9 @@ def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
     except Stopped as stopped:  # SIGTERM/SIGINT/SIGUSR1 to the launcher, forwarded to every worker
         return _say_stopped(cfg, stopped.signum, run_dir, args)
     except WorkerFailure as failure:
-        if failure.exitcode == 2:  # a user mistake found by a worker: its one-line error
+        if failure.exitcode == USER_ERROR:  # a user mistake found by a worker: its one-line error
             print(failure.message, file=sys.stderr)
-            return 2
+            return USER_ERROR
         if failure.exitcode in PREEMPTED_CODES:  # the signal reached the workers, not this process
             return _say_stopped(cfg, failure.exitcode - 128, run_dir, args)
         print(f"shoal: worker rank {failure.rank} failed:\n{failure.message}", file=sys.stderr)
@@ -235,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as err:
         print(f"shoal: error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except KeyboardInterrupt:
         print("shoal: interrupted", file=sys.stderr)
         return 130

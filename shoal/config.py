@@ -20,6 +20,19 @@ class ConfigError(ValueError):
     """A user's mistake in a config file, an override or a command-line flag."""
 
 
+USER_ERROR = 2
+"""Exit code of any Shoal process that stopped on a user's mistake (after one `shoal: error:` line)."""
+COMPRESSION_HOOKS = ("fp16", "bf16", "int8", "int4", "powersgd")
+"""sync.method values that compress DDP's gradient all-reduce with a comm hook (shoal/sync/compress.py)."""
+OUTER_SYNC_METHODS = ("local_sgd", "diloco")
+"""sync.method values that average parameters every sync.inner_steps steps instead of gradients."""
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own for each rank (dropout, chaos draws): train.seed plus a prime multiple."""
+    return seed + 7919 * rank
+
+
 def option(default: Any, help: str, *, choices: tuple | None = None,
            min: float | None = None, max: float | None = None) -> Any:
     """A config field with its one-line help, allowed values and range."""
@@ -135,8 +148,7 @@ class SyncConfig:
     method: str = option("allreduce", "How data-parallel replicas agree: a gradient all-reduce every step "
                                       "(allreduce, or compressed: fp16, bf16, int8, int4, powersgd) or an outer "
                                       "sync every `inner_steps` steps (local_sgd, diloco). See docs/sync.md.",
-                         choices=("allreduce", "fp16", "bf16", "int8", "int4", "powersgd", "local_sgd",
-                                  "diloco"))
+                         choices=("allreduce", *COMPRESSION_HOOKS, *OUTER_SYNC_METHODS))
     inner_steps: int = option(50, "Local optimizer steps between outer syncs (local_sgd, diloco). "
                                   "1 means sync after every step.", min=1)
     outer_lr: float = option(0.7, "DiLoCo outer learning rate on the averaged pseudo-gradient. "
@@ -220,7 +232,16 @@ class FaultConfig:
                                        "are dropped as hung.", min=0.5)
     join_timeout: float = option(120.0, "Seconds a worker waits to be admitted to the group before it gives up.",
                                  min=1.0)
-    max_restarts: int = option(3, "Times the launcher restarts each dead local worker. 0 means never.", min=0)
+    max_restarts: int = option(3, "Without per-step recovery (a layout with no replica to drop): times every "
+                                  "worker is restarted from the last checkpoint. 0 means never.", min=0)
+    restarts_per_hour: int = option(0, "Per-step recovery: replacements of one worker slot within any hour, for "
+                                       "workers that died after committing steps. 0 means no limit.", min=0)
+    crash_loop: int = option(5, "Per-step recovery: a slot whose worker crashes (exits with an error) this many "
+                                "times in a row before committing a step stops the job; restarts between them "
+                                "back off 1 s, 2 s, 4 s, ...", min=1)
+    grace_seconds: float = option(25.0, "After SIGTERM/SIGINT/SIGUSR1 (preemption), seconds the workers get to stop "
+                                        "at the next step and save a checkpoint before they are killed "
+                                        "(Kubernetes gives 30).", min=1.0)
 
 
 @dataclass(kw_only=True)
@@ -342,7 +363,7 @@ def validate(cfg: Config) -> None:
             if not Path(part).exists():
                 raise ConfigError(f"data.path: {part} does not exist")
     sync = cfg.sync
-    outer = sync.method in ("local_sgd", "diloco")
+    outer = sync.method in OUTER_SYNC_METHODS
     if sync.method != "diloco" and (sync.compression != "none" or sync.fragments > 1 or sync.overlap):
         raise ConfigError(f"sync.compression, sync.fragments and sync.overlap apply only to sync.method = "
                           f"'diloco', not '{sync.method}'")
@@ -352,7 +373,7 @@ def validate(cfg: Config) -> None:
     if outer and cfg.parallel.dp_replicate == 1:
         raise ConfigError(f"sync.method = '{sync.method}' averages over the parallel.dp_replicate axis, "
                           f"but parallel.dp_replicate = 1 leaves nothing to average over")
-    if sync.method in ("fp16", "bf16", "int8", "int4", "powersgd") and cfg.parallel.dp_shard != 1:
+    if sync.method in COMPRESSION_HOOKS and cfg.parallel.dp_shard != 1:
         raise ConfigError(f"sync.method = '{sync.method}' is a DDP comm hook and needs parallel.dp_shard = 1 "
                           f"(FSDP has no comm hooks)")
 

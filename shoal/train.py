@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,13 +19,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shoal.config import Config
+from shoal.config import Config, rank_seed
 from shoal.data import ShardedSampler
+from shoal.fault import preempt
 from shoal.fault.checkpoint import Checkpointer
-from shoal.observe.metrics import MetricsLog
+from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
-from shoal.observe.progress import Progress
-from shoal.parallel.compose import ParallelModel
+from shoal.parallel.compose import ParallelModel, check_batch_split
 
 log = logging.getLogger("shoal")
 
@@ -65,9 +66,7 @@ class Trainer:
         self.replicas = replicas
         self.where, self.run_dir = placement, Path(run_dir)
         t = cfg.train
-        if t.batch_size % (placement.dp_size * t.grad_accum):
-            raise ValueError(f"train.batch_size = {t.batch_size} must divide into {placement.dp_size} "
-                             f"data-parallel ranks x train.grad_accum = {t.grad_accum} micro-batches")
+        check_batch_split(t, placement.dp_size)
         self.micro_batch = t.batch_size // t.grad_accum  # global samples per micro-batch
         self.optimizer = build_optimizer(list(model.parameters()), t)
         self.sampler = ShardedSampler(len(train_set), self.micro_batch, t.seed)
@@ -76,6 +75,7 @@ class Trainer:
         self.outer_sync = None
         self._saved_outer_sync: dict | None = None  # read by resume(), loaded by attach_outer_sync()
         self.step = 0
+        self.data_seconds = 0.0  # time this step waited for its batches (the loader's cost, in metrics)
         self.comm_timer = comm_timer
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
                          if t.precision == "bf16" else nullcontext())
@@ -95,7 +95,7 @@ class Trainer:
         if int(state["rank"]) == self.where.rank:
             torch.set_rng_state(state["rng"])
         else:  # resumed on a different layout: a fresh, still per-rank stream
-            torch.manual_seed(self.cfg.train.seed + 7919 * self.where.rank + self.step)
+            torch.manual_seed(rank_seed(self.cfg.train.seed, self.where.rank) + self.step)
 
     def resume(self, path: Path) -> None:
         assert self.checkpointer is not None
@@ -120,9 +120,12 @@ class Trainer:
             return self.where.master
         return self.replicas.is_master and self.replicas.lane == 0
 
-    def save(self) -> None:
-        if self.checkpointer is not None and (self.replicas is None or self.replicas.is_master):
-            self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state())
+    def save(self, *, alone: bool = False) -> None:
+        """Write a checkpoint of the current step. `alone`: this fault-tolerant worker is the only
+        one holding the training state, and saves it in the background whatever its rank."""
+        if self.checkpointer is not None and (alone or self.replicas is None or self.replicas.is_master):
+            self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state(),
+                                   asynchronous=True if alone else None)
 
     # -- one step ----------------------------------------------------------------------
     def train_step(self) -> torch.Tensor | None:
@@ -140,7 +143,9 @@ class Trainer:
         for micro in range(t.grad_accum):
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
             samples += len(ids)
+            fetched = time.perf_counter()
             inputs, targets = (x.to(where.device, non_blocking=True) for x in self.train_set.get(ids))
+            self.data_seconds += time.perf_counter() - fetched
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
@@ -165,6 +170,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss_sum / t.grad_accum
+
+    def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
+        (SIGTERM and the like, shoal/fault/preempt.py), in the one all-reduce the loss needs anyway."""
+        # Under fault tolerance the replicas agree on a stop themselves (a worker leaves, shoal/fault/elastic.py).
+        asked = preempt.requested() > 0 and self.replicas is None
+        flag = torch.tensor([float(asked)], dtype=values.dtype, device=values.device)
+        both = self.means_over_dp(torch.cat([values.reshape(-1), flag]))
+        return both[:-1].reshape(values.shape), bool(both[-1] > 0)
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         """The loss averaged over data-parallel ranks (what a single process would report)."""
@@ -196,70 +210,55 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> list[float]:
+        """Train to `train.steps`; returns the loss of every step this call trained."""
         t, ck = self.cfg.train, self.cfg.checkpoint
-        metrics: MetricsLog | None = None
-
-        def log_metrics(record: dict) -> None:
-            nonlocal metrics
-            if not self.logs_metrics():
-                return
-            if metrics is None:  # opened by whichever worker is logging now (appended to)
-                metrics = MetricsLog(self.run_dir, self.cfg.log.tensorboard, self.cfg.log.every)
-            metrics.log(record)
-
         tokens_per_sample = getattr(self.train_set, "tokens_per_sample", 1)
         unit = "tokens" if tokens_per_sample > 1 else "samples"
         # Under fault tolerance the launcher shows progress (shoal/observe/fleet.py): any worker may die.
         shown = self.where.master and self.replicas is None
-        progress = Progress(t.steps, self.step, mode=self.cfg.log.progress if shown else "off",
-                            every=self.cfg.log.every, unit=unit)
-        losses: list[float] = []
+        report = StepReporter(self.run_dir, total_steps=t.steps, start_step=self.step, unit=unit,
+                              progress_mode=self.cfg.log.progress if shown else "off", every=self.cfg.log.every,
+                              tensorboard=self.cfg.log.tensorboard, writes_metrics=self.logs_metrics,
+                              average=self.means_and_stop)
         # Outer-sync methods (DiLoCo) exist to keep the link quiet between syncs: their ranks' losses
-        # wait here and are averaged every `log.every` steps in one all-reduce, not one per step.
-        unsent: list[tuple[torch.Tensor, dict]] = []
-
-        def publish(averaged: bool) -> None:
-            means = torch.stack([loss for loss, _ in unsent])
-            # In fp64 a sum of a few fp32 losses is exact in any order, so the logged means do not
-            # depend on how the all-reduce splits the vector (a resumed run's first one is shorter).
-            means = means if averaged else self.means_over_dp(means.double())
-            for loss, (_, record) in zip(means.tolist(), unsent):
-                record = {"kind": "train", "step": record["step"], "loss": loss, **record}
-                losses.append(loss)
-                progress.update(record["step"], loss, record[f"{unit}_per_second"])
-                log_metrics(record)
-            unsent.clear()
-
+        # wait in the reporter and are averaged every `log.every` steps in one all-reduce.
+        every_step = self.outer_sync is None
         self.model.train(True)
         try:
             while self.step < t.steps:
                 comm_before = self.comm_timer.seconds if self.comm_timer else 0.0
+                if self.checkpointer is not None:
+                    self.checkpointer.poll()
+                self.data_seconds = 0.0
                 started = time.perf_counter()
                 loss = self.train_step()
                 if loss is None:
                     continue
-                if self.outer_sync is None:  # the gradients travel every step anyway; so does the loss
-                    loss = self.means_over_dp(loss)
+                stop = False
+                if every_step:  # the gradients travel every step anyway; so do the loss and a stop request
+                    loss, stop = self.means_and_stop(loss)
                 seconds = time.perf_counter() - started
-                unsent.append((loss.detach().reshape(()), {
+                report.add(loss, {
                     "time": round(time.time(), 3),  # when the step ended, not when its loss was averaged
                     "step": self.step, "lr": lr_at(self.step - 1, t), "step_seconds": seconds,
+                    "data_seconds": self.data_seconds,
                     "comm_seconds": (self.comm_timer.seconds - comm_before) if self.comm_timer else 0.0,
                     f"{unit}_per_second": t.batch_size * tokens_per_sample / seconds,
-                    "samples": self.step * t.batch_size}))
-                if self.outer_sync is None or self.step % self.cfg.log.every == 0 or self.step == t.steps:
-                    publish(averaged=self.outer_sync is None)
+                    "samples": self.step * t.batch_size})
+                if every_step or self.step % self.cfg.log.every == 0 or self.step == t.steps:
+                    stop = report.publish(averaged=every_step) or stop
+                if stop and self.step < t.steps:  # preempted: every rank stops after this same step
+                    self.save()
+                    if self.checkpointer is not None:
+                        self.checkpointer.wait()
+                    raise preempt.Preempted(preempt.requested() or signal.SIGTERM, self.step)
                 if t.eval_every and self.step % t.eval_every == 0:
-                    val = self.evaluate()
-                    progress.message(f"step {self.step}: validation loss {val:.4f}")
-                    log_metrics({"kind": "eval", "step": self.step, "val_loss": val})
+                    report.evaluated(self.step, self.evaluate())
                 if ck.every and self.step % ck.every == 0 and self.step < t.steps:
                     self.save()
             self.save()
             if self.checkpointer is not None:
                 self.checkpointer.wait()
         finally:
-            progress.close()
-            if metrics is not None:
-                metrics.close()
-        return losses
+            report.close()
+        return report.losses

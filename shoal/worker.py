@@ -21,11 +21,12 @@ import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from shoal import config as config_module
-from shoal.config import Config, ConfigError
+from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
 from shoal.fault import preempt
 from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
 from shoal.fault.elastic import GroupBroken, JobStopped, StoreLost
+from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.models import build_model
 from shoal.observe import rundir
 from shoal.observe.timing import CommTimer
@@ -66,8 +67,7 @@ def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path
 
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
     die_with_launcher()
-    if not os.environ.get("SHOAL_FT_STORE"):  # SIGTERM/SIGINT/SIGUSR1: stop at the next step with a checkpoint
-        preempt.install()
+    preempt.install()  # SIGTERM/SIGINT/SIGUSR1: stop at the next step boundary with a checkpoint
     worker = read_env()
     torch.set_num_threads(thread_budget(cfg.launch.threads))
     device = pick_device(cfg.launch.device, worker.local_rank)
@@ -98,7 +98,7 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if pm.ddp is not None:
         timer = CommTimer()
         timer.attach(pm.ddp, *(comm_hook_for(cfg.sync, pm.ddp.process_group) or (None, None)))
-    torch.manual_seed(cfg.train.seed + 7919 * worker.rank)  # per-rank dropout streams
+    torch.manual_seed(rank_seed(cfg.train.seed, worker.rank))  # per-rank dropout streams
 
     placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
                           rank=worker.rank, device=device,
@@ -135,15 +135,21 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
             trainer.save()
         if trainer.checkpointer is not None:
             trainer.checkpointer.wait()
-        raise SystemExit(3) from None
+        raise SystemExit(STORE_LOST_EXIT) from None
     except GroupBroken as err:  # a peer of this replica group died: the launcher restarts the whole group
         log.error("%s; exiting for the launcher to restart the group", err)
         raise SystemExit(1) from None
     except JobStopped as err:  # the coordinator ended the job; it says why
         log.error("stopped: %s", err)
         raise SystemExit(1) from None
-    except preempt.Preempted as stopped:  # every rank saved the checkpoint of this step together
-        log.warning("%s; checkpoint saved; continue with --resume", stopped)
+    except preempt.Preempted as stopped:
+        # Without fault tolerance every rank saved this step's checkpoint together (Trainer.fit); under
+        # it the coordinator stopped every replica after the same step, and its master saves now.
+        if replicas is not None and stopped.save and replicas.is_master:
+            trainer.save()
+            trainer.checkpointer.wait()
+        log.warning("%s; %s", stopped, "checkpoint saved; continue with --resume" if stopped.save else
+                    "left the job, which goes on without this worker")
         raise SystemExit(preempt.exit_code(stopped.signum)) from None
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
              float("nan"), path)
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
     except ConfigError as err:
         print(f"shoal: error: {err}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     return 0
 
 

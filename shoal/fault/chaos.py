@@ -158,7 +158,7 @@ class ChaosPoints:
             if inj.target == "source":
                 hit = is_source
             elif inj.target == "random":
-                hit = random.Random(self.seed * 7919 + inj.step).randrange(self.nproc) == self.slot
+                hit = random.Random(rank_seed(self.seed, inj.step)).randrange(self.nproc) == self.slot
             else:
                 hit = int(inj.target) == self.slot
             if not hit or not all(0 <= self.fired_in(j) < gen for j in self.earlier[k]):

@@ -101,7 +101,9 @@ class Checkpointer:
         return self.folder / f".tmp-{PREFIX}{step:08d}"
 
     def save(self, step: int, model_parts: list[nn.Module], optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> None:
+             trainer_state: dict[str, Any], *, asynchronous: bool | None = None) -> None:
+        """Write the checkpoint of `step`; `asynchronous` overrides checkpoint.async_save for one
+        save of a process that trains alone (a background save needs a group of its own otherwise)."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -115,12 +117,18 @@ class Checkpointer:
         torch.save(trainer_state, staging / f"trainer_rank{self.rank}.pt")
         state = {"model": model_sd, "optim": optim_sd}
         planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=self.replicas_differ)
-        if self.async_save:
+        if self.async_save or (asynchronous and not self.distributed):
             self.pending = (step, dcp.async_save(state, checkpoint_id=staging, process_group=self.group,
                                                  planner=planner))
         else:
             dcp.save(state, checkpoint_id=staging, planner=planner)
             self._publish(step)
+
+    def poll(self) -> None:
+        """Publish a finished background save of a process that saves alone (with peers, every rank
+        publishes at its next save or `wait`, in step with the others)."""
+        if self.pending is not None and not self.distributed and self.pending[1].done():
+            self.wait()
 
     def wait(self) -> None:
         """Finish an async save in flight and publish it."""

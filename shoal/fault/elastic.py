@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +40,9 @@ import torch.distributed as dist
 
 from shoal.config import Config
 from shoal.data.sampler import ShardedSampler
-from shoal.fault import chaos
+from shoal.fault import chaos, preempt
+from shoal.fault.checkpoint import PREFIX
+from shoal.fault.membership import COMMITTED_PREFIX
 from shoal.fault.state import pack_state, unpack_state
 from shoal.sync.replica_state import local_tensor
 
@@ -111,6 +114,9 @@ class Replicas:
         # the same checkpoint); a restarted one must receive it from a peer.
         self.has_state = incarnation == 0
         self.needs_join = True
+        self.committed = False  # whether the launcher was told that this member committed a step
+        self.saved_alone = 0  # the step of the last checkpoint saved as the only holder of the state
+        self.save_alone_pending = False
         self.seq = 0
         self.inflight: list[Collective] = []  # this generation's collectives not yet seen finished
         self.retiring: list[tuple[float, dist.ProcessGroup, list[Collective]]] = []
@@ -208,6 +214,9 @@ class Replicas:
         """Join a generation if this worker has none (or its generation was aborted); returns
         this step's (dp_rank, dp_size)."""
         self._reap()
+        if self.save_alone_pending and trainer.step > self.saved_alone:  # a step after it was left alone
+            self.save_alone_pending = False
+            self._save_alone(trainer)
         # A replica group learns of an abort inside `reduce`, where its ranks agree on it; read
         # here, one rank could see it and another not, and the group would split.
         while self.needs_join or (not self.grouped and self.regroup_on_abort
@@ -247,6 +256,7 @@ class Replicas:
         every few steps instead): tell the launcher, and fire chaos set for this step."""
         self._fire("before", step - 1)
         self._set("ft/progress", json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size}))
+        self._say_committed()
 
     def reduce(self, trainer, samples: int, loss: torch.Tensor) -> torch.Tensor | None:
         """Average gradients over the generation, weighted by each replica's sample count.
@@ -256,7 +266,8 @@ class Replicas:
         # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
         # averages shard j of every group.
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
-        reconfigure = 1.0 if self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
+        # A stop signal to this worker makes every member regroup after this step, which it leaves.
+        reconfigure = 1.0 if preempt.requested() or self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
         failure = None
@@ -295,8 +306,20 @@ class Replicas:
         mean_loss = (agreed[2] / agreed[3]).float()  # over every lane: all the step's samples
         self._set("ft/progress", json.dumps({"step": step + 1, "loss": float(mean_loss), "gen": self.gen,
                                               "size": self.size}))
+        self._say_committed()
         self._log_samples(trainer, step, mean_loss)
         return mean_loss
+
+    def _save_alone(self, trainer) -> None:
+        log.info("the only worker holding the training state: saving a checkpoint at step %d", trainer.step)
+        trainer.save(alone=True)
+        self.saved_alone = trainer.step
+
+    def _say_committed(self) -> None:
+        """Tell the launcher once that this member committed a step (a later crash is then no crash loop)."""
+        if not self.committed:
+            self._set(f"{COMMITTED_PREFIX}{self.member}", "1")
+            self.committed = True
 
     def _fire(self, point: str, step: int, *, is_source: bool = False) -> None:
         if self.chaos is not None:
@@ -404,7 +427,8 @@ class Replicas:
         self.seq += 1
         if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
             self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen,
-                                                             "step": trainer.step, "has_state": self.has_state}))
+                                                             "step": trainer.step, "has_state": self.has_state,
+                                                             "leaving": preempt.requested()}))
         log.info("asking to join after generation %d (step %d, %s)", self.gen, trainer.step,
                  "holding state" if self.has_state else "needing state")
         try:
@@ -413,13 +437,22 @@ class Replicas:
             raise RuntimeError(f"worker {self.member} was not admitted within fault.join_timeout = "
                                f"{self.cfg.fault.join_timeout}s") from None
         if info is not None and info.get("stop"):
+            if info.get("preempt"):  # every member stops at this committed step; the master saves
+                raise preempt.Preempted(info["preempt"], trainer.step)
             raise JobStopped(info["stop"])
+        if info is not None and self.member not in info["members"]:  # it asked to leave: no checkpoint of its own
+            raise preempt.Preempted(preempt.requested() or signal.SIGTERM, trainer.step, save=False)
         # A lane that lost the store stops as a member of the generation it was in; so must its peers.
         previous = self.gen, self.members, self.rank
         if info is not None:
             self.gen, self.members = gen, info["members"]
             self.rank = self.members.index(self.member)
         started = time.perf_counter()
+        # The only worker holding the training state: one more kill would lose it all, so it saves a
+        # checkpoint (the job restarts from it if every holder dies, shoal/fault/membership.py).
+        alone = (info is not None and info.get("holders") == 1 and info["source"] == self.member
+                 and trainer.step > self.saved_alone)
+        self.save_alone_pending = False
         prefix = f"shoal/ft/pg/{gen}" if not self.grouped else f"shoal/ft/pg/{gen}/lane{self.lane}"
         buffer, failure = None, None
         try:
@@ -432,6 +465,10 @@ class Replicas:
                 raise GenerationBroken(f"could not connect generation {gen}: "
                                        f"{str(err).splitlines()[0][:200]}") from None
             if info["sync"]:
+                if alone:  # one kill during the transfer would lose the state: it goes to disk first
+                    self._save_alone(trainer)
+                if info["source"] == self.member and trainer.checkpointer is not None:
+                    trainer.checkpointer.wait()  # a background save of the state it sends lands first
                 buffer = self._transfer(trainer, self.members.index(info["source"]))
         except GenerationBroken as err:
             failure = err
@@ -448,6 +485,12 @@ class Replicas:
         if buffer is not None and (not self.has_state or trainer.step != info["step"]):
             unpack_state(trainer, buffer)
             self.has_state = True
+        elif info.get("restore", -1) >= 0:  # every holder of the state died: all restart from the checkpoint
+            trainer.resume(trainer.checkpointer.folder / f"{PREFIX}{info['restore']:08d}")
+            self.has_state = True
+            log.info("restored the checkpoint of step %d", trainer.step)
+        # Without a joiner to hand the state to, it saves at the next step boundary, in the background.
+        self.save_alone_pending = alone and not info["sync"]
         self.needs_join = False
         unit = "worker" if not self.grouped else "replica group"
         log.info("generation %d: %d %ss %s, this is rank %d at step %d (%.2fs%s)", gen, self.size, unit,

@@ -61,12 +61,21 @@ def validate_fault(cfg: Config, nproc: int, group_size: int = 1) -> None:
                           f"even connect a process group that fast; use 1s or more (the default is 30s)")
 
 
+STORE_LOST_EXIT = 3
+"""Exit code of a worker that stopped with a checkpoint because the launcher's store is gone."""
+COMMITTED_PREFIX = "ft/committed/"
+"""A member sets `ft/committed/<member>` after its first committed step: the launcher then knows that
+a later crash of it is not a crash loop (shoal/launch/restarts.py)."""
+
+
 @dataclass
 class Request:
     seq: int
     after: int
     step: int
     has_state: bool
+    leaving: int = 0
+    """The stop signal this member received (it leaves after its committed step); 0 when it stays."""
 
 
 @dataclass
@@ -95,7 +104,21 @@ class Coordinator:
     """(time, generation, members, source) of each generation formed, for the benchmark."""
     left_out: list[int] = field(default_factory=list)
     """Members left out as hung and not yet taken by `take_left_out` (the launcher kills hung replica groups)."""
+    latest_checkpoint: Callable[[], int] = lambda: -1
+    """The step of the job's latest complete checkpoint (-1: none): where the job restarts from when
+    every worker holding the training state is gone."""
+    preempting: int = 0
+    """The stop signal the launcher received: every member stops at the next step boundary."""
+    ended: bool = False
+    """The job was stopped (`stop`): no generation is formed any more."""
     _asked_reconfigure: int = -1
+
+    def preempt(self, signum: int) -> None:
+        """Stop the whole job after the step in flight: members regroup, and are told to stop
+        together (rank 0 of the last generation saves a checkpoint)."""
+        self.preempting = signum
+        if not self.forming:
+            self.store.set(f"ft/gen/{self.gen}/reconfigure", "1")
 
     def take_left_out(self) -> list[int]:
         taken, self.left_out = self.left_out, []
@@ -108,6 +131,9 @@ class Coordinator:
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         self._collect()
+        if self.ended:  # members that ask after the job was stopped are told the same
+            self._tell_pending_to_stop()
+            return
         if not self.forming:
             leaving = [m for m in self.members if m in self.exited or m in self.pending]
             if leaving:
@@ -130,20 +156,26 @@ class Coordinator:
                 continue
             raw = json.loads(self.store.get(key))
             if raw["seq"] > self.handled.get(member, 0) and member not in self.pending:
-                self.pending[member] = Request(raw["seq"], raw["after"], raw["step"], raw["has_state"])
+                self.pending[member] = Request(raw["seq"], raw["after"], raw["step"], raw["has_state"],
+                                               raw.get("leaving", 0))
 
     def _form(self, now: float) -> None:
         expected = self.members if self.gen else self.initial
         waiting = [m for m in expected if m not in self.exited and m not in self.pending]
-        limit = self.settle if self.gen else self.join_timeout
+        limit = self.settle if self.gen or self.preempting else self.join_timeout
         if self.gen and waiting and not any(m in self.pending for m in self.members):
             # The settle clock starts when the first old member reports: replicas that only meet
             # at outer syncs (DiLoCo) report at their next sync, not when a peer dies.
             self.broken_since = now
         if waiting and now - self.broken_since < limit:
             return
-        old = [m for m in self.members if m in self.pending]
-        candidates = (old + sorted(m for m in self.pending if m not in old))[:self.max_workers]
+        leavers = [m for m in self.pending if self.pending[m].leaving]
+        old = [m for m in self.members if m in self.pending and m not in leavers]
+        if self.preempting or (leavers and not old):  # the whole job was asked to stop
+            self.stop(f"stopped by signal {self.preempting or self.pending[leavers[0]].leaving}",
+                      preempt=self.preempting or self.pending[leavers[0]].leaving)
+            return
+        candidates = (old + sorted(m for m in self.pending if m not in old and m not in leavers))[:self.max_workers]
         if len(candidates) < self.min_workers or not candidates:
             return  # the launcher restarts workers or gives up; requests stay pending meanwhile
         if waiting:
@@ -151,17 +183,25 @@ class Coordinator:
                      f"{limit:.1f}s; left out as hung")
             self.left_out += waiting
         stateful = [m for m in candidates if self.pending[m].has_state]
+        restore = -1
         if not stateful:
-            self.stop("every worker holding the training state is gone; resume from the last checkpoint")
-            return
-        step = max(self.pending[m].step for m in stateful)
-        source = min(m for m in stateful if self.pending[m].step == step)
-        sync = any(not self.pending[m].has_state or self.pending[m].step != step for m in candidates)
+            restore = self.latest_checkpoint()
+            if restore < 0:
+                self.stop("every worker holding the training state is gone and no checkpoint was saved")
+                return
+            self.log(f"every worker holding the training state is gone: restarting from the checkpoint of step "
+                     f"{restore}")
+        step = max(self.pending[m].step for m in stateful) if stateful else restore
+        source = min(m for m in stateful if self.pending[m].step == step) if stateful else -1
+        sync = bool(stateful) and any(not self.pending[m].has_state or self.pending[m].step != step
+                                      for m in candidates)
         self.gen += 1
         self.members = candidates
+        # holders: members that hold the state before this generation; one alone saves a checkpoint
         self.store.set(f"ft/gen/{self.gen}", json.dumps({"members": candidates, "source": source, "sync": sync,
-                                                         "step": step}))
-        for member in candidates:
+                                                         "step": step, "holders": len(stateful),
+                                                         "restore": restore}))
+        for member in candidates + leavers:  # a leaver sees it is not a member, and exits (no restart)
             request = self.pending.pop(member)
             self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
             self.handled[member] = request.seq
@@ -171,11 +211,19 @@ class Coordinator:
         self.log(f"generation {self.gen}: {self.unit}s {candidates} at step {step}"
                  + (f", state from {self.unit} {source}" if sync else ""))
 
-    def stop(self, reason: str) -> None:
-        """End the job: every waiting worker gets a generation that tells it to stop."""
-        self.stopped = reason
+    def stop(self, reason: str, *, preempt: int = 0) -> None:
+        """End the job: every waiting worker gets a generation that tells it to stop. With `preempt`
+        (a signal number) it is a clean stop: rank 0 of the last generation saves a checkpoint."""
+        self.stopped = "" if preempt else reason
+        self.preempting = self.preempting or preempt
         self.gen += 1
-        self.store.set(f"ft/gen/{self.gen}", json.dumps({"stop": reason}))
+        self.store.set(f"ft/gen/{self.gen}", json.dumps({"stop": reason, "preempt": preempt}))
+        self.ended = True
+        self._tell_pending_to_stop()
+        self.log(f"stopping: {reason}")
+
+    def _tell_pending_to_stop(self) -> None:
         for member, request in list(self.pending.items()):
             self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
-        self.log(f"stopping: {reason}")
+            self.handled[member] = request.seq
+            del self.pending[member]

@@ -28,9 +28,11 @@ _received = 0
 class Preempted(Exception):
     """Training stopped at a step boundary because a stop signal arrived; a checkpoint is saved."""
 
-    def __init__(self, signum: int, step: int):
+    def __init__(self, signum: int, step: int, *, save: bool = True):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
         self.signum, self.step = signum, step
+        self.save = save
+        """False for a fault-tolerant worker that left alone: the others go on and save as usual."""
 
 
 def _record(signum: int, frame) -> None:

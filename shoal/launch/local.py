@@ -19,6 +19,7 @@ from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, SignalEx
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, elastic_launch
 
+from shoal.config import USER_ERROR
 from shoal.fault.preempt import ELASTIC_SIGNALS
 
 
@@ -84,7 +85,7 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
 
 
 def _failure_text(failure, run_dir: Path) -> str:
-    if failure.exitcode == 2:  # a user mistake the worker found: its one-line error
+    if failure.exitcode == USER_ERROR:  # a user mistake the worker found: its one-line error
         for log in sorted((run_dir / "logs" / "workers").rglob("stderr.log")):
             lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("shoal: error:")]
             if lines:

@@ -2,8 +2,8 @@
 
 Node rank 0's launcher (shoal/launch/supervisor.py) hosts the membership store on the
 `--rdzv` port and runs the coordinator. Every other host runs this smaller launcher: it
-starts its `launch.nproc` workers pointed at that store, restarts any that die (up to
-`fault.max_restarts` per slot) and never coordinates anything itself, so a host can come
+starts its `launch.nproc` workers pointed at that store, restarts any that die (as
+shoal/launch/restarts.py decides) and never coordinates anything itself, so a host can come
 and go while training goes on. Its workers ask to join like any replacement: they enter
 at the next step boundary (up to `fault.max_workers` in all) and receive the current state
 from a live peer, so a host may join long after the job started.
@@ -13,7 +13,10 @@ A worker of this host exits with
 - 0 when training finished (the job's last step was committed);
 - 2 for a user mistake it found (its one-line error is shown, the host stops);
 - 3 when the job's store is gone (node rank 0's launcher ended): this host stops too;
-- anything else (crash, signal): it is restarted.
+- 128 + a signal after a stop signal (SIGTERM, ...): it left cleanly and is not restarted;
+- anything else (crash, kill): it is restarted.
+
+A stop signal to this launcher is passed to its workers: they leave after the step in flight.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from datetime import timedelta
 from pathlib import Path
 
 from shoal.config import Config
+from shoal.config import USER_ERROR
+from shoal.fault import preempt
+from shoal.fault.membership import COMMITTED_PREFIX, STORE_LOST_EXIT
+from shoal.launch.restarts import RestartPolicy
 from shoal.launch.supervisor import FINISHED_KEY, TICK, _worker_main, start_forkserver, worker_failure_text
-
-STORE_LOST = 3
 
 
 @dataclass
@@ -54,6 +59,9 @@ class RemoteHost:
                                    wait_for_workers=False)
         self.ctx = start_forkserver()
         self.failures: list[str] = []
+        self.restarts = RestartPolicy(cfg.fault.restarts_per_hour, cfg.fault.crash_loop)
+        self.delayed: list[tuple[float, int, int]] = []  # (when, index, incarnation) of restarts backing off
+        self.stop_signal = 0
         self.workers = [self._start(slot, 0) for slot in range(cfg.launch.nproc)]
 
     def say(self, text: str) -> None:
@@ -83,6 +91,7 @@ class RemoteHost:
             return True
 
     def run(self) -> int:
+        previous = {signum: signal.signal(signum, self._stop) for signum in preempt.SIGNALS}
         try:
             while True:
                 code = self._poll()
@@ -90,14 +99,27 @@ class RemoteHost:
                     return code
                 time.sleep(TICK * 10)  # process exits only: nothing here needs the store's pace
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             for worker in self.workers:
                 if worker.proc.exitcode is None:
                     os.kill(worker.proc.pid, signal.SIGCONT)
                     worker.proc.kill()
                     worker.proc.join()
 
+    def _stop(self, signum: int, frame) -> None:
+        """A stop signal: this host's workers leave after the step in flight (the job goes on)."""
+        self.stop_signal = self.stop_signal or signum
+        self.delayed.clear()
+        for worker in self.workers:
+            if worker.proc.exitcode is None:
+                os.kill(worker.proc.pid, signum)
+
     def _poll(self) -> int | None:
-        running = 0
+        running, now = 0, time.monotonic()
+        for when, i, incarnation in [d for d in self.delayed if d[0] <= now]:
+            self.delayed.remove((when, i, incarnation))
+            self.workers[i] = self._start(self.workers[i].slot, incarnation)
         for i, worker in enumerate(self.workers):
             code = worker.proc.exitcode
             if code is None:
@@ -105,20 +127,25 @@ class RemoteHost:
                 continue
             if code in (0, None) or worker.incarnation < 0:
                 continue
-            if code == 2:
+            if code == USER_ERROR:
                 self.failures.append(worker_failure_text(worker.log))
-                return 2
-            if code == STORE_LOST or self._finished():
-                worker.incarnation = -1  # done: the job ended or finished without it
+                return USER_ERROR
+            if code in (STORE_LOST_EXIT, *preempt.PREEMPTED_CODES) or self._finished() or self.stop_signal:
+                worker.incarnation = -1  # done: the job ended or finished without it, or it left
                 continue
-            if worker.incarnation < self.cfg.fault.max_restarts:
-                self.say(f"worker {worker.member} (slot {worker.slot}) exited with {code}; starting a replacement")
-                self.workers[i] = self._start(worker.slot, worker.incarnation + 1)
-                running += 1
+            committed = self.store.check([f"{COMMITTED_PREFIX}{worker.member}"])
+            decision = self.restarts.after_exit(worker.slot, code, committed, now)
+            incarnation, worker.incarnation = worker.incarnation + 1, -1
+            if decision.restart:
+                self.say(f"worker {worker.member} (slot {worker.slot}) exited with {code}; starting a replacement"
+                         + (f" in {decision.delay:.0f}s" if decision.delay else ""))
+                self.delayed.append((now + decision.delay, i, incarnation))
             else:
-                worker.incarnation = -1
-                self.failures.append(f"worker {worker.member} exited with {code}; no restarts left:\n"
-                                     f"{worker_failure_text(worker.log)}")
+                self.failures.append(f"worker {worker.member} (slot {worker.slot}) {decision.reason}; its last "
+                                     f"output:\n{worker_failure_text(worker.log)}")
+                if code > 0:
+                    return 1
+        running += len(self.delayed)  # a slot backing off is still this host's
         if running and self._finished():
             # Training is over: workers still waiting for a generation have nothing left to join.
             for worker in self.workers:
@@ -133,7 +160,9 @@ class RemoteHost:
         codes = [w.proc.exitcode for w in self.workers]
         if all(code == 0 for code in codes) or self._finished():
             return 0
-        if any(code == STORE_LOST for code in codes):
+        if self.stop_signal:
+            return preempt.exit_code(self.stop_signal)
+        if any(code == STORE_LOST_EXIT for code in codes):
             self.failures.append(f"the job's launcher at {self.endpoint} is gone (its store does not answer); "
                                  f"continue with `shoal run ... --resume` where its checkpoints are")
         return 1
@@ -145,7 +174,7 @@ def join_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, endp
     """Run this host's workers of the fault-tolerant job whose store is at `endpoint`."""
     host = RemoteHost(cfg, worker_args, run_dir, endpoint, verbose=verbose)
     code = host.run()
-    for failure in host.failures:
+    for failure in host.failures if code else []:  # a host whose workers finished has nothing to explain
         print(failure if failure.startswith("shoal: error:") else f"shoal: {failure}", file=sys.stderr)
     if code == 0:
         print(f"shoal: this host's workers are done; run directory {run_dir}", file=sys.stderr)

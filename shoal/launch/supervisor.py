@@ -2,8 +2,8 @@
 
 torch.distributed.elastic's agent treats the workers of a host as one unit: any failure
 stops and restarts all of them. Per-step fault tolerance needs the opposite, so this
-supervisor starts each worker as its own process, restarts only the dead one (up to
-`fault.max_restarts` per slot) and never touches the survivors. It hosts the c10d
+supervisor starts each worker as its own process, restarts only the dead one (as
+shoal/launch/restarts.py decides) and never touches the survivors. It hosts the c10d
 TCPStore that holds membership and runs the `Coordinator` beside it, so membership
 outlives any worker. Each worker is a whole replica without a default process group, or,
 with `parallel.dp_shard = S > 1`, one of the S workers of a replica group that shard the
@@ -28,8 +28,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from shoal.config import Config
+from shoal.config import USER_ERROR, Config
 from shoal.fault import chaos as chaos_module
+from shoal.fault.membership import COMMITTED_PREFIX
+from shoal.fault import preempt
+from shoal.fault.preempt import PREEMPTED_CODES
+from shoal.launch.restarts import RestartPolicy
 
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
@@ -55,7 +59,8 @@ def start_forkserver() -> multiprocessing.context.BaseContext:
     """Start (once) the process workers fork from; it imports torch and shoal meanwhile."""
     ctx = multiprocessing.get_context("forkserver")
     # torch._dynamo is imported lazily by the first optimizer a worker builds, for seconds
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "shoal.worker", "shoal.fault.elastic",
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.distributed.checkpoint",
+                                "shoal.worker", "shoal.fault.elastic",
                                 "shoal.parallel.activation", "shoal.parallel.compile", "shoal.models.mlp",
                                 "shoal.models.gpt"])
     from multiprocessing import forkserver
@@ -109,7 +114,8 @@ class Supervisor:
                                        max_workers=(f.max_workers or nproc) // self.group_size,
                                        settle=max(1.0, f.step_timeout / 2), initial=[],
                                        join_timeout=f.join_timeout, log=self.say,
-                                       unit="worker" if self.group_size == 1 else "replica group")
+                                       unit="worker" if self.group_size == 1 else "replica group",
+                                       latest_checkpoint=lambda: _latest_step(cfg, self.run_dir))
         self.injections = chaos_module.parse(chaos) if chaos else []
         self.chaos_spec = chaos
         self.extra_env = extra_env or {}
@@ -117,6 +123,8 @@ class Supervisor:
         self.event("store", port=self.store.port)
         self.finished = False
         self.failures: list[str] = []
+        self.restarts = RestartPolicy(cfg.fault.restarts_per_hour, cfg.fault.crash_loop)
+        self.delayed: list[tuple[float, int, int]] = []  # (when, first slot, incarnation) of restarts backing off
         self.slots: list[Slot] = []
         for first in range(0, nproc, self.group_size):
             self.slots += self._start_group(first, 0)
@@ -138,9 +146,11 @@ class Supervisor:
 
     def _start(self, index: int, lane: int, member: int, incarnation: int) -> Slot:
         from shoal.fault import elastic
+        from shoal.runtime.env import LOCAL_WORKERS_ENV
         env = {**os.environ, **self.extra_env, elastic.STORE_ENV: f"127.0.0.1:{self.store.port}",
                elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(index),
-               elastic.INCARNATION_ENV: str(incarnation)}
+               elastic.INCARNATION_ENV: str(incarnation),
+               LOCAL_WORKERS_ENV: str(self.cfg.launch.nproc)}  # this host's cores are shared among them
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                      "SHOAL_LAUNCHER_PID"):
             env.pop(name, None)  # a worker's peers come from the store, not from a launcher's rendezvous
@@ -157,11 +167,22 @@ class Supervisor:
         return Slot(index, member, proc, out, incarnation)
 
     def run(self) -> int:
-        """Supervise until training finishes (0), a worker reports a config error (2) or the job
-        cannot go on (1)."""
+        """Supervise until training finishes (0), a worker reports a config error (2), the job
+        cannot go on (1) or a stop signal ended it with a checkpoint (128 + the signal)."""
+        received: list[int] = []
+        previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum))
+                    for signum in preempt.SIGNALS}
+        deadline = float("inf")
         try:
             while True:
+                if received and not self.coordinator.preempting:
+                    self.say(f"{signal.Signals(received[0]).name}: every worker stops after the step in flight; "
+                             f"the first one saves a checkpoint")
+                    self.coordinator.preempt(received[0])
+                    deadline = time.monotonic() + self.cfg.fault.grace_seconds
                 code = self._poll()
+                if self.coordinator.preempting and (not self._live() or time.monotonic() > deadline):
+                    return preempt.exit_code(self.coordinator.preempting)
                 if code is not None:
                     return code
                 self.coordinator.tick()
@@ -177,6 +198,8 @@ class Supervisor:
                     self.event("chaos", action=action, slot=slot, pid=pid, member=self.slots[slot].member)
                 time.sleep(TICK)  # several sources (process exits, store keys, the chaos clock): poll them
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.fleet.close()
             self._kill_all()
             self.events.close()
@@ -225,6 +248,11 @@ class Supervisor:
                     break
 
     def _poll(self) -> int | None:
+        now = time.monotonic()
+        for when, first, incarnation in [d for d in self.delayed if d[0] <= now]:
+            self.delayed.remove((when, first, incarnation))
+            if not self.finished:
+                self.slots[first:first + self.group_size] = self._start_group(first, incarnation)
         for slot in self.slots:
             if slot.done or slot.proc.exitcode is None:
                 continue
@@ -237,21 +265,31 @@ class Supervisor:
                 slot.done = self.finished = True
                 continue
             self._stop_rest_of_group(slot)
+            slot.done = True
             what = f"worker {slot.member} (slot {slot.index})" if self.group_size == 1 else \
                 f"worker slot {slot.index} of replica group {slot.member}"
-            if code == 2:  # a user mistake the worker found: its own one-line error
+            if code == USER_ERROR:  # a user mistake the worker found: its own one-line error
                 self.failures.append(worker_failure_text(slot.log))
-                return 2
-            elif not self.finished and slot.incarnation < self.cfg.fault.max_restarts:
-                self.say(f"{what} exited with {code}; starting a replacement"
-                         + ("" if self.group_size == 1 else f" group of {self.group_size} workers"))
-                first = slot.index - slot.index % self.group_size
-                self.slots[first:first + self.group_size] = self._start_group(first, slot.incarnation + 1)
-            else:
-                slot.done = True
-                if not self.finished:
-                    self.say(f"{what} exited with {code}; no restarts left")
-                    self.failures.append(f"{what} exited with {code}:\n{worker_failure_text(slot.log)}")
+                return USER_ERROR
+            if self.finished:
+                continue
+            if code in PREEMPTED_CODES:  # a stop signal: the worker left cleanly, or the job stops
+                if not self.coordinator.preempting:
+                    self.say(f"{what} left after a stop signal ({code - 128}); not restarted")
+                continue
+            decision = self.restarts.after_exit(slot.index - slot.index % self.group_size, code,
+                                                self._committed(slot.member), now)
+            if not decision.restart:
+                self.say(f"{what} exited with {code}; {decision.reason}: not restarted")
+                self.failures.append(f"{what} {decision.reason}; its last output:\n{worker_failure_text(slot.log)}")
+                if code > 0:  # a crash loop: training would only lose the slot again and again
+                    return 1
+                continue
+            self.say(f"{what} exited with {code}; starting a replacement"
+                     + ("" if self.group_size == 1 else f" group of {self.group_size} workers")
+                     + (f" in {decision.delay:.0f}s" if decision.delay else ""))
+            self.delayed.append((now + decision.delay, slot.index - slot.index % self.group_size,
+                                 slot.incarnation + 1))
         running = [s for s in self.slots if not s.done]
         if self.finished:
             # Training is complete: workers still waiting to join have nothing left to do.
@@ -263,14 +301,18 @@ class Supervisor:
                     self.event("retire", slot=s.index, member=s.member)
             running = [s for s in running if not s.done]
             return 0 if not running else None
-        if not running:
+        alive = len(running) + self.group_size * len(self.delayed)  # a slot backing off is still counted
+        if not alive:
             return 1
-        if len(running) < self.cfg.fault.min_workers:
-            self.failures.append(f"only {len(running)} worker(s) left, below fault.min_workers = "
+        if alive < self.cfg.fault.min_workers:
+            self.failures.append(f"only {alive} worker(s) left, below fault.min_workers = "
                                  f"{self.cfg.fault.min_workers}")
             return 1
         return None
 
+    def _committed(self, member: int) -> bool:
+        """Whether `member` took part in a committed step (it says so once, through the store)."""
+        return self.store.check([f"{COMMITTED_PREFIX}{member}"])
 
     def _wait_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace
@@ -286,6 +328,14 @@ class Supervisor:
                 except ProcessLookupError:
                     pass
                 slot.proc.join()
+
+
+def _latest_step(cfg: Config, run_dir: Path) -> int:
+    """The step of the job's latest complete checkpoint, or -1."""
+    from shoal.fault.checkpoint import checkpoint_steps
+    from shoal.observe.rundir import checkpoint_folder
+    steps = checkpoint_steps(checkpoint_folder(cfg, run_dir))
+    return steps[-1][0] if steps else -1
 
 
 def supervise(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str | None = None,
@@ -368,7 +418,7 @@ def launch_fault_tolerant(cfg: Config, worker_args: list[str], run_dir: Path, *,
               f"{rendezvous.endpoint} ...` (up to fault.max_workers = {cfg.fault.max_workers} workers)",
               file=sys.stderr)
     code, failures = supervise(cfg, worker_args, run_dir, chaos=chaos, verbose=verbose, store_port=store_port)
-    for failure in failures:
+    for failure in failures if code else []:  # a job that succeeded has nothing to explain
         print(failure if failure.startswith("shoal: error:") else f"shoal: {failure}", file=sys.stderr)
     if code == 0:
         print(f"shoal: run directory {run_dir}", file=sys.stderr)

@@ -17,12 +17,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from shoal.config import Config, ConfigError
+from shoal.config import COMPRESSION_HOOKS, Config, ConfigError, TrainConfig
 from shoal.models import compute_loss
 from shoal.runtime.mesh import ParallelDims
 from shoal.runtime.lazy import dtensor_type
-
-COMM_HOOK_METHODS = ("fp16", "bf16", "int8", "int4", "powersgd")
 
 
 @dataclass
@@ -256,15 +254,20 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
             raise ConfigError(f"parallel.pp_microbatches = {m} must divide the per-rank micro-batch "
                               f"(train.batch_size {cfg.train.batch_size} / {dims.dp} data-parallel ranks / "
                               f"train.grad_accum {cfg.train.grad_accum} = {per_rank_batch})")
-    if cfg.train.batch_size % dims.dp:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must split evenly over the {dims.dp} "
-                          f"data-parallel ranks (dp_replicate x dp_shard)")
+    check_batch_split(cfg.train, dims.dp)
     if par.cpu_offload and dims.dp_shard == 1:
         raise ConfigError("parallel.cpu_offload offloads FSDP shards and needs parallel.dp_shard > 1")
-    if cfg.sync.method in COMM_HOOK_METHODS and (dims.tp > 1 or dims.pp > 1 or dims.dp_shard > 1):
+    if cfg.sync.method in COMPRESSION_HOOKS and (dims.tp > 1 or dims.pp > 1 or dims.dp_shard > 1):
         raise ConfigError(f"sync.method = '{cfg.sync.method}' is a DDP comm hook; it needs parallel.tp = "
                           f"parallel.pp = parallel.dp_shard = 1 (tp and pp reduce gradients through FSDP)")
     return dims
+
+
+def check_batch_split(train: TrainConfig, dp: int) -> None:
+    """The global batch must split evenly into `dp` data-parallel ranks x train.grad_accum micro-batches."""
+    if train.batch_size % (dp * train.grad_accum):
+        raise ConfigError(f"train.batch_size = {train.batch_size} must divide into {dp} data-parallel ranks "
+                          f"(dp_replicate x dp_shard) x train.grad_accum = {train.grad_accum} micro-batches")
 
 
 def model_sizes(cfg: Config) -> dict[str, int]:

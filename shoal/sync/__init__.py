@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shoal.config import ConfigError, SyncConfig
+from shoal.config import COMPRESSION_HOOKS, OUTER_SYNC_METHODS, ConfigError, SyncConfig
 
 __all__ = ["COMM_HOOK_METHODS", "OUTER_SYNC_METHODS", "comm_hook_for", "outer_sync_for"]
 
-COMM_HOOK_METHODS = ("allreduce", "fp16", "bf16", "int8", "int4", "powersgd")
-OUTER_SYNC_METHODS = ("local_sgd", "diloco")
+COMM_HOOK_METHODS = ("allreduce", *COMPRESSION_HOOKS)
 
 
 def comm_hook_for(cfg: SyncConfig, group: dist.ProcessGroup | None = None) -> tuple[Any, Any] | None:
