@@ -43,6 +43,8 @@ grad_clip = 0.0
 val_fraction = 0.25
 
 [federated]
+in_features = 6
+num_classes = 2
 certs_dir = "{certs}"
 address = "127.0.0.1:{port}"
 rounds = {rounds}
