@@ -18,36 +18,8 @@ from shoal.federated import federation_pb2 as pb
 from shoal.federated import federation_pb2_grpc as pb_grpc
 from shoal.federated import transport
 from shoal.federated.client import FederatedClient
-from shoal.federated.rounds import RoundDriver
-from shoal.federated.server import start_grpc
 
-from fed_helpers import write_config, write_site
-
-
-def channel(port: int, certs: Path, name: str, ca: Path | None = None) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials((ca or certs / "ca.pem").read_bytes(), (certs / f"{name}.key").read_bytes(),
-                                         (certs / f"{name}.pem").read_bytes())
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
-
-
-def start_federation(cfg, tmp_path):
-    run_dir = tmp_path / "runs" / cfg.log.name
-    run_dir.mkdir(parents=True)
-    driver = RoundDriver(cfg, run_dir)
-    server, port = start_grpc(cfg, driver, cfg.log.name)
-    done = threading.Event()
-
-    def drive():
-        try:
-            driver.run()
-        finally:
-            with driver.mailbox.cond:
-                driver.mailbox.stopping = True
-                driver.mailbox.cond.notify_all()
-            done.set()
-
-    threading.Thread(target=drive, daemon=True).start()
-    return server, port, driver, run_dir, done
+from fed_helpers import channel, start_federation, write_config, write_site
 
 
 @pytest.fixture
