@@ -6,7 +6,7 @@ A client's identity is the common name (CN) of its certificate, never a name it 
 
 Every certificate signed is recorded in `issued.json` (name, serial, expiry), so revoking a name
 revokes every certificate ever issued to it, not only the one on disk now. Running the command
-again keeps the certificates that exist; `--reissue` replaces them and revokes the old ones.
+again keeps the certificates that exist; `--reissue NAMES` replaces those and revokes their old ones.
 """
 
 from __future__ import annotations
@@ -176,22 +176,24 @@ def revoked_serials(folder: Path) -> set[int]:
 
 
 def make_all(folder: Path, clients: list[str], hosts: tuple[str, ...] = (),
-             reissue: bool = False) -> list[tuple[Path, str]]:
+             reissue: tuple[str, ...] = ()) -> list[tuple[Path, str]]:
     """CA (kept if present), server certificate and one per client; returns (file, what happened) pairs.
 
-    A name that already has a certificate keeps it. With `reissue` it gets a new one and every
-    earlier certificate of that name is revoked, so a copy of an old key stops working.
+    A name that already has a certificate keeps it. A name in `reissue` ('server' included) gets
+    a new one and every earlier certificate of that name is revoked, so a copy of an old key
+    stops working.
     """
-    if not (folder / "ca.key").is_file():
-        make_ca(folder)
     for name in clients:
         if name == "server":
             raise ConfigError("'server' is reserved for the server's certificate")
+    names = ["server"] + clients + [n for n in reissue if n != "server" and n not in clients]
+    if not (folder / "ca.key").is_file():
+        make_ca(folder)
     done = [(folder / "ca.pem", "CA")]
-    for name in ["server"] + clients:
+    for name in names:
         path = folder / f"{name}.pem"
-        if path.is_file() and not reissue:
-            done.append((path, "kept (already issued; --reissue replaces it)"))
+        if path.is_file() and name not in reissue:
+            done.append((path, f"kept (already issued; --reissue {name} replaces it)"))
             continue
         old = serials_of(folder, name)
         issue(folder, name, server=name == "server", hosts=hosts)

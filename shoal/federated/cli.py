@@ -58,8 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.add_argument("--clients", default="", help="comma-separated client names, e.g. hospital1,hospital2")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="server host names and IPs for its certificate")
     certs.add_argument("--revoke", default="", help="revoke every certificate ever issued to this name (crl.pem)")
-    certs.add_argument("--reissue", action="store_true",
-                       help="replace the certificates of the listed names (and the server's), revoking the old ones")
+    certs.add_argument("--reissue", default="",
+                       help="comma-separated names ('server' too) whose certificates are replaced, the old ones revoked")
     certs.set_defaults(func=cmd_certs)
 
     simulate = commands.add_parser("simulate", help="simulate many clients on this machine in a bounded pool")
@@ -130,7 +130,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
         return 0
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
-    for path, what in certs.make_all(out, clients, hosts, reissue=args.reissue):
+    reissue = tuple(n.strip() for n in args.reissue.split(",") if n.strip())
+    for path, what in certs.make_all(out, clients, hosts, reissue=reissue):
         print(f"{path}: {what}")
     return 0
 

@@ -107,7 +107,7 @@ def test_reissuing_replaces_and_revokes_and_a_rerun_keeps(tmp_path):
     kept = dict((p.name, what) for p, what in certs.make_all(folder, ["a", "b"]))
     assert kept["a.pem"].startswith("kept") and kept["b.pem"] == "issued"
     assert certs.serials_of(folder, "a") == first  # adding a site re-issues no one
-    again = dict((p.name, what) for p, what in certs.make_all(folder, ["a"], reissue=True))
-    assert "revoked" in again["a.pem"]
+    again = dict((p.name, what) for p, what in certs.make_all(folder, [], reissue=("a",)))
+    assert "revoked" in again["a.pem"] and again["server.pem"].startswith("kept")
     assert first <= certs.revoked_serials(folder) and len(certs.serials_of(folder, "a")) == 2
     assert not (certs.serials_of(folder, "a") - first) & certs.revoked_serials(folder)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
