@@ -14,8 +14,9 @@ record a round the same way. Two guards stand between the clients and the global
    the current model). A refused round keeps the previous model and the strategy's state.
 `fed simulate` keeps (2) and leaves (1) out: its robustness runs measure the strategies alone.
 
-Under central DP the clip norm already bounds each update, so (1) is left to it; under secure
-aggregation the server sees only the sum, so (1) bounds the mean instead.
+Under central DP the clip norm already bounds each update, so (1) is left to it (and under
+secure aggregation the sum must fit within that many clip norms); under secure aggregation
+without DP the server sees only the sum, so (1) bounds the mean instead.
 """
 
 from __future__ import annotations
@@ -124,6 +125,14 @@ class Aggregator:
         is the sum of clipped updates, each of weight 1."""
         saved = copy.deepcopy(self.strategy)
         if self.dp is not None:
+            # each update was clipped to the clip norm (by the clients, under secure aggregation), so
+            # their sum cannot be longer than that many clip norms; a client that skipped clipping shows here
+            limit = len(who) * self.dp.clip * (1 + 1e-6) + 1e-3
+            if self.bound_updates and not float(total.norm()) <= limit:
+                log.error("round %d: the sum of clipped updates has norm %.4g, over %d x the clip norm %.4g: a "
+                          "client did not clip; the global model is unchanged (updates from %s)", rnd,
+                          float(total.norm()), len(who), self.dp.clip, who)
+                return global_params
             mean = self.dp.noisy_mean(total, sampled, unclipped, sample_rate)
         else:
             if weight <= 0:

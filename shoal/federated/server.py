@@ -141,7 +141,7 @@ def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[grpc.Se
         certs.load_crl(certs_dir)
     credentials = transport.server_credentials(certs_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         options=transport.channel_options(driver.message_limit))
+                         options=transport.channel_options(driver.message_limit, server=True))
     pb_grpc.add_FederationServicer_to_server(FederationService(driver.mailbox, fed, run_name), server)
     port = server.add_secure_port(fed.address, credentials)
     if port == 0:

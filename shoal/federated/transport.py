@@ -28,6 +28,10 @@ HEADER_SLACK = 64 * 1024
 MESSAGE_MARGIN = 1024 * 1024
 MAX_METRICS = 32  # metrics in one reply
 MAX_METRIC_NAME = 64
+MAX_METRIC_ABS = 1e15  # far above any loss or accuracy; keeps the weighted means finite
+# streams one client may have open at once: it needs two (a GetTask poll and a Submit), and each
+# may hold a message up to the limit in server memory
+MAX_STREAMS = 4
 
 
 class BadUpdate(ValueError):
@@ -44,11 +48,12 @@ def message_limit(num_params: int, max_message_mb: int) -> int:
     return limit
 
 
-def channel_options(limit: int) -> list[tuple[str, int]]:
+def channel_options(limit: int, server: bool = False) -> list[tuple[str, int]]:
     """gRPC options with `limit` bytes (from `message_limit`) for each message, both ways."""
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0)]
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+               ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    return options + [("grpc.max_concurrent_streams", MAX_STREAMS)] if server else options
 
 
 def _read(path: Path) -> bytes:
@@ -135,7 +140,7 @@ def check_metrics(metrics: dict[str, float]) -> dict[str, float]:
     for key, value in metrics.items():
         if len(key) > MAX_METRIC_NAME:
             raise BadUpdate(f"metric name of {len(key)} characters, at most {MAX_METRIC_NAME} are accepted")
-        if not math.isfinite(value):
-            raise BadUpdate(f"metric {key} is not finite")
+        if not math.isfinite(value) or abs(value) > MAX_METRIC_ABS:
+            raise BadUpdate(f"metric {key} = {value} is not finite or above {MAX_METRIC_ABS:g} in size")
         clean[key] = float(value)
     return clean

@@ -193,3 +193,16 @@ def test_refused_global_model_restores_the_server_optimizer_state():
     poisoned = ClientUpdate("b", torch.full((4,), 1e8, dtype=torch.float64), 10)
     kept, dropped = aggregator.from_updates(3, params, [honest[0], poisoned, honest[0]], 3, 1.0)
     assert dropped == ["b"] and float((kept - params).abs().max()) < 1.0
+
+
+def test_a_sum_longer_than_the_clip_norms_allow_is_refused():
+    """Under secure aggregation with DP the clients clip; a client that does not shows in the sum's norm."""
+    from shoal.federated.privacy import CentralDP
+
+    cfg = load_config(None, ["federated.dp=fixed", "federated.dp_clip=1.0", "federated.dp_noise=0.0"])
+    aggregator = Aggregator(cfg.federated, build_strategy(cfg.federated), CentralDP(cfg.federated))
+    params, who = torch.zeros(4, dtype=torch.float64), ["a", "b", "c"]
+    moved = aggregator.from_sum(1, params, torch.full((4,), 0.5, dtype=torch.float64), 3.0, 3, 3.0, 1.0, who)
+    torch.testing.assert_close(moved, torch.full((4,), 0.5 / 3, dtype=torch.float64))
+    kept = aggregator.from_sum(2, moved, torch.full((4,), 5.0, dtype=torch.float64), 3.0, 3, 3.0, 1.0, who)
+    assert torch.equal(kept, moved)  # norm 10 from three updates of norm at most 1
