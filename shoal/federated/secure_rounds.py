@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from shoal.config import Config
 from shoal.federated import federation_pb2 as pb
 from shoal.federated.secagg import SecAggServer, dequantize
 
@@ -24,7 +25,7 @@ KEY_BYTES = 32
 WEIGHT_TOLERANCE = 1e-3  # weights are whole numbers; fixed point rounds each to 2^-24, so this is far looser
 
 
-def secagg_threshold(cfg: Any, sampled: int) -> int:
+def secagg_threshold(cfg: Config, sampled: int) -> int:
     return cfg.federated.secagg_threshold or sampled // 2 + 1
 
 
