@@ -173,8 +173,8 @@ class FederatedConfig:
                                          "derived per round: 10 x the round's median update norm, and at most "
                                          "10 x max(1, norm of the global model).", min=0.0)
     require_crl: bool = option(True, "The server refuses to start without certs_dir/crl.pem and refuses every "
-                                     "connection while it cannot read it. false accepts every certificate the CA "
-                                     "signed until it expires.")
+                                     "connection while it cannot read it. false lets it start without one (every "
+                                     "certificate the CA signed is accepted); a CRL once read is still required.")
     strategy: str = option("fedavg", "How client updates become the next global model.",
                            choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                                     "fedtrimmedavg", "krum", "multikrum", "fedbuff"))

@@ -38,6 +38,7 @@ class FederationService(pb_grpc.FederationServicer):
         self._crl_stamp: tuple[int, ...] | None = None
         self._revoked: set[int] = set()
         self._crl_error = ""
+        self._crl_seen = False  # once a CRL was read, losing it fails closed whatever require_crl says
 
     def _revoked_serials(self) -> set[int]:
         """The revoked serials; raises ConfigError while the CRL is missing, unreadable, forged or expired."""
@@ -46,12 +47,13 @@ class FederationService(pb_grpc.FederationServicer):
             st = path.stat()
             stamp: tuple[int, ...] = (st.st_ino, st.st_mtime_ns, st.st_size)
         except OSError:
-            if not self.fed.require_crl:
+            if not self.fed.require_crl and not self._crl_seen:
                 return set()
             raise ConfigError(f"{path} is missing") from None
         if stamp != self._crl_stamp:  # re-read on change, so revoking needs no restart
             try:
                 self._revoked, self._crl_error = {e.serial_number for e in certs.load_crl(self.certs_dir)}, ""
+                self._crl_seen = True
             except ConfigError as err:
                 self._revoked, self._crl_error = set(), str(err)
             self._crl_stamp = stamp
@@ -139,6 +141,9 @@ def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[grpc.Se
                               f"revocation list (`shoal fed certs --out {certs_dir}` writes one; "
                               f"federated.require_crl = false accepts every certificate the CA signed)")
         certs.load_crl(certs_dir)
+    elif not (certs_dir / "crl.pem").is_file():
+        log.warning("no %s and federated.require_crl = false: revocation is off, every certificate the CA signed "
+                    "is accepted until it expires", certs_dir / "crl.pem")
     credentials = transport.server_credentials(certs_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
                          options=transport.channel_options(driver.message_limit, server=True))

@@ -89,15 +89,29 @@ def test_an_unreadable_crl_refuses_everyone_until_restored(server, caplog):
     assert join_code(port, folder, "site") == grpc.StatusCode.PERMISSION_DENIED  # still revoked
 
 
-def test_the_server_refuses_to_start_without_its_crl(server):
+def test_the_server_refuses_to_start_without_its_crl(server, caplog):
     cfg, driver, _, folder, _ = server
-    saved = (folder / "crl.pem").read_bytes()
-    (folder / "crl.pem").unlink()
+    crl = folder / "crl.pem"
+    saved = crl.read_bytes()
+    crl.unlink()
     try:
         with pytest.raises(ConfigError, match="will not start without the CA's revocation list"):
             start_grpc(cfg, driver, "crl")
+        # opting out starts it with a warning; a CRL that appears is then enforced, and losing it fails closed
+        cfg.federated.require_crl = False
+        lax, port = start_grpc(cfg, driver, "crl-lax")
+        try:
+            assert "revocation is off" in caplog.text
+            assert join_code(port, folder, "site") == grpc.StatusCode.OK
+            put(crl, saved)
+            assert join_code(port, folder, "site") == grpc.StatusCode.PERMISSION_DENIED
+            crl.unlink()
+            assert join_code(port, folder, "other") == grpc.StatusCode.UNAVAILABLE
+        finally:
+            lax.stop(0)
     finally:
-        (folder / "crl.pem").write_bytes(saved)
+        cfg.federated.require_crl = True
+        put(crl, saved)
 
 
 def test_reissuing_replaces_and_revokes_and_a_rerun_keeps(tmp_path):
