@@ -170,7 +170,7 @@ def test_oversized_message_is_refused_by_its_length_and_the_limit_follows_the_mo
 def test_a_poisoned_global_model_is_refused_and_the_previous_one_kept(attacked):
     _, run_dir, _, seen, records = attacked
     assert seen["ack_loose"].accepted
-    assert any("round 3: refused the new global model: its step norm" in r for r in records)
+    assert any("round 3: refused the new global model: its largest parameter" in r for r in records)
     final = load_file(str(run_dir / "model.safetensors"))
     for name, tensor in seen["after_round_2"].items():
         assert torch.equal(final[name], tensor), name
@@ -184,7 +184,7 @@ def test_refused_global_model_restores_the_server_optimizer_state():
     honest = [ClientUpdate("a", torch.full((4,), 0.1, dtype=torch.float64), 10)]
     params, _ = aggregator.from_updates(1, params, honest, 1, 1.0)
     moments = aggregator.strategy.m.clone(), aggregator.strategy.v.clone()
-    cfg.federated.server_lr = 1000.0  # a step of about 1000 per coordinate: far past ten times the model
+    cfg.federated.server_lr = 1000.0  # a step of about 1000 per coordinate: far past ten times the largest weight
     after, _ = aggregator.from_updates(2, params, honest, 1, 1.0)
     assert torch.equal(after, params)
     assert torch.equal(aggregator.strategy.m, moments[0]) and torch.equal(aggregator.strategy.v, moments[1])
