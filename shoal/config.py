@@ -174,6 +174,19 @@ class FederatedConfig:
     address: str = option("127.0.0.1:8443", "Where the federated server listens (host:port); clients use --server.")
     certs_dir: str = option("certs", "Folder made by `shoal fed certs`: ca.pem, server.pem/.key, <client>.pem/.key, crl.pem.")
     rounds: int = option(3, "Rounds of training (for fedbuff: server updates).", min=1)
+    in_features: int = option(0, "Model input width: the columns of every site's x.npy. The server builds the model "
+                                 "from it and refuses sites that differ. 0 means unset (`fed server` and `fed client` "
+                                 "refuse to start; `fed simulate` takes it from its data).", min=0)
+    num_classes: int = option(0, "Model output classes; a site whose labels go past it is refused. 0 means unset "
+                                 "(as for in_features).", min=0)
+    max_samples: int = option(100_000_000, "Largest sample count a site may declare when it joins; its per-round "
+                                           "claims may not exceed what it declared.", min=1)
+    max_update_norm: float = option(0.0, "Largest L2 norm of one client's update; larger ones are dropped. 0 means "
+                                         "derived per round: 10 x the round's median update norm, and at most "
+                                         "10 x max(1, norm of the global model).", min=0.0)
+    require_crl: bool = option(True, "The server refuses to start without certs_dir/crl.pem and refuses every "
+                                     "connection while it cannot read it. false lets it start without one (every "
+                                     "certificate the CA signed is accepted); a CRL once read is still required.")
     strategy: str = option("fedavg", "How client updates become the next global model.",
                            choices=("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
                                     "fedtrimmedavg", "krum", "multikrum", "fedbuff"))
@@ -207,7 +220,8 @@ class FederatedConfig:
     local_dp: bool = option(False, "DP-SGD inside each client through opacus (per-sample clipping and noise).")
     local_dp_noise: float = option(1.0, "Local DP-SGD noise multiplier.", min=0.0)
     local_dp_clip: float = option(1.0, "Local DP-SGD per-sample gradient clip norm.", min=0.0)
-    max_message_mb: int = option(512, "Largest gRPC message in MiB (models are sent whole).", min=1)
+    max_message_mb: int = option(512, "Upper bound on any gRPC message in MiB. The actual limit is the model's "
+                                      "size plus 1 MiB; a model too large for this bound is refused at start.", min=1)
     sim_clients: int = option(100, "`fed simulate`: virtual clients (--clients overrides).", min=1)
     sim_workers: int = option(2, "`fed simulate`: worker processes; memory is set by this, not by the clients.",
                               min=1)

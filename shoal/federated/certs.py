@@ -3,12 +3,18 @@
 `shoal fed certs` writes everything into one folder; the server trusts only that CA and checks
 each caller's serial number against `crl.pem`, so revoking a site is `shoal fed certs --revoke NAME`.
 A client's identity is the common name (CN) of its certificate, never a name it claims.
+
+Every certificate signed is recorded in `issued.json` (name, serial, expiry), so revoking a name
+revokes every certificate ever issued to it, not only the one on disk now. Running the command
+again keeps the certificates that exist; `--reissue NAMES` replaces those and revokes their old ones.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
+import os
 import re
 from pathlib import Path
 
@@ -21,6 +27,7 @@ from shoal.config import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VALID_DAYS = 365
+RECORD = "issued.json"
 
 
 def _now() -> datetime.datetime:
@@ -85,10 +92,35 @@ def issue(folder: Path, name: str, *, server: bool = False, hosts: tuple[str, ..
                 alt.append(x509.DNSName(host))
         builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
+    _record(folder, name, cert)  # before the files: a certificate that exists is always on record
     _write_key(folder / f"{name}.key", key)
     path = folder / f"{name}.pem"
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers (a running server) see the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def issued(folder: Path) -> list[dict[str, str]]:
+    """The issuance record: one {name, serial (hex), not_after} per certificate ever signed here."""
+    path = folder / RECORD
+    if not path.is_file():
+        return []
+    try:
+        return list(json.loads(path.read_text())["certificates"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{path}: not a Shoal issuance record") from None
+
+
+def _record(folder: Path, name: str, cert: x509.Certificate) -> None:
+    entries = issued(folder) + [{"name": name, "serial": f"{cert.serial_number:x}",
+                                 "not_after": cert.not_valid_after_utc.isoformat()}]
+    _write_atomic(folder / RECORD, (json.dumps({"certificates": entries}, indent=1) + "\n").encode())
 
 
 def write_crl(folder: Path, serials: list[int]) -> None:
@@ -99,39 +131,75 @@ def write_crl(folder: Path, serials: list[int]) -> None:
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_now()).build())
-    (folder / "crl.pem").write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    _write_atomic(folder / "crl.pem", builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
 
 
-def revoke(folder: Path, name: str) -> int:
-    """Add `name`'s certificate to the CRL; returns its serial number."""
+def serials_of(folder: Path, name: str) -> set[int]:
+    """Every serial issued to `name`: the record's, and the certificate on disk (made before records were kept)."""
+    serials = {int(entry["serial"], 16) for entry in issued(folder) if entry["name"] == name}
     path = folder / f"{name}.pem"
-    if not path.is_file():
-        raise ConfigError(f"no certificate {path} to revoke")
-    serial = x509.load_pem_x509_certificate(path.read_bytes()).serial_number
-    write_crl(folder, sorted(set(revoked_serials(folder)) | {serial}))
-    return serial
+    if path.is_file():
+        serials.add(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+    return serials
+
+
+def revoke(folder: Path, name: str) -> list[int]:
+    """Add every certificate ever issued to `name` to the CRL; returns their serial numbers."""
+    serials = serials_of(folder, name)
+    if not serials:
+        raise ConfigError(f"no certificate was issued to '{name}' in {folder} (none in {RECORD}, no {name}.pem)")
+    write_crl(folder, sorted(revoked_serials(folder) | serials))
+    return sorted(serials)
+
+
+def load_crl(folder: Path) -> x509.CertificateRevocationList:
+    """crl.pem, checked: signed by the federation's CA and not past its next update. ConfigError otherwise."""
+    path = folder / "crl.pem"
+    try:
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        ca_cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} cannot be read: {err}") from None
+    if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
+        raise ConfigError(f"{path}: not signed by this federation's CA")
+    if crl.next_update_utc is not None and crl.next_update_utc < _now():
+        raise ConfigError(f"{path} expired on {crl.next_update_utc:%Y-%m-%d}; run `shoal fed certs --revoke` or "
+                          f"re-sign it")
+    return crl
 
 
 def revoked_serials(folder: Path) -> set[int]:
-    """Serials listed in crl.pem, after checking the CA's signature on it."""
-    path = folder / "crl.pem"
-    if not path.is_file():
+    """Serials listed in crl.pem (empty when there is none), after checking it."""
+    if not (folder / "crl.pem").is_file():
         return set()
-    crl = x509.load_pem_x509_crl(path.read_bytes())
-    ca_cert, _ = _load_ca(folder) if (folder / "ca.key").is_file() else (
-        x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes()), None)
-    if not crl.is_signature_valid(ca_cert.public_key()):  # type: ignore[arg-type]
-        raise ConfigError(f"{path}: not signed by this federation's CA")
-    return {entry.serial_number for entry in crl}
+    return {entry.serial_number for entry in load_crl(folder)}
 
 
-def make_all(folder: Path, clients: list[str], hosts: tuple[str, ...] = ()) -> list[Path]:
-    """CA (kept if present), server certificate and one certificate per client."""
-    if not (folder / "ca.key").is_file():
-        make_ca(folder)
-    written = [folder / "ca.pem", issue(folder, "server", server=True, hosts=hosts)]
+def make_all(folder: Path, clients: list[str], hosts: tuple[str, ...] = (),
+             reissue: tuple[str, ...] = ()) -> list[tuple[Path, str]]:
+    """CA (kept if present), server certificate and one per client; returns (file, what happened) pairs.
+
+    A name that already has a certificate keeps it. A name in `reissue` ('server' included) gets
+    a new one and every earlier certificate of that name is revoked, so a copy of an old key
+    stops working.
+    """
     for name in clients:
         if name == "server":
             raise ConfigError("'server' is reserved for the server's certificate")
-        written.append(issue(folder, name))
-    return written
+    names = ["server"] + clients + [n for n in reissue if n != "server" and n not in clients]
+    if not (folder / "ca.key").is_file():
+        make_ca(folder)
+    done = [(folder / "ca.pem", "CA")]
+    for name in names:
+        path = folder / f"{name}.pem"
+        if path.is_file() and name not in reissue:
+            done.append((path, f"kept (already issued; --reissue {name} replaces it)"))
+            continue
+        old = serials_of(folder, name)
+        issue(folder, name, server=name == "server", hosts=hosts)
+        if old:
+            write_crl(folder, sorted(revoked_serials(folder) | old))
+            done.append((path, f"re-issued; {len(old)} earlier certificate(s) of '{name}' revoked in crl.pem"))
+        else:
+            done.append((path, "issued"))
+    return done

@@ -7,15 +7,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
 from shoal.config import ConfigError
 
+OVERRIDE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*=")
+
+
+class OverridesParser(argparse.ArgumentParser):
+    """A subcommand parser that takes `section.key=value` overrides anywhere on the line.
+
+    argparse fills the positional `overrides` only from the words right after CONFIG, and
+    `parse_intermixed_args` cannot run under subparsers; so the words it leaves over that look
+    like overrides (`a.b=c`, not an option) join `overrides` in the order typed.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if hasattr(namespace, "overrides"):
+            late = [a for a in extras if OVERRIDE_RE.match(a)]
+            namespace.overrides = list(namespace.overrides or []) + late
+            extras = [a for a in extras if not OVERRIDE_RE.match(a)]
+        return namespace, extras
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     fed = subparsers.add_parser("fed", help="federated training: server, client, certificates, simulation")
-    commands = fed.add_subparsers(dest="fed_command", required=True, metavar="{server,client,certs,simulate}")
+    commands = fed.add_subparsers(dest="fed_command", required=True, metavar="{server,client,certs,simulate}",
+                                  parser_class=OverridesParser)
 
     server = commands.add_parser("server", help="run the federated server (mutual TLS gRPC)")
     server.add_argument("config", help="TOML config with a [federated] section")
@@ -36,7 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     certs.add_argument("--out", default="certs", help="folder for the certificates (default: certs)")
     certs.add_argument("--clients", default="", help="comma-separated client names, e.g. hospital1,hospital2")
     certs.add_argument("--hosts", default="localhost,127.0.0.1", help="server host names and IPs for its certificate")
-    certs.add_argument("--revoke", default="", help="revoke this client's certificate (adds it to crl.pem)")
+    certs.add_argument("--revoke", default="", help="revoke every certificate ever issued to this name (crl.pem)")
+    certs.add_argument("--reissue", default="",
+                       help="comma-separated names ('server' too) whose certificates are replaced, the old ones revoked")
     certs.set_defaults(func=cmd_certs)
 
     simulate = commands.add_parser("simulate", help="simulate many clients on this machine in a bounded pool")
@@ -101,13 +124,15 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     if args.revoke:
-        serial = certs.revoke(out, args.revoke)
-        print(f"revoked {args.revoke} (serial {serial:x}); {out / 'crl.pem'} updated")
+        serials = certs.revoke(out, args.revoke)
+        print(f"revoked every certificate issued to {args.revoke} (serials {', '.join(f'{s:x}' for s in serials)}); "
+              f"{out / 'crl.pem'} updated")
         return 0
     clients = [c.strip() for c in args.clients.split(",") if c.strip()]
     hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
-    for path in certs.make_all(out, clients, hosts):
-        print(f"wrote {path}")
+    reissue = tuple(n.strip() for n in args.reissue.split(",") if n.strip())
+    for path, what in certs.make_all(out, clients, hosts, reissue=reissue):
+        print(f"{path}: {what}")
     return 0
 
 

@@ -21,11 +21,10 @@ import torch
 
 from shoal.config import Config, ConfigError
 from shoal.data import datasets
-from shoal.data.spec import DataSpec
 from shoal.federated import federation_pb2 as pb
 from shoal.federated import federation_pb2_grpc as pb_grpc
 from shoal.federated import transport
-from shoal.federated.local import evaluate, train_local, warm_up
+from shoal.federated.local import evaluate, model_spec, train_local, warm_up
 from shoal.federated.privacy import clip_update
 from shoal.federated.secagg import SecAggClient
 from shoal.models import build_model
@@ -52,12 +51,21 @@ class FederatedClient:
     def __init__(self, cfg: Config, data_path: str, server: str, name: str, audit_dir: Path | None = None):
         self.cfg, self.name, self.server, self.audit_dir = cfg, name, server, audit_dir
         self.x, self.y, self.x_val, self.y_val = load_site_data(data_path, cfg.data.val_fraction)
+        spec = model_spec(cfg.federated)
+        if self.x.shape[1] != spec.in_features:
+            raise ConfigError(f"--data {data_path}: x.npy has {self.x.shape[1]} columns; federated.in_features = "
+                              f"{spec.in_features}")
+        labels = int(torch.cat([self.y, self.y_val]).max()) + 1
+        self.num_classes = labels
+        if labels > spec.num_classes:
+            raise ConfigError(f"--data {data_path}: this site has label {labels - 1} but federated.num_classes = "
+                              f"{spec.num_classes}")
+        self.model = build_model(cfg.model, spec)
+        self.reference = {k: v.detach().float() for k, v in self.model.state_dict().items()}
+        limit = transport.message_limit(sum(t.numel() for t in self.reference.values()), cfg.federated.max_message_mb)
         credentials = transport.client_credentials(Path(cfg.federated.certs_dir), name)
-        self.channel = grpc.secure_channel(server, credentials,
-                                           options=transport.channel_options(cfg.federated.max_message_mb))
+        self.channel = grpc.secure_channel(server, credentials, options=transport.channel_options(limit))
         self.stub = pb_grpc.FederationStub(self.channel)
-        self.model: torch.nn.Module | None = None
-        self.reference: dict[str, torch.Tensor] = {}
         self.secagg: SecAggClient | None = None
         self.pending_vector: np.ndarray | None = None
         seed = zlib.crc32(name.encode()) ^ cfg.train.seed  # a site's own stream, stable across restarts
@@ -72,8 +80,8 @@ class FederatedClient:
     def join(self, timeout: float) -> None:
         """Register with the server, retrying while it is not up yet."""
         deadline = time.monotonic() + timeout
-        request = pb.JoinRequest(num_samples=len(self.x), in_features=self.x.shape[1],
-                                 num_classes=int(self.y.max()) + 1)
+        request = pb.JoinRequest(num_samples=len(self.x), num_val_samples=len(self.x_val),
+                                 in_features=self.x.shape[1], num_classes=self.num_classes)
         while True:
             try:
                 reply = self.stub.Join(request, timeout=10)
@@ -114,14 +122,7 @@ class FederatedClient:
                             ack.reason)
 
     def _load(self, task: pb.Task) -> torch.nn.Module:
-        if self.model is None:
-            spec = DataSpec(kind="classes", in_features=int(task.config["in_features"]),
-                            num_classes=int(task.config["num_classes"]))
-            if int(self.y.max()) >= spec.num_classes:
-                raise ValueError(f"this site has label {int(self.y.max())} but the federation's model has "
-                                 f"{spec.num_classes} classes")
-            self.model = build_model(self.cfg.model, spec)
-            self.reference = {k: v.detach().float() for k, v in self.model.state_dict().items()}
+        """The global model of this task, checked against the shape this site's config defines."""
         self.model.load_state_dict(transport.decode_model(task.model, self.reference))
         return self.model
 
@@ -168,7 +169,7 @@ class FederatedClient:
         if "dp_clip" in config:
             clipped, unclipped = clip_update(delta, config["dp_clip"])
             return torch.cat([clipped, torch.tensor([1.0, float(unclipped)], dtype=torch.float64)]).numpy()
-        weight = float(len(self.x))
+        weight = float(config.get("secagg_weight", len(self.x)))  # set by the server from our Join
         return torch.cat([delta * weight, torch.tensor([weight, 0.0], dtype=torch.float64)]).numpy()
 
     def _audit(self, rnd: int, payload: bytes, suffix: str) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\x0fshoal.federated\"L\n\x0bJoinRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x13\n\x0bin_features\x18\x02 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x03\"+\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\"\r\n\x0bTaskRequest\"C\n\nPublicKeys\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tcipher_pk\x18\x02 \x01(\x0c\x12\x0f\n\x07mask_pk\x18\x03 \x01(\x0c\"G\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"%\n\x05Share\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xca\x03\n\x04Task\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.shoal.federated.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\x0c\x12\r\n\x05model\x18\x04 \x01(\x0c\x12\x31\n\x06\x63onfig\x18\x05 \x03(\x0b\x32!.shoal.federated.Task.ConfigEntry\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12*\n\x05peers\x18\x07 \x03(\x0b\x32\x1b.shoal.federated.PublicKeys\x12/\n\x06shares\x18\x08 \x03(\x0b\x32\x1f.shoal.federated.EncryptedShare\x12\x11\n\tsurvivors\x18\t \x03(\t\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x14\n\x0cwait_seconds\x18\x0b \x01(\x01\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Y\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x0e\n\nSHARE_KEYS\x10\x03\x12\x08\n\x04MASK\x10\x04\x12\n\n\x06UNMASK\x10\x05\x12\x08\n\x04STOP\x10\x06\"\x8c\x03\n\x06Result\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x0c\x12\r\n\x05model\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.shoal.federated.Result.MetricsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x04keys\x18\x07 \x01(\x0b\x32\x1b.shoal.federated.PublicKeys\x12/\n\x06shares\x18\x08 \x03(\x0b\x32\x1f.shoal.federated.EncryptedShare\x12\x0e\n\x06masked\x18\t \x01(\x0c\x12\x30\n\x10self_mask_shares\x18\n \x03(\x0b\x32\x16.shoal.federated.Share\x12*\n\nkey_shares\x18\x0b \x03(\x0b\x32\x16.shoal.federated.Share\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xc7\x01\n\nFederation\x12@\n\x04Join\x12\x1c.shoal.federated.JoinRequest\x1a\x1a.shoal.federated.JoinReply\x12>\n\x07GetTask\x12\x1c.shoal.federated.TaskRequest\x1a\x15.shoal.federated.Task\x12\x37\n\x06Submit\x12\x17.shoal.federated.Result\x1a\x14.shoal.federated.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\x0fshoal.federated\"e\n\x0bJoinRequest\x12\x13\n\x0bnum_samples\x18\x01 \x01(\x03\x12\x13\n\x0bin_features\x18\x02 \x01(\x03\x12\x13\n\x0bnum_classes\x18\x03 \x01(\x03\x12\x17\n\x0fnum_val_samples\x18\x04 \x01(\x03\"+\n\tJoinReply\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\"\r\n\x0bTaskRequest\"C\n\nPublicKeys\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x11\n\tcipher_pk\x18\x02 \x01(\x0c\x12\x0f\n\x07mask_pk\x18\x03 \x01(\x0c\"G\n\x0e\x45ncryptedShare\x12\x0e\n\x06sender\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12\x12\n\nciphertext\x18\x03 \x01(\x0c\"%\n\x05Share\x12\r\n\x05owner\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"\xca\x03\n\x04Task\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.shoal.federated.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\x03\x12\x0f\n\x07task_id\x18\x03 \x01(\x0c\x12\r\n\x05model\x18\x04 \x01(\x0c\x12\x31\n\x06\x63onfig\x18\x05 \x03(\x0b\x32!.shoal.federated.Task.ConfigEntry\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12*\n\x05peers\x18\x07 \x03(\x0b\x32\x1b.shoal.federated.PublicKeys\x12/\n\x06shares\x18\x08 \x03(\x0b\x32\x1f.shoal.federated.EncryptedShare\x12\x11\n\tsurvivors\x18\t \x03(\t\x12\x0f\n\x07\x64ropped\x18\n \x03(\t\x12\x14\n\x0cwait_seconds\x18\x0b \x01(\x01\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"Y\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\x12\x0e\n\nSHARE_KEYS\x10\x03\x12\x08\n\x04MASK\x10\x04\x12\n\n\x06UNMASK\x10\x05\x12\x08\n\x04STOP\x10\x06\"\x8c\x03\n\x06Result\x12\r\n\x05round\x18\x01 \x01(\x03\x12\x0f\n\x07task_id\x18\x02 \x01(\x0c\x12\r\n\x05model\x18\x03 \x01(\x0c\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12\x35\n\x07metrics\x18\x05 \x03(\x0b\x32$.shoal.federated.Result.MetricsEntry\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12)\n\x04keys\x18\x07 \x01(\x0b\x32\x1b.shoal.federated.PublicKeys\x12/\n\x06shares\x18\x08 \x03(\x0b\x32\x1f.shoal.federated.EncryptedShare\x12\x0e\n\x06masked\x18\t \x01(\x0c\x12\x30\n\x10self_mask_shares\x18\n \x03(\x0b\x32\x16.shoal.federated.Share\x12*\n\nkey_shares\x18\x0b \x03(\x0b\x32\x16.shoal.federated.Share\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t2\xc7\x01\n\nFederation\x12@\n\x04Join\x12\x1c.shoal.federated.JoinRequest\x1a\x1a.shoal.federated.JoinReply\x12>\n\x07GetTask\x12\x1c.shoal.federated.TaskRequest\x1a\x15.shoal.federated.Task\x12\x37\n\x06Submit\x12\x17.shoal.federated.Result\x1a\x14.shoal.federated.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,29 +36,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT_METRICSENTRY']._loaded_options = None
   _globals['_RESULT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_JOINREQUEST']._serialized_start=37
-  _globals['_JOINREQUEST']._serialized_end=113
-  _globals['_JOINREPLY']._serialized_start=115
-  _globals['_JOINREPLY']._serialized_end=158
-  _globals['_TASKREQUEST']._serialized_start=160
-  _globals['_TASKREQUEST']._serialized_end=173
-  _globals['_PUBLICKEYS']._serialized_start=175
-  _globals['_PUBLICKEYS']._serialized_end=242
-  _globals['_ENCRYPTEDSHARE']._serialized_start=244
-  _globals['_ENCRYPTEDSHARE']._serialized_end=315
-  _globals['_SHARE']._serialized_start=317
-  _globals['_SHARE']._serialized_end=354
-  _globals['_TASK']._serialized_start=357
-  _globals['_TASK']._serialized_end=815
-  _globals['_TASK_CONFIGENTRY']._serialized_start=679
-  _globals['_TASK_CONFIGENTRY']._serialized_end=724
-  _globals['_TASK_KIND']._serialized_start=726
-  _globals['_TASK_KIND']._serialized_end=815
-  _globals['_RESULT']._serialized_start=818
-  _globals['_RESULT']._serialized_end=1214
-  _globals['_RESULT_METRICSENTRY']._serialized_start=1168
-  _globals['_RESULT_METRICSENTRY']._serialized_end=1214
-  _globals['_ACK']._serialized_start=1216
-  _globals['_ACK']._serialized_end=1255
-  _globals['_FEDERATION']._serialized_start=1258
-  _globals['_FEDERATION']._serialized_end=1457
+  _globals['_JOINREQUEST']._serialized_end=138
+  _globals['_JOINREPLY']._serialized_start=140
+  _globals['_JOINREPLY']._serialized_end=183
+  _globals['_TASKREQUEST']._serialized_start=185
+  _globals['_TASKREQUEST']._serialized_end=198
+  _globals['_PUBLICKEYS']._serialized_start=200
+  _globals['_PUBLICKEYS']._serialized_end=267
+  _globals['_ENCRYPTEDSHARE']._serialized_start=269
+  _globals['_ENCRYPTEDSHARE']._serialized_end=340
+  _globals['_SHARE']._serialized_start=342
+  _globals['_SHARE']._serialized_end=379
+  _globals['_TASK']._serialized_start=382
+  _globals['_TASK']._serialized_end=840
+  _globals['_TASK_CONFIGENTRY']._serialized_start=704
+  _globals['_TASK_CONFIGENTRY']._serialized_end=749
+  _globals['_TASK_KIND']._serialized_start=751
+  _globals['_TASK_KIND']._serialized_end=840
+  _globals['_RESULT']._serialized_start=843
+  _globals['_RESULT']._serialized_end=1239
+  _globals['_RESULT_METRICSENTRY']._serialized_start=1193
+  _globals['_RESULT_METRICSENTRY']._serialized_end=1239
+  _globals['_ACK']._serialized_start=1241
+  _globals['_ACK']._serialized_end=1280
+  _globals['_FEDERATION']._serialized_start=1283
+  _globals['_FEDERATION']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

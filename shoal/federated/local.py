@@ -2,6 +2,7 @@
 
 Shared by the real client process (`client.py`) and the simulation workers (`simulate.py`),
 so a simulated federation trains exactly like a real one. Local DP-SGD goes through opacus.
+`model_spec` is the model's shape, which server and client both read from the config.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.config import Config
+from shoal.config import Config, ConfigError, FederatedConfig
+from shoal.data.spec import DataSpec
 from shoal.models import compute_loss
 
 
@@ -109,3 +111,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, fl
         recalls = [float(hits[y == c].float().mean()) for c in torch.unique(y)]
         metrics["balanced_accuracy"] = sum(recalls) / len(recalls)
     return metrics
+
+
+def model_spec(fed: FederatedConfig) -> DataSpec:
+    """The federation's model shape, from the config the server and every site share (never from a peer)."""
+    if fed.in_features <= 0 or fed.num_classes <= 0:
+        raise ConfigError("federated.in_features and federated.num_classes must be set: the model's shape comes "
+                          "from the config, never from a site (e.g. in_features = 64, num_classes = 10)")
+    return DataSpec(kind="classes", in_features=fed.in_features, num_classes=fed.num_classes)

@@ -1,37 +1,37 @@
 """The server's round driver: sample, hand out tasks, wait with a deadline, aggregate, record.
 
 Synchronous rounds close with whoever answered before `round_timeout`; secure-aggregation
-rounds run Bonawitz et al.'s four phases (train+keys, share keys, masked input, unmask);
-FedBuff runs without rounds, applying every `buffer_size` updates as they arrive.
-Every round appends a line to <run dir>/metrics.jsonl and rewrites model.safetensors.
+rounds (`secure_rounds.py`) run Bonawitz et al.'s four phases; FedBuff runs without rounds,
+applying every `buffer_size` updates as they arrive. Every result is parsed against the task
+it answers and the counts its client declared at Join; updates pass the guards of
+`aggregate.py` before they change the model. Every round appends a line to
+<run dir>/metrics.jsonl and rewrites model.safetensors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from shoal.config import Config, ConfigError
-from shoal.data.spec import DataSpec
 from shoal.federated import federation_pb2 as pb
 from shoal.federated import transport
-from shoal.federated.privacy import CentralDP, clip_update
-from shoal.federated.secagg import SecAggServer, dequantize
-from shoal.federated.server import Mailbox
-from shoal.federated.strategies import ClientUpdate, build_strategy
+from shoal.federated.aggregate import Aggregator, RoundLog, mean_loss
+from shoal.federated.local import model_spec
+from shoal.federated.mailbox import Mailbox
+from shoal.federated.privacy import CentralDP
+from shoal.federated.secagg import SHARE_BYTES, SHARE_CIPHERTEXT_BYTES
+from shoal.federated.secure_rounds import KEY_BYTES, SecureRounds, secagg_threshold
+from shoal.federated.strategies import ClientUpdate, Strategy, build_strategy
 from shoal.models import build_model
 
 log = logging.getLogger("shoal.federated.server")
-KEY_BYTES = 32
 
 
 def check_federated(cfg: Config) -> None:
@@ -60,37 +60,40 @@ def check_federated(cfg: Config) -> None:
                           f"federated.min_clients > {2 * fed.byzantine + 2}")
 
 
-def secagg_threshold(cfg: Config, sampled: int) -> int:
-    return cfg.federated.secagg_threshold or sampled // 2 + 1
-
-
-class RoundDriver:
+class RoundDriver(SecureRounds):
     def __init__(self, cfg: Config, run_dir: Path):
         check_federated(cfg)
         self.cfg, self.fed, self.run_dir = cfg, cfg.federated, run_dir
-        self.strategy = build_strategy(self.fed)
-        self.dp = CentralDP(self.fed, seed=cfg.train.seed) if self.fed.dp != "off" else None
+        dp = CentralDP(self.fed, seed=cfg.train.seed) if self.fed.dp != "off" else None
+        self.aggregator = Aggregator(self.fed, build_strategy(self.fed), dp)
+        self.dp = dp
         self.rng = random.Random(cfg.train.seed)
         self.mailbox = Mailbox(self.parse)
-        self.reference: dict[str, torch.Tensor] = {}
-        self.global_params = torch.zeros(0, dtype=torch.float64)
-        self.model_config: dict[str, float] = {}
         self.history: dict[int, torch.Tensor] = {}
-        self.length = 0
         self.last_metrics: dict[str, float] = {}
+        self.build_global()
+        self.message_limit = transport.message_limit(self.length, self.fed.max_message_mb)
+        self.round_log = RoundLog(run_dir, dp, log)
+
+    @property
+    def strategy(self) -> Strategy:
+        return self.aggregator.strategy
 
     # --- incoming messages ----------------------------------------------------------------
 
     def parse(self, client_id: str, task: pb.Task, result: pb.Result) -> Any:
         """Check a result against what its task asked for; BadUpdate names what is wrong."""
         metrics = transport.check_metrics(dict(result.metrics))
+        declared = self.mailbox.clients[client_id]
         if task.kind == pb.Task.EVALUATE:
-            if result.num_samples < 0:
-                raise transport.BadUpdate("negative sample count")
+            if not 0 <= result.num_samples <= declared.num_val_samples:
+                raise transport.BadUpdate(f"num_samples = {result.num_samples} is outside 0..{declared.num_val_samples}"
+                                          f", the held-out count declared at Join")
             return result.num_samples, metrics
         if task.kind == pb.Task.TRAIN:
-            if not 0 < result.num_samples < 10 ** 12:
-                raise transport.BadUpdate(f"num_samples = {result.num_samples} is out of range")
+            if not 0 < result.num_samples <= declared.num_samples:
+                raise transport.BadUpdate(f"num_samples = {result.num_samples} is outside 1..{declared.num_samples}, "
+                                          f"the count declared at Join")
             if task.config.get("secagg"):
                 keys = result.keys
                 if len(keys.cipher_pk) != KEY_BYTES or len(keys.mask_pk) != KEY_BYTES:
@@ -106,6 +109,9 @@ class RoundDriver:
             for share in result.shares:
                 if share.sender != client_id or share.recipient not in peers or share.recipient in shares:
                     raise transport.BadUpdate("encrypted shares must go from the sender to each peer once")
+                if len(share.ciphertext) != SHARE_CIPHERTEXT_BYTES:
+                    raise transport.BadUpdate(f"an encrypted share has {len(share.ciphertext)} bytes, expected "
+                                              f"{SHARE_CIPHERTEXT_BYTES}")
                 shares[share.recipient] = bytes(share.ciphertext)
             if set(shares) != peers:
                 raise transport.BadUpdate("encrypted shares must cover every peer")
@@ -113,9 +119,13 @@ class RoundDriver:
         if task.kind == pb.Task.MASK:
             return transport.decode_u64(result.masked, self.length + 2)
         if task.kind == pb.Task.UNMASK:
+            every = list(result.self_mask_shares) + list(result.key_shares)
+            if any(len(s.value) != SHARE_BYTES for s in every):
+                raise transport.BadUpdate(f"every unmasking share must have {SHARE_BYTES} bytes")
             seeds = {s.owner: bytes(s.value) for s in result.self_mask_shares}
             keys = {s.owner: bytes(s.value) for s in result.key_shares}
-            if set(seeds) != set(task.survivors) or set(keys) != set(task.dropped):
+            if (len(seeds) != len(result.self_mask_shares) or len(keys) != len(result.key_shares)
+                    or set(seeds) != set(task.survivors) or set(keys) != set(task.dropped)):
                 raise transport.BadUpdate("unmask reply must hold one share per survivor and per dropped client")
             return seeds, keys
         raise transport.BadUpdate(f"unexpected result for a {pb.Task.Kind.Name(task.kind)} task")
@@ -157,11 +167,8 @@ class RoundDriver:
         return self.mailbox.live()
 
     def build_global(self) -> None:
-        """The initial model, shaped by what the first clients reported about their data."""
-        with self.mailbox.cond:
-            infos = list(self.mailbox.clients.values())
-        spec = DataSpec(kind="classes", in_features=infos[0].in_features,
-                        num_classes=max(i.num_classes for i in infos))
+        """The initial model, shaped by the server's config: no site chooses the federation's model."""
+        spec = model_spec(self.fed)
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg.model, spec)
         self.reference = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
@@ -177,16 +184,21 @@ class RoundDriver:
     # --- the run -------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        self.wait_for_clients()
-        self.build_global()
-        if self.strategy.asynchronous:
-            self.run_async()
-        else:
-            for rnd in range(1, self.fed.rounds + 1):
-                self.run_round(rnd)
-        final = self.evaluate(self.fed.rounds + 1) if self.strategy.asynchronous else self.last_metrics
+        try:
+            self.wait_for_clients()
+            if self.strategy.asynchronous:
+                self.run_async()
+            else:
+                for rnd in range(1, self.fed.rounds + 1):
+                    self.run_round(rnd)
+            final = self.evaluate(self.fed.rounds + 1) if self.strategy.asynchronous else self.last_metrics
+            self.save()
+            return final
+        finally:
+            self.round_log.close()
+
+    def save(self) -> None:
         save_file(transport.unflatten(self.global_params, self.reference), str(self.run_dir / "model.safetensors"))
-        return final
 
     def run_round(self, rnd: int) -> None:
         started = time.monotonic()
@@ -194,88 +206,27 @@ class RoundDriver:
         chosen, config = self.strategy.configure_train(rnd, available, self.rng)
         config = {**config, **self.model_config}
         log.info("round %d: training on %s", rnd, chosen)
+        dropped: list[str] = []
         if self.fed.secagg:
             answered, train_loss = self.secure_round(rnd, chosen, config, len(available))
         else:
-            answered, train_loss = self.plain_round(rnd, chosen, config, len(available))
+            answered, train_loss, dropped = self.plain_round(rnd, chosen, config, len(available))
         metrics = self.evaluate(rnd)
-        self.record({"round": rnd, "sampled": len(chosen), "answered": answered, "train_loss": train_loss,
-                     **{f"eval_{k}": v for k, v in metrics.items()}, "seconds": time.monotonic() - started})
+        row = {"round": rnd, "sampled": len(chosen), "answered": answered, "train_loss": train_loss,
+               **{f"eval_{k}": v for k, v in metrics.items()}, "seconds": time.monotonic() - started}
+        self.record({**row, "dropped": dropped} if dropped else row)
 
-    def plain_round(self, rnd: int, chosen: list[str], config: dict[str, float], available: int) -> tuple[int, float]:
+    def plain_round(self, rnd: int, chosen: list[str], config: dict[str, float],
+                    available: int) -> tuple[int, float, list[str]]:
+        """(updates received, mean training loss, clients whose update was dropped as too large)."""
         replies = self.phase(pb.Task.TRAIN, rnd, chosen, model=self.model_bytes(), config=config)
         updates: list[ClientUpdate] = list(replies.values())
         if not updates:
             log.warning("round %d: no valid update arrived; the global model is unchanged", rnd)
-            return 0, math.nan
-        if self.dp is not None:
-            clipped = [clip_update(u.delta, self.dp.clip) for u in updates]
-            total = torch.stack([c for c, _ in clipped]).sum(0)
-            mean = self.dp.noisy_mean(total, len(chosen), sum(ok for _, ok in clipped), len(chosen) / available)
-            self.global_params = self.strategy.apply_mean(rnd, self.global_params, mean)
-        else:
-            try:
-                self.global_params = self.strategy.aggregate_train(rnd, self.global_params, updates)
-            except ValueError as err:
-                log.error("round %d: %s; the global model is unchanged", rnd, err)
-        return len(updates), float(np.mean([u.metrics.get("train_loss", math.nan) for u in updates]))
-
-    def secure_round(self, rnd: int, chosen: list[str], config: dict[str, float],
-                     available: int) -> tuple[int, float]:
-        threshold = secagg_threshold(self.cfg, len(chosen))
-        config = {**config, "secagg": 1.0, "secagg_threshold": float(threshold)}
-        if self.dp is not None:
-            config["dp_clip"] = self.dp.clip  # clients clip: the server never sees one update
-        keys = self.phase(pb.Task.TRAIN, rnd, chosen, model=self.model_bytes(), config=config)
-        if not self._enough(rnd, "advertised keys", keys, threshold):
-            return 0, math.nan
-        peers = {cid: k for cid, (k, _) in keys.items()}
-        peer_msgs = [pb.PublicKeys(client_id=c, cipher_pk=k[0], mask_pk=k[1]) for c, k in sorted(peers.items())]
-        shares = self.phase(pb.Task.SHARE_KEYS, rnd, sorted(peers), peers=peer_msgs, config=config)
-        if not self._enough(rnd, "shared keys", shares, threshold):
-            return 0, math.nan
-
-        def addressed_to(cid: str) -> dict[str, Any]:
-            return {"shares": [pb.EncryptedShare(sender=s, recipient=cid, ciphertext=out[cid])
-                               for s, out in sorted(shares.items())]}
-
-        masked = self.phase(pb.Task.MASK, rnd, sorted(shares), per_client=addressed_to, config=config)
-        if not self._enough(rnd, "sent masked input", masked, threshold):
-            return 0, math.nan
-        survivors, dropped = sorted(masked), sorted(set(shares) - set(masked))
-        unmask = self.phase(pb.Task.UNMASK, rnd, survivors, survivors=survivors, dropped=dropped, config=config)
-        if not self._enough(rnd, "sent unmasking shares", unmask, threshold):
-            return 0, math.nan
-        seed_shares: dict[str, dict[str, bytes]] = {}
-        key_shares: dict[str, dict[str, bytes]] = {}
-        for holder, (seeds, ks) in unmask.items():
-            for owner, value in seeds.items():
-                seed_shares.setdefault(owner, {})[holder] = value
-            for owner, value in ks.items():
-                key_shares.setdefault(owner, {})[holder] = value
-        try:
-            total = SecAggServer(threshold).unmask_sum(peers, set(shares), masked, seed_shares, key_shares)
-        except ValueError as err:
-            log.error("round %d: secure aggregation failed (%s); the global model is unchanged", rnd, err)
-            return 0, math.nan
-        summed = torch.from_numpy(dequantize(total))
-        delta_sum, weight, unclipped = summed[:self.length], float(summed[self.length]), float(summed[-1])
-        if dropped:
-            log.info("round %d: %s dropped after sharing keys; their masks were removed", rnd, dropped)
-        if self.dp is not None:
-            mean = self.dp.noisy_mean(delta_sum, len(chosen), unclipped, len(chosen) / available)
-        else:
-            mean = delta_sum / max(weight, 1e-12)
-        self.global_params = self.strategy.apply_mean(rnd, self.global_params, mean)
-        losses = [m.get("train_loss", math.nan) for _, m in keys.values()]
-        return len(masked), float(np.mean(losses))
-
-    def _enough(self, rnd: int, what: str, replies: dict[str, Any], threshold: int) -> bool:
-        if len(replies) >= threshold:
-            return True
-        log.error("round %d: only %d clients %s, below the secure aggregation threshold %d; the global model "
-                  "is unchanged", rnd, len(replies), what, threshold)
-        return False
+            return 0, float("nan"), []
+        self.global_params, dropped = self.aggregator.from_updates(rnd, self.global_params, updates, len(chosen),
+                                                                   len(chosen) / available)
+        return len(updates), mean_loss([u.metrics.get("train_loss", float("nan")) for u in updates]), dropped
 
     def run_async(self) -> None:
         """FedBuff: keep every live client busy; apply each full buffer as one server version."""
@@ -305,13 +256,15 @@ class RoundDriver:
                 buffer.append(update)
                 if len(buffer) >= self.fed.buffer_size:
                     version += 1
-                    self.global_params = self.strategy.aggregate_train(version, self.global_params, buffer)
+                    self.global_params, dropped = self.aggregator.from_updates(version, self.global_params, buffer,
+                                                                               len(buffer), 1.0)
                     self.history[version] = self.global_params.clone()
                     self.history.pop(version - self.fed.max_staleness - 1, None)
-                    self.record({"round": version, "answered": len(buffer),
-                                 "staleness": [version - 1 - u.base_version for u in buffer],
-                                 "train_loss": float(np.mean([u.metrics.get("train_loss", math.nan) for u in buffer])),
-                                 "seconds": time.monotonic() - started})
+                    row = {"round": version, "answered": len(buffer),
+                           "staleness": [version - 1 - u.base_version for u in buffer],
+                           "train_loss": mean_loss([u.metrics.get("train_loss", float("nan")) for u in buffer]),
+                           "seconds": time.monotonic() - started}
+                    self.record({**row, "dropped": dropped} if dropped else row)
                     buffer, started = [], time.monotonic()
                     if version >= self.fed.rounds:
                         break
@@ -324,11 +277,5 @@ class RoundDriver:
         return self.last_metrics
 
     def record(self, row: dict[str, Any]) -> None:
-        if self.dp is not None:
-            row["epsilon"] = self.dp.epsilon()
-            row["dp_clip"] = self.dp.clip
-        log.info("round %d: %s", row["round"], ", ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "round"))
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        save_file(transport.unflatten(self.global_params, self.reference), str(self.run_dir / "model.safetensors"))
+        self.round_log.record(row)
+        self.save()

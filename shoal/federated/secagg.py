@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 PRIME = 2 ** 521 - 1  # a Mersenne prime above every 32-byte secret
 SHARE_BYTES = 66
+SHARE_CIPHERTEXT_BYTES = 12 + 2 * SHARE_BYTES + 16  # nonce, a seed share and a key share, the GCM tag
 SCALE_BITS = 24
 
 
@@ -196,4 +197,7 @@ class SecAggServer:
             raise ValueError(f"only {len(shares)} shares of {owner}'s secret; need {self.threshold}")
         chosen = list(shares.items())[:self.threshold]
         points = [(index[holder], int.from_bytes(value, "big")) for holder, value in chosen]
-        return shamir_combine(points).to_bytes(32, "big")
+        secret = shamir_combine(points)
+        if secret >= 2 ** 256:  # a bad share: the true secret is a 32-byte value
+            raise ValueError(f"the shares of {owner}'s secret do not combine into a 32-byte value")
+        return secret.to_bytes(32, "big")

@@ -1,169 +1,64 @@
-"""The federated server: a gRPC service over mutual TLS and a mailbox of tasks per client.
+"""The federated server: a gRPC service over mutual TLS in front of the round driver's mailbox.
 
 Clients pull work (`GetTask`, a short long-poll) and push results (`Submit`); the round driver
 (`rounds.py`) only queues tasks and waits for replies with a deadline, so a client that
 crashes, hangs or is killed costs the round its update, never the round itself. Every RPC
-identifies the caller by its certificate's common name and checks the CRL; every result must
-quote the nonce of the task it answers, which refuses replays and out-of-round messages.
+identifies the caller by its certificate's common name and checks the CRL, failing closed
+when the CRL cannot be read; every result must quote the nonce of the task it answers, which
+refuses replays and out-of-round messages. A Join is checked against the model the server's
+config defines: a site never shapes the model, and what it declares caps what it may claim.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
-from shoal.config import Config, ConfigError
+from shoal.config import Config, ConfigError, FederatedConfig
 from shoal.federated import certs, transport
 from shoal.federated import federation_pb2 as pb
 from shoal.federated import federation_pb2_grpc as pb_grpc
+from shoal.federated.mailbox import POLL_SECONDS, ClientInfo, Mailbox
+from shoal.federated.rounds import RoundDriver
 
 log = logging.getLogger("shoal.federated.server")
-POLL_SECONDS = 1.0  # how long GetTask holds a call open before answering WAIT
-LIVE_SECONDS = 10.0  # a client not heard from for this long is not sampled
-
-
-@dataclass
-class ClientInfo:
-    num_samples: int
-    in_features: int
-    num_classes: int
-    last_seen: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Reply:
-    client_id: str
-    kind: int
-    round: int
-    result: Any
-    """The parsed payload (validated by the driver's parser) or None when the client reported an error."""
-
-
-class Mailbox:
-    """Queued tasks, open tasks and received replies, under one condition variable."""
-
-    def __init__(self, parse: Callable[[str, pb.Task, pb.Result], Any]):
-        self.cond = threading.Condition()
-        self.clients: dict[str, ClientInfo] = {}
-        self.queued: dict[str, pb.Task] = {}
-        self.open: dict[str, pb.Task] = {}
-        self.spent: set[bytes] = set()
-        self.inbox: list[Reply] = []
-        self.stopping = False
-        self.parse = parse
-
-    def live(self) -> list[str]:
-        now = time.monotonic()
-        with self.cond:
-            return sorted(c for c, info in self.clients.items() if now - info.last_seen < LIVE_SECONDS)
-
-    def suspect(self, client_ids: list[str]) -> None:
-        """Stop sampling clients that missed a deadline until they poll again (a dead one never does)."""
-        with self.cond:
-            for cid in client_ids:
-                if cid in self.clients:
-                    self.clients[cid].last_seen = -LIVE_SECONDS
-
-    def assign(self, client_id: str, task: pb.Task) -> bytes:
-        task.task_id = os.urandom(16)
-        with self.cond:
-            self.queued[client_id] = task
-            self.cond.notify_all()
-        return task.task_id
-
-    def cancel(self, client_ids: list[str]) -> None:
-        """Close the tasks of a finished phase: a late answer to them is refused as stale."""
-        with self.cond:
-            for cid in client_ids:
-                self.queued.pop(cid, None)
-                task = self.open.pop(cid, None)
-                if task is not None:
-                    self.spent.add(task.task_id)
-
-    def take(self) -> list[Reply]:
-        with self.cond:
-            replies, self.inbox = self.inbox, []
-            return replies
-
-    def wait_replies(self, deadline: float) -> None:
-        with self.cond:
-            if not self.inbox:
-                self.cond.wait(max(0.0, min(deadline - time.monotonic(), POLL_SECONDS)))
-
-    def next_task(self, client_id: str) -> pb.Task:
-        deadline = time.monotonic() + POLL_SECONDS
-        with self.cond:
-            while True:
-                if client_id in self.clients:
-                    self.clients[client_id].last_seen = time.monotonic()
-                if client_id in self.queued:
-                    task = self.queued.pop(client_id)
-                    self.open[client_id] = task
-                    return task
-                if self.stopping:
-                    return pb.Task(kind=pb.Task.STOP)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return pb.Task(kind=pb.Task.WAIT, wait_seconds=0.0)
-                self.cond.wait(left)
-
-    def submit(self, client_id: str, result: pb.Result) -> tuple[bool, str]:
-        with self.cond:
-            if client_id in self.clients:
-                self.clients[client_id].last_seen = time.monotonic()
-            task = self.open.get(client_id)
-            reason = ""
-            if result.task_id in self.spent:
-                reason = "replayed or stale message: that task is already closed"
-            elif task is None or task.task_id != result.task_id:
-                reason = "out-of-round message: no open task with that id for this client"
-            elif result.round != task.round:
-                reason = f"round {result.round} does not match the task's round {task.round}"
-            if reason:
-                log.warning("refused a message from client '%s': %s", client_id, reason)
-                return False, reason
-            del self.open[client_id]
-            self.spent.add(task.task_id)
-        if result.error:
-            log.error("client %s failed in round %d:\n%s", client_id, task.round, result.error.rstrip())
-            parsed = None
-        else:
-            try:
-                parsed = self.parse(client_id, task, result)
-            except transport.BadUpdate as err:
-                log.warning("rejected %s from client %s in round %d: %s", pb.Task.Kind.Name(task.kind),
-                            client_id, task.round, err)
-                with self.cond:
-                    self.inbox.append(Reply(client_id, task.kind, task.round, None))
-                    self.cond.notify_all()
-                return False, str(err)
-        with self.cond:
-            self.inbox.append(Reply(client_id, task.kind, task.round, parsed))
-            self.cond.notify_all()
-        return True, ""
 
 
 class FederationService(pb_grpc.FederationServicer):
     """The three RPCs; identity comes from the TLS certificate, checked against the CRL."""
 
-    def __init__(self, mailbox: Mailbox, certs_dir: Path, run_name: str):
-        self.mailbox, self.certs_dir, self.run_name = mailbox, certs_dir, run_name
-        self._crl_mtime = -1.0
+    def __init__(self, mailbox: Mailbox, fed: FederatedConfig, run_name: str):
+        self.mailbox, self.fed, self.run_name = mailbox, fed, run_name
+        self.certs_dir = Path(fed.certs_dir)
+        self._crl_stamp: tuple[int, ...] | None = None
         self._revoked: set[int] = set()
+        self._crl_error = ""
+        self._crl_seen = False  # once a CRL was read, losing it fails closed whatever require_crl says
 
     def _revoked_serials(self) -> set[int]:
+        """The revoked serials; raises ConfigError while the CRL is missing, unreadable, forged or expired."""
         path = self.certs_dir / "crl.pem"
-        mtime = path.stat().st_mtime if path.exists() else 0.0
-        if mtime != self._crl_mtime:  # re-read on change, so revoking needs no restart
-            self._revoked, self._crl_mtime = certs.revoked_serials(self.certs_dir), mtime
+        try:
+            st = path.stat()
+            stamp: tuple[int, ...] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError:
+            if not self.fed.require_crl and not self._crl_seen:
+                return set()
+            raise ConfigError(f"{path} is missing") from None
+        if stamp != self._crl_stamp:  # re-read on change, so revoking needs no restart
+            try:
+                self._revoked, self._crl_error = {e.serial_number for e in certs.load_crl(self.certs_dir)}, ""
+                self._crl_seen = True
+            except ConfigError as err:
+                self._revoked, self._crl_error = set(), str(err)
+            self._crl_stamp = stamp
+        if self._crl_error:
+            raise ConfigError(self._crl_error)
         return self._revoked
 
     def _identify(self, context: grpc.ServicerContext) -> str:
@@ -173,7 +68,13 @@ class FederationService(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         names = cert.subject.get_attributes_for_oid(certs.NameOID.COMMON_NAME)
         name = str(names[0].value) if names else ""
-        if cert.serial_number in self._revoked_serials():
+        try:
+            revoked = self._revoked_serials()
+        except ConfigError as err:  # fail closed: without a readable CRL no one is let in
+            log.error("refused client '%s' from %s: the revocation list cannot be checked (%s); every connection "
+                      "is refused until it is restored", name, context.peer(), err)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server cannot check its revocation list")
+        if cert.serial_number in revoked:
             log.warning("refused client '%s' from %s: certificate serial %x is revoked", name, context.peer(),
                         cert.serial_number)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
@@ -182,18 +83,39 @@ class FederationService(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate has no client name")
         return name
 
+    def _join_refusal(self, name: str, request: pb.JoinRequest) -> str:
+        """Why this Join is refused ('' when it is accepted): every number a site declares is bounded here."""
+        fed = self.fed
+        if not 0 < request.num_samples <= fed.max_samples:
+            return f"num_samples = {request.num_samples} is outside 1..{fed.max_samples} (federated.max_samples)"
+        if not 0 <= request.num_val_samples <= fed.max_samples:
+            return f"num_val_samples = {request.num_val_samples} is outside 0..{fed.max_samples}"
+        if request.in_features != fed.in_features:
+            return f"in_features = {request.in_features}; this federation's model takes {fed.in_features}"
+        if not 0 < request.num_classes <= fed.num_classes:
+            return f"num_classes = {request.num_classes}; this federation's model has {fed.num_classes} classes"
+        known = self.mailbox.clients.get(name)
+        declared = ClientInfo(request.num_samples, request.num_val_samples, request.num_classes)
+        if known is not None and (known.num_samples, known.num_val_samples) != (declared.num_samples,
+                                                                              declared.num_val_samples):
+            return (f"'{name}' joined before with {known.num_samples} training and {known.num_val_samples} "
+                    f"held-out samples; a site's declaration holds for the whole run")
+        return ""
+
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         name = self._identify(context)
-        if not 0 < request.num_samples < 10 ** 12 or request.in_features <= 0 or request.num_classes <= 0:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "num_samples, in_features and num_classes must be positive")
         with self.mailbox.cond:
-            known = {info.in_features for info in self.mailbox.clients.values()}
-            if known and request.in_features not in known:
-                log.warning("refused client '%s': %d input features, the federation has %s", name,
-                            request.in_features, sorted(known))
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"in_features must be {sorted(known)[0]}")
-            self.mailbox.clients[name] = ClientInfo(request.num_samples, request.in_features, request.num_classes)
-            self.mailbox.cond.notify_all()
+            reason = self._join_refusal(name, request)
+            if not reason:
+                if name in self.mailbox.clients:
+                    self.mailbox.clients[name].last_seen = time.monotonic()
+                else:
+                    self.mailbox.clients[name] = ClientInfo(request.num_samples, request.num_val_samples,
+                                                            request.num_classes)
+                self.mailbox.cond.notify_all()
+        if reason:
+            log.warning("refused client '%s' from %s at Join: %s", name, context.peer(), reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         log.info("client '%s' joined from %s with %d samples", name, context.peer(), request.num_samples)
         return pb.JoinReply(client_id=name, run=self.run_name)
 
@@ -209,14 +131,24 @@ class FederationService(pb_grpc.FederationServicer):
         return pb.Ack(accepted=accepted, reason=reason)
 
 
-def start_grpc(cfg: Config, mailbox: Mailbox, run_name: str) -> tuple[grpc.Server, int]:
+def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[grpc.Server, int]:
     """Bind the TLS server; returns it with the port actually bound (for address ':0')."""
     fed = cfg.federated
     certs_dir = Path(fed.certs_dir)
+    if fed.require_crl:  # fail closed from the start: a server without its CRL would admit revoked sites
+        if not (certs_dir / "crl.pem").is_file():
+            raise ConfigError(f"{certs_dir / 'crl.pem'} not found: the server will not start without the CA's "
+                              f"revocation list (`shoal fed certs --out {certs_dir}` writes one; "
+                              f"federated.require_crl = false accepts every certificate the CA signed)")
+        certs.load_crl(certs_dir)
+    elif not (certs_dir / "crl.pem").is_file():
+        log.warning("no %s and federated.require_crl = false: revocation is off, every certificate the CA signed "
+                    "is accepted until it expires", certs_dir / "crl.pem")
+    credentials = transport.server_credentials(certs_dir)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         options=transport.channel_options(fed.max_message_mb))
-    pb_grpc.add_FederationServicer_to_server(FederationService(mailbox, certs_dir, run_name), server)
-    port = server.add_secure_port(fed.address, transport.server_credentials(certs_dir))
+                         options=transport.channel_options(driver.message_limit, server=True))
+    pb_grpc.add_FederationServicer_to_server(FederationService(driver.mailbox, fed, run_name), server)
+    port = server.add_secure_port(fed.address, credentials)
     if port == 0:
         raise ConfigError(f"federated.address = '{fed.address}' cannot be bound")
     server.start()
@@ -225,12 +157,10 @@ def start_grpc(cfg: Config, mailbox: Mailbox, run_name: str) -> tuple[grpc.Serve
 
 def serve(cfg: Config, run_dir: Path) -> dict[str, Any]:
     """Run the whole federation (all rounds) and return the final metrics."""
-    from shoal.federated.rounds import RoundDriver
-
     driver = RoundDriver(cfg, run_dir)
-    server, port = start_grpc(cfg, driver.mailbox, cfg.log.name)
-    log.info("listening on %s (port %d) with mutual TLS; certificates from %s", cfg.federated.address, port,
-             cfg.federated.certs_dir)
+    server, port = start_grpc(cfg, driver, cfg.log.name)
+    log.info("listening on %s (port %d) with mutual TLS; certificates from %s; messages up to %d bytes",
+             cfg.federated.address, port, cfg.federated.certs_dir, driver.message_limit)
     (run_dir / "port").write_text(str(port))
     try:
         return driver.run()
@@ -240,4 +170,3 @@ def serve(cfg: Config, run_dir: Path) -> dict[str, Any]:
             driver.mailbox.cond.notify_all()
         time.sleep(min(2 * POLL_SECONDS, 2.0))  # let polling clients hear STOP
         server.stop(grace=1.0).wait()
-

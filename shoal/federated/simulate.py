@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import multiprocessing as mp
 import random
 import struct
@@ -30,6 +29,7 @@ from shoal.data.spec import DataSpec
 from shoal.federated import transport
 from shoal.federated.local import evaluate, train_local, warm_up
 from shoal.federated.partition import load_sim_data, partition
+from shoal.federated.aggregate import Aggregator, RoundLog, mean_loss
 from shoal.federated.privacy import CentralDP, clip_update
 from shoal.federated.rounds import check_federated
 from shoal.federated.strategies import ClientUpdate, build_strategy
@@ -135,6 +135,12 @@ def simulate(cfg: Config, run_dir: Path, *, attack_fraction: float = 0.0, attack
     began = time.monotonic()
     x, y, x_test, y_test = load_sim_data(cfg)
     spec = DataSpec(kind="classes", in_features=x.shape[1], num_classes=int(max(y.max(), y_test.max())) + 1)
+    if fed.in_features and fed.in_features != spec.in_features:
+        raise ConfigError(f"federated.in_features = {fed.in_features} but the simulated data has {spec.in_features}")
+    if fed.num_classes and fed.num_classes < spec.num_classes:
+        raise ConfigError(f"federated.num_classes = {fed.num_classes} but the simulated data has {spec.num_classes}")
+    if fed.num_classes:
+        spec = DataSpec(kind="classes", in_features=spec.in_features, num_classes=fed.num_classes)
     parts = partition(y.numpy(), fed.sim_clients, fed.partition, alpha=fed.dirichlet_alpha,
                       shards_per_client=fed.shards_per_client, seed=cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
@@ -144,6 +150,8 @@ def simulate(cfg: Config, run_dir: Path, *, attack_fraction: float = 0.0, attack
     rng = random.Random(cfg.train.seed)
     attackers = sorted(rng.sample(range(fed.sim_clients), int(round(attack_fraction * fed.sim_clients))))
     dp = CentralDP(fed, seed=cfg.train.seed) if fed.dp != "off" else None
+    aggregator = Aggregator(fed, strategy, dp, bound_updates=False)
+    round_log = RoundLog(run_dir, dp, log, total_rounds=fed.rounds)
     workers = max(1, min(fed.sim_workers, fed.sim_clients))
     log.info("simulating %d clients (%s partition, %d non-empty) on %d workers; %d samples, %d test",
              fed.sim_clients, fed.partition, sum(len(p) > 0 for p in parts), workers, len(x), len(x_test))
@@ -154,39 +162,32 @@ def simulate(cfg: Config, run_dir: Path, *, attack_fraction: float = 0.0, attack
         all_ids = [str(i) for i in range(fed.sim_clients)]
         for rnd in range(1, fed.rounds + 1):
             started = time.monotonic()
-            chosen_names, config = strategy.configure_train(rnd, all_ids, rng)
+            chosen_names, config = aggregator.strategy.configure_train(rnd, all_ids, rng)
             chosen = sorted(int(c) for c in chosen_names)
             header = {"round": rnd, "config": config, "attackers": attackers, "attack_scale": attack_scale,
-                      "clip": dp.clip if dp else None, "sum": strategy.linear}
+                      "clip": dp.clip if dp else None, "sum": aggregator.strategy.linear}
             replies = pool.run(header, global_params, chosen)
             losses = [loss for h, _ in replies for loss in h["losses"]]
-            if dp is not None:
+            names = [str(c) for c in chosen]
+            if dp is not None or aggregator.strategy.linear:  # the workers sent sums, as secure aggregation does
                 total = sum(torch.from_numpy(np.frombuffer(p, dtype=np.float64).copy()) for _, p in replies)
-                mean = dp.noisy_mean(total, len(chosen), sum(h["unclipped"] for h, _ in replies),
-                                     len(chosen) / fed.sim_clients)
-                global_params = strategy.apply_mean(rnd, global_params, mean)
-            elif strategy.linear:
-                total = sum(torch.from_numpy(np.frombuffer(p, dtype=np.float64).copy()) for _, p in replies)
-                weight = sum(h["weight"] for h, _ in replies)
-                if weight > 0:
-                    global_params = strategy.apply_mean(rnd, global_params, total / weight)
+                global_params = aggregator.from_sum(rnd, global_params, total, sum(h["weight"] for h, _ in replies),
+                                                    len(chosen), sum(h["unclipped"] for h, _ in replies),
+                                                    len(chosen) / fed.sim_clients, names)
             else:
                 updates = _unpack_updates(replies, global_params.numel())
                 if updates:
-                    global_params = strategy.aggregate_train(rnd, global_params, updates)
+                    global_params, _ = aggregator.from_updates(rnd, global_params, updates, len(chosen),
+                                                               len(chosen) / fed.sim_clients)
             model.load_state_dict(transport.unflatten(global_params, reference))
             metrics = evaluate(model, x_test, y_test)
-            row = {"round": rnd, "sampled": len(chosen), "train_loss": float(np.mean(losses)) if losses else math.nan,
+            row = {"round": rnd, "sampled": len(chosen), "train_loss": mean_loss(losses),
                    **{f"eval_{k}": v for k, v in metrics.items()}, "seconds": time.monotonic() - started}
-            if dp is not None:
-                row["epsilon"] = dp.epsilon()
-            log.info("round %d/%d: %s", rnd, fed.rounds, ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items() if k != "round"))
-            with open(run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            round_log.record(row)
             summary = {**row, "clients": fed.sim_clients, "workers": workers, "attackers": len(attackers)}
     finally:
         pool.close()
+        round_log.close()
     from safetensors.torch import save_file
 
     save_file(transport.unflatten(global_params, reference), str(run_dir / "model.safetensors"))

@@ -2,8 +2,9 @@
 
 Models travel as safetensors bytes inside protobuf messages and are checked against the
 expected names, shapes and dtype before anyone uses them; masked vectors travel as raw
-little-endian uint64. Nothing is pickled. The message limit follows the config, so a model
-is never capped by gRPC's 4 MiB default.
+little-endian uint64. Nothing is pickled. The message limit is the model's own size plus a
+margin: large enough that a model is never capped by gRPC's 4 MiB default, small enough that
+gRPC refuses an oversized message from its length prefix instead of reading it whole.
 """
 
 from __future__ import annotations
@@ -22,17 +23,37 @@ from shoal.config import ConfigError
 
 # safetensors' header is JSON of names and shapes; this is generous room for it
 HEADER_SLACK = 64 * 1024
+# room beside the model in one message: protobuf framing, metrics, and secure aggregation's
+# keys and shares (about 250 bytes per peer, so some 4,000 peers per round)
+MESSAGE_MARGIN = 1024 * 1024
+MAX_METRICS = 32  # metrics in one reply
+MAX_METRIC_NAME = 64
+MAX_METRIC_ABS = 1e15  # far above any loss or accuracy; keeps the weighted means finite
+# streams one client may have open at once: it needs two (a GetTask poll and a Submit), and each
+# may hold a message up to the limit in server memory
+MAX_STREAMS = 4
 
 
 class BadUpdate(ValueError):
     """A peer's message that must not reach the aggregate (shape, dtype, NaN, size, replay)."""
 
 
-def channel_options(max_message_mb: int) -> list[tuple[str, int]]:
-    limit = max_message_mb * 1024 * 1024
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-            ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0)]
+def message_limit(num_params: int, max_message_mb: int) -> int:
+    """Bytes the largest legitimate message can take: a float32 model or a masked uint64 vector, plus margin."""
+    payload = max(4 * num_params + HEADER_SLACK, 8 * (num_params + 2))
+    limit = payload + MESSAGE_MARGIN
+    if limit > max_message_mb * 1024 * 1024:
+        raise ConfigError(f"the model needs messages of {limit / 2 ** 20:.1f} MiB, above federated.max_message_mb = "
+                          f"{max_message_mb}")
+    return limit
+
+
+def channel_options(limit: int, server: bool = False) -> list[tuple[str, int]]:
+    """gRPC options with `limit` bytes (from `message_limit`) for each message, both ways."""
+    options = [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+               ("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    return options + [("grpc.max_concurrent_streams", MAX_STREAMS)] if server else options
 
 
 def _read(path: Path) -> bytes:
@@ -113,9 +134,13 @@ def decode_u64(data: bytes, length: int) -> np.ndarray:
 
 
 def check_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    if len(metrics) > MAX_METRICS:
+        raise BadUpdate(f"{len(metrics)} metrics, at most {MAX_METRICS} are accepted")
     clean = {}
     for key, value in metrics.items():
-        if not math.isfinite(value):
-            raise BadUpdate(f"metric {key} is not finite")
+        if len(key) > MAX_METRIC_NAME:
+            raise BadUpdate(f"metric name of {len(key)} characters, at most {MAX_METRIC_NAME} are accepted")
+        if not math.isfinite(value) or abs(value) > MAX_METRIC_ABS:
+            raise BadUpdate(f"metric {key} = {value} is not finite or above {MAX_METRIC_ABS:g} in size")
         clean[key] = float(value)
     return clean

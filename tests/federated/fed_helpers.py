@@ -1,10 +1,13 @@
-"""Helpers shared by the federated tests: site datasets, free ports, a tiny federation config."""
+"""Helpers shared by the federated tests: site datasets, free ports, a tiny federation config,
+a TLS channel as a given site, and a server with its round driver in this process."""
 
 from __future__ import annotations
 
 import socket
+import threading
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 SITES = ("alpha", "beta", "gamma", "delta")
@@ -43,6 +46,8 @@ grad_clip = 0.0
 val_fraction = 0.25
 
 [federated]
+in_features = 6
+num_classes = 2
 certs_dir = "{certs}"
 address = "127.0.0.1:{port}"
 rounds = {rounds}
@@ -61,3 +66,33 @@ def write_config(path: Path, certs: Path, runs: Path, name: str, port: int, roun
     path.write_text(CONFIG.format(certs=certs, runs=runs, name=name, port=port, rounds=rounds,
                                   min_clients=min_clients, timeout=timeout) + extra)
     return path
+
+
+def channel(port: int, certs: Path, name: str, ca: Path | None = None) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials((ca or certs / "ca.pem").read_bytes(), (certs / f"{name}.key").read_bytes(),
+                                         (certs / f"{name}.pem").read_bytes())
+    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
+
+
+def start_federation(cfg, tmp_path):
+    """The gRPC server and a thread driving the rounds; `done` is set when the driver returns."""
+    from shoal.federated.rounds import RoundDriver
+    from shoal.federated.server import start_grpc
+
+    run_dir = tmp_path / "runs" / cfg.log.name
+    run_dir.mkdir(parents=True)
+    driver = RoundDriver(cfg, run_dir)
+    server, port = start_grpc(cfg, driver, cfg.log.name)
+    done = threading.Event()
+
+    def drive():
+        try:
+            driver.run()
+        finally:
+            with driver.mailbox.cond:
+                driver.mailbox.stopping = True
+                driver.mailbox.cond.notify_all()
+            done.set()
+
+    threading.Thread(target=drive, daemon=True).start()
+    return server, port, driver, run_dir, done

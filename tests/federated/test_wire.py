@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,36 +17,8 @@ from shoal.federated import federation_pb2 as pb
 from shoal.federated import federation_pb2_grpc as pb_grpc
 from shoal.federated import transport
 from shoal.federated.client import FederatedClient
-from shoal.federated.rounds import RoundDriver
-from shoal.federated.server import start_grpc
 
-from fed_helpers import write_config, write_site
-
-
-def channel(port: int, certs: Path, name: str, ca: Path | None = None) -> grpc.Channel:
-    creds = grpc.ssl_channel_credentials((ca or certs / "ca.pem").read_bytes(), (certs / f"{name}.key").read_bytes(),
-                                         (certs / f"{name}.pem").read_bytes())
-    return grpc.secure_channel(f"127.0.0.1:{port}", creds)
-
-
-def start_federation(cfg, tmp_path):
-    run_dir = tmp_path / "runs" / cfg.log.name
-    run_dir.mkdir(parents=True)
-    driver = RoundDriver(cfg, run_dir)
-    server, port = start_grpc(cfg, driver.mailbox, cfg.log.name)
-    done = threading.Event()
-
-    def drive():
-        try:
-            driver.run()
-        finally:
-            with driver.mailbox.cond:
-                driver.mailbox.stopping = True
-                driver.mailbox.cond.notify_all()
-            done.set()
-
-    threading.Thread(target=drive, daemon=True).start()
-    return server, port, driver, run_dir, done
+from fed_helpers import channel, start_federation, write_config, write_site
 
 
 @pytest.fixture
@@ -85,7 +56,8 @@ def test_bad_updates_never_reach_the_global_model(federation, certs_dir, caplog)
     port, driver, run_dir, done = federation
     with channel(port, certs_dir, "alpha") as ch:
         stub = pb_grpc.FederationStub(ch)
-        assert stub.Join(pb.JoinRequest(num_samples=10, in_features=6, num_classes=2), timeout=10).client_id == "alpha"
+        join = pb.JoinRequest(num_samples=10, num_val_samples=10, in_features=6, num_classes=2)
+        assert stub.Join(join, timeout=10).client_id == "alpha"
 
         def next_task(kind):
             for _ in range(100):
@@ -196,29 +168,26 @@ def test_fedbuff_applies_buffers_of_stale_updates(tmp_path, certs_dir):
 
 
 def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplog):
-    """A 5 MB model passes gRPC's 4 MiB default; a site whose labels do not fit the model reports
-    its exception, and the server log shows the client's traceback while the round goes on."""
+    """A 5 MB model passes gRPC's 4 MiB default; a site that fails while working on a task (here its
+    audit folder is a file) reports its exception, and the server log shows the client's traceback
+    while the round goes on."""
     caplog.set_level(logging.INFO, logger="shoal.federated.server")
     cfg = load(write_config(tmp_path / "fed.toml", certs_dir, tmp_path / "runs", "large", 0, rounds=3,
                             min_clients=1, timeout=30), ["model.dim=1100", "model.n_layers=2"])
     server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
     alpha = FederatedClient(cfg, str(write_site(tmp_path / "alpha", 16, seed=0)), f"127.0.0.1:{port}", "alpha")
-    beta_dir = write_site(tmp_path / "beta", 16, seed=1)
-    np.save(beta_dir / "y.npy", np.arange(16) % 5)  # labels 0..4: the federation's model has 2 classes
-    beta = FederatedClient(cfg, str(beta_dir), f"127.0.0.1:{port}", "beta")
+    (tmp_path / "not-a-folder").write_text("")
+    beta = FederatedClient(cfg, str(write_site(tmp_path / "beta", 16, seed=1)), f"127.0.0.1:{port}", "beta",
+                           tmp_path / "not-a-folder")
     try:
+        assert driver.length > 1_000_000  # the model comes from the config, before anyone joins
         threading.Thread(target=alpha.run, args=(60.0,), daemon=True).start()
-        deadline = 120
-        while driver.length == 0 and deadline > 0:  # beta joins once the model is fixed
-            threading.Event().wait(0.1)
-            deadline -= 0.1
-        assert driver.length > 1_000_000
         threading.Thread(target=beta.run, args=(60.0,), daemon=True).start()
         assert done.wait(120)
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert all(r["answered"] == 1 for r in rows)
         assert "client beta failed in round" in caplog.text
-        assert "Traceback" in caplog.text and "ValueError: this site has label 4" in caplog.text
+        assert "Traceback" in caplog.text and "FileExistsError" in caplog.text
     finally:
         driver.mailbox.stopping = True
         server.stop(0)
