@@ -172,8 +172,9 @@ def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplo
     audit folder is a file) reports its exception, and the server log shows the client's traceback
     while the round goes on."""
     caplog.set_level(logging.INFO, logger="shoal.federated.server")
+    # Both sites in every round (min_clients=2): alpha answers, beta fails, whichever joins first.
     cfg = load(write_config(tmp_path / "fed.toml", certs_dir, tmp_path / "runs", "large", 0, rounds=3,
-                            min_clients=1, timeout=30), ["model.dim=1100", "model.n_layers=2"])
+                            min_clients=2, timeout=30), ["model.dim=1100", "model.n_layers=2"])
     server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
     alpha = FederatedClient(cfg, str(write_site(tmp_path / "alpha", 16, seed=0)), f"127.0.0.1:{port}", "alpha")
     (tmp_path / "not-a-folder").write_text("")
