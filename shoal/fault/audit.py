@@ -12,7 +12,9 @@ repeated, however often the membership changed.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from shoal.data.sampler import ShardedSampler
+from shoal.sync.replica_state import local_tensor
 
 
 @dataclass
@@ -42,6 +45,23 @@ class Audit:
     @property
     def clean(self) -> bool:
         return not (self.missing_steps or self.disagreeing_steps or self.wrong_batch_steps or self.duplicated)
+
+
+def write_record(path: Path, *, step: int, start: dict, sampler: ShardedSampler, grad_accum: int, params,
+                 loss: float, **where) -> None:
+    """Append one committed step's record to a worker's sample log: the step's global batch (every
+    replica's share, so records of the same step can be compared across workers) and a digest of
+    the parameters the step started from (replicas in lockstep agree on it; in a replica group,
+    a digest of this rank's shards: the same lane of every group must agree). `start` is the
+    sampler's position before the step; `where` names the writer (member, lane, gen, size)."""
+    replay = ShardedSampler(sampler.num_samples, sampler.global_batch, sampler.seed)
+    replay.load_state_dict(start)
+    ids = torch.cat([replay.next_batch(0, 1) for _ in range(grad_accum)])
+    flat = torch.cat([local_tensor(p.detach()).reshape(-1) for p in params])
+    record = {"step": step, "t": time.time(), **where, "epoch": start["epoch"],
+              "params": hashlib.sha1(flat.numpy().tobytes()).hexdigest(), "loss": loss, "ids": ids.tolist()}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def read_records(folder: Path) -> dict[int, list[dict]]:

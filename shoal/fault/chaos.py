@@ -31,6 +31,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from shoal.config import rank_seed
+
 ACTIONS = ("kill", "hang", "slow")
 POINTS = ("before", "during", "after", "transfer")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m)?$")

@@ -26,7 +26,6 @@ tensor bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,10 +38,11 @@ import torch
 import torch.distributed as dist
 
 from shoal.config import Config
-from shoal.data.sampler import ShardedSampler
 from shoal.fault import chaos, preempt
 from shoal.fault.checkpoint import PREFIX
-from shoal.fault.membership import COMMITTED_PREFIX
+from shoal.fault import keys
+from shoal.fault.audit import write_record
+from shoal.fault.groups import Collective, GenerationGroups, finished
 from shoal.fault.state import pack_state, unpack_state
 from shoal.sync.replica_state import local_tensor
 
@@ -72,23 +72,16 @@ class GroupBroken(RuntimeError):
     supervisor restarts all of it (it kills the rest of the group in any case)."""
 
 
-Collective = dist.Work | torch.futures.Future
-
-
-def _finished(work: Collective) -> bool:
-    return work.is_completed() if isinstance(work, dist.Work) else work.done()
-
-
 def _claim(store: dist.Store, injection: int, gen: int) -> bool:
     """Record that chaos injection k fires now, in generation `gen`; false if it already fired."""
-    if store.add(f"ft/chaos/claimed/{injection}", 1) != 1:
+    if store.add(keys.chaos_claimed(injection), 1) != 1:
         return False
-    store.set(f"ft/chaos/fired/{injection}", str(gen))
+    store.set(keys.chaos_fired(injection), str(gen))
     return True
 
 
 def _fired_in(store: dist.Store, injection: int) -> int:
-    key = f"ft/chaos/fired/{injection}"
+    key = keys.chaos_fired(injection)
     return int(store.get(key)) if store.check([key]) else -1
 
 
@@ -109,7 +102,7 @@ class Replicas:
         name = f"member{member}.jsonl" if group_size == 1 else f"member{member}.lane{lane}.jsonl"
         self.sample_log = sample_log / name if sample_log else None
         self.gen, self.members, self.rank = -1, [member], 0
-        self.pg: dist.ProcessGroup | None = None
+        self.groups = GenerationGroups(self.timeout)
         # A worker of the first launch has the state every first-launch worker has (same seed or
         # the same checkpoint); a restarted one must receive it from a peer.
         self.has_state = incarnation == 0
@@ -118,13 +111,10 @@ class Replicas:
         self.saved_alone = 0  # the step of the last checkpoint saved as the only holder of the state
         self.save_alone_pending = False
         self.seq = 0
-        self.inflight: list[Collective] = []  # this generation's collectives not yet seen finished
-        self.retiring: list[tuple[float, dist.ProcessGroup, list[Collective]]] = []
         self.step_start: dict | None = None
         self.step_started = -1
         self.regroup_on_abort = True
         """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
-        self.device = None  # the Gloo device every generation's group shares (made at the first join)
         self.store_lost: StoreLost | None = None
         """In a replica group, the store failure a lane saw mid-step: it skips its other store calls
         and the lanes stop together where they next agree (`reduce`, `_join`)."""
@@ -142,7 +132,7 @@ class Replicas:
                               wait_for_workers=False)
         # A worker not started by the supervisor (another host, a test) numbers itself and joins.
         started_here = MEMBER_ENV in os.environ
-        member = int(os.environ[MEMBER_ENV]) if started_here else store.add("ft/next_member", 1) - 1
+        member = int(os.environ[MEMBER_ENV]) if started_here else store.add(keys.NEXT_MEMBER, 1) - 1
         incarnation = int(os.environ.get(INCARNATION_ENV, 0)) if started_here else 1
         slot = int(os.environ.get(SLOT_ENV, -1))
         # A replica group's workers get RANK/WORLD_SIZE inside their group from the supervisor.
@@ -151,7 +141,7 @@ class Replicas:
         if group_size > 1:
             # The group's own default process group, for FSDP: its keys are under the group's
             # member number, which a restarted group never reuses (see TORCH_NOTES.md).
-            dist.init_process_group("gloo", store=dist.PrefixStore(f"shoal/ft/group/{member}", store), rank=lane,
+            dist.init_process_group("gloo", store=dist.PrefixStore(keys.replica_group_prefix(member), store), rank=lane,
                                     world_size=group_size,
                                     timeout=timedelta(seconds=max(2 * cfg.fault.step_timeout, 30.0)))
         spec = os.environ.get(CHAOS_ENV)
@@ -166,6 +156,11 @@ class Replicas:
     def size(self) -> int:
         """Replicas (workers or replica groups) in the current generation."""
         return len(self.members)
+
+    @property
+    def pg(self) -> dist.ProcessGroup | None:
+        """The current generation's process group (None between generations)."""
+        return self.groups.pg
 
     @property
     def grouped(self) -> bool:
@@ -213,14 +208,14 @@ class Replicas:
     def begin_step(self, trainer) -> tuple[int, int]:
         """Join a generation if this worker has none (or its generation was aborted); returns
         this step's (dp_rank, dp_size)."""
-        self._reap()
+        self.groups.reap()
         if self.save_alone_pending and trainer.step > self.saved_alone:  # a step after it was left alone
             self.save_alone_pending = False
             self._save_alone(trainer)
         # A replica group learns of an abort inside `reduce`, where its ranks agree on it; read
         # here, one rank could see it and another not, and the group would split.
         while self.needs_join or (not self.grouped and self.regroup_on_abort
-                                  and self._check(f"ft/gen/{self.gen}/abort")):
+                                  and self._check(keys.abort(self.gen))):
             self.needs_join = True
             try:
                 self._join(trainer)
@@ -235,8 +230,7 @@ class Replicas:
         return self.rank * self.group_size + self.lane, self.size * self.group_size
 
     def _where_key(self, rank: int) -> str:
-        key = f"ft/gen/{self.gen}/where/{rank}"
-        return key if not self.grouped else f"{key}/lane{self.lane}"
+        return keys.where(self.gen, rank, self.lane if self.grouped else None)
 
     def _agree(self, values: list[float], what: str) -> torch.Tensor:
         """Sum `values` over the ranks of this replica group (its own process group). A failure
@@ -255,7 +249,7 @@ class Replicas:
         """Step `step` is done without a gradient average (an outer sync averages parameters
         every few steps instead): tell the launcher, and fire chaos set for this step."""
         self._fire("before", step - 1)
-        self._set("ft/progress", json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size}))
+        self._set(keys.PROGRESS, json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size}))
         self._say_committed()
 
     def reduce(self, trainer, samples: int, loss: torch.Tensor) -> torch.Tensor | None:
@@ -267,7 +261,7 @@ class Replicas:
         # averages shard j of every group.
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
         # A stop signal to this worker makes every member regroup after this step, which it leaves.
-        reconfigure = 1.0 if preempt.requested() or self._check(f"ft/gen/{self.gen}/reconfigure") else 0.0
+        reconfigure = 1.0 if preempt.requested() or self._check(keys.reconfigure(self.gen)) else 0.0
         flat = torch.cat([g.reshape(-1) for g in grads])
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
         failure = None
@@ -283,7 +277,7 @@ class Replicas:
         # A group commits only if every lane's all-reduce completed; it regroups if any lane
         # was asked to, or the generation was aborted meanwhile.
         ok = failure is None
-        regroup = float(ok and flat[-1] > 0) + float(self.grouped and self._check(f"ft/gen/{self.gen}/abort"))
+        regroup = float(ok and flat[-1] > 0) + float(self.grouped and self._check(keys.abort(self.gen)))
         agreed = self._agree([float(ok), regroup, float(flat[-2]) if ok else 0.0, float(flat[-3]) if ok else 0.0,
                               float(self.store_lost is not None)], f"step {step}")
         self._stop_if_lost(agreed[4])  # before anything is applied: every lane stops at this step
@@ -304,10 +298,13 @@ class Replicas:
         if agreed[1] > 0:  # joiners wait (or a replica left): every member regroups after this step
             self.needs_join = True
         mean_loss = (agreed[2] / agreed[3]).float()  # over every lane: all the step's samples
-        self._set("ft/progress", json.dumps({"step": step + 1, "loss": float(mean_loss), "gen": self.gen,
+        self._set(keys.PROGRESS, json.dumps({"step": step + 1, "loss": float(mean_loss), "gen": self.gen,
                                               "size": self.size}))
         self._say_committed()
-        self._log_samples(trainer, step, mean_loss)
+        if self.sample_log is not None:
+            write_record(self.sample_log, step=step, start=self.step_start, sampler=trainer.sampler,
+                         grad_accum=self.cfg.train.grad_accum, params=trainer.model.parameters(),
+                         loss=float(mean_loss), member=self.member, lane=self.lane, gen=self.gen, size=self.size)
         return mean_loss
 
     def _save_alone(self, trainer) -> None:
@@ -318,7 +315,7 @@ class Replicas:
     def _say_committed(self) -> None:
         """Tell the launcher once that this member committed a step (a later crash is then no crash loop)."""
         if not self.committed:
-            self._set(f"{COMMITTED_PREFIX}{self.member}", "1")
+            self._set(keys.committed(self.member), "1")
             self.committed = True
 
     def _fire(self, point: str, step: int, *, is_source: bool = False) -> None:
@@ -329,9 +326,9 @@ class Replicas:
         """Wait for a collective of this generation (its Work, or a Future chained on one), giving
         up when it fails, when the coordinator aborts the generation, or after step_timeout (then
         naming the ranks that never arrived). Returns what a Future holds."""
-        self.inflight = [w for w in self.inflight if not _finished(w)] + [work]
+        self.groups.track(work)
         deadline = time.monotonic() + self.timeout.total_seconds()
-        abort_key = f"ft/gen/{self.gen}/abort"
+        abort_key = keys.abort(self.gen)
         while True:
             if isinstance(work, dist.Work):
                 try:
@@ -340,7 +337,7 @@ class Replicas:
                     pass
             elif not work.done():
                 time.sleep(POLL.total_seconds())
-            if _finished(work):  # done, or failed: a peer died mid-way, or Gloo's own timeout came first
+            if finished(work):  # done, or failed: a peer died mid-way, or Gloo's own timeout came first
                 try:
                     return work.wait()
                 except RuntimeError as err:
@@ -370,63 +367,13 @@ class Replicas:
         log.error(text)
         return text
 
-    def _log_samples(self, trainer, step: int, loss: torch.Tensor) -> None:
-        if self.sample_log is None:
-            return
-        # The global batch of the step (every replica's share), so the check can compare records
-        # of the same step across workers and spot a lost or repeated sample.
-        sampler = ShardedSampler(trainer.sampler.num_samples, trainer.sampler.global_batch, trainer.sampler.seed)
-        sampler.load_state_dict(self.step_start)
-        ids = torch.cat([sampler.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
-        # A digest of the parameters the step starts from: replicas in lockstep must agree on it.
-        # In a replica group, a digest of this rank's shards: the same lane of every group must agree.
-        params = torch.cat([local_tensor(p.detach()).reshape(-1) for p in trainer.model.parameters()])
-        record = {"step": step, "t": time.time(), "member": self.member, "lane": self.lane, "gen": self.gen,
-                  "size": self.size,
-                  "epoch": self.step_start["epoch"], "params": hashlib.sha1(params.numpy().tobytes()).hexdigest(),
-                  "loss": float(loss), "ids": ids.tolist()}
-        with open(self.sample_log, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
     # -- membership --------------------------------------------------------------------
-    def _gloo_options(self):
-        """Every generation's group on one Gloo device (one transport thread): a device per group
-        left a thread per abandoned generation, spinning on the sockets of its dead peers."""
-        if self.device is None:
-            interface = os.environ.get("GLOO_SOCKET_IFNAME", "").split(",")[0]
-            self.device = (dist.ProcessGroupGloo.create_device(interface=interface) if interface
-                           else dist.ProcessGroupGloo.create_default_device())
-        options = dist.ProcessGroupGloo._Options()
-        options._devices = [self.device]
-        options._timeout = self.timeout
-        return options
-
-    def _abandon(self) -> None:
-        """Leave the current generation: its group is destroyed once its collectives have ended."""
-        if self.pg is not None:
-            self.retiring.append((time.monotonic(), self.pg, self.inflight))
-            self.pg, self.inflight = None, []
-        self._reap()
-
-    def _reap(self) -> None:
-        """Destroy the groups of abandoned generations once their collectives have ended.
-
-        Kept alive, a group's Gloo pairs stay on the device's event loop, and a pair holding bytes
-        that a peer sent for a collective this rank gave up polls that loop without pause (half a
-        core, for as long as the process lives). Destroyed while a collective is still in
-        flight, the group's destructor would wait for it, up to the step timeout, stalling training."""
-        if not self.retiring:
-            return
-        too_old = time.monotonic() - 2 * self.timeout.total_seconds()  # Gloo's own timeout has ended them
-        self.retiring = [(since, pg, works) for since, pg, works in self.retiring
-                         if since > too_old and not all(map(_finished, works))]
-
     def _join(self, trainer) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
-        self._abandon()
+        self.groups.abandon()
         self.seq += 1
         if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
-            self._set(f"ft/ready/{self.member}", json.dumps({"seq": self.seq, "after": self.gen,
+            self._set(keys.ready(self.member), json.dumps({"seq": self.seq, "after": self.gen,
                                                              "step": trainer.step, "has_state": self.has_state,
                                                              "leaving": preempt.requested()}))
         log.info("asking to join after generation %d (step %d, %s)", self.gen, trainer.step,
@@ -453,14 +400,13 @@ class Replicas:
         alone = (info is not None and info.get("holders") == 1 and info["source"] == self.member
                  and trainer.step > self.saved_alone)
         self.save_alone_pending = False
-        prefix = f"shoal/ft/pg/{gen}" if not self.grouped else f"shoal/ft/pg/{gen}/lane{self.lane}"
+        prefix = keys.process_group_prefix(gen, self.lane if self.grouped else None)
         buffer, failure = None, None
         try:
             if info is None:
                 raise GenerationBroken(str(self.store_lost))
             try:
-                self.pg = dist.ProcessGroupGloo(dist.PrefixStore(prefix, self.store), self.rank, self.size,
-                                                self._gloo_options())
+                self.groups.connect(self.store, prefix, self.rank, self.size)
             except RuntimeError as err:
                 raise GenerationBroken(f"could not connect generation {gen}: "
                                        f"{str(err).splitlines()[0][:200]}") from None
@@ -499,10 +445,10 @@ class Replicas:
 
     def _await_assignment(self) -> tuple[int, dict]:
         """Wait for the coordinator to place this replica in a generation: (generation, its record)."""
-        key = f"ft/assign/{self.member}/{self.seq}"
+        key = keys.assignment(self.member, self.seq)
         self.store.wait([key], timedelta(seconds=self.cfg.fault.join_timeout))
         gen = int(self.store.get(key))
-        return gen, json.loads(self.store.get(f"ft/gen/{gen}"))
+        return gen, json.loads(self.store.get(keys.generation(gen)))
 
     def _transfer(self, trainer, source: int) -> torch.Tensor:
         """Broadcast the source's whole training state to the generation as one byte buffer

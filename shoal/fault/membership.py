@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from shoal.config import Config, ConfigError
+from shoal.fault import keys
 
 if TYPE_CHECKING:  # the launcher validates [fault] before it spends seconds importing torch
     import torch.distributed as dist
@@ -63,9 +64,6 @@ def validate_fault(cfg: Config, nproc: int, group_size: int = 1) -> None:
 
 STORE_LOST_EXIT = 3
 """Exit code of a worker that stopped with a checkpoint because the launcher's store is gone."""
-COMMITTED_PREFIX = "ft/committed/"
-"""A member sets `ft/committed/<member>` after its first committed step: the launcher then knows that
-a later crash of it is not a crash loop (shoal/launch/restarts.py)."""
 
 
 @dataclass
@@ -118,7 +116,7 @@ class Coordinator:
         together (rank 0 of the last generation saves a checkpoint)."""
         self.preempting = signum
         if not self.forming:
-            self.store.set(f"ft/gen/{self.gen}/reconfigure", "1")
+            self.store.set(keys.reconfigure(self.gen), "1")
 
     def take_left_out(self) -> list[int]:
         taken, self.left_out = self.left_out, []
@@ -137,21 +135,21 @@ class Coordinator:
         if not self.forming:
             leaving = [m for m in self.members if m in self.exited or m in self.pending]
             if leaving:
-                self.store.set(f"ft/gen/{self.gen}/abort", "1")
+                self.store.set(keys.abort(self.gen), "1")
                 self.forming, self.broken_since = True, now
             elif (self.gen != self._asked_reconfigure and len(self.members) < self.max_workers
                   and any(m not in self.members for m in self.pending)):
-                self.store.set(f"ft/gen/{self.gen}/reconfigure", "1")
+                self.store.set(keys.reconfigure(self.gen), "1")
                 self._asked_reconfigure = self.gen
         if self.forming:
             self._form(now)
 
     def _collect(self) -> None:
         # Members are numbered by one counter in the store, so workers started elsewhere are seen too.
-        for member in range(self.store.add("ft/next_member", 0)):
+        for member in range(self.store.add(keys.NEXT_MEMBER, 0)):
             if member in self.exited:
                 continue
-            key = f"ft/ready/{member}"
+            key = keys.ready(member)
             if not self.store.check([key]):
                 continue
             raw = json.loads(self.store.get(key))
@@ -198,12 +196,12 @@ class Coordinator:
         self.gen += 1
         self.members = candidates
         # holders: members that hold the state before this generation; one alone saves a checkpoint
-        self.store.set(f"ft/gen/{self.gen}", json.dumps({"members": candidates, "source": source, "sync": sync,
+        self.store.set(keys.generation(self.gen), json.dumps({"members": candidates, "source": source, "sync": sync,
                                                          "step": step, "holders": len(stateful),
                                                          "restore": restore}))
         for member in candidates + leavers:  # a leaver sees it is not a member, and exits (no restart)
             request = self.pending.pop(member)
-            self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
+            self.store.set(keys.assignment(member, request.seq), str(self.gen))
             self.handled[member] = request.seq
         self.forming = False
         self.history.append({"t": time.time(), "gen": self.gen, "members": candidates, "source": source,
@@ -217,13 +215,13 @@ class Coordinator:
         self.stopped = "" if preempt else reason
         self.preempting = self.preempting or preempt
         self.gen += 1
-        self.store.set(f"ft/gen/{self.gen}", json.dumps({"stop": reason, "preempt": preempt}))
+        self.store.set(keys.generation(self.gen), json.dumps({"stop": reason, "preempt": preempt}))
         self.ended = True
         self._tell_pending_to_stop()
         self.log(f"stopping: {reason}")
 
     def _tell_pending_to_stop(self) -> None:
         for member, request in list(self.pending.items()):
-            self.store.set(f"ft/assign/{member}/{request.seq}", str(self.gen))
+            self.store.set(keys.assignment(member, request.seq), str(self.gen))
             self.handled[member] = request.seq
             del self.pending[member]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from shoal.fault import keys
 from shoal.fault.elastic import GenerationBroken, Replicas
 from shoal.fault.state import materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
@@ -132,7 +133,7 @@ class ElasticDiLoCo(DiLoCo):
         fragment = self._fragments[index]
         pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
         weight = 0.0 if self.borrowed[index] else 1.0
-        reconfigure = 1.0 if replicas._check(f"ft/gen/{replicas.gen}/reconfigure") else 0.0
+        reconfigure = 1.0 if replicas._check(keys.reconfigure(replicas.gen)) else 0.0
         head = torch.tensor([weight, reconfigure], dtype=torch.float64)
         replicas._set(replicas._where_key(replicas.rank), f"step {step}: in outer sync")
         replicas._fire("during", step)
@@ -146,7 +147,7 @@ class ElasticDiLoCo(DiLoCo):
             wire = (pseudo * share).to(_WIRE[self.compression])
             future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
         average = replicas.wait(future, "outer sync", step)
-        replicas._set("ft/progress", json.dumps({"step": step, "loss": float("nan"), "gen": replicas.gen,
+        replicas._set(keys.PROGRESS, json.dumps({"step": step, "loss": float("nan"), "gen": replicas.gen,
                                                   "size": replicas.size, "outer_syncs": self.outer_syncs + 1}))
         return average, head[1] > 0
 

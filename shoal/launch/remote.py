@@ -32,9 +32,10 @@ from pathlib import Path
 from shoal.config import Config
 from shoal.config import USER_ERROR
 from shoal.fault import preempt
-from shoal.fault.membership import COMMITTED_PREFIX, STORE_LOST_EXIT
+from shoal.fault import keys
+from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.launch.restarts import RestartPolicy
-from shoal.launch.supervisor import FINISHED_KEY, TICK, _worker_main, start_forkserver, worker_failure_text
+from shoal.launch.supervisor import TICK, _worker_main, start_forkserver, worker_failure_text
 
 
 @dataclass
@@ -70,7 +71,7 @@ class RemoteHost:
     def _start(self, slot: int, incarnation: int) -> _Worker:
         from shoal.fault import elastic
         from shoal.runtime.env import LOCAL_WORKERS_ENV
-        member = self.store.add("ft/next_member", 1) - 1  # one numbering for the whole job
+        member = self.store.add(keys.NEXT_MEMBER, 1) - 1  # one numbering for the whole job
         env = {**os.environ, elastic.STORE_ENV: self.endpoint, elastic.MEMBER_ENV: str(member),
                elastic.SLOT_ENV: str(-1 - slot),  # launcher chaos addresses node rank 0's slots only
                # No worker here starts with the job's state: each receives it from a live peer.
@@ -86,7 +87,7 @@ class RemoteHost:
 
     def _finished(self) -> bool:
         try:
-            return self.store.check([FINISHED_KEY])
+            return self.store.check([keys.FINISHED])
         except Exception:  # noqa: BLE001 - the store is gone: the job ended one way or another
             return True
 
@@ -133,7 +134,7 @@ class RemoteHost:
             if code in (STORE_LOST_EXIT, *preempt.PREEMPTED_CODES) or self._finished() or self.stop_signal:
                 worker.incarnation = -1  # done: the job ended or finished without it, or it left
                 continue
-            committed = self.store.check([f"{COMMITTED_PREFIX}{worker.member}"])
+            committed = self.store.check([keys.committed(worker.member)])
             decision = self.restarts.after_exit(worker.slot, code, committed, now)
             incarnation, worker.incarnation = worker.incarnation + 1, -1
             if decision.restart:

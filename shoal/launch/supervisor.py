@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shoal.config import USER_ERROR, Config
 from shoal.fault import chaos as chaos_module
-from shoal.fault.membership import COMMITTED_PREFIX
+from shoal.fault import keys
 from shoal.fault import preempt
 from shoal.fault.preempt import PREEMPTED_CODES
 from shoal.launch.restarts import RestartPolicy
@@ -38,8 +38,6 @@ from shoal.launch.restarts import RestartPolicy
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
 
-FINISHED_KEY = "ft/finished"
-"""Set once training finished: other hosts' workers still waiting to join stop (shoal/launch/remote.py)."""
 TICK = 0.01  # seconds between looks at the processes and the store: recovery latency is a few ticks
 
 
@@ -141,7 +139,7 @@ class Supervisor:
 
     def _start_group(self, first: int, incarnation: int) -> list[Slot]:
         """Start the replica whose first worker slot is `first`: one worker, or a replica group."""
-        member = self.store.add("ft/next_member", 1) - 1  # shared with workers that join from elsewhere
+        member = self.store.add(keys.NEXT_MEMBER, 1) - 1  # shared with workers that join from elsewhere
         return [self._start(first + lane, lane, member, incarnation) for lane in range(self.group_size)]
 
     def _start(self, index: int, lane: int, member: int, incarnation: int) -> Slot:
@@ -261,7 +259,7 @@ class Supervisor:
             self.event("exit", slot=slot.index, member=slot.member, code=code)
             if code == 0:
                 if not self.finished:
-                    self.store.set(FINISHED_KEY, "1")  # other hosts' workers still waiting to join stop
+                    self.store.set(keys.FINISHED, "1")  # other hosts' workers still waiting to join stop
                 slot.done = self.finished = True
                 continue
             self._stop_rest_of_group(slot)
@@ -312,7 +310,7 @@ class Supervisor:
 
     def _committed(self, member: int) -> bool:
         """Whether `member` took part in a committed step (it says so once, through the store)."""
-        return self.store.check([f"{COMMITTED_PREFIX}{member}"])
+        return self.store.check([keys.committed(member)])
 
     def _wait_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace

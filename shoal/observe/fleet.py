@@ -11,9 +11,8 @@ from __future__ import annotations
 import json
 import time
 
+from shoal.fault.keys import PROGRESS as PROGRESS_KEY
 from shoal.observe.progress import Progress
-
-PROGRESS_KEY = "ft/progress"
 
 
 class FleetProgress:

@@ -199,19 +199,19 @@ def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
     [t.start() for t in threads]
     [t.join() for t in threads]
     replicas = Replicas(store, member=0, slot=0, incarnation=0, cfg=cfg)
-    replicas.gen, replicas.pg = 1, pgs.pop(0)
+    replicas.gen, replicas.groups.pg = 1, pgs.pop(0)
     store.set("ft/gen/1/abort", "1")  # the coordinator saw a member leave
     with pytest.raises(GenerationBroken, match="aborted"):
         replicas.wait(replicas.pg.allreduce([torch.ones(4)]), "allreduce", 0)
     connected = _sockets()
     assert connected > before
     started = time.monotonic()
-    replicas._abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
-    assert time.monotonic() - started < 1.0 and _sockets() == connected and replicas.retiring
+    replicas.groups.abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
+    assert time.monotonic() - started < 1.0 and _sockets() == connected and replicas.groups.retiring
     pgs[1].allreduce([torch.ones(4)]).wait()  # rank 1 arrives: the collective ends (rank 0's side a moment later)
-    wait_for(lambda: all(w.is_completed() for _, _, works in replicas.retiring for w in works), 10,
+    wait_for(lambda: all(w.is_completed() for _, _, works in replicas.groups.retiring for w in works), 10,
              "rank 0's side of the all-reduce")
     started = time.monotonic()
-    replicas._reap()  # at the next step: destroyed, its sockets closed
-    assert time.monotonic() - started < 1.0 and not replicas.retiring
+    replicas.groups.reap()  # at the next step: destroyed, its sockets closed
+    assert time.monotonic() - started < 1.0 and not replicas.groups.retiring
     assert _sockets() < connected
