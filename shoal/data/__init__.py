@@ -12,6 +12,9 @@ __all__ = ["DataSpec", "ShardedSampler", "build_dataset"]
 
 def build_dataset(cfg: DataConfig, seed: int = 0):
     """(train, validation, spec) for a [data] section; the split is the tail of the samples."""
+    if cfg.factory:
+        from shoal.data.factory import build_factory
+        return build_factory(cfg)
     try:
         if cfg.source in ("stdlib", "text"):
             tokens = (datasets.stdlib_corpus(cfg.max_bytes, datasets.cache_dir(cfg.cache_dir))
