@@ -42,7 +42,9 @@ def build_dataset(cfg: DataConfig, seed: int = 0):
     """(train, validation, spec) for a [data] section; the split is the tail of the samples."""
     if cfg.factory:
         from shoal.data.factory import build_factory
-        return build_factory(cfg)
+        from shoal.data.loader import wrap_for_training
+        train, val, spec = build_factory(cfg)
+        return wrap_for_training(train, cfg), val, spec
     if cfg.source == "clicks":
         from shoal.data.clicks import build_clicks
         return build_clicks(cfg, seed)
@@ -58,7 +60,8 @@ def build_dataset(cfg: DataConfig, seed: int = 0):
         raise ConfigError(f"data: only {len(full)} samples in {cfg.source} data; need more text or a smaller "
                           f"data.seq_len")
     n_train = len(full) - n_val
-    return datasets.Subset(full, 0, n_train), datasets.Subset(full, n_train, len(full)), spec
+    from shoal.data.loader import wrap_for_training
+    return wrap_for_training(datasets.Subset(full, 0, n_train), cfg), datasets.Subset(full, n_train, len(full)), spec
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
