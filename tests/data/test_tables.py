@@ -76,3 +76,15 @@ def test_table_errors_name_the_file_and_column(tmp_path):
     with pytest.raises(ConfigError, match="tokenizer missing/tok.json: no such file"):
         build_dataset(DataConfig(source="parquet", path=str(tmp_path / "other.parquet"), columns="body",
                                  tokenizer="missing/tok.json"))
+
+
+def test_a_transformers_tokenizer_folder_works_offline(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    from shoal.data.tokenizer import BUNDLED_BPE
+    PreTrainedTokenizerFast(tokenizer_file=str(BUNDLED_BPE), eos_token="<|endoftext|>").save_pretrained(tmp_path / "tok")
+    folder, bundled = load_tokenizer(str(tmp_path / "tok")), load_tokenizer("bpe")
+    assert (folder.vocab_size, folder.eos) == (bundled.vocab_size, bundled.eos)
+    assert folder.encode_batch(TEXTS) == bundled.encode_batch(TEXTS)
+    with pytest.raises(ConfigError, match="tokenizer gpt2: no such file or folder"):
+        load_tokenizer("gpt2")  # a hub name is never downloaded
