@@ -84,5 +84,8 @@ def check_data(cfg) -> None:
     an empty column or a vocabulary too large for the model stops the run before any worker starts."""
     if cfg.data.factory or cfg.data.source not in ("shards", "arrow", "parquet", "images"):
         return
-    _, _, spec = build_dataset(cfg.data, cfg.train.seed)
+    train, _, spec = build_dataset(cfg.data, cfg.train.seed)
     check_vocab(spec, getattr(cfg.model, "vocab", 0), cfg.data.path)
+    if len(train) < cfg.train.batch_size:
+        raise ConfigError(f"data.path: {cfg.data.path} gives {len(train)} training samples of data.seq_len = "
+                          f"{cfg.data.seq_len}, fewer than train.batch_size = {cfg.train.batch_size}")
