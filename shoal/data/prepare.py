@@ -10,6 +10,7 @@ step writes index.json: dtype, tokenizer, and each shard's token count and sha25
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -21,10 +22,12 @@ import numpy as np
 
 from shoal.config import ConfigError
 from shoal.data.shards import FORMAT, INDEX, dtype_for
-from shoal.data.sources import discover, documents
+from shoal.data.sources import BATCH, discover, documents
 from shoal.data.tokenizer import encode_documents, load_tokenizer
 
 PROGRESS = "progress.jsonl"
+FLUSH_CHARS = 4 << 20
+"""Characters of text gathered before one call to the tokenizer's batch encoder."""
 SETTINGS = "prepare.json"
 
 
@@ -87,19 +90,33 @@ def prepare_unit(number: int, files: list[str], out: str, tokenizer_spec: str, f
                  on_bad_record: str) -> dict:
     """Tokenise one unit of sources into shards `u<number>-<k>.bin`; returns its progress record."""
     tokenizer = load_tokenizer(tokenizer_spec)
-    writer = ShardWriter(Path(out), f"u{number:05d}", shard_tokens, dtype_for(tokenizer.vocab_size))
+    dtype = dtype_for(tokenizer.vocab_size)
+    writer = ShardWriter(Path(out), f"u{number:05d}", shard_tokens, dtype)
     bad, docs = [0], 0
+    pending: list[tuple[Path, str]] = []  # documents of several small files, encoded in one batch call
+    tokens_of: dict[Path, int] = {}
+
+    def flush() -> None:
+        encoded = encode_documents(tokenizer, [text for _, text in pending])
+        for (path, _), ids in zip(pending, encoded):
+            tokens_of[path] = tokens_of.get(path, 0) + len(ids)
+        flat = list(itertools.chain.from_iterable(encoded))
+        if flat:
+            writer.write(np.array(flat, dtype=dtype))
+        pending.clear()
+
     for name in files:
-        path, before = Path(name), docs
-        tokens_before = sum(s["tokens"] for s in writer.shards) + writer._count
+        path = Path(name)
+        tokens_of[path] = 0
         for batch in documents(path, field, on_bad_record, bad):
             docs += len(batch)
-            encoded = encode_documents(tokenizer, batch)
-            if encoded:
-                writer.write(np.fromiter((t for ids in encoded for t in ids), dtype=np.int64))
-        if sum(s["tokens"] for s in writer.shards) + writer._count == tokens_before:
-            what = "no documents" if docs == before else f"'{field}' is empty in every record"
-            raise ConfigError(f"{path}: {what}; nothing to tokenise")
+            pending += [(path, text) for text in batch]
+            if len(pending) >= BATCH or sum(len(t) for _, t in pending) >= FLUSH_CHARS:
+                flush()
+    flush()
+    for path, count in tokens_of.items():
+        if count == 0:
+            raise ConfigError(f"{path}: no documents, or '{field}' is empty in every record; nothing to tokenise")
     return {"unit": number, "sources": [source_key(Path(f)) for f in files], "documents": docs,
             "bad_records": bad[0], "shards": writer.finish()}
 

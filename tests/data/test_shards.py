@@ -114,7 +114,7 @@ def test_bad_shards_and_inputs_are_one_line_errors(corpus, tmp_path):
     with pytest.raises(ConfigError, match="tokenizer /nowhere/tok.json: no such file or folder"):
         prepare([str(corpus / "txt")], tmp_path / "x", tokenizer="/nowhere/tok.json", progress=False)
     (corpus / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
-    with pytest.raises(ConfigError, match=r"empty.jsonl: 'text' is empty in every record"):
+    with pytest.raises(ConfigError, match=r"empty.jsonl: no documents, or 'text' is empty in every record"):
         prepare([str(corpus / "empty.jsonl")], tmp_path / "e", progress=False)
     (corpus / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n{"text": "ok"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: bad record"):
