@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from shoal.data.factory import BadRecord
 from shoal.data.sampler import ShardedSampler
 
 
@@ -55,7 +56,10 @@ class _ByIds(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, ids = key
-        return (ids, *read(self.dataset, ids, epoch))
+        try:
+            return (ids, *read(self.dataset, ids, epoch))
+        except BadRecord as err:  # sent back as a value: raised here, DataLoader would wrap it in a traceback
+            return ids, str(err), None
 
 
 class Loader:
@@ -88,6 +92,8 @@ class Loader:
             planned, *batch = next(self._iter)
             if torch.equal(planned, ids):
                 self.planned += 1
+                if isinstance(batch[0], str):
+                    raise BadRecord(batch[0])
                 return tuple(batch)
         self.unplanned += 1
         batch = read(self.dataset, ids, epoch)

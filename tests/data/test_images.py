@@ -76,6 +76,14 @@ def test_a_csv_listing_and_bad_images(tmp_path):
     skipping = build_dataset(DataConfig(**{**cfg.__dict__, "on_bad_record": "skip"}))[0].dataset
     x, y = skipping.get(torch.tensor([bad, 0, 1]))
     assert len(x) == len(y) == 2 and skipping.bad_records == 1
+    loader = Loader(train.dataset, workers=1)  # met in a loader worker: the same one-line error
+    sampler = ShardedSampler(len(train), 2, seed=0, shuffle=False)
+    loader.follow(sampler, lambda: (0, 1))
+    with pytest.raises(BadRecord) as caught:
+        for _ in range(len(train) // 2):
+            loader.get(sampler.next_batch(0, 1))
+    assert str(caught.value).startswith(f"{tmp_path}/shapes/ring/00001.png: not a readable image")
+    assert "\n" not in str(caught.value) and loader.planned > 0
     (tmp_path / "gone.csv").write_text("path,label\nnowhere.png,a\nother.png,b\n")
     with pytest.raises(ConfigError, match="gone.csv: lists .*nowhere.png, which does not exist"):
         build_dataset(DataConfig(source="images", path=str(tmp_path / "gone.csv")))
