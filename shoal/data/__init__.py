@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from shoal.config import ConfigError, DataConfig
 from shoal.data import datasets
+from shoal.data.factory import from_torch_dataset
 from shoal.data.sampler import ShardedSampler
 from shoal.data.spec import DataSpec
 
-__all__ = ["DataSpec", "ShardedSampler", "build_dataset", "data_fingerprint"]
+__all__ = ["DataSpec", "ShardedSampler", "build_dataset", "data_fingerprint", "from_torch_dataset"]
 
 
 def _build_full(cfg: DataConfig, seed: int):

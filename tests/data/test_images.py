@@ -2,12 +2,10 @@
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from shoal.config import ConfigError, DataConfig, ModelConfig
 from shoal.data import ShardedSampler, build_dataset
