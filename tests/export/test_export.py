@@ -1,0 +1,156 @@
+"""`shoal export`: a checkpoint saved under DDP, FSDP, TP or PP becomes one model whose every
+exported format computes what the model computes; bad requests end in one line and write nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shoal import config as config_module
+from shoal.export.consolidate import build, consolidate, data_spec, example_inputs
+from shoal.export.formats import export
+from shoal.fault.checkpoint import Checkpointer
+from tests.conftest import ROOT, SHOAL, TINY, shoal
+
+LAYOUTS = {
+    "ddp": [],
+    "fsdp": ["parallel.dp_replicate=1", "parallel.dp_shard=2"],
+    "tp": ["parallel.dp_replicate=1", "parallel.tp=2"],
+    "pp": ["parallel.dp_replicate=1", "parallel.pp=2"],
+}
+TOLERANCE = 1e-5
+TINY_DATA = ["data.seq_len=32", "data.max_bytes=400000"]
+
+
+@pytest.fixture(scope="module")
+def layout_runs(tmp_path_factory) -> dict[str, Path]:
+    """One 2-step, 2-worker run of the tiny gpt per layout, all started at once."""
+    cwd = tmp_path_factory.mktemp("layouts")
+    procs = {name: subprocess.Popen([SHOAL, "run", *TINY, "train.steps=2", "log.tensorboard=false",
+                                     f"log.name={name}", *extra], cwd=cwd, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, extra in LAYOUTS.items()}
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, f"{name} run failed:\n{output[-3000:]}"
+    return {name: cwd / "runs" / name for name in LAYOUTS}
+
+
+def saved_run(root: Path, name: str, overrides: list[str]) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A run directory with a one-process checkpoint of a model built from `overrides`, its
+    weights moved off their initial values (so a load that did nothing would show)."""
+    cfg = config_module.load(None, TINY_DATA + [f"log.name={name}", *overrides])
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
+    model = build(cfg, data_spec(cfg))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=g) * 0.01)
+    Checkpointer(run_dir / "checkpoints").save(3, [model], torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
+    return run_dir, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def outputs_of_every_format(loaded, tmp: Path, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch's outputs from each format, each read back the way a user would."""
+    import onnxruntime
+    from safetensors.torch import load_file
+    out = {}
+    export(loaded, "safetensors", tmp / "model.safetensors")
+    rebuilt = build(loaded.cfg, loaded.spec).eval()
+    rebuilt.load_state_dict(load_file(str(tmp / "model.safetensors")))
+    out["safetensors"] = rebuilt(batch)
+    export(loaded, "torch-export", tmp / "model.pt2")
+    out["torch-export"] = torch.export.load(str(tmp / "model.pt2")).module()(batch)
+    export(loaded, "onnx", tmp / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp / "model.onnx"))
+    out["onnx"] = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0])
+    return out
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_format_computes_the_checkpointed_model(layout, layout_runs, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    loaded = consolidate(layout_runs[layout], progress=False)
+    assert loaded.step == 2
+    # The consolidated weights are the checkpoint's tensors, as torch's own converter reads them
+    # (for PP: both ranks' stages; for FSDP/TP: every rank's shards) ...
+    dcp_to_torch_save(loaded.source, tmp_path / "reference.pt")
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)["model"]
+    state = loaded.model.state_dict()
+    assert set(reference) == set(state)
+    for key, value in state.items():
+        assert torch.equal(value, reference[key]), key
+    # ... and they are trained, not the initial ones.
+    initial = build(loaded.cfg, loaded.spec).state_dict()
+    assert any(not torch.equal(initial[k], state[k]) for k in state)
+    batch = example_inputs(loaded, batch=3, seed=1)  # not the traced batch size: the batch dim is dynamic
+    with torch.no_grad():
+        live = loaded.model(batch)
+        for fmt, got in outputs_of_every_format(loaded, tmp_path, batch).items():
+            assert got.shape == live.shape, fmt
+            assert (got - live).abs().max().item() <= TOLERANCE, fmt
+
+
+def test_cli_export_writes_only_the_named_file(layout_runs, tmp_path):
+    result = shoal("export", str(layout_runs["tp"]), "--step", "2", "--format", "safetensors",
+                   "--out", str(tmp_path / "model.safetensors"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata()["step"] == "2"
+        assert "tp" in f.metadata()["shoal_config"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("shoal: error:"), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_requests_get_one_line_and_leave_nothing(layout_runs, tmp_path):
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "out"
+    out.mkdir()
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    (empty / "config.toml").write_text((layout_runs["ddp"] / "config.toml").read_text())
+    one_line_error(shoal("export", str(empty), "--format", "onnx", "--out", str(out / "m.onnx"), cwd=tmp_path),
+                   "no complete checkpoint")
+    one_line_error(shoal("export", str(layout_runs["ddp"]), "--step", "7", "--format", "onnx", "--out",
+                         str(out / "m.onnx"), cwd=tmp_path), "--step 7", "steps 2")
+    one_line_error(shoal("export", str(layout_runs["ddp"]), "--format", "hf", "--out", str(out / "hf"), cwd=tmp_path),
+                   "not a Hugging Face PreTrainedModel")
+    branchy, _ = saved_run(tmp_path, "branchy", ["model.factory=tests.export.models:branchy"])
+    for fmt in ("torch-export", "onnx"):
+        one_line_error(shoal("export", str(branchy), "--format", fmt, "--out", str(out / "m"), cwd=tmp_path,
+                             env=env), "data-dependent control flow")
+    assert list(out.iterdir()) == []  # no file, no temporary left behind
+
+
+def test_hugging_face_model_round_trips_through_from_pretrained(tmp_path):
+    from transformers import AutoModelForCausalLM
+    run_dir, weights = saved_run(tmp_path, "gpt2", ["model.factory=tests.export.models:tiny_gpt2"])
+    loaded = consolidate(run_dir, progress=False)
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in weights.items())
+    export(loaded, "hf", tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
+    assert list((tmp_path / "hf").glob("*.safetensors"))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    batch = example_inputs(loaded, batch=3)
+    with torch.no_grad():
+        live = loaded.model(input_ids=batch).logits
+        assert (reloaded(input_ids=batch).logits - live).abs().max().item() <= TOLERANCE
+        export(loaded, "torch-export", tmp_path / "gpt2.pt2")
+        exported = torch.export.load(str(tmp_path / "gpt2.pt2")).module()(batch)
+        assert (exported - live).abs().max().item() <= TOLERANCE
+    assert np.isfinite(live.numpy()).all()
