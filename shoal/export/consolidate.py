@@ -136,25 +136,43 @@ def _federated_spec(cfg: Config, weights: dict[str, torch.Tensor], path: Path) -
     return DataSpec(kind="classes", in_features=layers[0][1].shape[1], num_classes=layers[-1][1].shape[0])
 
 
-def consolidate(run_dir: Path, step: int | None = None, *, progress: bool = True) -> LoadedModel:
-    """The model of `run_dir`'s checkpoint `step` (default: the newest), whole, on the CPU, in eval mode."""
+@dataclass
+class Located:
+    """What a run's model is, and where its weights are, before any weight is read."""
+
+    cfg: Config
+    spec: DataSpec
+    step: int
+    source: Path
+    federated: bool
+
+
+def locate(run_dir: Path, step: int | None = None) -> Located:
+    """The run's config, its model's DataSpec and the checkpoint `step` (default: the newest)."""
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     federated = run_dir / "model.safetensors"
     if federated.is_file() and not checkpoint_steps(checkpoint_folder(cfg, run_dir)):
         if step is not None:
             raise ConfigError(f"--step {step}: {run_dir} is a federated run; it keeps only its final model")
-        from safetensors.torch import load_file
-        weights = load_file(str(federated))
-        spec = _federated_spec(cfg, weights, federated)
-        model = build(cfg, spec)
-        model.load_state_dict(weights)
-        return LoadedModel(model.eval(), cfg, spec, -1, federated)
+        from safetensors import safe_open
+        with safe_open(str(federated), "pt") as f:
+            shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        return Located(cfg, _federated_spec(cfg, shapes, federated), -1, federated, True)
     saved_step, path = find_checkpoint(cfg, run_dir, step)
-    spec = data_spec(cfg)
-    model = build(cfg, spec)
-    load_dcp_weights(model, path, progress=progress)
-    return LoadedModel(model.eval(), cfg, spec, saved_step, path)
+    return Located(cfg, data_spec(cfg), saved_step, path, False)
+
+
+def consolidate(run_dir: Path | Located, step: int | None = None, *, progress: bool = True) -> LoadedModel:
+    """The model of `run_dir`'s checkpoint `step` (default: the newest), whole, on the CPU, in eval mode."""
+    found = run_dir if isinstance(run_dir, Located) else locate(run_dir, step)
+    model = build(found.cfg, found.spec)
+    if found.federated:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(found.source)))
+    else:
+        load_dcp_weights(model, found.source, progress=progress)
+    return LoadedModel(model.eval(), found.cfg, found.spec, found.step, found.source)
 
 
 def example_inputs(loaded: LoadedModel, batch: int = 2, seed: int = 0) -> torch.Tensor:
