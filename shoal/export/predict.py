@@ -130,11 +130,11 @@ class Progress:
     def __init__(self, total: int, done: int):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
         self.live = sys.stderr.isatty()
-        self.total, self.done, self.started, self.next_line = total, done, time.perf_counter(), done + total // 10
+        self.total, self.done, self.next_line = total, done, done + total // 10
         self.bar = Bar(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                        TextColumn("{task.fields[rate]:,.0f} rows/s"), TimeRemainingColumn(), disable=not self.live)
         self.task = self.bar.add_task("rows", total=total, completed=done, rate=0.0)
-        self.fresh = 0
+        self.fresh, self.first = 0, None  # rows/s counts from the first batch, not from worker start-up
 
     def __enter__(self):
         self.bar.__enter__()
@@ -145,8 +145,12 @@ class Progress:
 
     def advance(self, rows: int) -> None:
         self.done += rows
-        self.fresh += rows
-        rate = self.fresh / max(time.perf_counter() - self.started, 1e-9)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            self.fresh += rows
+        rate = self.fresh / (now - self.first) if now > self.first else 0.0
         self.bar.update(self.task, completed=self.done, rate=rate)
         if not self.live and (self.done >= self.next_line or self.done == self.total):
             self.next_line += max(1, self.total // 10)

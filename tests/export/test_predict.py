@@ -88,3 +88,22 @@ def test_data_that_does_not_fit_is_refused_in_one_line(classifier, tmp_path):
     one_line_error(shoal("predict", str(run_dir), "--data", str(tmp_path / "wide.npy"), "--out",
                          str(tmp_path / "out"), cwd=tmp_path), "7 feature columns", "takes 6")
     assert not (tmp_path / "out").exists()
+
+
+def test_federated_run_directory_is_scored(classifier, tmp_path):
+    """`shoal fed server` leaves config.toml and model.safetensors, no checkpoint folder."""
+    import torch
+    from safetensors.torch import save_file
+
+    from shoal.export.consolidate import consolidate
+    mlp_dir, data = classifier
+    fed = tmp_path / "banks"
+    fed.mkdir()
+    (fed / "config.toml").write_text("[model]\nname = \"mlp\"\n")
+    trained = consolidate(mlp_dir, progress=False)
+    save_file(trained.model.state_dict(), str(fed / "model.safetensors"))
+    predict(fed, [str(data)], tmp_path / "out", part_rows=500)
+    rows = read_all(tmp_path / "out")
+    with torch.no_grad():
+        expected = torch.softmax(trained.model(torch.from_numpy(np.load(data / "x.npy"))), -1).numpy()
+    np.testing.assert_allclose(rows["probabilities"], expected, atol=1e-6)
