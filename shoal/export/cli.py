@@ -1,4 +1,4 @@
-"""`shoal export`, `shoal generate` and `shoal predict`: a run directory's model put to use."""
+"""`shoal export`, `generate`, `predict` and `serve`: a run directory's model put to use."""
 
 from __future__ import annotations
 
@@ -42,6 +42,15 @@ def cmd_predict(args) -> int:
                     batch_size=args.batch_size, part_rows=args.part_rows)
     print(f"shoal: {index['rows']} rows in {len(index['parts'])} parts; index {Path(args.out) / 'index.json'}",
           file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from shoal.export.serve import serve
+    if args.max_batch < 1 or args.max_wait_ms < 0:
+        raise ConfigError("--max-batch must be at least 1 and --max-wait-ms at least 0")
+    serve(Path(args.run_dir), host=args.host, port=args.port, step=args.step, max_batch=args.max_batch,
+          max_wait_ms=args.max_wait_ms)
     return 0
 
 
@@ -90,3 +99,16 @@ def register(subparsers) -> None:
     pred.add_argument("--part-rows", type=int, default=65536,
                       help="rows per part file (the unit of work a rerun skips)")
     pred.set_defaults(func=cmd_predict)
+
+    srv = subparsers.add_parser(
+        "serve", help="answer HTTP/JSON requests with a run's model (micro-batched)",
+        description="One process serving POST /predict {\"rows\": [[...]]} and GET /health; requests that "
+                    "arrive together share one forward pass.")
+    srv.add_argument("run_dir", help="a run directory")
+    srv.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    srv.add_argument("--step", type=int, help="the checkpoint's step (default: the newest)")
+    srv.add_argument("--max-batch", type=int, default=64, help="most rows in one forward pass")
+    srv.add_argument("--max-wait-ms", type=float, default=2.0,
+                     help="how long the first request of a batch waits for others; 0 batches only what is queued")
+    srv.set_defaults(func=cmd_serve)

@@ -54,7 +54,7 @@ def part_name(part: int) -> str:
     return f"part-{part:05d}.parquet"
 
 
-def _columns(outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
+def output_columns(outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
     if kind == "regression":
         values = outputs.float().numpy()
         return {"prediction": values[:, 0] if values.shape[1] == 1 else list(values)}
@@ -67,7 +67,7 @@ def _columns(outputs: torch.Tensor, kind: str) -> dict[str, np.ndarray]:
 def _table(ids: np.ndarray, outputs: torch.Tensor, kind: str):
     import pyarrow as pa
     arrays = {"id": pa.array(ids, pa.int64())}
-    for name, values in _columns(outputs, kind).items():
+    for name, values in output_columns(outputs, kind).items():
         if isinstance(values, np.ndarray) and values.ndim == 2:  # one value per class: a fixed-size list
             arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
         else:
