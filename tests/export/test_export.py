@@ -154,3 +154,32 @@ def test_hugging_face_model_round_trips_through_from_pretrained(tmp_path):
         exported = torch.export.load(str(tmp_path / "gpt2.pt2")).module()(batch)
         assert (exported - live).abs().max().item() <= TOLERANCE
     assert np.isfinite(live.numpy()).all()
+
+
+def test_generate_samples_the_gpt(layout_runs, tmp_path):
+    from shoal.export.generate import generate, sample_gpt
+    loaded = consolidate(layout_runs["ddp"], progress=False)
+    prompt = torch.tensor(list(b"def "))
+    greedy = sample_gpt(loaded.model, prompt, 40, context=loaded.spec.seq_len, temperature=0)
+    with torch.no_grad():  # each greedy token is the argmax after the (cropped) context before it
+        for i in range(len(prompt), len(greedy)):
+            window = greedy[max(0, i - loaded.spec.seq_len):i]
+            assert greedy[i] == loaded.model(window[None])[0, -1].argmax()
+    top1 = sample_gpt(loaded.model, prompt, 40, context=loaded.spec.seq_len, temperature=1.0, top_k=1,
+                      generator=torch.Generator().manual_seed(3))
+    assert torch.equal(top1, greedy)  # top-k 1 leaves only the likeliest token
+    result = shoal("generate", str(layout_runs["ddp"]), "--prompt", "def ", "--tokens", "30", "--seed", "4",
+                   cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip("\n") == generate(loaded, "def ", 30, seed=4)
+    assert result.stdout.startswith("def ")
+
+
+def test_generate_uses_hugging_face_generate(tmp_path):
+    from shoal.export.generate import generate, sample_gpt
+    from shoal.export.formats import LogitsOnly
+    run_dir, _ = saved_run(tmp_path, "gpt2", ["model.factory=tests.export.models:tiny_gpt2"])
+    loaded = consolidate(run_dir, progress=False)
+    text = generate(loaded, "ab", 12, temperature=0)
+    ours = sample_gpt(LogitsOnly(loaded.model), torch.tensor(list(b"ab")), 12, context=32, temperature=0)
+    assert text == bytes(ours.tolist()).decode("utf-8", errors="replace")
