@@ -38,8 +38,12 @@ def cmd_generate(args) -> int:
 
 def cmd_predict(args) -> int:
     from shoal.export.predict import predict
-    index = predict(Path(args.run_dir), args.data, Path(args.out), nproc=args.nproc, step=args.step,
-                    batch_size=args.batch_size, part_rows=args.part_rows)
+    try:
+        index = predict(Path(args.run_dir), args.data, Path(args.out), nproc=args.nproc, step=args.step,
+                        batch_size=args.batch_size, part_rows=args.part_rows)
+    except RuntimeError as err:  # a worker died (its own traceback is above); finished parts are kept
+        print(f"shoal: {err}", file=sys.stderr)
+        return 1
     print(f"shoal: {index['rows']} rows in {len(index['parts'])} parts; index {Path(args.out) / 'index.json'}",
           file=sys.stderr)
     return 0

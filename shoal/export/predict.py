@@ -75,6 +75,19 @@ def _table(ids: np.ndarray, outputs: torch.Tensor, kind: str):
     return pa.table(arrays)
 
 
+def check_ids(x: torch.Tensor, ids: np.ndarray, spec, columns: list[str]) -> None:
+    """DLRM rows carry one id per embedding table after the dense features; each must index its table."""
+    tables = getattr(spec, "table_sizes", ())
+    dense = spec.in_features - len(tables)
+    for i, size in enumerate(tables):
+        values = x[:, dense + i]
+        bad = ((values < 0) | (values >= size) | (values != values.round())).nonzero()
+        if len(bad):
+            row = int(bad[0, 0])
+            raise ConfigError(f"--data: row {int(ids[row])}, column {columns[dense + i]}: {values[row].item():g} is "
+                              f"not an id of table {i} (0 to {size - 1})")
+
+
 def score_parts(found: Located, job: Job, parts: list[int], out: Path, batch_size: int, report) -> None:
     """Score `parts` of the job's rows into part files; `report(rows)` after each batch."""
     import pyarrow.parquet as pq
@@ -86,6 +99,7 @@ def score_parts(found: Located, job: Job, parts: list[int], out: Path, batch_siz
         ids, outputs = [], []
         for begin in range(start, stop, batch_size):
             batch_ids, x = rows.read(begin, min(begin + batch_size, stop))
+            check_ids(x, batch_ids, found.spec, rows.columns)
             with torch.inference_mode():
                 outputs.append(loaded.model(x))
             ids.append(batch_ids)
