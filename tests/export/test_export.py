@@ -3,7 +3,6 @@ exported format computes what the model computes; bad requests end in one line a
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -12,10 +11,11 @@ import pytest
 import torch
 
 from shoal import config as config_module
+from shoal.cli import main
 from shoal.export.consolidate import build, consolidate, data_spec, example_inputs
 from shoal.export.formats import export
 from shoal.fault.checkpoint import Checkpointer
-from tests.conftest import ROOT, SHOAL, TINY, shoal
+from tests.conftest import SHOAL, TINY, shoal
 
 LAYOUTS = {
     "ddp": [],
@@ -117,23 +117,30 @@ def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
         assert word in lines[0], lines[0]
 
 
-def test_bad_requests_get_one_line_and_leave_nothing(layout_runs, tmp_path):
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+def shoal_here(capfd, *args: str) -> subprocess.CompletedProcess:
+    """The `shoal` command's own main() in this process (no second torch start-up), as a result."""
+    capfd.readouterr()
+    code = main(list(args))
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_bad_requests_get_one_line_and_leave_nothing(layout_runs, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     (empty / "config.toml").write_text((layout_runs["ddp"] / "config.toml").read_text())
-    one_line_error(shoal("export", str(empty), "--format", "onnx", "--out", str(out / "m.onnx"), cwd=tmp_path),
+    one_line_error(shoal_here(capfd, "export", str(empty), "--format", "onnx", "--out", str(out / "m.onnx")),
                    "no complete checkpoint")
-    one_line_error(shoal("export", str(layout_runs["ddp"]), "--step", "7", "--format", "onnx", "--out",
-                         str(out / "m.onnx"), cwd=tmp_path), "--step 7", "steps 2")
-    one_line_error(shoal("export", str(layout_runs["ddp"]), "--format", "hf", "--out", str(out / "hf"), cwd=tmp_path),
+    one_line_error(shoal_here(capfd, "export", str(layout_runs["ddp"]), "--step", "7", "--format", "onnx", "--out",
+                              str(out / "m.onnx")), "--step 7", "steps 2")
+    one_line_error(shoal_here(capfd, "export", str(layout_runs["ddp"]), "--format", "hf", "--out", str(out / "hf")),
                    "not a Hugging Face PreTrainedModel")
     branchy, _ = saved_run(tmp_path, "branchy", ["model.factory=tests.export.models:branchy"])
     for fmt in ("torch-export", "onnx"):
-        one_line_error(shoal("export", str(branchy), "--format", fmt, "--out", str(out / "m"), cwd=tmp_path,
-                             env=env), "data-dependent control flow")
+        one_line_error(shoal_here(capfd, "export", str(branchy), "--format", fmt, "--out", str(out / "m")),
+                       "data-dependent control flow")
     assert list(out.iterdir()) == []  # no file, no temporary left behind
 
 
@@ -156,7 +163,7 @@ def test_hugging_face_model_round_trips_through_from_pretrained(tmp_path):
     assert np.isfinite(live.numpy()).all()
 
 
-def test_generate_samples_the_gpt(layout_runs, tmp_path):
+def test_generate_samples_the_gpt(layout_runs, capfd):
     from shoal.export.generate import generate, sample_gpt
     loaded = consolidate(layout_runs["ddp"], progress=False)
     prompt = torch.tensor(list(b"def "))
@@ -168,8 +175,8 @@ def test_generate_samples_the_gpt(layout_runs, tmp_path):
     top1 = sample_gpt(loaded.model, prompt, 40, context=loaded.spec.seq_len, temperature=1.0, top_k=1,
                       generator=torch.Generator().manual_seed(3))
     assert torch.equal(top1, greedy)  # top-k 1 leaves only the likeliest token
-    result = shoal("generate", str(layout_runs["ddp"]), "--prompt", "def ", "--tokens", "30", "--seed", "4",
-                   cwd=tmp_path)
+    result = shoal_here(capfd, "generate", str(layout_runs["ddp"]), "--prompt", "def ", "--tokens", "30",
+                        "--seed", "4")
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip("\n") == generate(loaded, "def ", 30, seed=4)
     assert result.stdout.startswith("def ")

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from shoal.export.predict import predict
-from tests.conftest import SHOAL, shoal, wait_for
-from tests.export.test_export import one_line_error, saved_run
+from tests.conftest import SHOAL, wait_for
+from tests.export.test_export import one_line_error, saved_run, shoal_here
 
 ROWS, FEATURES, CLASSES = 1200, 6, 3
 
@@ -72,8 +72,7 @@ def test_killed_run_resumes_and_writes_every_row_once(classifier, tmp_path):
     (out / "index.json").unlink(missing_ok=True)
     (out / ".part-00013.parquet.tmp-99999").write_bytes(b"PAR1 half")
     kept = {path.name: os.stat(path).st_mtime_ns for path in out.glob("part-*.parquet")}
-    result = shoal(*args[1:], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    predict(run_dir, [str(data)], out, nproc=1, part_rows=50, batch_size=10)  # the rerun, here: one worker
     rows = read_all(out)
     assert sorted(rows["id"]) == list(range(ROWS))  # every row exactly once
     assert len(json.loads((out / "index.json").read_text())["parts"]) == ROWS // 50
@@ -82,11 +81,11 @@ def test_killed_run_resumes_and_writes_every_row_once(classifier, tmp_path):
     assert not list(out.glob(".*tmp*"))
 
 
-def test_data_that_does_not_fit_is_refused_in_one_line(classifier, tmp_path):
+def test_data_that_does_not_fit_is_refused_in_one_line(classifier, tmp_path, capfd):
     run_dir, _ = classifier
     np.save(tmp_path / "wide.npy", np.zeros((10, FEATURES + 1), np.float32))
-    one_line_error(shoal("predict", str(run_dir), "--data", str(tmp_path / "wide.npy"), "--out",
-                         str(tmp_path / "out"), cwd=tmp_path), "7 feature columns", "takes 6")
+    one_line_error(shoal_here(capfd, "predict", str(run_dir), "--data", str(tmp_path / "wide.npy"), "--out",
+                              str(tmp_path / "out")), "7 feature columns", "takes 6")
     assert not (tmp_path / "out").exists()
 
 
