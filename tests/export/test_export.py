@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from shoal import config as config_module
-from shoal.cli import main
-from shoal.export.consolidate import build, consolidate, data_spec, example_inputs
+from shoal.export.consolidate import build, consolidate, example_inputs
 from shoal.export.formats import export
-from shoal.fault.checkpoint import Checkpointer
 from tests.conftest import SHOAL, TINY, shoal
+from tests.export.conftest import one_line_error, saved_run, shoal_here
 
 LAYOUTS = {
     "ddp": [],
@@ -24,7 +22,6 @@ LAYOUTS = {
     "pp": ["parallel.dp_replicate=1", "parallel.pp=2"],
 }
 TOLERANCE = 1e-5
-TINY_DATA = ["data.seq_len=32", "data.max_bytes=400000"]
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +36,6 @@ def layout_runs(tmp_path_factory) -> dict[str, Path]:
         output, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, f"{name} run failed:\n{output[-3000:]}"
     return {name: cwd / "runs" / name for name in LAYOUTS}
-
-
-def saved_run(root: Path, name: str, overrides: list[str]) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A run directory with a one-process checkpoint of a model built from `overrides`, its
-    weights moved off their initial values (so a load that did nothing would show)."""
-    cfg = config_module.load(None, TINY_DATA + [f"log.name={name}", *overrides])
-    run_dir = root / name
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
-    model = build(cfg, data_spec(cfg))
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=g) * 0.01)
-    Checkpointer(run_dir / "checkpoints").save(3, [model], torch.optim.SGD(model.parameters(), lr=0.1), {"step": 3})
-    return run_dir, {k: v.clone() for k, v in model.state_dict().items()}
 
 
 def outputs_of_every_format(loaded, tmp: Path, batch: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -107,22 +88,6 @@ def test_cli_export_writes_only_the_named_file(layout_runs, tmp_path):
         assert f.metadata()["step"] == "2"
         assert "tp" in f.metadata()["shoal_config"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-
-
-def one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("shoal: error:"), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
-
-def shoal_here(capfd, *args: str) -> subprocess.CompletedProcess:
-    """The `shoal` command's own main() in this process (no second torch start-up), as a result."""
-    capfd.readouterr()
-    code = main(list(args))
-    captured = capfd.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def test_bad_requests_get_one_line_and_leave_nothing(layout_runs, tmp_path, capfd):

@@ -10,26 +10,10 @@ import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from shoal.export.predict import predict
 from tests.conftest import SHOAL, wait_for
-from tests.export.test_export import one_line_error, saved_run, shoal_here
-
-ROWS, FEATURES, CLASSES = 1200, 6, 3
-
-
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    """A run directory of an mlp checkpoint for 6-feature, 3-class npy data, and the data."""
-    root = tmp_path_factory.mktemp("predict")
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    data.mkdir()
-    np.save(data / "x.npy", rng.normal(size=(ROWS, FEATURES)).astype(np.float32))
-    np.save(data / "y.npy", rng.integers(0, CLASSES, ROWS))
-    run_dir, _ = saved_run(root, "mlp", ["model.name=mlp", "data.source=npy", f"data.path={data}"])
-    return run_dir, data
+from tests.export.conftest import CLASSES, FEATURES, ROWS, one_line_error, shoal_here
 
 
 def read_all(out) -> dict:

@@ -14,10 +14,10 @@ import torch
 from shoal.export.consolidate import consolidate
 from shoal.export.serve import Batcher, make_server
 from tests.conftest import wait_for
-from tests.export.test_predict import FEATURES, classifier  # noqa: F401 - the module fixture
+from tests.export.conftest import FEATURES
 
 
-def test_requests_queued_together_share_one_batch(classifier):  # noqa: F811
+def test_requests_queued_together_share_one_batch(classifier):
     loaded = consolidate(classifier[0], progress=False)
     batcher = Batcher(loaded, max_batch=64, max_wait_ms=0)
     requests = [torch.randn(n, FEATURES, generator=torch.Generator().manual_seed(n)) for n in (1, 2, 3, 4)]
@@ -51,7 +51,7 @@ def post(url: str, body: bytes) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_http_answers_and_refuses_bad_rows(classifier):  # noqa: F811
+def test_http_answers_and_refuses_bad_rows(classifier):
     loaded = consolidate(classifier[0], progress=False)
     server, batcher = make_server(loaded, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
