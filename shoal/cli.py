@@ -16,7 +16,8 @@ from shoal.config import USER_ERROR, ConfigError
 
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
-FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli")
+FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli",
+                    "shoal.export.cli")
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
