@@ -30,6 +30,13 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [list(t.encode("utf-8")) for t in texts]
 
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids` (a sample cut inside a UTF-8 character shows U+FFFD there)."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
     def describe(self) -> dict:
         """What index.json records, so a reader can check the shards match its tokenizer."""
         return {"name": self.name, "vocab_size": self.vocab_size, "eos": self.eos}
@@ -45,6 +52,7 @@ class HFTokenizer(Tokenizer):
             self.eos = next((self.fast.token_to_id(t) for t in EOS_CANDIDATES if self.fast.token_to_id(t) is not None),
                             None)
             self._encode = lambda texts: [e.ids for e in self.fast.encode_batch(texts, add_special_tokens=False)]
+            self._decode = self.fast.decode
             self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         else:
             from transformers import AutoTokenizer
@@ -55,6 +63,7 @@ class HFTokenizer(Tokenizer):
                                   f"({str(err).splitlines()[0]})") from None
             self.vocab_size, self.eos = len(tok), tok.eos_token_id
             self._encode = lambda texts: tok(texts, add_special_tokens=False)["input_ids"]
+            self._decode = tok.decode
             digest = hashlib.sha256()
             for f in sorted(p for p in path.iterdir() if p.is_file()):
                 digest.update(f.name.encode() + f.read_bytes())
@@ -62,6 +71,9 @@ class HFTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self._encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
 
     def describe(self) -> dict:
         return {**super().describe(), "sha256": self.sha256}

@@ -9,59 +9,27 @@ encoding) otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import json
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from shoal.config import ConfigError
+from shoal.data.tokenizer import Tokenizer, load_tokenizer
 from shoal.export.consolidate import LoadedModel, is_hf_model
 
 
-class Codec(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class BytesCodec:
-    """UTF-8 bytes as token ids; a sample cut inside a character shows U+FFFD there."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-@dataclass
-class LibraryCodec:
-    """A `tokenizers.Tokenizer` or a transformers tokenizer, behind the same two calls."""
-
-    tokenizer: object
-
-    def encode(self, text: str) -> list[int]:
-        encoded = self.tokenizer.encode(text)
-        return list(getattr(encoded, "ids", encoded))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
-
-
-def codec_for(loaded: LoadedModel) -> Codec:
-    """The run's tokenizer (data.tokenizer) when it names one, else bytes."""
-    name = getattr(loaded.cfg.data, "tokenizer", "") or "bytes"
-    if name == "bytes":
-        return BytesCodec()
-    try:
-        from shoal.data.tokenizer import load_tokenizer
-    except ImportError:
-        raise ConfigError(f"data.tokenizer = '{name}' needs shoal.data.tokenizer, missing here") from None
-    tokenizer = load_tokenizer(name)
-    for inner in (tokenizer, getattr(tokenizer, "tokenizer", None), getattr(tokenizer, "_tokenizer", None)):
-        if inner is not None and hasattr(inner, "encode") and hasattr(inner, "decode"):
-            return LibraryCodec(inner)
-    raise ConfigError(f"data.tokenizer = '{name}' cannot decode token ids")
+def codec_for(loaded: LoadedModel) -> Tokenizer:
+    """The tokenizer the run trained with: the shard set's (recorded in its index.json) for
+    `data.source = "shards"`, else `data.tokenizer` (bytes unless it names another)."""
+    data = loaded.cfg.data
+    name = getattr(data, "tokenizer", "") or "bytes"
+    if data.source == "shards":
+        index = Path(data.path) / "index.json"
+        if index.is_file():
+            name = json.loads(index.read_text())["tokenizer"]["name"]
+    return load_tokenizer(name)
 
 
 @torch.no_grad()
