@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
         from shoal.launch.supervisor import check_fault_tolerant
         per_step = check_fault_tolerant(cfg, cfg.launch.nproc, args.chaos)
         if per_step:
-            from shoal.launch.supervisor import start_forkserver
+            from shoal.launch.workers import start_forkserver
             start_forkserver()  # workers' torch imports while this process does its own
     if not per_step:  # per-step replicas split any batch; the other layouts need it to divide
         _check_before_launch(cfg, cfg.launch.nproc)

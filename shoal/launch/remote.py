@@ -35,7 +35,9 @@ from shoal.fault import preempt
 from shoal.fault import keys
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.launch.restarts import RestartPolicy
-from shoal.launch.supervisor import TICK, _worker_main, start_forkserver, worker_failure_text
+from shoal.launch import workers
+from shoal.launch.supervisor import TICK
+from shoal.launch.workers import worker_failure_text
 
 
 @dataclass
@@ -58,7 +60,7 @@ class RemoteHost:
         host, _, port = endpoint.rpartition(":")
         self.store = dist.TCPStore(host, int(port), None, False, timeout=timedelta(seconds=cfg.launch.rdzv_timeout),
                                    wait_for_workers=False)
-        self.ctx = start_forkserver()
+        self.ctx = workers.start_forkserver()
         self.failures: list[str] = []
         self.restarts = RestartPolicy(cfg.fault.restarts_per_hour, cfg.fault.crash_loop)
         self.delayed: list[tuple[float, int, int]] = []  # (when, index, incarnation) of restarts backing off
@@ -69,19 +71,13 @@ class RemoteHost:
         print(f"shoal: {text}", file=sys.stderr, flush=True)
 
     def _start(self, slot: int, incarnation: int) -> _Worker:
-        from shoal.fault import elastic
-        from shoal.runtime.env import LOCAL_WORKERS_ENV
         member = self.store.add(keys.NEXT_MEMBER, 1) - 1  # one numbering for the whole job
-        env = {**os.environ, elastic.STORE_ENV: self.endpoint, elastic.MEMBER_ENV: str(member),
-               elastic.SLOT_ENV: str(-1 - slot),  # launcher chaos addresses node rank 0's slots only
-               # No worker here starts with the job's state: each receives it from a live peer.
-               elastic.INCARNATION_ENV: str(incarnation + 1),
-               LOCAL_WORKERS_ENV: str(self.cfg.launch.nproc)}  # this host's cores are shared among them
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SHOAL_LAUNCHER_PID"):
-            env.pop(name, None)
+        # Slots are negative (launcher chaos addresses node rank 0's slots only), and no worker here
+        # starts with the job's state (incarnation >= 1): each receives it from a live peer.
+        env = workers.worker_env(store=self.endpoint, member=member, slot=-1 - slot, incarnation=incarnation + 1,
+                                 local_workers=self.cfg.launch.nproc)
         log = None if self.verbose else self.log_dir / f"worker{member}.log"
-        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, str(log) if log else None), daemon=False)
-        proc.start()
+        proc = workers.spawn(self.ctx, self.worker_args, env, log)
         self.say(f"worker {member} (slot {slot}, pid {proc.pid}) started, joining {self.endpoint}")
         return _Worker(slot, member, proc, incarnation, log)
 
@@ -103,10 +99,7 @@ class RemoteHost:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             for worker in self.workers:
-                if worker.proc.exitcode is None:
-                    os.kill(worker.proc.pid, signal.SIGCONT)
-                    worker.proc.kill()
-                    worker.proc.join()
+                workers.kill(worker.proc)
 
     def _stop(self, signum: int, frame) -> None:
         """A stop signal: this host's workers leave after the step in flight (the job goes on)."""

@@ -2,7 +2,7 @@
 
 torch.distributed.elastic's agent treats the workers of a host as one unit: any failure
 stops and restarts all of them. Per-step fault tolerance needs the opposite, so this
-supervisor starts each worker as its own process, restarts only the dead one (as
+supervisor starts each worker as its own process (shoal/launch/workers.py), restarts only the dead one (as
 shoal/launch/restarts.py decides) and never touches the survivors. It hosts the c10d
 TCPStore that holds membership and runs the `Coordinator` beside it, so membership
 outlives any worker. Each worker is a whole replica without a default process group, or,
@@ -10,17 +10,12 @@ with `parallel.dp_shard = S > 1`, one of the S workers of a replica group that s
 model together (see shoal/fault/elastic.py). A replica group lives and dies as one: when
 one of its workers exits or is left out as hung, the supervisor kills the rest (they may be
 stuck in a collective with it) and restarts all S, which rejoin as a new member.
-
-Workers are forked from a forkserver that has imported torch and shoal once: on a busy
-machine importing torch takes seconds, and a replacement that starts in milliseconds
-rejoins while the survivors are still close to the step where its predecessor died.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -33,47 +28,14 @@ from shoal.fault import chaos as chaos_module
 from shoal.fault import keys
 from shoal.fault import preempt
 from shoal.fault.preempt import PREEMPTED_CODES
+from shoal.launch import workers
 from shoal.launch.restarts import RestartPolicy
+from shoal.launch.workers import worker_failure_text
 
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
 
 TICK = 0.01  # seconds between looks at the processes and the store: recovery latency is a few ticks
-
-
-def _worker_main(argv: list[str], env: dict[str, str], log_path: str | None) -> None:
-    """Entry of a forked worker: its own environment and output file, then `shoal.worker`."""
-    os.environ.clear()
-    os.environ.update(env)
-    if log_path:
-        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-    from shoal.worker import main
-    sys.exit(main(argv))
-
-
-def start_forkserver() -> multiprocessing.context.BaseContext:
-    """Start (once) the process workers fork from; it imports torch and shoal meanwhile."""
-    ctx = multiprocessing.get_context("forkserver")
-    # torch._dynamo is imported lazily by the first optimizer a worker builds, for seconds
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo", "torch.distributed.checkpoint",
-                                "shoal.worker", "shoal.fault.elastic",
-                                "shoal.parallel.activation", "shoal.parallel.compile", "shoal.models.mlp",
-                                "shoal.models.gpt"])
-    from multiprocessing import forkserver
-    forkserver.ensure_running()
-    return ctx
-
-
-def worker_failure_text(log: Path | None, lines: int = 30) -> str:
-    """What to show of a failed worker: its one-line `shoal: error:` if it wrote one, else the
-    end of its log."""
-    if log is None or not log.is_file():
-        return "(output shown above)"
-    text = log.read_text(errors="replace").splitlines()
-    errors = [line for line in text if line.startswith("shoal: error:")]
-    return errors[-1] if errors else "\n".join(text[-lines:])
 
 
 @dataclass
@@ -117,7 +79,7 @@ class Supervisor:
         self.injections = chaos_module.parse(chaos) if chaos else []
         self.chaos_spec = chaos
         self.extra_env = extra_env or {}
-        self.ctx = start_forkserver()
+        self.ctx = workers.start_forkserver()
         self.event("store", port=self.store.port)
         self.finished = False
         self.failures: list[str] = []
@@ -144,14 +106,8 @@ class Supervisor:
 
     def _start(self, index: int, lane: int, member: int, incarnation: int) -> Slot:
         from shoal.fault import elastic
-        from shoal.runtime.env import LOCAL_WORKERS_ENV
-        env = {**os.environ, **self.extra_env, elastic.STORE_ENV: f"127.0.0.1:{self.store.port}",
-               elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(index),
-               elastic.INCARNATION_ENV: str(incarnation),
-               LOCAL_WORKERS_ENV: str(self.cfg.launch.nproc)}  # this host's cores are shared among them
-        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                     "SHOAL_LAUNCHER_PID"):
-            env.pop(name, None)  # a worker's peers come from the store, not from a launcher's rendezvous
+        env = workers.worker_env(store=f"127.0.0.1:{self.store.port}", member=member, slot=index,
+                                 incarnation=incarnation, local_workers=self.cfg.launch.nproc, extra=self.extra_env)
         if self.group_size > 1:  # its place in its replica group, which builds its own process group
             env.update(RANK=str(lane), WORLD_SIZE=str(self.group_size), LOCAL_RANK=str(lane),
                        LOCAL_WORLD_SIZE=str(self.group_size))
@@ -159,8 +115,7 @@ class Supervisor:
             env[elastic.CHAOS_ENV] = self.chaos_spec
         name = f"worker{member}.log" if self.group_size == 1 else f"worker{member}.lane{lane}.log"
         out = None if self.verbose else self.log_dir / name
-        proc = self.ctx.Process(target=_worker_main, args=(self.worker_args, env, out and str(out)), daemon=False)
-        proc.start()
+        proc = workers.spawn(self.ctx, self.worker_args, env, out)
         self.event("start", slot=index, member=member, lane=lane, pid=proc.pid, incarnation=incarnation)
         return Slot(index, member, proc, out, incarnation)
 
@@ -216,13 +171,7 @@ class Supervisor:
         for peer in self._group(slot):
             if peer is slot or peer.done:
                 continue
-            killed = peer.proc.exitcode is None
-            if killed:
-                try:
-                    os.kill(peer.proc.pid, signal.SIGCONT)  # a stopped worker must wake to die
-                    peer.proc.kill()
-                except ProcessLookupError:
-                    pass
+            killed = workers.kill(peer.proc)
             peer.proc.join()
             peer.done = True
             # with_group: stopped here because of its group, not by a failure of its own
@@ -238,11 +187,7 @@ class Supervisor:
             for slot in self.slots:
                 if slot.member == member and not slot.done and slot.proc.exitcode is None:
                     self.say(f"replica group {member} was left out as hung; restarting it")
-                    try:
-                        os.kill(slot.proc.pid, signal.SIGCONT)
-                        slot.proc.kill()
-                    except ProcessLookupError:
-                        pass  # it exited meanwhile: _poll restarts the group all the same
+                    workers.kill(slot.proc)  # _poll restarts the group
                     break
 
     def _poll(self) -> int | None:
@@ -319,13 +264,7 @@ class Supervisor:
 
     def _kill_all(self) -> None:
         for slot in self.slots:
-            if slot.proc.exitcode is None:
-                try:
-                    os.kill(slot.proc.pid, signal.SIGCONT)  # a stopped worker must wake to die cleanly
-                    slot.proc.kill()
-                except ProcessLookupError:
-                    pass
-                slot.proc.join()
+            workers.kill(slot.proc)
 
 
 def _latest_step(cfg: Config, run_dir: Path) -> int:
