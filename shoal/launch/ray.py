@@ -166,8 +166,10 @@ def check_ray(cfg: Config, address: str | None) -> None:
         _check_answers(address)
 
 
-def run_on_ray(cfg: Config, run_dir: Path, *, address: str | None, resume: bool) -> int:
-    """Train `cfg` on `launch.nproc` Ray workers; the run directory must be visible to all of them."""
+def run_on_ray(cfg: Config, run_dir: Path, *, address: str | None, resume: bool, callbacks: tuple = ()) -> int:
+    """Train `cfg` on `launch.nproc` Ray workers; the run directory (holding config.toml) must be
+    visible to all of them. `callbacks` are Ray Train `UserCallback`s: they see every report.
+    Returns the exit code `shoal run` would."""
     check_ray(cfg, address)
     ray = _import_ray()
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -190,7 +192,8 @@ def run_on_ray(cfg: Config, run_dir: Path, *, address: str | None, resume: bool)
             scaling_config=ScalingConfig(num_workers=cfg.launch.nproc, use_gpu=use_gpu,
                                          resources_per_worker=None if use_gpu else {"CPU": 1}),
             run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir / "ray"),
-                                 failure_config=FailureConfig(max_failures=cfg.launch.max_restarts)))
+                                 failure_config=FailureConfig(max_failures=cfg.launch.max_restarts),
+                                 callbacks=list(callbacks)))
         try:
             trainer.fit()
         except Exception as err:  # Ray wraps the worker's exception in its own
