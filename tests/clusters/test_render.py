@@ -97,3 +97,26 @@ def test_a_layout_that_does_not_fit_is_one_line(capsys, target):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("shoal: error: 2 nodes x 2 GPUs = 4 workers do not fit the config:")
+
+
+def test_a_node_resumes_once_the_run_has_a_checkpoint(tmp_path):
+    """A pod restarted after preemption (or a job submitted again) must continue, not stop on
+    'already holds checkpoints': the node command adds --resume when a complete one exists."""
+    from shoal.launch.render import node_command
+    fake = tmp_path / "bin" / "shoal"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    cfg = config_module.load(None, ["log.name=job"])
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "SHOAL_CONFIG": config_module.to_toml(cfg)}
+
+    def node_args() -> list[str]:
+        out = subprocess.run(["sh", "-c", node_command(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+
+    assert node_args()[0] == "launch" and "--resume" not in node_args()
+    (tmp_path / "runs" / "job" / "checkpoints" / "step_00000010").mkdir(parents=True)
+    assert "--resume" not in node_args()  # an unfinished checkpoint has no meta.json yet
+    (tmp_path / "runs" / "job" / "checkpoints" / "step_00000010" / "meta.json").write_text("{}")
+    assert node_args()[-1] == "--resume"

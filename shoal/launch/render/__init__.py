@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
 from pathlib import Path
 
 # The rendezvous port on node rank 0 where the cluster does not choose one (SLURM, SkyPilot).
 DEFAULT_PORT = 29400
-# A node's shell writes the embedded config ($SHOAL_CONFIG) to a fresh file and hands it to
-# `shoal launch` (exec, so the SIGTERM of a preemption reaches the launcher itself).
-NODE_COMMAND = 'config=$(mktemp) && printf "%s" "$SHOAL_CONFIG" > "$config" && exec shoal launch "$config"'
+def node_command(cfg) -> str:
+    """The shell command of one node: write the embedded config ($SHOAL_CONFIG) to a fresh file
+    and `exec` `shoal launch` on it (so a preemption's SIGTERM reaches the launcher itself),
+    with --resume when the run's checkpoint folder already holds a complete checkpoint: a pod
+    restarted after preemption, or a job submitted again, continues instead of stopping."""
+    from shoal.observe.rundir import checkpoint_folder
+    folder = shlex.quote(str(checkpoint_folder(cfg, Path(cfg.log.dir) / cfg.log.name)))
+    return ('config=$(mktemp) && printf "%s" "$SHOAL_CONFIG" > "$config" && '
+            f'if ls {folder}/step_*/meta.json >/dev/null 2>&1; then set -- --resume; fi && '
+            'exec shoal launch "$config" "$@"')
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

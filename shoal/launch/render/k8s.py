@@ -8,7 +8,7 @@ manifest needs no ConfigMap; the run directory (log.dir) must be a volume all po
 
 from __future__ import annotations
 
-from shoal.launch.render import NODE_COMMAND, dump_yaml, job_name
+from shoal.launch.render import dump_yaml, node_command as shell_command, job_name
 
 # The PyTorchJob operator takes the master's port from the container port of this name.
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"
@@ -16,17 +16,17 @@ PYTORCHJOB_PORT = 23456
 SHARED_MOUNT = "/shoal"
 
 
-def node_command() -> list[str]:
+def node_command(cfg) -> list[str]:
     """The container's command; `shoal launch` finds the node's place in the PET_* variables."""
-    return ["sh", "-c", NODE_COMMAND]
+    return ["sh", "-c", shell_command(cfg)]
 
 
 def _resources(gpus: int) -> dict:
-    return {"limits": {"nvidia.com/gpu": gpus}} if gpus else {}
+    return {"limits": {"nvidia.com/gpu": str(gpus)}} if gpus else {}  # a Quantity is a string
 
 
 def trainjob(cfg, toml: str, *, nodes: int, image: str, gpus: int, runtime: str) -> dict:
-    trainer = {"image": image, "command": node_command(), "numNodes": nodes,
+    trainer = {"image": image, "command": node_command(cfg), "numNodes": nodes,
                "numProcPerNode": cfg.launch.nproc, "env": [{"name": "SHOAL_CONFIG", "value": toml}]}
     if gpus:
         trainer["resourcesPerNode"] = _resources(gpus)
@@ -36,7 +36,7 @@ def trainjob(cfg, toml: str, *, nodes: int, image: str, gpus: int, runtime: str)
 
 
 def pod_template(cfg, toml: str, *, image: str, gpus: int, pvc: str | None) -> dict:
-    container = {"name": "pytorch", "image": image, "command": node_command(),
+    container = {"name": "pytorch", "image": image, "command": node_command(cfg),
                  "env": [{"name": "SHOAL_CONFIG", "value": toml}],
                  "ports": [{"name": PYTORCHJOB_PORT_NAME, "containerPort": PYTORCHJOB_PORT}]}
     if gpus:

@@ -9,11 +9,11 @@ that every node mounts (`file_mounts` with mode MOUNT), as checkpoints need one 
 from __future__ import annotations
 
 from shoal.config import ConfigError
-from shoal.launch.render import NODE_COMMAND, dump_yaml, job_name
+from shoal.launch.render import dump_yaml, node_command, job_name
 
-RUN = NODE_COMMAND + """ \\
+FLAGS = """ \\
   --nnodes "$SKYPILOT_NUM_NODES" --node-rank "$SKYPILOT_NODE_RANK" \\
-  --rdzv "$(echo "$SKYPILOT_NODE_IPS" | head -n 1):$SHOAL_RDZV_PORT" ${SHOAL_RESUME:+--resume}
+  --rdzv "$(echo "$SKYPILOT_NODE_IPS" | head -n 1):$SHOAL_RDZV_PORT"
 """
 
 
@@ -23,7 +23,7 @@ def task(cfg, toml: str, *, nodes: int, gpus: int, port: int, accelerator: str) 
     resources = {"accelerators": f"{accelerator}:{gpus}"} if gpus else {"cpus": f"{cfg.launch.nproc}+"}
     return {"name": job_name(cfg), "num_nodes": nodes, "resources": resources,
             "envs": {"SHOAL_CONFIG": toml, "SHOAL_RDZV_PORT": str(port)},
-            "run": RUN}
+            "run": node_command(cfg) + FLAGS}
 
 
 def render_task(cfg, toml: str, *, nodes: int, gpus: int, port: int, accelerator: str) -> str:

@@ -8,9 +8,8 @@ which passes it to every node's `shoal launch`, so the workers stop with a check
 
 from __future__ import annotations
 
-import shlex
 
-from shoal.launch.render import job_name
+from shoal.launch.render import job_name, node_command
 
 SCRIPT = """#!/bin/bash
 #SBATCH --job-name={name}
@@ -19,8 +18,8 @@ SCRIPT = """#!/bin/bash
 #SBATCH --cpus-per-task={cpus}
 {gpu_line}#SBATCH --signal=B:TERM@60
 #SBATCH --output={name}-%j.out
-{extra_lines}# Rendered by `shoal render slurm`; continue a stopped run by submitting it again
-# with SHOAL_RESUME=1 (sbatch --export=ALL,SHOAL_RESUME=1 {name}.sbatch).
+{extra_lines}# Rendered by `shoal render slurm`. Submitted again, it continues the run from its newest
+# checkpoint (after a preemption, a time limit, scancel).
 set -euo pipefail
 
 config="${{SLURM_SUBMIT_DIR:-$PWD}}/{name}-${{SLURM_JOB_ID}}.toml"
@@ -29,13 +28,12 @@ cat > "$config" <<'SHOAL_CONFIG'
 
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
-export SHOAL_RDZV="${{head_addr:-$head_node}}:{port}" SHOAL_CONFIG_FILE="$config"
+export SHOAL_RDZV="${{head_addr:-$head_node}}:{port}" SHOAL_CONFIG="$(cat "$config")"
 
 # Each task reads its own SLURM_NODEID, hence the single quotes. srun runs in the background so
 # that this shell can pass SLURM's SIGTERM on to it (and srun to every task).
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c 'exec shoal launch "$SHOAL_CONFIG_FILE" \\
-  --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$SHOAL_RDZV" --run-id "shoal-$SLURM_JOB_ID" \\
-  ${{SHOAL_RESUME:+--resume}}' &
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '{node_command} \\
+  --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$SHOAL_RDZV" --run-id "shoal-$SLURM_JOB_ID"' &
 srun_pid=$!
 trap 'kill -TERM "$srun_pid" 2>/dev/null' TERM
 set +e
@@ -52,4 +50,5 @@ def render_sbatch(cfg, toml: str, *, nodes: int, gpus: int, port: int, time: str
                     if value)
     return SCRIPT.format(name=job_name(cfg), nodes=nodes, cpus=max(cfg.launch.nproc, cfg.launch.threads * cfg.launch.nproc),
                          gpu_line=f"#SBATCH --gpus-per-node={gpus}\n" if gpus else "", extra_lines=extra,
-                         toml=toml if toml.endswith("\n") else toml + "\n", port=port)
+                         toml=toml if toml.endswith("\n") else toml + "\n", port=port,
+                         node_command=node_command(cfg).replace("'", "'\\''"))
