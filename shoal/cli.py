@@ -108,6 +108,9 @@ def cmd_run(args) -> int:
         return 0
     if args.ray is not None:  # the same workers on a Ray cluster (shoal/launch/ray.py, docs/clusters.md)
         from shoal.launch.ray import check_ray, run_on_ray
+        if args.chaos:
+            raise ConfigError("--chaos injects failures into Shoal's own launcher; under --ray, Ray Train owns the "
+                              "workers")
         check_ray(cfg, args.ray or None)
         _check_before_launch(cfg, cfg.launch.nproc)
         return run_on_ray(cfg, _prepare_run(cfg, args.resume, exact_name=False), address=args.ray or None,

@@ -90,7 +90,6 @@ class MetricsFollower(threading.Thread):
         super().__init__(name="shoal-ray-metrics", daemon=True)
         self.path, self.offset, self.last_step, self.every = path, offset, last_step, every
         self.stop_now = threading.Event()
-        self.reported = 0
 
     def run(self) -> None:
         import ray.train
@@ -105,11 +104,13 @@ class MetricsFollower(threading.Thread):
             pending += text
             *lines, pending = pending.split("\n")  # a line without its newline is still being written
             for line in lines:
-                record = json.loads(line) if line.strip() else {}
+                try:
+                    record = json.loads(line)
+                except ValueError:  # torn by a worker group that was killed mid-line
+                    continue
                 if record.get("kind") != "train" or (record["step"] % self.every and record["step"] < self.last_step):
                     continue
                 ray.train.report(record)
-                self.reported += 1
                 if record["step"] >= self.last_step:
                     return
             if not text:
@@ -130,7 +131,10 @@ def _train_loop(loop_config: dict) -> None:
     newest = latest_checkpoint(rundir.checkpoint_folder(cfg, run_dir))
     # A restarted worker group continues from the checkpoints that this run wrote since it began.
     resume = loop_config["resume"] or (newest is not None and newest.name != loop_config["first_checkpoint"])
-    follower = MetricsFollower(run_dir / "metrics.jsonl", loop_config["metrics_offset"], cfg.train.steps,
+    # Follow what this worker group writes: no worker's records can appear before every worker is
+    # here (the first step's all-reduce waits for all), so all of them start at the same offset.
+    metrics = run_dir / "metrics.jsonl"
+    follower = MetricsFollower(metrics, metrics.stat().st_size if metrics.exists() else 0, cfg.train.steps,
                                cfg.log.every)
     follower.start()
     try:
@@ -182,12 +186,10 @@ def run_on_ray(cfg: Config, run_dir: Path, *, address: str | None, resume: bool,
         backend = cfg.launch.backend if cfg.launch.backend != "auto" else ("nccl" if use_gpu else "gloo")
         folder = rundir.checkpoint_folder(cfg, run_dir)
         first = latest_checkpoint(folder)
-        metrics = run_dir / "metrics.jsonl"
         trainer = TorchTrainer(
             _train_loop,
             train_loop_config={"run_dir": str(run_dir), "resume": resume,
-                               "first_checkpoint": first.name if first else None,
-                               "metrics_offset": metrics.stat().st_size if metrics.exists() else 0},
+                               "first_checkpoint": first.name if first else None},
             torch_config=TorchConfig(backend=backend, timeout_s=cfg.launch.rdzv_timeout * 5),
             scaling_config=ScalingConfig(num_workers=cfg.launch.nproc, use_gpu=use_gpu,
                                          resources_per_worker=None if use_gpu else {"CPU": 1}),
