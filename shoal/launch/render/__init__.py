@@ -91,7 +91,11 @@ def resolve_layout(args: argparse.Namespace):
 
 def dump_yaml(*documents: dict) -> str:
     """YAML documents with multi-line strings (the config, scripts) as readable `|` blocks."""
-    import yaml
+    try:
+        import yaml
+    except ImportError:
+        from shoal.config import ConfigError
+        raise ConfigError("rendering YAML needs PyYAML, which is not installed: pip install 'shoal[k8s]'") from None
 
     class BlockDumper(yaml.SafeDumper):
         pass
