@@ -17,7 +17,7 @@ from shoal.config import USER_ERROR, ConfigError
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
 FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli",
-                    "shoal.export.cli")
+                    "shoal.export.cli", "shoal.launch.render")
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
@@ -108,10 +108,28 @@ def _resolve(args) -> config_module.Config | None:
     return cfg
 
 
+def _ray_value_is_config(args) -> None:
+    """`--ray` takes an optional ADDRESS; a config file or an override written after it is not one."""
+    if args.ray and ("=" in args.ray or args.ray.endswith(".toml")):
+        position = 1 if args.items and "=" not in args.items[0] and "=" in args.ray else 0
+        args.items.insert(position, args.ray)
+        args.ray = ""
+
+
 def cmd_run(args) -> int:
+    _ray_value_is_config(args)
     cfg = _resolve(args)
     if cfg is None:
         return 0
+    if args.ray is not None:  # the same workers on a Ray cluster (shoal/launch/ray.py, docs/clusters.md)
+        from shoal.launch.ray import check_ray, run_on_ray
+        if args.chaos:
+            raise ConfigError("--chaos injects failures into Shoal's own launcher; under --ray, Ray Train owns the "
+                              "workers")
+        check_ray(cfg, args.ray or None)
+        _check_before_launch(cfg, cfg.launch.nproc)
+        return run_on_ray(cfg, _prepare_run(cfg, args.resume, exact_name=False), address=args.ray or None,
+                          resume=bool(args.resume))
     per_step = False
     if cfg.fault.enabled or args.chaos:  # [fault] rules and the chaos spec, before anything starts
         from shoal.launch.supervisor import check_fault_tolerant
@@ -126,7 +144,27 @@ def cmd_run(args) -> int:
     return _start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
 
 
+def _place_from_cluster(args) -> None:
+    """Fill --nnodes/--node-rank/--rdzv (and --nproc) from a cluster's variables (Kubeflow PET_*,
+    SkyPilot SKYPILOT_*) where the command line leaves them out."""
+    from shoal.runtime.env import node_place
+    place = node_place()
+    if place is None:
+        missing = [flag for flag, value in (("--nnodes", args.nnodes), ("--node-rank", args.node_rank),
+                                            ("--rdzv", args.rdzv)) if value is None]
+        if missing:
+            raise ConfigError(f"shoal launch needs {', '.join(missing)} (or the PET_* variables of a Kubeflow "
+                              f"TrainJob, or SkyPilot's SKYPILOT_* variables)")
+        return
+    args.nnodes = place.nnodes if args.nnodes is None else args.nnodes
+    args.node_rank = place.node_rank if args.node_rank is None else args.node_rank
+    args.rdzv = place.rdzv if args.rdzv is None else args.rdzv
+    if place.nproc and not args.nproc:
+        args.nproc = place.nproc
+
+
 def cmd_launch(args) -> int:
+    _place_from_cluster(args)
     cfg = _resolve(args)
     if cfg is None:
         return 0
@@ -186,6 +224,12 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "'kill=random,every=15s' (see docs/fault.md)")
 
 
+def _ray_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="run the workers on a Ray cluster at ADDRESS (ray://HOST:PORT or HOST:PORT); "
+                             "without ADDRESS, on a local Ray started for this run (docs/clusters.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shoal", description="Distributed training for plain PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,15 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="train on local worker processes",
                          description="Train on launch.nproc worker processes on this machine.")
     _run_arguments(run)
+    _ray_argument(run)
     run.set_defaults(func=cmd_run)
 
     launch = sub.add_parser("launch", help="join a multi-host job (c10d rendezvous, torchrun-compatible)",
                             description="Run this host's workers of a job spread over --nnodes hosts. Start it "
-                                        "on every host with the same --rdzv HOST:PORT (node rank 0's address).")
+                                        "on every host with the same --rdzv HOST:PORT (node rank 0's address). "
+                                        "Under a Kubeflow TrainJob/PyTorchJob (PET_*) or SkyPilot (SKYPILOT_*) "
+                                        "the three flags come from the cluster's variables.")
     _run_arguments(launch)
-    launch.add_argument("--nnodes", type=int, required=True, help="hosts in the job")
-    launch.add_argument("--node-rank", type=int, required=True, help="this host's rank; 0 hosts the rendezvous")
-    launch.add_argument("--rdzv", required=True, metavar="HOST:PORT", help="node rank 0's address and a free port")
+    launch.add_argument("--nnodes", type=int, help="hosts in the job")
+    launch.add_argument("--node-rank", type=int, help="this host's rank; 0 hosts the rendezvous")
+    launch.add_argument("--rdzv", metavar="HOST:PORT", help="node rank 0's address and a free port")
     launch.add_argument("--run-id", help="rendezvous id shared by the hosts (default: shoal-<log.name>)")
     launch.set_defaults(func=cmd_launch)
 

@@ -1,10 +1,13 @@
-"""Read this worker's place in the job from torchrun/elastic, SLURM or Kubernetes variables,
-and start its process group.
+"""Read this worker's (or this host's) place in the job from the variables of whatever started
+it, and start its process group.
 
 torchrun (and `shoal run`/`shoal launch`, which use the same elastic agent) set RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT and host the store in the agent. Under a
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/MASTER_PORT and host the store in the agent; Ray Train
+sets the same names and has already initialised the process group, which is adopted. Under a
 bare `srun`, SLURM's own SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID are used and rank 0 hosts
-the store. Kubernetes' PyTorchJob/TrainJob set the torchrun variables.
+the store. One worker per host also runs from Kubeflow's PET_* variables (TrainJob,
+PyTorchJob) or SkyPilot's SKYPILOT_* ones; `node_place` reads the same variables for
+`shoal launch`, which starts several workers per host.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from shoal.config import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,8 +48,70 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
 
+# What Kubeflow's TrainJob (torch runtime) and PyTorchJob inject into every pod, as torchrun reads them.
+PET_VARIABLES = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT")
+# SkyPilot sets no port: the rendezvous uses this one unless MASTER_PORT says otherwise.
+SKYPILOT_DEFAULT_PORT = 29400
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodePlace:
+    """One host's place in a multi-host job, as `shoal launch --nnodes --node-rank --rdzv` take it."""
+
+    nnodes: int
+    node_rank: int
+    rdzv: str
+    """host:port of node rank 0's rendezvous."""
+    nproc: int | None
+    """Workers per host when the cluster says so (PET_NPROC_PER_NODE), else None."""
+    source: str
+    """Which variables it came from, for messages: 'PET_*' or 'SKYPILOT_*'."""
+
+
+def _integer(env, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise ConfigError(f"{name}={env[name]!r} is not a whole number") from None
+
+
+def node_place(environ: dict[str, str] | None = None) -> NodePlace | None:
+    """This host's place from Kubeflow's PET_* or SkyPilot's SKYPILOT_* variables; None when
+    neither set is present. A PET_* set missing one variable is an error naming it."""
+    env = os.environ if environ is None else environ
+    present = [name for name in PET_VARIABLES if name in env]
+    if present:
+        missing = [name for name in PET_VARIABLES if name not in env]
+        if missing:
+            raise ConfigError(f"{missing[0]} is not set, but {present[0]} is: a Kubeflow TrainJob or PyTorchJob "
+                              f"sets all of {', '.join(PET_VARIABLES)}")
+        nproc = env["PET_NPROC_PER_NODE"]
+        # torchrun also takes 'auto'/'gpu'/'cpu' here; Shoal then keeps launch.nproc.
+        return NodePlace(nnodes=_integer(env, "PET_NNODES"), node_rank=_integer(env, "PET_NODE_RANK"),
+                         rdzv=f"{env['PET_MASTER_ADDR']}:{_integer(env, 'PET_MASTER_PORT')}",
+                         nproc=int(nproc) if nproc.isdigit() else None, source="PET_*")
+    if "SKYPILOT_NODE_RANK" in env:
+        for name in ("SKYPILOT_NODE_IPS", "SKYPILOT_NUM_NODES"):
+            if name not in env:
+                raise ConfigError(f"{name} is not set, but SKYPILOT_NODE_RANK is: SkyPilot sets SKYPILOT_NODE_RANK, "
+                                  f"SKYPILOT_NODE_IPS and SKYPILOT_NUM_NODES on every node")
+        ips = env["SKYPILOT_NODE_IPS"].split()
+        if not ips:
+            raise ConfigError("SKYPILOT_NODE_IPS is empty: it lists the job's node addresses, head first")
+        port = _integer(env, "MASTER_PORT") if "MASTER_PORT" in env else SKYPILOT_DEFAULT_PORT
+        return NodePlace(nnodes=_integer(env, "SKYPILOT_NUM_NODES"), node_rank=_integer(env, "SKYPILOT_NODE_RANK"),
+                         rdzv=f"{ips[0]}:{port}", nproc=None, source="SKYPILOT_*")
+    return None
+
+
 def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
     env = os.environ if environ is None else environ
+    if dist.is_available() and dist.is_initialized():  # Ray Train (or a user's script) made the group already
+        return WorkerEnv(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                         local_rank=int(env.get("LOCAL_RANK", 0)),
+                         local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+                         master_addr=env.get("MASTER_ADDR", "127.0.0.1"), master_port=int(env.get("MASTER_PORT", 0)),
+                         restart_count=0, agent_hosts_store=False)
     if "RANK" in env:
         return WorkerEnv(rank=int(env["RANK"]), world_size=int(env["WORLD_SIZE"]),
                          local_rank=int(env.get("LOCAL_RANK", 0)),
@@ -61,6 +128,14 @@ def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
                          master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
                          master_port=int(env.get("MASTER_PORT", 20000 + job % 10000)),
                          restart_count=int(env.get("SLURM_RESTART_COUNT", 0)), agent_hosts_store=False)
+    place = node_place(env)
+    if place is not None:  # one worker per host, started straight from the cluster's variables
+        if place.nproc not in (None, 1):
+            raise ConfigError(f"PET_NPROC_PER_NODE={place.nproc}: several workers per host need a launcher; run "
+                              f"`shoal launch CONFIG` in the container instead of `python -m shoal.worker`")
+        host, _, port = place.rdzv.rpartition(":")
+        return WorkerEnv(rank=place.node_rank, world_size=place.nnodes, local_rank=0, local_world_size=1,
+                         master_addr=host, master_port=int(port), restart_count=0, agent_hosts_store=False)
     return WorkerEnv(rank=0, world_size=1, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
                      master_port=0, restart_count=0, agent_hosts_store=False)
 
@@ -116,7 +191,10 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 def init_distributed(worker: WorkerEnv, device: torch.device, backend: str = "auto",
                      timeout: timedelta = timedelta(minutes=5)) -> None:
-    """Start the default process group; a single process runs without one."""
+    """Start the default process group; a single process runs without one, and one that Ray
+    Train (or the caller) already started is used as it is."""
+    if dist.is_initialized():
+        return
     if worker.world_size == 1 and worker.master_port == 0:
         return
     if backend == "auto":

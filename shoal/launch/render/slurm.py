@@ -1,0 +1,54 @@
+"""An sbatch script: one `srun` task per node, each running `shoal launch`.
+
+The rendezvous is on the job's first node, as `scontrol show hostnames` lists it, at the
+address SLURM itself reaches that node by (its NodeAddr). `--signal=B:TERM@60` has SLURM
+send SIGTERM to the batch shell 60 s before the time limit; the shell passes it to srun,
+which passes it to every node's `shoal launch`, so the workers stop with a checkpoint.
+"""
+
+from __future__ import annotations
+
+
+from shoal.launch.render import job_name, node_command
+
+SCRIPT = """#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --cpus-per-task={cpus}
+{gpu_line}#SBATCH --signal=B:TERM@60
+#SBATCH --output={name}-%j.out
+{extra_lines}# Rendered by `shoal render slurm`. Submitted again, it continues the run from its newest
+# checkpoint (after a preemption, a time limit, scancel).
+set -euo pipefail
+
+config="${{SLURM_SUBMIT_DIR:-$PWD}}/{name}-${{SLURM_JOB_ID}}.toml"
+cat > "$config" <<'SHOAL_CONFIG'
+{toml}SHOAL_CONFIG
+
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')
+export SHOAL_RDZV="${{head_addr:-$head_node}}:{port}" SHOAL_CONFIG="$(cat "$config")"
+
+# Each task reads its own SLURM_NODEID, hence the single quotes. srun runs in the background so
+# that this shell can pass SLURM's SIGTERM on to it (and srun to every task).
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '{node_command} \\
+  --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$SHOAL_RDZV" --run-id "shoal-$SLURM_JOB_ID"' &
+srun_pid=$!
+trap 'kill -TERM "$srun_pid" 2>/dev/null' TERM
+set +e
+wait "$srun_pid"; status=$?
+if [ "$status" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; then  # woken by the trap: wait for the end
+  wait "$srun_pid"; status=$?
+fi
+exit "$status"
+"""
+
+
+def render_sbatch(cfg, toml: str, *, nodes: int, gpus: int, port: int, time: str = "", partition: str = "") -> str:
+    extra = "".join(f"#SBATCH --{key}={value}\n" for key, value in (("time", time), ("partition", partition))
+                    if value)
+    return SCRIPT.format(name=job_name(cfg), nodes=nodes, cpus=max(cfg.launch.nproc, cfg.launch.threads * cfg.launch.nproc),
+                         gpu_line=f"#SBATCH --gpus-per-node={gpus}\n" if gpus else "", extra_lines=extra,
+                         toml=toml if toml.endswith("\n") else toml + "\n", port=port,
+                         node_command=node_command(cfg).replace("'", "'\\''"))
