@@ -1,7 +1,11 @@
 """The Trainer: one training loop, read top to bottom.
 
 It knows the parallel techniques only through `ParallelModel` (compose.py), data only
-through sample ids from the `ShardedSampler`, and checkpoints only through `Checkpointer`.
+through sample ids from the `ShardedSampler`, checkpoints only through `Checkpointer`, and
+how the replicas of a step agree on its gradients only through a `GradientSync`: the
+layout's own DDP/FSDP (`LayoutSync`, nothing to do), or per-step fault tolerance's changing
+replicas (shoal/fault/elastic.py), which talk back only through the `TrainingHost` methods
+below (shoal/fault/state.py).
 Everything a step depends on (weights, optimizer moments, data position, RNG) is saved, so
 a resumed run repeats the uninterrupted one bit for bit.
 """
@@ -15,6 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,7 +27,8 @@ import torch.distributed as dist
 from shoal.config import Config, rank_seed
 from shoal.data import ShardedSampler
 from shoal.fault import preempt
-from shoal.fault.checkpoint import Checkpointer
+from shoal.fault.checkpoint import PREFIX, Checkpointer
+from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import ParallelModel, check_batch_split
@@ -45,6 +51,27 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
 
+class GradientSync(Protocol):
+    """How the replicas of a step agree on its gradients, as the Trainer sees it."""
+
+    elastic: bool
+    """Replicas come and go (per-step fault tolerance): the launcher shows progress, and a stop signal
+    is agreed among the replicas themselves (a worker that gets one leaves)."""
+
+    def begin_step(self, host: TrainingHost) -> tuple[int, int] | None:
+        """This step's (dp_rank, dp_size); None when there is no step to train now (skip it)."""
+
+    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        """Average the gradients of `samples` samples; (the step's loss, whether it is already the mean
+        over every rank), or None when the step was abandoned and nothing may be applied."""
+
+    def writes_metrics(self) -> bool:
+        """This process writes metrics.jsonl now."""
+
+    def saves_checkpoints(self) -> bool:
+        """This process takes part in saving checkpoints now."""
+
+
 @dataclass(kw_only=True)
 class Placement:
     """Where this rank sits: which data shard it reads and whether it logs."""
@@ -56,15 +83,34 @@ class Placement:
     master: bool  # this process logs, shows progress and writes metrics
 
 
+class LayoutSync:
+    """The layout's own DDP or FSDP averages the gradients inside backward: nothing to do here."""
+
+    elastic = False
+
+    def __init__(self, where: Placement):
+        self.where = where
+
+    def begin_step(self, host: TrainingHost) -> tuple[int, int]:
+        return self.where.dp_rank, self.where.dp_size
+
+    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        return loss, False
+
+    def writes_metrics(self) -> bool:
+        return self.where.master
+
+    def saves_checkpoints(self) -> bool:
+        return True
+
+
 class Trainer:
     def __init__(self, cfg: Config, model: ParallelModel, train_set, val_set, *, placement: Placement,
                  run_dir: Path, checkpointer: Checkpointer | None = None, comm_timer: CommTimer | None = None,
-                 replicas=None):
+                 sync: GradientSync | None = None):
         self.cfg, self.model, self.train_set, self.val_set = cfg, model, train_set, val_set
-        # Fault-tolerant mode (shoal/fault/elastic.py): the replicas of each step set this
-        # rank's data share and average the gradients; None means the layout's own DDP/FSDP.
-        self.replicas = replicas
         self.where, self.run_dir = placement, Path(run_dir)
+        self.sync = sync or LayoutSync(placement)
         t = cfg.train
         check_batch_split(t, placement.dp_size)
         self.micro_batch = t.batch_size // t.grad_accum  # global samples per micro-batch
@@ -78,6 +124,7 @@ class Trainer:
         self.outer_sync = None
         self._saved_outer_sync: dict | None = None  # read by resume(), loaded by attach_outer_sync()
         self.step = 0
+        self.loss_averaged = False  # the last step's loss is already the mean over every rank (fault tolerance)
         self.data_seconds = 0.0  # time this step waited for its batches (the loader's cost, in metrics)
         self.comm_timer = comm_timer
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
@@ -116,29 +163,62 @@ class Trainer:
             log.warning("the checkpoint holds no outer-sync state: the outer optimizer starts afresh at step %d",
                         self.step)
 
-    def logs_metrics(self) -> bool:
-        """This process writes metrics.jsonl now: the logging rank, or under fault tolerance the
-        first worker of the current generation (so the metrics go on when worker 0 dies)."""
-        if self.replicas is None:
-            return self.where.master
-        return self.replicas.is_master and self.replicas.lane == 0
-
     def save(self, *, alone: bool = False) -> None:
         """Write a checkpoint of the current step. `alone`: this fault-tolerant worker is the only
         one holding the training state, and saves it in the background whatever its rank."""
-        if self.checkpointer is not None and (alone or self.replicas is None or self.replicas.is_master):
+        if self.checkpointer is not None and (alone or self.sync.saves_checkpoints()):
             self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state(),
                                    asynchronous=True if alone else None)
+
+    # -- what per-step fault tolerance may ask (shoal/fault/state.py's TrainingHost) -----
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def place(self, dp_rank: int, dp_size: int) -> None:
+        self.where.dp_rank, self.where.dp_size = dp_rank, dp_size
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def data_position(self) -> dict[str, int]:
+        return self.sampler.state_dict()
+
+    def set_data_position(self, position: dict[str, int]) -> None:
+        self.sampler.load_state_dict(position)
+
+    def global_batch_ids(self, position: dict[str, int]) -> torch.Tensor:
+        replay = ShardedSampler(self.sampler.num_samples, self.sampler.global_batch, self.sampler.seed)
+        replay.load_state_dict(position)
+        return torch.cat([replay.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        materialize_optimizer_state(self.optimizer)
+        outer = self.outer_sync.state_tensors() if hasattr(self.outer_sync, "state_tensors") else []
+        return state_tensors(self.model, self.optimizer) + outer
+
+    def state_received(self) -> None:
+        if hasattr(self.outer_sync, "state_received"):
+            self.outer_sync.state_received()
+
+    def save_checkpoint(self, *, alone: bool = False) -> None:
+        self.save(alone=alone)
+
+    def finish_saves(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.wait()
+
+    def load_checkpoint(self, step: int) -> None:
+        self.resume(self.checkpointer.folder / f"{PREFIX}{step:08d}")
 
     # -- one step ----------------------------------------------------------------------
     def train_step(self) -> torch.Tensor | None:
         """Forward and backward over `grad_accum` micro-batches, then one optimizer step.
         Returns None when a failure made the replicas abandon the step (nothing applied)."""
         t, where = self.cfg.train, self.where
-        if self.replicas is not None:  # may wait for a new group and receive state from a peer
-            where.dp_rank, where.dp_size = self.replicas.begin_step(self)
-            if self.outer_sync is not None and self.outer_sync.owed_sync(self):
-                return None  # it joined in the middle of an outer sync and finished it: no step of its own
+        placement = self.sync.begin_step(self)  # fault tolerance may regroup and receive state here
+        if placement is None:
+            return None
+        where.dp_rank, where.dp_size = placement
         start, samples = self.sampler.state_dict(), 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)
@@ -153,16 +233,12 @@ class Trainer:
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
                 loss_sum += self.model.forward_backward(inputs, targets, 1.0 / t.grad_accum)
-        if self.replicas is not None and self.outer_sync is not None:
-            # Under DiLoCo the replicas average parameters every few steps (shoal/fault/outer.py), not gradients.
-            self.replicas.publish_progress(self.step + 1, float(loss_sum / t.grad_accum))
-        elif self.replicas is not None:
-            loss_sum = self.replicas.reduce(self, samples, loss_sum / t.grad_accum)
-            if loss_sum is None:  # abandoned: the next group retries the same global batch
-                self.optimizer.zero_grad(set_to_none=True)
-                self.sampler.load_state_dict(start)
-                return None
-            loss_sum = loss_sum * t.grad_accum  # already the mean over every replica's samples
+        reduced = self.sync.reduce(self, samples, loss_sum / t.grad_accum)
+        if reduced is None:  # abandoned: the next group retries the same global batch
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sampler.load_state_dict(start)
+            return None
+        loss, self.loss_averaged = reduced
         if t.grad_clip > 0:
             clip = getattr(self.model, "clip_grad_norm_", None)
             if clip is not None:
@@ -172,13 +248,13 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss_sum / t.grad_accum
+        return loss
 
     def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
         (SIGTERM and the like, shoal/fault/preempt.py), in the one all-reduce the loss needs anyway."""
         # Under fault tolerance the replicas agree on a stop themselves (a worker leaves, shoal/fault/elastic.py).
-        asked = preempt.requested() > 0 and self.replicas is None
+        asked = preempt.requested() > 0 and not self.sync.elastic
         flag = torch.tensor([float(asked)], dtype=values.dtype, device=values.device)
         both = self.means_over_dp(torch.cat([values.reshape(-1), flag]))
         return both[:-1].reshape(values.shape), bool(both[-1] > 0)
@@ -218,10 +294,10 @@ class Trainer:
         tokens_per_sample = getattr(self.train_set, "tokens_per_sample", 1)
         unit = "tokens" if tokens_per_sample > 1 else "samples"
         # Under fault tolerance the launcher shows progress (shoal/observe/fleet.py): any worker may die.
-        shown = self.where.master and self.replicas is None
+        shown = self.where.master and not self.sync.elastic
         report = StepReporter(self.run_dir, total_steps=t.steps, start_step=self.step, unit=unit,
                               progress_mode=self.cfg.log.progress if shown else "off", every=self.cfg.log.every,
-                              tensorboard=self.cfg.log.tensorboard, writes_metrics=self.logs_metrics,
+                              tensorboard=self.cfg.log.tensorboard, writes_metrics=self.sync.writes_metrics,
                               average=self.means_and_stop)
         # Outer-sync methods (DiLoCo) exist to keep the link quiet between syncs: their ranks' losses
         # wait in the reporter and are averaged every `log.every` steps in one all-reduce.
@@ -238,7 +314,7 @@ class Trainer:
                 if loss is None:
                     continue
                 stop = False
-                if every_step:  # the gradients travel every step anyway; so do the loss and a stop request
+                if every_step and not self.loss_averaged:  # gradients travel every step; so do the loss and a stop
                     loss, stop = self.means_and_stop(loss)
                 seconds = time.perf_counter() - started
                 report.add(loss, {

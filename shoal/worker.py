@@ -107,7 +107,7 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),
                                 replicas_differ=outer_sync)
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
-                      comm_timer=timer, replicas=replicas)
+                      comm_timer=timer, sync=replicas)
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
         resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:

@@ -47,18 +47,14 @@ class Audit:
         return not (self.missing_steps or self.disagreeing_steps or self.wrong_batch_steps or self.duplicated)
 
 
-def write_record(path: Path, *, step: int, start: dict, sampler: ShardedSampler, grad_accum: int, params,
-                 loss: float, **where) -> None:
-    """Append one committed step's record to a worker's sample log: the step's global batch (every
-    replica's share, so records of the same step can be compared across workers) and a digest of
-    the parameters the step started from (replicas in lockstep agree on it; in a replica group,
-    a digest of this rank's shards: the same lane of every group must agree). `start` is the
-    sampler's position before the step; `where` names the writer (member, lane, gen, size)."""
-    replay = ShardedSampler(sampler.num_samples, sampler.global_batch, sampler.seed)
-    replay.load_state_dict(start)
-    ids = torch.cat([replay.next_batch(0, 1) for _ in range(grad_accum)])
+def write_record(path: Path, *, step: int, ids: torch.Tensor, epoch: int, params, loss: float, **where) -> None:
+    """Append one committed step's record to a worker's sample log: the step's global batch `ids`
+    (every replica's share, so records of the same step can be compared across workers) and a
+    digest of the parameters the step started from (replicas in lockstep agree on it; in a
+    replica group, a digest of this rank's shards: the same lane of every group must agree).
+    `where` names the writer (member, lane, gen, size)."""
     flat = torch.cat([local_tensor(p.detach()).reshape(-1) for p in params])
-    record = {"step": step, "t": time.time(), **where, "epoch": start["epoch"],
+    record = {"step": step, "t": time.time(), **where, "epoch": epoch,
               "params": hashlib.sha1(flat.numpy().tobytes()).hexdigest(), "loss": loss, "ids": ids.tolist()}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

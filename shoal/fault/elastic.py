@@ -39,11 +39,10 @@ import torch.distributed as dist
 
 from shoal.config import Config
 from shoal.fault import chaos, preempt
-from shoal.fault.checkpoint import PREFIX
 from shoal.fault import keys
 from shoal.fault.audit import write_record
 from shoal.fault.groups import Collective, GenerationGroups, finished
-from shoal.fault.state import pack_state, unpack_state
+from shoal.fault.state import TrainingHost, pack_state, unpack_state
 from shoal.sync.replica_state import local_tensor
 
 log = logging.getLogger("shoal")
@@ -53,6 +52,9 @@ CHAOS_ENV = "SHOAL_CHAOS"
 SAMPLE_LOG_ENV = "SHOAL_SAMPLE_LOG"
 """A folder: each worker appends the global sample ids of every step it commits (tests, benchmark)."""
 POLL = timedelta(milliseconds=20)
+SAMPLES, LOSS_SUM, RECONFIGURE = -3, -2, -1
+"""The slots after the gradients in the vector each step's all-reduce sums: the replicas' samples, their
+sample-weighted losses, and whether any of them was asked to regroup after this step."""
 
 
 class GenerationBroken(Exception):
@@ -70,19 +72,6 @@ class JobStopped(RuntimeError):
 class GroupBroken(RuntimeError):
     """A peer of this worker's own replica group is gone: the group cannot go on, and the
     supervisor restarts all of it (it kills the rest of the group in any case)."""
-
-
-def _claim(store: dist.Store, injection: int, gen: int) -> bool:
-    """Record that chaos injection k fires now, in generation `gen`; false if it already fired."""
-    if store.add(keys.chaos_claimed(injection), 1) != 1:
-        return False
-    store.set(keys.chaos_fired(injection), str(gen))
-    return True
-
-
-def _fired_in(store: dist.Store, injection: int) -> int:
-    key = keys.chaos_fired(injection)
-    return int(store.get(key)) if store.check([key]) else -1
 
 
 class Replicas:
@@ -110,6 +99,9 @@ class Replicas:
         self.committed = False  # whether the launcher was told that this member committed a step
         self.saved_alone = 0  # the step of the last checkpoint saved as the only holder of the state
         self.save_alone_pending = False
+        self.outer = None
+        """The outer sync (DiLoCo, shoal/fault/outer.py) when replicas average parameters at syncs."""
+        self.elastic = True  # the launcher shows progress; members agree on stops themselves
         self.seq = 0
         self.step_start: dict | None = None
         self.step_started = -1
@@ -119,11 +111,11 @@ class Replicas:
         """In a replica group, the store failure a lane saw mid-step: it skips its other store calls
         and the lanes stop together where they next agree (`reduce`, `_join`)."""
 
-    def rollback(self, trainer) -> None:
+    def rollback(self, host: TrainingHost) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
         was lost mid-step), so a checkpoint saved now resumes at that step's batch."""
-        if self.step_start is not None and self.step_started == trainer.step:
-            trainer.sampler.load_state_dict(self.step_start)
+        if self.step_start is not None and self.step_started == host.step:
+            host.set_data_position(self.step_start)
 
     @classmethod
     def from_env(cls, cfg: Config) -> "Replicas":
@@ -146,8 +138,8 @@ class Replicas:
                                     timeout=timedelta(seconds=max(2 * cfg.fault.step_timeout, 30.0)))
         spec = os.environ.get(CHAOS_ENV)
         points = chaos.ChaosPoints(chaos.parse(spec), slot=slot, nproc=cfg.launch.nproc, seed=cfg.train.seed,
-                                   claim=lambda k, gen: _claim(store, k, gen),
-                                   fired_in=lambda k: _fired_in(store, k)) if spec else None
+                                   claim=lambda k, gen: chaos.claim(store, k, gen),
+                                   fired_in=lambda k: chaos.fired_in(store, k)) if spec else None
         sample_log = Path(os.environ[SAMPLE_LOG_ENV]) if os.environ.get(SAMPLE_LOG_ENV) else None
         return cls(store, member=member, slot=slot, incarnation=incarnation, cfg=cfg, lane=lane,
                    group_size=group_size, chaos_points=points, sample_log=sample_log)
@@ -170,6 +162,13 @@ class Replicas:
     def log_id(self) -> int:
         """A number naming this worker's log file, unique in the job."""
         return self.member if not self.grouped else self.member * self.group_size + self.lane
+
+    def writes_metrics(self) -> bool:
+        """The first worker of the current generation writes metrics.jsonl (they go on when worker 0 dies)."""
+        return self.is_master and self.lane == 0
+
+    def saves_checkpoints(self) -> bool:
+        return self.is_master
 
     @property
     def is_master(self) -> bool:
@@ -205,58 +204,78 @@ class Replicas:
             raise self.store_lost or StoreLost("another lane of this replica group lost the membership store")
 
     # -- the step ----------------------------------------------------------------------
-    def begin_step(self, trainer) -> tuple[int, int]:
+    def begin_step(self, host: TrainingHost) -> tuple[int, int] | None:
         """Join a generation if this worker has none (or its generation was aborted); returns
-        this step's (dp_rank, dp_size)."""
+        this step's (dp_rank, dp_size), or None when there is no step of its own to train (it
+        joined in the middle of an outer sync and completed it)."""
         self.groups.reap()
-        if self.save_alone_pending and trainer.step > self.saved_alone:  # a step after it was left alone
+        if self.save_alone_pending and host.step > self.saved_alone:  # a step after it was left alone
             self.save_alone_pending = False
-            self._save_alone(trainer)
+            self._save_alone(host)
         # A replica group learns of an abort inside `reduce`, where its ranks agree on it; read
         # here, one rank could see it and another not, and the group would split.
         while self.needs_join or (not self.grouped and self.regroup_on_abort
                                   and self._check(keys.abort(self.gen))):
             self.needs_join = True
             try:
-                self._join(trainer)
+                self._join(host)
             except GenerationBroken as err:
                 log.warning("generation %d broke while forming: %s", self.gen, err)
-        self.step_start = trainer.sampler.state_dict()
-        self.step_started = trainer.step
-        self._set(self._where_key(self.rank), f"step {trainer.step}: forward/backward")
+        if self.outer is not None and self.outer.owed_sync(host):
+            return None
+        self.step_start = host.data_position()
+        self.step_started = host.step
+        self.mark(host.step, "forward/backward")
         # Split the global batch among the replicas, then among the ranks of each group: with a
         # micro-batch that divides by the group size, the ranks of a group get equal shares, so
         # FSDP's plain mean inside the group is the group's sample-weighted mean.
         return self.rank * self.group_size + self.lane, self.size * self.group_size
 
+    def mark(self, step: int, what: str) -> None:
+        """Say where this rank is ('step 7: in allreduce'): a hung rank's place is then named."""
+        self._set(self._where_key(self.rank), f"step {step}: {what}")
+
+    def reconfigure_requested(self) -> bool:
+        """The coordinator asked the generation to regroup at its next agreement (joiners wait)."""
+        return self._check(keys.reconfigure(self.gen))
+
     def _where_key(self, rank: int) -> str:
         return keys.where(self.gen, rank, self.lane if self.grouped else None)
 
-    def _agree(self, values: list[float], what: str) -> torch.Tensor:
-        """Sum `values` over the ranks of this replica group (its own process group). A failure
-        means a peer of the group is gone: the whole group stops and is restarted."""
-        total = torch.tensor(values, dtype=torch.float64)
-        if not self.grouped:
-            return total
-        try:
-            dist.all_reduce(total)
-        except RuntimeError as err:
-            raise GroupBroken(f"replica group {self.member} lost a worker ({what}): "
-                              f"{str(err).splitlines()[0][:200]}") from None
-        return total
+    def _agree(self, values: dict[str, float], what: str) -> dict[str, float]:
+        """Each value summed over the ranks of this replica group (its own process group), in one
+        all-reduce. A failure means a peer of the group is gone: the whole group stops and is restarted."""
+        total = torch.tensor(list(values.values()), dtype=torch.float64)
+        if self.grouped:
+            try:
+                dist.all_reduce(total)
+            except RuntimeError as err:
+                raise GroupBroken(f"replica group {self.member} lost a worker ({what}): "
+                                  f"{str(err).splitlines()[0][:200]}") from None
+        return dict(zip(values, total.tolist()))
+
+    def publish(self, step: int, loss: float, **extra) -> None:
+        """Tell the launcher's progress display that `step` steps are done (shoal/observe/fleet.py)."""
+        self._set(keys.PROGRESS, json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size,
+                                             **extra}))
+        self._say_committed()
 
     def publish_progress(self, step: int, loss: float) -> None:
         """Step `step` is done without a gradient average (an outer sync averages parameters
         every few steps instead): tell the launcher, and fire chaos set for this step."""
-        self._fire("before", step - 1)
-        self._set(keys.PROGRESS, json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size}))
-        self._say_committed()
+        self.fire("before", step - 1)
+        self.publish(step, loss)
 
-    def reduce(self, trainer, samples: int, loss: torch.Tensor) -> torch.Tensor | None:
+    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
         """Average gradients over the generation, weighted by each replica's sample count.
-        Returns the global mean loss, or None when the step was abandoned (nothing applied)."""
-        step = trainer.step
-        params = list(trainer.model.parameters())
+        Returns (the global mean loss, True), or None when the step was abandoned (nothing
+        applied). Under an outer sync (DiLoCo) the replicas average parameters every few steps
+        instead (shoal/fault/outer.py): (this replica's loss, False)."""
+        if self.outer is not None:
+            self.publish_progress(host.step + 1, float(loss))
+            return loss, False
+        step = host.step
+        params = list(host.parameters())
         # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
         # averages shard j of every group.
         grads = [local_tensor(p.grad) if p.grad is not None else torch.zeros_like(local_tensor(p)) for p in params]
@@ -266,27 +285,29 @@ class Replicas:
         flat = torch.cat([flat * samples, torch.tensor([float(samples), float(loss) * samples, reconfigure])])
         failure = None
         try:
-            self._fire("before", step)
-            self._set(self._where_key(self.rank), f"step {step}: in allreduce")
+            self.fire("before", step)
+            self.mark(step, "in allreduce")
             work = self.pg.allreduce([flat])
-            self._fire("during", step)
+            self.fire("during", step)
             self.wait(work, "allreduce", step)
-            self._fire("after", step)
+            self.fire("after", step)
         except GenerationBroken as err:
             failure = err
         # A group commits only if every lane's all-reduce completed; it regroups if any lane
         # was asked to, or the generation was aborted meanwhile.
         ok = failure is None
-        regroup = float(ok and flat[-1] > 0) + float(self.grouped and self._check(keys.abort(self.gen)))
-        agreed = self._agree([float(ok), regroup, float(flat[-2]) if ok else 0.0, float(flat[-3]) if ok else 0.0,
-                              float(self.store_lost is not None)], f"step {step}")
-        self._stop_if_lost(agreed[4])  # before anything is applied: every lane stops at this step
-        if agreed[0] < self.group_size:
+        regroup = float(ok and flat[RECONFIGURE] > 0) + float(self.grouped and self._check(keys.abort(self.gen)))
+        agreed = self._agree({"completed": float(ok), "regroup": regroup,
+                              "loss_sum": float(flat[LOSS_SUM]) if ok else 0.0,
+                              "samples": float(flat[SAMPLES]) if ok else 0.0,
+                              "store_lost": float(self.store_lost is not None)}, f"step {step}")
+        self._stop_if_lost(agreed["store_lost"])  # before anything is applied: every lane stops at this step
+        if agreed["completed"] < self.group_size:
             log.warning("step %d abandoned in generation %d: %s", step, self.gen,
                         failure or "another lane of this replica group failed")
             self.needs_join = True
             return None
-        total = flat[-3]
+        total = flat[SAMPLES]
         offset = 0
         for p, g in zip(params, grads):
             mean = flat[offset:offset + g.numel()] / total
@@ -295,22 +316,20 @@ class Replicas:
             else:
                 p.grad = mean.view_as(p)
             offset += g.numel()
-        if agreed[1] > 0:  # joiners wait (or a replica left): every member regroups after this step
+        if agreed["regroup"] > 0:  # joiners wait (or a replica left): every member regroups after this step
             self.needs_join = True
-        mean_loss = (agreed[2] / agreed[3]).float()  # over every lane: all the step's samples
-        self._set(keys.PROGRESS, json.dumps({"step": step + 1, "loss": float(mean_loss), "gen": self.gen,
-                                              "size": self.size}))
-        self._say_committed()
+        mean_loss = torch.tensor(agreed["loss_sum"] / agreed["samples"]).float()  # every lane: all the step's samples
+        self.publish(step + 1, float(mean_loss))
         if self.sample_log is not None:
-            write_record(self.sample_log, step=step, start=self.step_start, sampler=trainer.sampler,
-                         grad_accum=self.cfg.train.grad_accum, params=trainer.model.parameters(),
+            write_record(self.sample_log, step=step, ids=host.global_batch_ids(self.step_start),
+                         epoch=self.step_start["epoch"], params=host.parameters(),
                          loss=float(mean_loss), member=self.member, lane=self.lane, gen=self.gen, size=self.size)
-        return mean_loss
+        return mean_loss, True
 
-    def _save_alone(self, trainer) -> None:
-        log.info("the only worker holding the training state: saving a checkpoint at step %d", trainer.step)
-        trainer.save(alone=True)
-        self.saved_alone = trainer.step
+    def _save_alone(self, host: TrainingHost) -> None:
+        log.info("the only worker holding the training state: saving a checkpoint at step %d", host.step)
+        host.save_checkpoint(alone=True)
+        self.saved_alone = host.step
 
     def _say_committed(self) -> None:
         """Tell the launcher once that this member committed a step (a later crash is then no crash loop)."""
@@ -318,7 +337,8 @@ class Replicas:
             self._set(keys.committed(self.member), "1")
             self.committed = True
 
-    def _fire(self, point: str, step: int, *, is_source: bool = False) -> None:
+    def fire(self, point: str, step: int, *, is_source: bool = False) -> None:
+        """Fire the chaos injections set for this point of this step (tests, benchmarks)."""
         if self.chaos is not None:
             self.chaos.fire(point, step, size=self.size, gen=self.gen, is_source=is_source)
 
@@ -368,15 +388,15 @@ class Replicas:
         return text
 
     # -- membership --------------------------------------------------------------------
-    def _join(self, trainer) -> None:
+    def _join(self, host: TrainingHost) -> None:
         """Ask the coordinator for the next generation, build its group, sync state if needed."""
         self.groups.abandon()
         self.seq += 1
         if self.lane == 0:  # a replica group asks once; its ranks share step and state, and all join
             self._set(keys.ready(self.member), json.dumps({"seq": self.seq, "after": self.gen,
-                                                             "step": trainer.step, "has_state": self.has_state,
+                                                             "step": host.step, "has_state": self.has_state,
                                                              "leaving": preempt.requested()}))
-        log.info("asking to join after generation %d (step %d, %s)", self.gen, trainer.step,
+        log.info("asking to join after generation %d (step %d, %s)", self.gen, host.step,
                  "holding state" if self.has_state else "needing state")
         try:
             gen, info = self._store_call(self._await_assignment, (self.gen, None))
@@ -385,10 +405,10 @@ class Replicas:
                                f"{self.cfg.fault.join_timeout}s") from None
         if info is not None and info.get("stop"):
             if info.get("preempt"):  # every member stops at this committed step; the master saves
-                raise preempt.Preempted(info["preempt"], trainer.step)
+                raise preempt.Preempted(info["preempt"], host.step)
             raise JobStopped(info["stop"])
         if info is not None and self.member not in info["members"]:  # it asked to leave: no checkpoint of its own
-            raise preempt.Preempted(preempt.requested() or signal.SIGTERM, trainer.step, save=False)
+            raise preempt.Preempted(preempt.requested() or signal.SIGTERM, host.step, save=False)
         # A lane that lost the store stops as a member of the generation it was in; so must its peers.
         previous = self.gen, self.members, self.rank
         if info is not None:
@@ -398,7 +418,7 @@ class Replicas:
         # The only worker holding the training state: one more kill would lose it all, so it saves a
         # checkpoint (the job restarts from it if every holder dies, shoal/fault/membership.py).
         alone = (info is not None and info.get("holders") == 1 and info["source"] == self.member
-                 and trainer.step > self.saved_alone)
+                 and host.step > self.saved_alone)
         self.save_alone_pending = False
         prefix = keys.process_group_prefix(gen, self.lane if self.grouped else None)
         buffer, failure = None, None
@@ -412,35 +432,36 @@ class Replicas:
                                        f"{str(err).splitlines()[0][:200]}") from None
             if info["sync"]:
                 if alone:  # one kill during the transfer would lose the state: it goes to disk first
-                    self._save_alone(trainer)
-                if info["source"] == self.member and trainer.checkpointer is not None:
-                    trainer.checkpointer.wait()  # a background save of the state it sends lands first
-                buffer = self._transfer(trainer, self.members.index(info["source"]))
+                    self._save_alone(host)
+                if info["source"] == self.member:
+                    host.finish_saves()  # a background save of the state it sends lands first
+                buffer = self._transfer(host, self.members.index(info["source"]))
         except GenerationBroken as err:
             failure = err
         # Every rank of a replica group must have connected (and received its shards) before
         # any of them goes on; otherwise the whole group asks again, copying nothing in.
-        agreed = self._agree([float(failure is None), float(self.store_lost is not None)], f"joining generation {gen}")
-        if agreed[1] > 0:
+        agreed = self._agree({"joined": float(failure is None), "store_lost": float(self.store_lost is not None)},
+                             f"joining generation {gen}")
+        if agreed["store_lost"] > 0:
             self.gen, self.members, self.rank = previous
-        self._stop_if_lost(agreed[1])
-        if agreed[0] < self.group_size:
+        self._stop_if_lost(agreed["store_lost"])
+        if agreed["joined"] < self.group_size:
             raise failure or GenerationBroken("another lane of this replica group could not join")
         # A member holding state at the source's step already has it (replicas in lockstep) or
         # must keep its own (DiLoCo replicas between syncs): only the others copy it in.
-        if buffer is not None and (not self.has_state or trainer.step != info["step"]):
-            unpack_state(trainer, buffer)
+        if buffer is not None and (not self.has_state or host.step != info["step"]):
+            unpack_state(host, buffer)
             self.has_state = True
         elif info.get("restore", -1) >= 0:  # every holder of the state died: all restart from the checkpoint
-            trainer.resume(trainer.checkpointer.folder / f"{PREFIX}{info['restore']:08d}")
+            host.load_checkpoint(info["restore"])
             self.has_state = True
-            log.info("restored the checkpoint of step %d", trainer.step)
+            log.info("restored the checkpoint of step %d", host.step)
         # Without a joiner to hand the state to, it saves at the next step boundary, in the background.
         self.save_alone_pending = alone and not info["sync"]
         self.needs_join = False
         unit = "worker" if not self.grouped else "replica group"
         log.info("generation %d: %d %ss %s, this is rank %d at step %d (%.2fs%s)", gen, self.size, unit,
-                 self.members, self.rank, trainer.step, time.perf_counter() - started,
+                 self.members, self.rank, host.step, time.perf_counter() - started,
                  f", state from {unit} {info['source']}" if info["sync"] else "")
 
     def _await_assignment(self) -> tuple[int, dict]:
@@ -450,18 +471,18 @@ class Replicas:
         gen = int(self.store.get(key))
         return gen, json.loads(self.store.get(keys.generation(gen)))
 
-    def _transfer(self, trainer, source: int) -> torch.Tensor:
+    def _transfer(self, host: TrainingHost, source: int) -> torch.Tensor:
         """Broadcast the source's whole training state to the generation as one byte buffer
         (in a replica group: this lane's shards, from the same lane of the source group), and
         return what arrived; the caller copies it in.
 
         Members that already hold the source's state receive identical bytes, so even a
         broadcast cut short cannot corrupt them; nothing is copied in unless it completed."""
-        buffer = pack_state(trainer)
-        self._set(self._where_key(self.rank), f"step {trainer.step}: in state transfer")
+        buffer = pack_state(host)
+        self.mark(host.step, "in state transfer")
         options = dist.BroadcastOptions()
         options.rootRank = source
         work = self.pg.broadcast([buffer], options)
-        self._fire("transfer", trainer.step, is_source=self.rank == source)
-        self.wait(work, "state transfer", trainer.step)
+        self.fire("transfer", host.step, is_source=self.rank == source)
+        self.wait(work, "state transfer", host.step)
         return buffer

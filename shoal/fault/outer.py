@@ -30,9 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.fault import keys
 from shoal.fault.elastic import GenerationBroken, Replicas
-from shoal.fault.state import materialize_optimizer_state
+from shoal.fault.state import TrainingHost, materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
 
@@ -45,11 +44,11 @@ class ElasticDiLoCo(DiLoCo):
     """DiLoCo over the changing replicas of a fault-tolerant job (no overlap: a sync that
     fails must be retried before the outer step)."""
 
-    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, replicas: Replicas, trainer,
-                 **options: Any):
+    def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, replicas: Replicas,
+                 host: TrainingHost, **options: Any):
         options["overlap"] = False
         super().__init__(model, inner_optimizer, group=None, **options)
-        self.replicas, self.trainer = replicas, trainer
+        self.replicas, self.host = replicas, host
         # A replica whose local fragment is another's unsynced progress (received mid-sync).
         self.borrowed = [False] * len(self._fragments)
         self.syncing = -1  # the fragment whose sync is under way (a joiner received mid-way finishes it)
@@ -71,6 +70,7 @@ class ElasticDiLoCo(DiLoCo):
                 for param, outer in zip(fragment.local, fragment.outer):
                     outer.copy_(param)
         self.replicas.regroup_on_abort = False  # membership changes wait for the next sync
+        self.replicas.outer = self  # the replicas average parameters here, not gradients every step
         # The inner optimizer's state must exist before the hook counts steps: creating it later
         # (for a state transfer) takes an optimizer step that is not an inner step.
         materialize_optimizer_state(self.inner_optimizer)
@@ -95,23 +95,27 @@ class ElasticDiLoCo(DiLoCo):
             self.borrowed = [any(not torch.equal(p.float(), o) for p, o in zip(f.local, f.outer))
                              for f in self._fragments]
 
-    def owed_sync(self, trainer) -> bool:
+    def __exit__(self, *exc) -> None:
+        self.replicas.outer = None
+        super().__exit__(*exc)
+
+    def owed_sync(self, host: TrainingHost) -> bool:
         """A replica that received its state in the middle of a sync takes part in the rest of it
         (with weight 0) and completes the step the sender was in; True when it did."""
         if self.owed < 0:
             return False
         fragment, self.owed = self._fragments[self.owed], -1
-        log.info("joined during the outer sync of step %d: taking part with weight 0", trainer.step + 1)
+        log.info("joined during the outer sync of step %d: taking part with weight 0", host.step + 1)
         self._start(fragment)
         self._finish(fragment)
-        trainer.step += 1  # the sender's step ended with this sync
+        host.set_step(host.step + 1)  # the sender's step ended with this sync
         return True
 
     # -- the sync ------------------------------------------------------------------------
     @torch.no_grad()
     def _start(self, fragment) -> None:
         index = self._fragments.index(fragment)
-        replicas, trainer = self.replicas, self.trainer
+        replicas, host = self.replicas, self.host
         self.syncing = index
         while True:
             try:
@@ -119,9 +123,9 @@ class ElasticDiLoCo(DiLoCo):
                 break
             except GenerationBroken as err:
                 log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
-                            trainer.step, replicas.gen, err)
+                            host.step, replicas.gen, err)
                 replicas.needs_join = True
-                trainer.where.dp_rank, trainer.where.dp_size = replicas.begin_step(trainer)
+                host.place(*replicas.begin_step(host))  # no sync is owed here: always a placement
         self.borrowed[index], self.syncing = False, -1
         if regroup:  # joiners wait (or a member left): regroup after this sync, joiners get the result
             replicas.needs_join = True
@@ -129,14 +133,14 @@ class ElasticDiLoCo(DiLoCo):
         fragment.pending.set_result(average)
 
     def _average(self, index: int) -> tuple[torch.Tensor, bool]:
-        replicas, step = self.replicas, self.trainer.step
+        replicas, step = self.replicas, self.host.step
         fragment = self._fragments[index]
         pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
         weight = 0.0 if self.borrowed[index] else 1.0
-        reconfigure = 1.0 if replicas._check(keys.reconfigure(replicas.gen)) else 0.0
+        reconfigure = 1.0 if replicas.reconfigure_requested() else 0.0
         head = torch.tensor([weight, reconfigure], dtype=torch.float64)
-        replicas._set(replicas._where_key(replicas.rank), f"step {step}: in outer sync")
-        replicas._fire("during", step)
+        replicas.mark(step, "in outer sync")
+        replicas.fire("during", step)
         replicas.wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
         self.last_weight = float(head[0])
         share = weight / self.last_weight
@@ -147,8 +151,7 @@ class ElasticDiLoCo(DiLoCo):
             wire = (pseudo * share).to(_WIRE[self.compression])
             future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
         average = replicas.wait(future, "outer sync", step)
-        replicas._set(keys.PROGRESS, json.dumps({"step": step, "loss": float("nan"), "gen": replicas.gen,
-                                                  "size": replicas.size, "outer_syncs": self.outer_syncs + 1}))
+        replicas.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)
         return average, head[1] > 0
 
     def _finish(self, fragment) -> None:
@@ -157,7 +160,7 @@ class ElasticDiLoCo(DiLoCo):
         if synced and self.replicas.sample_log is not None:
             # What the tests check: every replica holds the same outer parameters after each sync.
             outer = torch.cat([o.reshape(-1) for o in fragment.outer])
-            record = {"sync": self.outer_syncs, "step": self.trainer.step + 1, "member": self.replicas.member,
+            record = {"sync": self.outer_syncs, "step": self.host.step + 1, "member": self.replicas.member,
                       "gen": self.replicas.gen, "size": self.replicas.size, "weight": self.last_weight,
                       "outer": hashlib.sha1(outer.numpy().tobytes()).hexdigest()}
             with open(self.replicas.sample_log.with_suffix(".outer"), "a") as f:
@@ -165,8 +168,8 @@ class ElasticDiLoCo(DiLoCo):
 
 
 def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, replicas: Replicas,
-                       trainer) -> ElasticDiLoCo:
+                       host: TrainingHost) -> ElasticDiLoCo:
     """`[sync]` diloco under per-step fault tolerance (shoal/launch/supervisor.py checks the rest)."""
-    return ElasticDiLoCo(model, optimizer, replicas=replicas, trainer=trainer, inner_steps=cfg.inner_steps,
+    return ElasticDiLoCo(model, optimizer, replicas=replicas, host=host, inner_steps=cfg.inner_steps,
                          outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
                          compression=cfg.compression, fragments=1)

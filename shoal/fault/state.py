@@ -1,12 +1,55 @@
 """The training state a joiner receives from a live peer (shoal/fault/elastic.py): parameters,
 optimizer state, step, data position and RNG, packed as one byte buffer whose layout every
-replica of the same model and optimizer agrees on. Nothing is pickled."""
+replica of the same model and optimizer agrees on. Nothing is pickled.
+
+`TrainingHost` is everything per-step fault tolerance may ask of the training loop; the
+Trainer implements it, and nothing in shoal/fault/ reaches into the Trainer otherwise.
+"""
 
 from __future__ import annotations
+
+from typing import Iterable, Protocol
 
 import torch
 
 from shoal.sync.replica_state import local_tensor
+
+
+class TrainingHost(Protocol):
+    step: int
+    """Optimizer steps taken (read only here: `set_step` changes it)."""
+
+    def set_step(self, step: int) -> None: ...
+
+    def place(self, dp_rank: int, dp_size: int) -> None:
+        """This rank's share of the global batch from now on."""
+
+    def parameters(self) -> Iterable[torch.Tensor]: ...
+
+    def data_position(self) -> dict[str, int]:
+        """The sampler's position (epoch, position): where the next step's batch starts."""
+
+    def set_data_position(self, position: dict[str, int]) -> None: ...
+
+    def global_batch_ids(self, position: dict[str, int]) -> torch.Tensor:
+        """Every sample id of the step that starts at `position` (all ranks' shares, all micro-batches)."""
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Parameters, optimizer state (created if missing) and outer-sync state, in an order every
+        replica agrees on; `unpack_state` copies into them."""
+
+    def state_received(self) -> None:
+        """After `state_tensors()` were overwritten with a peer's."""
+
+    def save_checkpoint(self, *, alone: bool = False) -> None:
+        """Save the current step; `alone`: this replica is the only holder of the state (it saves
+        whatever its rank, in the background)."""
+
+    def finish_saves(self) -> None:
+        """Wait for a background save to be on disk."""
+
+    def load_checkpoint(self, step: int) -> None:
+        """Load the job's checkpoint of `step` (every holder of the state died)."""
 
 
 def materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -46,33 +89,28 @@ def state_tensors(model, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
     return tensors
 
 
-def _state_parts(trainer) -> list[torch.Tensor]:
-    sampler = trainer.sampler.state_dict()
-    meta = torch.tensor([trainer.step, sampler["epoch"], sampler["position"]], dtype=torch.int64)
-    # An outer sync (DiLoCo, shoal/fault/outer.py) adds its outer parameters and momentum.
-    outer = trainer.outer_sync.state_tensors() if hasattr(trainer.outer_sync, "state_tensors") else []
-    return state_tensors(trainer.model, trainer.optimizer) + outer + [meta, torch.get_rng_state()]
+def _state_parts(host: TrainingHost) -> list[torch.Tensor]:
+    position = host.data_position()
+    meta = torch.tensor([host.step, position["epoch"], position["position"]], dtype=torch.int64)
+    return host.state_tensors() + [meta, torch.get_rng_state()]
 
 
-def pack_state(trainer) -> torch.Tensor:
-    """A trainer's whole state (parameters, optimizer state, step, data position, RNG) as one
+def pack_state(host: TrainingHost) -> torch.Tensor:
+    """A replica's whole state (parameters, optimizer state, step, data position, RNG) as one
     byte buffer; the layout is the same on every replica of the same model and optimizer."""
-    materialize_optimizer_state(trainer.optimizer)
-    return torch.cat([t.detach().reshape(-1).contiguous().view(torch.uint8) for t in _state_parts(trainer)])
+    return torch.cat([t.detach().reshape(-1).contiguous().view(torch.uint8) for t in _state_parts(host)])
 
 
-def unpack_state(trainer, buffer: torch.Tensor) -> None:
-    """Load a buffer made by `pack_state` on another replica into this trainer."""
-    materialize_optimizer_state(trainer.optimizer)
-    parts = _state_parts(trainer)
+def unpack_state(host: TrainingHost, buffer: torch.Tensor) -> None:
+    """Load a buffer made by `pack_state` on another replica into this one."""
+    parts = _state_parts(host)
     offset = 0
     for t in parts[:-1]:  # tensors, then meta; the RNG state is set rather than copied into
         n = t.numel() * t.element_size()
         t.copy_(buffer[offset:offset + n].clone().view(t.dtype).view_as(t))  # clone: aligned for any dtype
         offset += n
     step, epoch, position = (int(v) for v in parts[-2])
-    trainer.step = step
-    trainer.sampler.load_state_dict({"epoch": epoch, "position": position})
+    host.set_step(step)
+    host.set_data_position({"epoch": epoch, "position": position})
     torch.set_rng_state(buffer[offset:].clone())
-    if hasattr(trainer.outer_sync, "state_received"):
-        trainer.outer_sync.state_received()
+    host.state_received()

@@ -111,15 +111,33 @@ def test_audit_finds_lost_repeated_and_diverged_steps(tmp_path):
 def test_state_buffer_round_trip_moves_everything():
     """What a joiner receives: odd-sized parameters (unaligned offsets), AdamW moments, step,
     data position and RNG, from a trained replica into a fresh one."""
-    from types import SimpleNamespace
-    from shoal.fault.state import pack_state, unpack_state
+    from shoal.fault.state import materialize_optimizer_state, pack_state, unpack_state
+
+    class Host:  # the TrainingHost methods pack_state and unpack_state use, as a Trainer without DiLoCo has them
+        def __init__(self, model):
+            self.model, self.optimizer, self.step = model, torch.optim.AdamW(model.parameters(), lr=0.01), 0
+            self.sampler = ShardedSampler(100, 10, 1)
+
+        def state_tensors(self):
+            materialize_optimizer_state(self.optimizer)
+            return state_tensors(self.model, self.optimizer)
+
+        def data_position(self):
+            return self.sampler.state_dict()
+
+        def set_data_position(self, position):
+            self.sampler.load_state_dict(position)
+
+        def set_step(self, step):
+            self.step = step
+
+        def state_received(self):
+            pass
 
     def replica(seed):
         torch.manual_seed(seed)
         # 12 parameters in 3 tensors: with their AdamW state 156 bytes, so the int64 meta is unaligned
-        model = torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2))
-        return SimpleNamespace(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.01), step=0,
-                               sampler=ShardedSampler(100, 10, 1), outer_sync=None)  # as a Trainer without DiLoCo
+        return Host(torch.nn.Sequential(torch.nn.Linear(3, 2, bias=False), torch.nn.Linear(2, 2)))
     source, joiner = replica(0), replica(1)
     for _ in range(3):
         source.model(torch.randn(4, 3)).sum().backward()
