@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import logging
 import os
 import resource
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from shoal import config as config_module
@@ -25,7 +27,7 @@ from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
 from shoal.fault import preempt
 from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
-from shoal.fault.elastic import GroupBroken, JobStopped, StoreLost
+from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.models import build_model
 from shoal.observe import rundir
@@ -65,7 +67,29 @@ def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path
     return path
 
 
+@dataclass
+class Worker:
+    """One worker, built and ready to train."""
+
+    cfg: Config
+    trainer: Trainer
+    model: nn.Module
+    """The unwrapped model (an outer sync wraps it)."""
+    run_dir: Path
+    replicas: Replicas | None
+    """This worker's membership under per-step fault tolerance; None for the layout's own DDP/FSDP."""
+    replica_group: dist.ProcessGroup | None
+    """The data-parallel replica axis an outer sync (DiLoCo, local SGD) averages over."""
+
+
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
+    """Build this process's worker and train it; returns its losses."""
+    return run(build(cfg, run_dir=run_dir, resume=resume, verbose=verbose))
+
+
+def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> Worker:
+    """Environment -> process group -> mesh -> data -> model -> parallel layout -> Trainer, resumed
+    from a checkpoint when asked (or when an elastic restart finds one)."""
     die_with_launcher()
     preempt.install()  # SIGTERM/SIGINT/SIGUSR1: stop at the next step boundary with a checkpoint
     worker = read_env()
@@ -73,7 +97,6 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     device = pick_device(cfg.launch.device, worker.local_rank)
     replicas = None
     if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many
-        from shoal.fault.elastic import Replicas
         replicas = Replicas.from_env(cfg)  # a replica group's worker also joins its group's process group here
     else:
         init_distributed(worker, device, cfg.launch.backend)
@@ -114,13 +137,21 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
         _, checkpoint = rundir.find_resume(cfg, str(path) if resume == "latest" and run_dir else resume)
         trainer.resume(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
-    replica_group = mesh["dp_replicate"].get_group() if mesh is not None else None
+    return Worker(cfg=cfg, trainer=trainer, model=model, run_dir=path, replicas=replicas,
+                  replica_group=mesh["dp_replicate"].get_group() if mesh is not None else None)
+
+
+def run(built: Worker) -> list[float]:
+    """Train a built worker to the end, or to a stop: a lost launcher or a stop signal leaves a
+    checkpoint, a broken replica group exits for its launcher to restart it."""
+    cfg, trainer, replicas, model = built.cfg, built.trainer, built.replicas, built.model
+    outer_sync = cfg.sync.method in OUTER_SYNC_METHODS
     try:
         if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
             from shoal.fault.outer import elastic_outer_sync
             sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, trainer)
         else:
-            sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, replica_group)
+            sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, built.replica_group)
         with sync_context as synced:
             trainer.attach_outer_sync(synced)  # checkpoints hold its state; a resumed run gets it back
             losses = trainer.fit()
@@ -152,7 +183,7 @@ def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
                     "left the job, which goes on without this worker")
         raise SystemExit(preempt.exit_code(stopped.signum)) from None
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
-             float("nan"), path)
+             float("nan"), built.run_dir)
     log.info("peak memory %.0f MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if dist.is_initialized():
         dist.destroy_process_group()
