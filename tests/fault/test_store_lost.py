@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -167,7 +166,20 @@ class LosingStore(dist.HashStore):
 def _lanes_stop_together(lane: int, group_size: int) -> None:
     cfg = config.load(None, ["fault.enabled=true", "fault.step_timeout=10", "fault.join_timeout=10"])
     model = torch.nn.Linear(4, 1)
-    trainer = SimpleNamespace(step=0, model=model, sampler=ShardedSampler(64, 8, 0))
+
+    class Host:  # the TrainingHost methods a step of whole-state-holding replicas uses
+        step, sampler = 0, ShardedSampler(64, 8, 0)
+
+        def parameters(self):
+            return model.parameters()
+
+        def data_position(self):
+            return self.sampler.state_dict()
+
+        def set_data_position(self, position):
+            self.sampler.load_state_dict(position)
+
+    trainer = Host()
 
     def replica_group(lost_at: str) -> Replicas:
         return Replicas(LosingStore(lost_at), member=0, slot=lane, incarnation=0, cfg=cfg, lane=lane,
