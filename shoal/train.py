@@ -21,6 +21,7 @@ import torch.distributed as dist
 from shoal.config import Config
 from shoal.data import ShardedSampler
 from shoal.fault.checkpoint import Checkpointer
+from shoal.models import to_device
 from shoal.observe.metrics import MetricsLog
 from shoal.observe.timing import CommTimer
 from shoal.observe.progress import Progress
@@ -140,7 +141,7 @@ class Trainer:
         for micro in range(t.grad_accum):
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
             samples += len(ids)
-            inputs, targets = (x.to(where.device, non_blocking=True) for x in self.train_set.get(ids))
+            inputs, targets = (to_device(x, where.device) for x in self.train_set.get(ids))
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
@@ -187,8 +188,8 @@ class Trainer:
         self.model.train(False)
         total = torch.zeros((), device=where.device)
         for _ in range(t.eval_batches):
-            inputs, targets = (x.to(where.device) for x in self.val_set.get(sampler.next_batch(where.dp_rank,
-                                                                                                where.dp_size)))
+            inputs, targets = (to_device(x, where.device) for x in self.val_set.get(sampler.next_batch(
+                where.dp_rank, where.dp_size)))
             with self.autocast:
                 total += self.model.evaluate(inputs, targets).float()
         self.model.train(True)

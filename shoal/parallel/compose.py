@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shoal.config import Config, ConfigError
-from shoal.models import compute_loss
+from shoal.models import Loss, call_model
 from shoal.runtime.mesh import ParallelDims
 from shoal.runtime.lazy import dtensor_type
 
@@ -39,20 +39,27 @@ class ParallelModel:
     """The DDP wrapper, when there is one, for gradient comm hooks."""
     pp_group: dist.ProcessGroup | None = None
     """The pipeline group, when the model is split into stages: gradient norms sum over it."""
+    loss: Loss = field(default_factory=Loss)
+    """The configured loss (model.loss), called as loss(output, inputs, targets)."""
 
     def parameters(self):
         for part in self.model_parts:
             yield from part.parameters()
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    def _loss(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+        # inputs: a tensor or a dict of tensors (input_ids, attention_mask, pixel_values...)
+        output = call_model(self.module, inputs, targets if self.loss.wants_labels else None)
+        return self.loss(output, inputs, targets)
+
+    def forward_backward(self, inputs, targets: torch.Tensor | None, loss_scale: float) -> torch.Tensor:
         """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached."""
-        loss = compute_loss(self.module(inputs), targets)
+        loss = self._loss(inputs, targets)
         (loss * loss_scale).backward()
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return compute_loss(self.module(inputs), targets)
+    def evaluate(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+        return self._loss(inputs, targets)
 
     def train(self, mode: bool = True) -> None:
         for part in self.model_parts:
@@ -100,7 +107,8 @@ class PipelineModel(ParallelModel):
     loss_scale: float = 1.0
 
     def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return compute_loss(output, target) * self.loss_scale
+        # the last stage sees only its output and the targets: a custom loss gets {"targets": ...}
+        return self.loss(output, {}, target) * self.loss_scale
 
     def _run(self, step, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
@@ -130,10 +138,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     from shoal.parallel.activation import apply_ac
     from shoal.parallel.compile import apply_compile
     model.to(device)
+    loss = Loss(cfg.model.loss)
     if dims.world_size == 1 or mesh is None:
         apply_ac(model, None, cfg)
         apply_compile(model, None, cfg)
-        return ParallelModel(module=model, model_parts=[model])
+        return ParallelModel(module=model, model_parts=[model], loss=loss)
 
     # 1. Tensor parallel first: it swaps weights for DTensors on the "tp" axis, and every
     #    later step (stage split, checkpointing, compile, FSDP) then wraps those as they are.
@@ -164,8 +173,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     elif dp_mesh is not None:
         from shoal.parallel.data import apply_ddp
         ddp = apply_ddp(model, dp_mesh, device)
-        return ParallelModel(module=ddp, model_parts=[model], no_sync=ddp.no_sync, ddp=ddp)
+        return ParallelModel(module=ddp, model_parts=[model], no_sync=ddp.no_sync, ddp=ddp, loss=loss)
 
+    pm_fields["loss"] = loss
     if dims.pp > 1:
         return _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
     return ParallelModel(module=model, model_parts=parts, **pm_fields)
@@ -219,14 +229,13 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(par, world_size)
     if par.pp_schedule not in SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    model = "factory" if cfg.model.factory else cfg.model.name
-    if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm"):
-        raise ConfigError(f"parallel.tp = {dims.tp}: a model from model.factory has no tensor-parallel plan; "
-                          f"use parallel.tp = 1 (FSDP with parallel.dp_shard shards any model)")
-    if dims.pp > 1 and model != "gpt":
-        raise ConfigError(f"parallel.pp = {dims.pp}: pipeline stages split transformer layers, which only "
-                          f"model.name = 'gpt' has; use parallel.pp = 1")
-    sizes = model_sizes(cfg)
+    model = "hf" if cfg.model.hf else "factory" if cfg.model.factory else cfg.model.name
+    if model == "hf":
+        from shoal.models.hf import check_hf_layout
+        check_hf_layout(cfg, dims.tp, dims.pp * STAGES_PER_RANK[par.pp_schedule])
+    # a factory's model is known only once a worker builds it: TP and PP then need a Hugging
+    # Face model (shoal/parallel/tensor.py and pipeline.py refuse others with a ConfigError)
+    sizes = model_sizes(cfg) if model not in ("hf", "factory") else {}
     if model == "gpt":
         if sizes["n_heads"] % dims.tp:
             raise ConfigError(f"parallel.tp = {dims.tp} must divide model.n_heads = {sizes['n_heads']} (each rank "

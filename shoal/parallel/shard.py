@@ -32,7 +32,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     # pin_memory=False: pinning needs an accelerator, and on CPU there is nothing to pin for
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload \
         else OffloadPolicy()
-    blocks = model_blocks(model)
+    blocks = model_blocks(model, cfg.parallel.shard_modules)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed first in backward: keeping them gathered
         # after forward saves one all-gather per step
