@@ -74,7 +74,8 @@ class ParallelModel:
         # one norm per (mesh, placements) group: DTensor's reduction of a group's partial norm
         # is a single collective, where one per gradient would be hundreds
         groups: dict[object, list[torch.Tensor]] = {}
-        for g in grads:
+        skip = self._norm_skip()
+        for g in (p.grad for p in self.parameters() if p.grad is not None and id(p) not in skip):
             key = (g.device_mesh, g.placements) if isinstance(g, dtensor_type()) else None
             groups.setdefault(key, []).append(g)
         squares = torch.zeros((), dtype=torch.float64)
@@ -93,6 +94,10 @@ class ParallelModel:
                 g.mul_(coef)
         return total
 
+    def _norm_skip(self) -> set[int]:
+        """Parameters left out of the gradient norm (copies another rank counts)."""
+        return set()
+
 
 @dataclass
 class PipelineModel(ParallelModel):
@@ -105,9 +110,44 @@ class PipelineModel(ParallelModel):
     last_rank: int = 0
     """Global rank of the pp-group member that holds the last stage (it computes the loss)."""
     loss_scale: float = 1.0
+    tied: list[list[nn.Parameter]] = field(default_factory=list)
+    """Per tied-weight group (GPT-2's input and output embeddings), this rank's copies: their
+    gradients are summed over the pipeline group, whose first and last stage each hold one."""
+    tied_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """The local shape of each tied group's gradient, for a rank holding no copy of it."""
+    sync_tied: bool = True
+
+    @contextlib.contextmanager
+    def _accumulating(self):
+        # between micro-batches the tied gradients keep accumulating; summed once, on the last
+        self.sync_tied = False
+        try:
+            yield
+        finally:
+            self.sync_tied = True
+
+    def _norm_skip(self) -> set[int]:
+        # a tied weight's gradient is the same on each stage holding it: counted on the first only
+        return set() if self.has_first else {id(p) for params in self.tied for p in params}
+
+    def _sum_tied_grads(self) -> None:
+        for params, shape in zip(self.tied, self.tied_shapes):
+            local = [p.grad.to_local() if isinstance(p.grad, dtensor_type()) else p.grad
+                     for p in params if p.grad is not None]
+            total = torch.stack(local).sum(0) if local else None
+            if total is None:  # this rank holds no copy (a middle stage): it adds zeros
+                total = torch.zeros(shape)
+            dist.all_reduce(total, group=self.pp_group)
+            for g in local:
+                g.copy_(total)
+
+    first_checked: bool = False
 
     def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # the last stage sees only its output and the targets: a custom loss gets {"targets": ...}
+        # the last stage sees only its output and the targets: a custom loss gets {"targets": ...}.
+        # The schedule first calls this on placeholder tensors to infer shapes; the value is
+        # checked in _run instead, on the real loss.
+        self.loss.checked = True
         return self.loss(output, {}, target) * self.loss_scale
 
     def _run(self, step, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -119,11 +159,20 @@ class PipelineModel(ParallelModel):
         loss = (torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale if self.has_last
                 else torch.zeros((), device=inputs.device))
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
+        if not self.first_checked:  # every rank checks the broadcast value, so all stop together
+            self.first_checked = True
+            self.loss._check(loss)
         return loss
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            raise ConfigError("parallel.pp: pipeline stages take a tensor of token ids; this data gives a dict "
+                              f"({', '.join(inputs)}); use parallel.pp = 1")
         self.loss_scale = loss_scale
-        return self._run(self.schedule.step, inputs, targets)
+        loss = self._run(self.schedule.step, inputs, targets)
+        if self.tied and self.sync_tied:
+            self._sum_tied_grads()
+        return loss
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -151,8 +200,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         apply_tp(model, mesh["tp"], cfg)
     # 2. Pipeline split: each rank keeps its stages; what follows is applied per stage.
     parts = [model]
+    tied: list[tuple[list[str], tuple[int, ...]]] = []
     if dims.pp > 1:
+        from shoal.parallel.hf_pipeline import tied_names
         from shoal.parallel.pipeline import apply_pp
+        params = dict(model.named_parameters(remove_duplicate=False))
+        tied = [(names, tuple(params[names[0]].shape)) for names in tied_names(model)]
         parts = apply_pp(model, mesh["pp"], cfg)
     # 3. Activation checkpointing, then 4. compile: compile after checkpointing so the
     #    recomputation is traced into the compiled graph, and before FSDP so FSDP's
@@ -177,7 +230,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
 
     pm_fields["loss"] = loss
     if dims.pp > 1:
-        return _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
+        pm = _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
+        for names, shape in tied:
+            # the parameters as they are now (FSDP swapped them for DTensors), one per object
+            held = {id(p): p for part in parts for n, p in part.named_parameters(remove_duplicate=False)
+                    if n in names}
+            pm.tied.append(list(held.values()))
+            if dp_mesh is not None and dims.dp_shard > 1:  # FSDP keeps a dim-0 chunk per rank
+                shape = tuple(torch.empty(shape, device="meta").chunk(dims.dp_shard)[
+                    dp_mesh.get_local_rank(mesh_dim=dp_mesh.ndim - 1)].shape)
+            pm.tied_shapes.append(shape)
+        if tied:
+            pm.no_sync = pm._accumulating
+        return pm
     return ParallelModel(module=model, model_parts=parts, **pm_fields)
 
 

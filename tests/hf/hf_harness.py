@@ -38,5 +38,6 @@ def run_hf_layouts(rank: int, world: int, layouts: dict, folders: dict, out_dir:
             results[name]["keys"] = sorted(k for part in pm.model_parts for k in part.state_dict())
         except Exception:  # recorded so the other layouts still run; the test for this one fails
             results[name] = {"error": traceback.format_exc()}
+            print(f"rank {rank} {name}: {results[name]['error']}", flush=True)
         dist.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
