@@ -7,10 +7,18 @@ import json
 import traceback
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
-from tests.parallel.parallel_harness import (SAVE_AT, compare, gpt_config, local_numel, reference, token_batches,
+from tests.parallel.parallel_harness import (BATCH, SAVE_AT, STEPS, compare, gpt_config, local_numel, reference, token_batches,
                                              train_layout)
+
+
+def image_batches(steps: int = STEPS, seed: int = 0):
+    """Batches of [B, 3, 16, 16] images with one of 4 labels (the tiny ViT's input)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 4, (BATCH,), generator=g))
+            for _ in range(steps)]
 
 
 def hf_config(folder: str, **parallel):
@@ -26,8 +34,9 @@ def run_hf_layouts(rank: int, world: int, layouts: dict, folders: dict, out_dir:
     for name, settings in layouts.items():
         settings = dict(settings)
         save, resume = (str(Path(ckpt_root, settings.pop(k))) if k in settings else "" for k in ("save", "resume"))
-        cfg = hf_config(folders[settings.pop("model")], **settings)
-        batches = token_batches()
+        kind = settings.pop("model")
+        cfg = hf_config(folders[kind], **settings)
+        batches = image_batches() if kind == "vit" else token_batches()
         try:
             ref_losses, ref_params = reference(cfg, batches)
             losses, params, pm, *_ = train_layout(cfg, world, batches, save=save, resume=resume)

@@ -18,13 +18,23 @@ LAYOUTS = {
     "gpt2_tp2": {"model": "gpt2", "tp": 2},
     "llama_pp2": {"model": "llama", "pp": 2, "pp_schedule": "1f1b"},
     "gpt2_pp2": {"model": "gpt2", "pp": 2, "pp_schedule": "gpipe"},  # tied embeddings on both stages
+    # data parallel: every architecture, replicated (DDP) or sharded per block (FSDP)
+    "gpt2_fsdp": {"model": "gpt2", "dp_shard": 2},
+    "llama_ddp": {"model": "llama", "dp_replicate": 2},
+    "qwen2_fsdp": {"model": "qwen2", "dp_shard": 2},
+    "mistral_tp2": {"model": "mistral", "tp": 2},
+    "qwen2_pp2": {"model": "qwen2", "pp": 2},
+    "bert_ddp": {"model": "bert", "dp_replicate": 2},
+    "bert_fsdp": {"model": "bert", "dp_shard": 2},
+    "vit_ddp": {"model": "vit", "dp_replicate": 2},
+    "vit_fsdp": {"model": "vit", "dp_shard": 2},
 }
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_models")
-    folders = {kind: str(save_tiny(kind, root / kind)) for kind in ("llama", "gpt2")}
+    folders = {kind: str(save_tiny(kind, root / kind)) for kind in {s["model"] for s in LAYOUTS.values()}}
     out = tmp_path_factory.mktemp("hf_world2")
     spawn(run_hf_layouts, 2, LAYOUTS, folders, str(out))
     return merged(str(out), 2)
@@ -44,7 +54,8 @@ def test_hf_layout_matches_single_process(world2, name):
         assert res["loss_rel_err"] < 1e-4, (rank, res["losses"], res["ref_losses"])
         assert res["param_max_err"] < 1e-4, (rank, res["param_max_err"])
         assert res["steps"] == 5 and res["n_params"] > 0 and set(res["missing"]) <= aliases
-        assert res["local_numel"] < res["full_numel"]  # each rank really holds part of the model
+        sharded = any(LAYOUTS[name].get(k, 1) > 1 for k in ("dp_shard", "tp", "pp"))
+        assert (res["local_numel"] < res["full_numel"]) == sharded, (res["local_numel"], res["full_numel"])
         assert set(res["keys"]) <= own_keys, set(res["keys"]) - own_keys  # names are the model's own
         held |= set(res["keys"])
     assert held == own_keys  # together the ranks hold every key of the model
