@@ -1,0 +1,93 @@
+"""Hugging Face models through `shoal run` as a user types it: a saved folder trains under
+FSDP and resumes exactly; a custom loss trains GPT-2 under DDP; each bad input is one line,
+exit code 2, before any worker starts where the config alone tells."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import TINY, shoal
+from tests.hf.tiny import save_tiny
+
+# 16-token windows of bytes, a tiny model, constant learning rate (so a resumed run's
+# schedule does not depend on where it stopped)
+HF = [*TINY, "data.seq_len=16", "train.min_lr_ratio=1.0", "train.warmup_steps=0"]
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+
+
+def test_llama_fsdp_resumes_exactly_and_saves_its_own_keys(tmp_path):
+    folder = save_tiny("llama", tmp_path / "llama", weights=True)  # weights from model.safetensors
+    args = [*HF, f"model.hf={folder}", "parallel.dp_shard=2", "parallel.shard_modules=LlamaDecoderLayer",
+            "train.steps=4", "checkpoint.every=2", "checkpoint.keep=0"]
+    first = shoal("run", *args, "log.name=llama", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = tmp_path / "runs" / "llama"
+    expected = train_losses(run)
+    assert sorted(expected) == [1, 2, 3, 4]
+    # drop the last checkpoint: --resume continues from step 2 and must repeat steps 3-4
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    (run / "metrics.jsonl").unlink()
+    resumed = shoal("run", *args, "log.name=llama", "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    again = train_losses(run)
+    assert sorted(again) == [3, 4]
+    assert all(again[s] == expected[s] for s in again), (again, expected)
+    # the checkpoint's model keys are the PreTrainedModel's own (save_pretrained works on them)
+    import transformers
+    from torch.distributed.checkpoint import FileSystemReader
+    meta = FileSystemReader(str(run / "checkpoints" / "step_00000004")).read_metadata()
+    model_keys = {k.split(".", 1)[1] for k in meta.state_dict_metadata if k.startswith("model.")}
+    own = set(transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(folder)).state_dict())
+    assert own <= model_keys, own - model_keys
+
+
+def test_gpt2_ddp_with_a_custom_loss(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "gpt2")  # config only: initialised from it
+    (tmp_path / "myloss.py").write_text(
+        "import torch.nn.functional as F\n"
+        "def smoothed(output, batch):\n"
+        "    logits = output.logits\n"
+        "    return F.cross_entropy(logits.flatten(0, 1), batch['targets'].flatten(), label_smoothing=0.1)\n")
+    out = shoal("run", *HF, f"model.hf={folder}", "model.loss=myloss:smoothed", "train.steps=3", cwd=tmp_path,
+                env={"PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"})
+    assert out.returncode == 0, out.stderr
+    assert sorted(train_losses(tmp_path / "runs" / "quickstart")) == [1, 2, 3]
+
+
+def _bad_loss(tmp_path):
+    (tmp_path / "badloss.py").write_text("def per_token(output, batch):\n    return output.logits.mean(-1)\n")
+    return ["model.loss=badloss:per_token"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_config", "no config.json in that folder"),
+    ("unknown_arch", "architecture 'NopeForCausalLM' is not in the installed transformers"),
+    ("shard_modules", "parallel.shard_modules: GPT2Blokc not in GPT2LMHeadModel; its classes: "),
+    ("tp_no_plan", "parallel.tp = 2: model.hf = "),
+    ("loss_not_scalar", "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor"),
+])
+def test_bad_hf_input_is_one_line_and_exit_code_2(tmp_path, case, message):
+    folder = save_tiny("bert" if case == "tp_no_plan" else "gpt2", tmp_path / "m")
+    extra = {"no_config": [f"model.hf={tmp_path}"],
+             "unknown_arch": [f"model.hf={folder}"],
+             "shard_modules": [f"model.hf={folder}", "parallel.dp_shard=2", "parallel.shard_modules=GPT2Blokc"],
+             "tp_no_plan": [f"model.hf={folder}", "parallel.tp=2"],
+             "loss_not_scalar": [f"model.hf={folder}", *(_bad_loss(tmp_path) if case == "loss_not_scalar" else [])],
+             }[case]
+    if case == "unknown_arch":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NopeForCausalLM"]}))
+    out = shoal("run", *HF, "train.steps=2", *extra, cwd=tmp_path, timeout=120,
+                env={"PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"})
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shoal: error:") and message in lines[0], out.stderr
+    if case != "loss_not_scalar":  # found from the config alone: no worker started, no run directory
+        assert not (tmp_path / "runs").exists()
