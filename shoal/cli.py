@@ -16,7 +16,7 @@ from shoal.config import ConfigError
 
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
-FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed")
+FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli")
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
@@ -45,7 +45,9 @@ def _check_before_launch(cfg: config_module.Config, world_size: int) -> None:
 
 
 def _prepare_run(cfg: config_module.Config, resume: str | None, *, exact_name: bool) -> Path:
+    from shoal.data import check_data
     from shoal.observe import rundir
+    check_data(cfg)  # shards, tokenizer, columns: before any worker starts
     if resume:
         run_dir, checkpoint = rundir.find_resume(cfg, resume)
         print(f"shoal: resuming {run_dir} from {checkpoint.name}", file=sys.stderr)

@@ -32,7 +32,7 @@ def option(default: Any, help: str, *, choices: tuple | None = None,
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = option("gpt", "Reference model to train; ignored when `factory` or `hf` is set.",
-                       choices=("gpt", "mlp", "dlrm"))
+                       choices=("gpt", "mlp", "dlrm", "cnn"))
     flavour: str = option("debug", "Size preset of the reference model (see shoal/models).",
                           choices=("debug", "small", "medium", "125m"))
     factory: str = option("", "Your own model as 'package.module:function'; called with the DataSpec, "
@@ -53,11 +53,18 @@ class DataConfig:
     source: str = option("stdlib", "Where samples come from: 'stdlib' (character corpus of Python's own "
                                    "sources, offline), 'text' (your text files), 'npy' (your x/y arrays), "
                                    "'synthetic' (generated classification with a known rule), 'clicks' "
-                                   "(generated click log for dlrm).",
-                         choices=("stdlib", "text", "npy", "synthetic", "clicks"))
+                                   "(generated click log for dlrm), 'shards' (token shards made by `shoal data "
+                                   "prepare`), 'arrow'/'parquet' (tables, memory-mapped), 'images' (class "
+                                   "folders or a CSV/Parquet of path,label). Ignored when `factory` is set. "
+                                   "See docs/data.md.",
+                         choices=("stdlib", "text", "npy", "synthetic", "clicks", "shards", "arrow", "parquet",
+                                  "images"))
     path: str = option("", "For 'text': a file or folder of .txt files. For 'npy': a folder with x.npy "
-                           "and y.npy, or 'X.npy,Y.npy'. Unused otherwise.")
-    seq_len: int = option(128, "Characters per training sequence (text sources).", min=2, max=65536)
+                           "and y.npy, or 'X.npy,Y.npy'. For 'shards': the folder `shoal data prepare` wrote. "
+                           "For 'arrow'/'parquet': a file, a folder of them, or a `datasets.save_to_disk` "
+                           "folder. For 'images': a folder of class folders, or a .csv/.parquet of "
+                           "path,label. Unused otherwise.")
+    seq_len: int = option(128, "Tokens per training sequence (token sources).", min=2, max=65536)
     max_bytes: int = option(4_000_000, "Cap on the stdlib corpus size in bytes, to keep the cache small.",
                             min=10_000)
     num_samples: int = option(8192, "Samples generated for 'synthetic' and 'clicks'.", min=16)
@@ -65,6 +72,28 @@ class DataConfig:
     classes: int = option(4, "Classes for 'synthetic'.", min=2)
     val_fraction: float = option(0.05, "Share of samples held out for evaluation.", min=0.0, max=0.5)
     cache_dir: str = option("", "Where the tokenised corpus is cached. Empty means ~/.cache/shoal.")
+    factory: str = option("", "Your own data as 'package.module:function': returns a map-style torch Dataset "
+                              "(or a (train, validation) pair) of (input, target) tuples or dicts of tensors. "
+                              "Empty means use `source`.")
+    collate: str = option("", "With `factory`: 'package.module:function' that turns a list of items into a "
+                              "batch. Empty means torch's default_collate.")
+    tokenizer: str = option("bytes", "How text becomes token ids ('text' columns of arrow/parquet): 'bytes' (256 "
+                                     "ids), 'bpe' (the bundled 2048-token BPE), or a local tokenizer.json or "
+                                     "transformers tokenizer folder.")
+    columns: str = option("", "For 'arrow'/'parquet': the token-id column, the text column, or comma-separated "
+                              "feature columns (with `label`). Empty means the first of input_ids, tokens, text.")
+    label: str = option("", "For 'arrow'/'parquet': the label column of a feature table; for 'images' with a "
+                            "CSV/Parquet: the label column (default 'label'). Empty means token data.")
+    image_size: int = option(32, "For 'images': height and width of the square crop fed to the model.",
+                             min=8, max=4096)
+    augment: bool = option(True, "For 'images': random crop and horizontal flip on training images, seeded "
+                                 "per sample. false means resize and centre crop only.")
+    loader_workers: int = option(0, "Processes that read and decode batches ahead of the training step. "
+                                    "0 means read in the training process.", min=0, max=64)
+    prefetch: int = option(2, "Batches each loader worker reads ahead (with loader_workers > 0).", min=1)
+    on_bad_record: str = option("error", "A corrupt image or unreadable record met in training: 'error' stops "
+                                         "naming it; 'skip' drops it from its batch and counts it.",
+                                choices=("error", "skip"))
 
 
 @dataclass(kw_only=True)
@@ -351,9 +380,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.hf and model.factory are both set; keep one")
     if any(not isinstance(name, str) for name in cfg.parallel.shard_modules):
         raise ConfigError(f"parallel.shard_modules = {cfg.parallel.shard_modules!r} must be a list of class names")
-    if cfg.data.source in ("text", "npy") and not cfg.data.path:
+    for key in ("factory", "collate"):
+        value = getattr(cfg.data, key)
+        if value and ":" not in value:
+            raise ConfigError(f"data.{key} = '{value}' must look like 'package.module:function'")
+    if cfg.data.source in ("text", "npy", "shards", "arrow", "parquet", "images") and not cfg.data.path \
+            and not cfg.data.factory:
         raise ConfigError(f"data.path is required when data.source = '{cfg.data.source}'")
-    if cfg.data.source in ("text", "npy"):
+    if cfg.data.source in ("text", "npy", "shards", "arrow", "parquet", "images") and not cfg.data.factory:
         for part in cfg.data.path.split(","):
             if not Path(part).exists():
                 raise ConfigError(f"data.path: {part} does not exist")

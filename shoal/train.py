@@ -72,6 +72,9 @@ class Trainer:
         self.micro_batch = t.batch_size // t.grad_accum  # global samples per micro-batch
         self.optimizer = build_optimizer(list(model.parameters()), t)
         self.sampler = ShardedSampler(len(train_set), self.micro_batch, t.seed)
+        follow = getattr(train_set, "follow", None)
+        if follow is not None:  # a loader reading ahead in this sampler's order (shoal/data/loader.py)
+            follow(self.sampler, lambda: (self.where.dp_rank, self.where.dp_size))
         self.checkpointer = checkpointer
         # DiLoCo / LocalSGD around fit() (shoal/sync): its state goes into every checkpoint.
         self.outer_sync = None

@@ -84,20 +84,26 @@ def stdlib_corpus(max_bytes: int, cache: Path) -> torch.Tensor:
     key = hashlib.sha1(f"{sys.version}|{root}|{max_bytes}".encode()).hexdigest()[:12]
     target = cache / f"stdlib-{key}.npy"
     if not target.exists():
-        chunks, total = [], 0
-        for path in sorted(root.rglob("*.py")):
-            if "site-packages" in path.parts or "test" in path.parts:
-                continue
-            data = path.read_bytes()
-            chunks.append(data)
-            total += len(data)
-            if total >= max_bytes:
-                break
+        chunks = [path.read_bytes() for path in stdlib_files(max_bytes)]
         array = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8)
         tmp = target.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, array)
         os.replace(tmp, target)  # concurrent workers may race; the rename is atomic
     return torch.from_numpy(np.load(target))
+
+
+def stdlib_files(max_bytes: int) -> list[Path]:
+    """The standard library's .py files in sorted order, up to the first that reaches `max_bytes` in all."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files, total = [], 0
+    for path in sorted(root.rglob("*.py")):
+        if "site-packages" in path.parts or "test" in path.parts:
+            continue
+        files.append(path)
+        total += path.stat().st_size
+        if total >= max_bytes:
+            break
+    return files
 
 
 def text_files(path: str) -> torch.Tensor:

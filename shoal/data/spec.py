@@ -14,6 +14,8 @@ class DataSpec:
     seq_len: int = 0
     """Tokens per sample (kind 'tokens')."""
     in_features: int = 0
-    """Features per sample (kinds 'classes' and 'regression')."""
+    """Features per sample (kinds 'classes' and 'regression'); for images, channels x height x width."""
     num_classes: int = 0
     """Output width: classes for 'classes', targets for 'regression'."""
+    input_shape: tuple[int, ...] = ()
+    """Shape of one sample's input when it is not a flat vector (images: (3, H, W)). Empty means flat."""

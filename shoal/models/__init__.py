@@ -57,6 +57,12 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
             raise ConfigError("model.name = 'mlp' needs feature data; data gives tokens (use model.name = 'gpt')")
         from shoal.models.mlp import build_mlp
         return build_mlp(spec.in_features, spec.num_classes, cfg.flavour, **sizes)
+    if cfg.name == "cnn":
+        if len(spec.input_shape) != 3:
+            raise ConfigError("model.name = 'cnn' needs images (data.source = 'images', or a data.factory giving "
+                              "[channels, height, width] inputs)")
+        from shoal.models.cnn import build_cnn
+        return build_cnn(spec.input_shape, spec.num_classes, cfg.flavour, **sizes)
     from shoal.models.dlrm import build_dlrm
     return build_dlrm(spec, cfg)
 

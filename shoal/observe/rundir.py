@@ -64,9 +64,11 @@ def find_resume(cfg: Config, requested: str) -> tuple[Path, Path]:
 
 
 def checkpoint_meta(cfg: Config) -> dict:
+    from shoal.data import data_fingerprint
     values = to_dict(cfg)
     return {"config": {**{s: values[s] for s in COMPATIBLE_SECTIONS},
-                       "data": {k: values["data"][k] for k in COMPATIBLE_DATA_KEYS}}}
+                       "data": {k: values["data"][k] for k in COMPATIBLE_DATA_KEYS}},
+            "data_fingerprint": data_fingerprint(cfg.data)}
 
 
 def check_compatible(cfg: Config, meta: dict, where: Path) -> None:
@@ -77,3 +79,7 @@ def check_compatible(cfg: Config, meta: dict, where: Path) -> None:
             if old != value:
                 raise ConfigError(f"--resume: checkpoint {where} was saved with {section}.{key} = {old!r}, "
                                   f"but the config now says {value!r}")
+    old_data, new_data = meta.get("data_fingerprint", ""), checkpoint_meta(cfg)["data_fingerprint"]
+    if old_data != new_data:
+        raise ConfigError(f"--resume: checkpoint {where} was made on data {old_data or 'named by the config'}, "
+                          f"but data.path {cfg.data.path} holds {new_data or 'other data'}")

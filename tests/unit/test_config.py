@@ -35,7 +35,7 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("[train]\nsteps = 'many'\n", [], "train.steps: expected int"),
     ("", ["train.steps=abc"], "train.steps: expected int, got 'abc'"),
     ("", ["train.lr=-1"], "train.lr = -1.0 is below its minimum"),
-    ("", ["model.name=gtp"], "model.name = 'gtp' is not one of gpt, mlp, dlrm (did you mean 'gpt'?)"),
+    ("", ["model.name=gtp"], "model.name = 'gtp' is not one of gpt, mlp, dlrm, cnn (did you mean 'gpt'?)"),
     ("", ["data.source=text"], "data.path is required"),
     ("", ["data.source=npy", "data.path=/no/such/dir"], "data.path: /no/such/dir does not exist"),
     ("", ["trainsteps=3"], "must look like section.key=value"),

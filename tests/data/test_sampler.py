@@ -1,0 +1,30 @@
+"""The sampler's computed permutation for large data sets: a bijection, held in no table."""
+
+import torch
+
+from shoal.data import sampler as sampler_module
+from shoal.data.sampler import FeistelPermutation, ShardedSampler
+
+
+def test_feistel_permutation_is_a_seeded_bijection_of_any_size():
+    for n in (1, 2, 5, 1000, 4097):
+        perm = FeistelPermutation(n, key=42)(torch.arange(n))
+        assert sorted(perm.tolist()) == list(range(n))
+    a, b = FeistelPermutation(1000, 1)(torch.arange(1000)), FeistelPermutation(1000, 2)(torch.arange(1000))
+    assert not torch.equal(a, b) and not torch.equal(a, torch.arange(1000))
+
+
+def test_large_data_sets_use_the_computed_order_with_the_same_guarantees(monkeypatch):
+    monkeypatch.setattr(sampler_module, "EXPLICIT_LIMIT", 100)
+    n, batch = 1000, 40
+    one = ShardedSampler(n, batch, seed=3)
+    epoch0 = torch.cat([one.next_batch(0, 1) for _ in range(n // batch)])
+    assert sorted(epoch0.tolist()) == list(range(n))  # every sample once per epoch
+    assert isinstance(one.permutation(), FeistelPermutation)
+    two = [ShardedSampler(n, batch, seed=3) for _ in range(2)]
+    joined = torch.cat([torch.cat([two[r].next_batch(r, 2) for r in range(2)]) for _ in range(n // batch)])
+    assert torch.equal(joined, epoch0)  # same order on any number of ranks
+    resumed = ShardedSampler(n, batch, seed=3)
+    resumed.load_state_dict({"epoch": 0, "position": 400})
+    assert torch.equal(resumed.next_batch(0, 1), epoch0[400:440])
+    assert not torch.equal(one.next_batch(0, 1), epoch0[:batch])  # the next epoch is another order
