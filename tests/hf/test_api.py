@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,10 +47,15 @@ if __name__ == "__main__":
 '''
 
 
-def test_a_script_trains_through_the_api(tmp_path):
+@pytest.mark.parametrize("started_by", ["python", "torchrun"])
+def test_a_script_trains_through_the_api(tmp_path, started_by):
+    """`python script.py`: shoal starts 2 workers. `torchrun script.py`: each process is a worker
+    and trains in place."""
     script = tmp_path / "user_script.py"
     script.write_text(SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(tmp_path / "runs")], cwd=tmp_path, capture_output=True,
+    command = [sys.executable, str(script)] if started_by == "python" else \
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", str(script)]
+    out = subprocess.run([*command, str(tmp_path / "runs")], cwd=tmp_path, capture_output=True,
                          text=True, timeout=240, stdin=subprocess.DEVNULL, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
