@@ -5,6 +5,12 @@ invocation. Reports steady-state samples/s, time from command start to first ste
 peak memory per worker; prints a table and writes benchmarks/out/overhead.json.
 
     .venv/bin/python benchmarks/overhead.py [--steps 300] [--repeats 3]
+    .venv/bin/python benchmarks/overhead.py --hf [--quick]   # a Hugging Face GPT-2 on both sides
+
+`--hf` trains an unchanged `transformers` GPT2LMHeadModel (built from a saved config, no
+download) with `shoal run model.hf=FOLDER` and with the hand-written loop; the goal is
+shoal >= 0.97x the hand-written loop's samples/s, as the median of per-pair ratios (each
+pair run back to back).
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ def steady_rate(times: list[float], batch: int) -> float:
     return batch * (len(times) - 1 - half) / (times[-1] - times[half])
 
 
-def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int) -> dict:
-    args = [SHOAL, "run", f"train.steps={steps}", f"train.batch_size={batch}", f"data.seq_len={seq_len}",
+def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = "") -> dict:
+    args = [SHOAL, "run", *([f"model.hf={hf}"] if hf else []), f"train.steps={steps}", f"train.batch_size={batch}", f"data.seq_len={seq_len}",
             "train.eval_every=0", "checkpoint.every=0", "log.progress=off", "launch.nproc=2", "launch.threads=1",
             "log.name=bench", "train.grad_clip=0"]
     started = time.time()
@@ -43,11 +49,11 @@ def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int) -> dict:
     return {"samples_per_s": steady_rate(times, batch), "first_step_s": times[0] - started, "peak_mb": peaks}
 
 
-def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int) -> dict:
+def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = "") -> dict:
     out = workdir / "handwritten.jsonl"
     started = time.time()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len)],
+                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len), *([hf] if hf else [])],
                    cwd=workdir, check=True, capture_output=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     times = [r["time"] for r in records if "step" in r]
@@ -61,29 +67,51 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "overhead.json"))
+    parser.add_argument("--out", default="")
+    parser.add_argument("--hf", action="store_true", help="a Hugging Face GPT-2 instead of shoal's gpt")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 repeat, tiny GPT-2")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.repeats = 20, 1
+    name = "overhead" + ("_hf" if args.hf else "") + ("_quick" if args.quick else "")
+    args.out = args.out or str(ROOT / "benchmarks" / "out" / f"{name}.json")
     results: dict[str, list[dict]] = {"shoal run": [], "torchrun + hand-written DDP": []}
     with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_folder(Path(tmp) / "gpt2", args.quick, args.seq_len) if args.hf else ""
         for repeat in range(args.repeats):  # alternate so drift on the machine hits both alike
             workdir = Path(tmp) / str(repeat)
             workdir.mkdir()
-            results["torchrun + hand-written DDP"].append(run_torchrun(workdir, args.steps, args.batch, args.seq_len))
-            results["shoal run"].append(run_shoal(workdir, args.steps, args.batch, args.seq_len))
+            results["torchrun + hand-written DDP"].append(run_torchrun(workdir, args.steps, args.batch, args.seq_len,
+                                                                       hf))
+            results["shoal run"].append(run_shoal(workdir, args.steps, args.batch, args.seq_len, hf))
     summary = {name: {"samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
                       "first_step_s": statistics.median(r["first_step_s"] for r in runs),
                       "peak_mb_per_worker": max(max(r["peak_mb"]) for r in runs), "runs": runs}
                for name, runs in results.items()}
     base, ours = summary["torchrun + hand-written DDP"], summary["shoal run"]
+    pairs = [o["samples_per_s"] / b["samples_per_s"]
+             for o, b in zip(results["shoal run"], results["torchrun + hand-written DDP"])]
     ratios = {"throughput_ratio": ours["samples_per_s"] / base["samples_per_s"],
+              "median_pair_ratio": statistics.median(pairs),
               "first_step_ratio": ours["first_step_s"] / base["first_step_s"]}
     print(f"{'launcher':<30} {'samples/s':>10} {'first step (s)':>15} {'peak MB/worker':>15}")
     for name, s in summary.items():
         print(f"{name:<30} {s['samples_per_s']:>10.0f} {s['first_step_s']:>15.2f} {s['peak_mb_per_worker']:>15.0f}")
+    print(f"model: {'transformers GPT2LMHeadModel' if args.hf else 'shoal gpt debug'}; median per-pair "
+          f"throughput ratio {ratios['median_pair_ratio']:.3f}x")
     print(f"shoal / torchrun: throughput {ratios['throughput_ratio']:.3f}x (goal >= 0.97), "
           f"time to first step {ratios['first_step_ratio']:.2f}x (goal <= 1.5)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, **ratios}, indent=1))
+
+
+def hf_folder(folder: Path, quick: bool, seq_len: int) -> str:
+    """A saved GPT-2 config (no weights: each side initialises it from the config)."""
+    import transformers
+    size = dict(n_embd=32, n_layer=2, n_head=4) if quick else dict(n_embd=256, n_layer=4, n_head=4)
+    transformers.GPT2Config(vocab_size=256, n_positions=seq_len, bos_token_id=0, eos_token_id=0,
+                            architectures=["GPT2LMHeadModel"], **size).save_pretrained(folder)
+    return str(folder)
 
 
 if __name__ == "__main__":
