@@ -50,17 +50,23 @@ def named_blocks(model: nn.Module, names: Sequence[str]) -> list[nn.Module]:
     present = {type(m).__name__ for m in model.modules()}
     missing = [n for n in names if n not in present]
     if missing:
-        counts = Counter(type(m).__name__ for m in model.modules() if _has_params(m) and m is not model)
-        listed = ", ".join(f"{n} (x{c})" if c > 1 else n for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
-        raise ConfigError(f"parallel.shard_modules: {', '.join(missing)} not in {type(model).__name__}; "
-                          f"its classes: {listed}")
+        import difflib
+        classes = module_classes(model)
+        close = difflib.get_close_matches(missing[0], classes, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"parallel.shard_modules: {', '.join(missing)} not in {type(model).__name__}{hint}; "
+                          f"its classes: {', '.join(classes)}")
     return _outermost(model, set(names))
 
 
 def module_classes(model: nn.Module) -> list[str]:
-    """Class names of the submodules that hold parameters, most repeated first."""
-    counts = Counter(type(m).__name__ for m in model.modules() if _has_params(m) and m is not model)
-    return [name for name, _ in counts.most_common()]
+    """Class names of the submodules that hold parameters: composite ones (block candidates)
+    first, most repeated first, then single layers."""
+    counts = Counter(type(m).__name__ for m in model.modules() if _has_params(m) and m is not model
+                     and not isinstance(m, (nn.ModuleList, nn.ModuleDict)))
+    composite = {type(m).__name__ for m in model.modules() if any(True for _ in m.children())}
+    ranked = sorted(counts.items(), key=lambda kv: (kv[0] not in composite, -kv[1]))
+    return [name for name, _ in ranked]
 
 
 def _outermost(model: nn.Module, classes: set[str]) -> list[nn.Module]:

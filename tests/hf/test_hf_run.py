@@ -1,10 +1,11 @@
 """Hugging Face models through `shoal run` as a user types it: a saved folder trains under
-FSDP and resumes exactly; a custom loss trains GPT-2 under DDP; each bad input is one line,
-exit code 2, before any worker starts where the config alone tells."""
+FSDP and resumes exactly; each bad input is one line, exit code 2, before any worker starts
+where the config alone tells (a custom loss through real workers: tests/hf/test_api.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -48,46 +49,41 @@ def test_llama_fsdp_resumes_exactly_and_saves_its_own_keys(tmp_path):
     assert own <= model_keys, own - model_keys
 
 
-def test_gpt2_ddp_with_a_custom_loss(tmp_path):
-    folder = save_tiny("gpt2", tmp_path / "gpt2")  # config only: initialised from it
-    (tmp_path / "myloss.py").write_text(
-        "import torch.nn.functional as F\n"
-        "def smoothed(output, batch):\n"
-        "    logits = output.logits\n"
-        "    return F.cross_entropy(logits.flatten(0, 1), batch['targets'].flatten(), label_smoothing=0.1)\n")
-    out = shoal("run", *HF, f"model.hf={folder}", "model.loss=myloss:smoothed", "train.steps=3", cwd=tmp_path,
-                env={"PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"})
-    assert out.returncode == 0, out.stderr
-    assert sorted(train_losses(tmp_path / "runs" / "quickstart")) == [1, 2, 3]
-
-
-def _bad_loss(tmp_path):
-    (tmp_path / "badloss.py").write_text("def per_token(output, batch):\n    return output.logits.mean(-1)\n")
-    return ["model.loss=badloss:per_token"]
-
-
 @pytest.mark.parametrize("case, message", [
     ("no_config", "no config.json in that folder"),
     ("unknown_arch", "architecture 'NopeForCausalLM' is not in the installed transformers"),
-    ("shard_modules", "parallel.shard_modules: GPT2Blokc not in GPT2LMHeadModel; its classes: "),
+    ("shard_modules", "parallel.shard_modules: GPT2Blokc not in GPT2LMHeadModel (did you mean GPT2Block?); its classes: "
+                      "GPT2Block, GPT2Attention, GPT2MLP, GPT2Model, Conv1D"),
     ("tp_no_plan", "parallel.tp = 2: model.hf = "),
-    ("loss_not_scalar", "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor"),
+    ("tp_heads", "parallel.tp = 3 must divide the model's num_attention_heads = 4"),
 ])
-def test_bad_hf_input_is_one_line_and_exit_code_2(tmp_path, case, message):
-    folder = save_tiny("bert" if case == "tp_no_plan" else "gpt2", tmp_path / "m")
+def test_bad_hf_input_is_refused_before_workers_start(tmp_path, monkeypatch, capsys, case, message):
+    """`shoal run` (its main, in this process: no worker may start) prints one line, returns 2."""
+    from shoal import cli
+    folder = save_tiny({"tp_no_plan": "bert", "tp_heads": "llama"}.get(case, "gpt2"), tmp_path / "m")
     extra = {"no_config": [f"model.hf={tmp_path}"],
              "unknown_arch": [f"model.hf={folder}"],
              "shard_modules": [f"model.hf={folder}", "parallel.dp_shard=2", "parallel.shard_modules=GPT2Blokc"],
              "tp_no_plan": [f"model.hf={folder}", "parallel.tp=2"],
-             "loss_not_scalar": [f"model.hf={folder}", *(_bad_loss(tmp_path) if case == "loss_not_scalar" else [])],
+             "tp_heads": [f"model.hf={folder}", "parallel.tp=3", "launch.nproc=3", "train.batch_size=9"],
              }[case]
     if case == "unknown_arch":
         config = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NopeForCausalLM"]}))
-    out = shoal("run", *HF, "train.steps=2", *extra, cwd=tmp_path, timeout=120,
-                env={"PYTHONPATH": f"{tmp_path}:{__import__('os').environ.get('PYTHONPATH', '')}"})
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["run", *HF, "train.steps=2", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("shoal: error:") and message in lines[0], err
+    assert not (tmp_path / "runs").exists()  # refused before a run directory (or a worker) existed
+
+
+def test_a_loss_that_is_not_a_scalar_stops_the_workers_with_one_line(tmp_path):
+    folder = save_tiny("gpt2", tmp_path / "m")
+    (tmp_path / "badloss.py").write_text("def per_token(output, batch):\n    return output.logits.mean(-1)\n")
+    out = shoal("run", *HF, "train.steps=2", f"model.hf={folder}", "model.loss=badloss:per_token", cwd=tmp_path,
+                timeout=120, env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"})
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("shoal: error:") and message in lines[0], out.stderr
-    if case != "loss_not_scalar":  # found from the config alone: no worker started, no run directory
-        assert not (tmp_path / "runs").exists()
+    assert len(lines) == 1 and "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor" in lines[0]
