@@ -87,3 +87,20 @@ def test_a_loss_that_is_not_a_scalar_stops_the_workers_with_one_line(tmp_path):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor" in lines[0]
+
+
+def test_vit_classifies_an_image_folder_under_ddp(tmp_path):
+    """ViT for image classification on `data.source = "images"` (class folders of PNGs)."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for label in range(4):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "images" / f"class{label}" / f"{i}.png")
+    folder = save_tiny("vit", tmp_path / "vit")  # image_size 16, 4 labels
+    out = shoal("run", *TINY, f"model.hf={folder}", "data.source=images", f"data.path={tmp_path / 'images'}",
+                "data.image_size=16", "train.steps=3", "parallel.dp_replicate=2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(train_losses(tmp_path / "runs" / "quickstart")) == [1, 2, 3]
