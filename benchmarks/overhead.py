@@ -36,7 +36,8 @@ def steady_rate(times: list[float], batch: int) -> float:
 
 
 def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = "") -> dict:
-    args = [SHOAL, "run", *([f"model.hf={hf}"] if hf else []), f"train.steps={steps}", f"train.batch_size={batch}", f"data.seq_len={seq_len}",
+    args = [SHOAL, "run", *([f"model.hf={hf}"] if hf else []), f"train.steps={steps}", f"train.batch_size={batch}",
+            f"data.seq_len={seq_len}",
             "train.eval_every=0", "checkpoint.every=0", "log.progress=off", "launch.nproc=2", "launch.threads=1",
             "log.name=bench", "train.grad_clip=0"]
     started = time.time()
@@ -53,7 +54,8 @@ def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = 
     out = workdir / "handwritten.jsonl"
     started = time.time()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len), *([hf] if hf else [])],
+                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len),
+                    *([hf] if hf else [])],
                    cwd=workdir, check=True, capture_output=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     times = [r["time"] for r in records if "step" in r]

@@ -70,7 +70,8 @@ def split_hf(model: nn.Module, ranges: list[range], stage_ids: list[int]) -> lis
     prefix = model.base_model_prefix
     head = model.get_output_embeddings()
     head_name = next((n for n, m in model.named_children() if m is head), None) if head is not None else None
-    others = [n for n, m in model.named_children() if n not in (prefix, head_name) and any(True for _ in m.parameters())]
+    others = [n for n, m in model.named_children()
+              if n not in (prefix, head_name) and any(True for _ in m.parameters())]
     if head_name is None or others:
         raise ConfigError(f"parallel.pp: {type(model).__name__} is not a decoder with an LM head (pipeline stages "
                           f"split causal LMs); use parallel.pp = 1")

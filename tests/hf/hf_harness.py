@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tests.parallel.parallel_harness import (BATCH, SAVE_AT, STEPS, compare, gpt_config, local_numel, reference, token_batches,
+from tests.parallel.parallel_harness import (BATCH, SAVE_AT, STEPS, compare, gpt_config, local_numel, reference,
+                                             token_batches,
                                              train_layout)
 
 

@@ -52,7 +52,8 @@ def test_llama_fsdp_resumes_exactly_and_saves_its_own_keys(tmp_path):
 @pytest.mark.parametrize("case, message", [
     ("no_config", "no config.json in that folder"),
     ("unknown_arch", "architecture 'NopeForCausalLM' is not in the installed transformers"),
-    ("shard_modules", "parallel.shard_modules: GPT2Blokc not in GPT2LMHeadModel (did you mean GPT2Block?); its classes: "
+    ("shard_modules", "parallel.shard_modules: GPT2Blokc not in GPT2LMHeadModel (did you mean GPT2Block?); "
+                      "its classes: "
                       "GPT2Block, GPT2Attention, GPT2MLP, GPT2Model, Conv1D"),
     ("tp_no_plan", "parallel.tp = 2: model.hf = "),
     ("tp_heads", "parallel.tp = 3 must divide the model's num_attention_heads = 4"),

@@ -15,7 +15,8 @@ COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "
 def tiny_config(kind: str):
     import transformers as tf
     if kind == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0,
+        return tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0,
+                             eos_token_id=0,
                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, architectures=["GPT2LMHeadModel"])
     if kind == "llama":
         return tf.LlamaConfig(**COMMON, num_key_value_heads=2, architectures=["LlamaForCausalLM"])
