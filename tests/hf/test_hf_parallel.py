@@ -21,7 +21,7 @@ LAYOUTS = {
     # data parallel: every architecture, replicated (DDP) or sharded per block (FSDP)
     "gpt2_fsdp": {"model": "gpt2", "dp_shard": 2},
     "llama_ddp": {"model": "llama", "dp_replicate": 2},
-    "qwen2_fsdp": {"model": "qwen2", "dp_shard": 2},
+    "qwen2_fsdp_ac": {"model": "qwen2", "dp_shard": 2, "activation_checkpointing": "full"},
     "mistral_tp2": {"model": "mistral", "tp": 2},
     "qwen2_pp2": {"model": "qwen2", "pp": 2},
     "bert_ddp": {"model": "bert", "dp_replicate": 2},

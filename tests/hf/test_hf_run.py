@@ -46,7 +46,7 @@ def test_llama_fsdp_resumes_exactly_and_saves_its_own_keys(tmp_path):
     meta = FileSystemReader(str(run / "checkpoints" / "step_00000004")).read_metadata()
     model_keys = {k.split(".", 1)[1] for k in meta.state_dict_metadata if k.startswith("model.")}
     own = set(transformers.LlamaForCausalLM(transformers.LlamaConfig.from_pretrained(folder)).state_dict())
-    assert own <= model_keys, own - model_keys
+    assert own == model_keys, own ^ model_keys
 
 
 @pytest.mark.parametrize("case, message", [
