@@ -58,7 +58,8 @@ def load_hf(path: str) -> nn.Module:
     otherwise initialised from config.json."""
     config = read_hf_config(path)
     cls = model_class(config, path)
-    if (Path(path) / "model.safetensors").is_file():
+    # under a meta device (shoal plan sizes the model without memory) there is nothing to load into
+    if (Path(path) / "model.safetensors").is_file() and torch.get_default_device().type != "meta":
         model = cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
     else:
         model = cls._from_config(config)
