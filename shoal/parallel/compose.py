@@ -300,6 +300,12 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         check_hf_layout(cfg, dims.tp, dims.pp * STAGES_PER_RANK[par.pp_schedule])
     # a factory's model is known only once a worker builds it: TP and PP then need a Hugging
     # Face model (shoal/parallel/tensor.py and pipeline.py refuse others with a ConfigError)
+    if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm", "hf", "factory"):
+        raise ConfigError(f"parallel.tp = {dims.tp}: model.name = '{model}' has no tensor-parallel plan; "
+                          f"use parallel.tp = 1 (FSDP with parallel.dp_shard shards any model)")
+    if dims.pp > 1 and model not in ("gpt", "hf", "factory"):
+        raise ConfigError(f"parallel.pp = {dims.pp}: pipeline stages split transformer layers, which only "
+                          f"model.name = 'gpt' (or a Hugging Face decoder) has; use parallel.pp = 1")
     sizes = model_sizes(cfg) if model not in ("hf", "factory") else {}
     if model == "gpt":
         if sizes["n_heads"] % dims.tp:
