@@ -3,7 +3,10 @@
 Same model (shoal's gpt 'debug'), same data windows, same AdamW and batch; nothing else:
 no checkpoints, no metrics files, no progress display. Run under torchrun:
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/handwritten_ddp.py OUT.jsonl STEPS BATCH SEQ_LEN
+    torchrun --standalone --nproc-per-node 2 benchmarks/handwritten_ddp.py OUT.jsonl STEPS BATCH SEQ_LEN [HF_FOLDER]
+
+With HF_FOLDER (a saved `transformers` model's folder) the model is that one, unchanged,
+and the loss is read from its output's `.logits`.
 """
 
 import json
@@ -27,14 +30,23 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = TokenWindows(stdlib_corpus(4_000_000, cache_dir()), seq_len)
     torch.manual_seed(0)
-    model = DistributedDataParallel(build_gpt(256, seq_len, "debug"))
+    hf = sys.argv[5] if len(sys.argv) > 5 else ""
+    if hf:
+        import transformers
+        config = transformers.AutoConfig.from_pretrained(hf)
+        net = getattr(transformers, config.architectures[0])._from_config(config)
+        net.config.use_cache = False
+    else:
+        net = build_gpt(256, seq_len, "debug")
+    model = DistributedDataParallel(net)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(0)
     log = open(out, "w") if rank == 0 else None
     for step in range(1, steps + 1):
         ids = torch.randint(0, len(data), (batch,), generator=g)[rank::world]
         x, y = data.get(ids)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        out = model(x)
+        loss = F.cross_entropy((out.logits if hf else out).flatten(0, 1), y.flatten())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,12 @@ median of the per-repeat ratios. Reports steady-state samples/s, time from comma
 first step, and peak memory per worker; prints a table and writes benchmarks/out/overhead.json.
 
     .venv/bin/python benchmarks/overhead.py [--steps 300] [--repeats 3]
+    .venv/bin/python benchmarks/overhead.py --hf [--quick]   # a Hugging Face GPT-2 on both sides
+
+`--hf` trains an unchanged `transformers` GPT2LMHeadModel (built from a saved config, no
+download) with `shoal run model.hf=FOLDER` and with the hand-written loop; the goal is
+shoal >= 0.97x the hand-written loop's samples/s, as the median of per-pair ratios (each
+pair run back to back).
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ def steady_rate(times: list[float], batch: int) -> float:
     return batch * (len(times) - 1 - half) / (times[-1] - times[half])
 
 
-def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str) -> dict:
-    args = [SHOAL, "run", f"train.steps={steps}", f"train.batch_size={batch}", f"data.seq_len={seq_len}",
-            "train.eval_every=0", "checkpoint.every=0", "log.progress=off", "log.name=bench", "train.grad_clip=0",
-            *extra]
+def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str, hf: str = "") -> dict:
+    args = [SHOAL, "run", *([f"model.hf={hf}"] if hf else []), f"train.steps={steps}", f"train.batch_size={batch}",
+            f"data.seq_len={seq_len}", "train.eval_every=0", "checkpoint.every=0", "log.progress=off",
+            "log.name=bench", "train.grad_clip=0", *extra]
     started = time.time()
     subprocess.run(args, cwd=workdir, check=True, capture_output=True)
     run = sorted((workdir / "runs").glob("bench*"), key=lambda p: p.stat().st_mtime)[-1]
@@ -46,11 +52,12 @@ def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str) 
     return {"samples_per_s": steady_rate(times, batch), "first_step_s": times[0] - started, "peak_mb": peaks}
 
 
-def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int) -> dict:
+def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = "") -> dict:
     out = workdir / "handwritten.jsonl"
     started = time.time()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len)],
+                    str(ROOT / "benchmarks" / "handwritten_ddp.py"), str(out), str(steps), str(batch), str(seq_len),
+                    *([hf] if hf else [])],
                    cwd=workdir, check=True, capture_output=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     times = [r["time"] for r in records if "step" in r]
@@ -58,15 +65,16 @@ def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int) -> dict:
             "peak_mb": records[-1]["peak_rss_mb"]}
 
 
-ROWS = {
-    "torchrun + hand-written DDP": lambda w, a: run_torchrun(w, a.steps, a.batch, a.seq_len),
-    "shoal run": lambda w, a: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=2"),
-    "shoal run fault.enabled": lambda w, a: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=2",
-                                                      "fault.enabled=true"),
-    "shoal run, 4 workers": lambda w, a: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=4"),
-    "shoal run fault.enabled, 4 workers": lambda w, a: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=4",
-                                                                 "fault.enabled=true"),
+ROWS = {  # name -> run(workdir, args, hf folder or "")
+    "torchrun + hand-written DDP": lambda w, a, hf: run_torchrun(w, a.steps, a.batch, a.seq_len, hf),
+    "shoal run": lambda w, a, hf: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=2", hf=hf),
+    "shoal run fault.enabled": lambda w, a, hf: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=2",
+                                                          "fault.enabled=true", hf=hf),
+    "shoal run, 4 workers": lambda w, a, hf: run_shoal(w, a.steps, a.batch, a.seq_len, "launch.nproc=4", hf=hf),
+    "shoal run fault.enabled, 4 workers": lambda w, a, hf: run_shoal(w, a.steps, a.batch, a.seq_len,
+                                                                     "launch.nproc=4", "fault.enabled=true", hf=hf),
 }
+HF_ROWS = ("torchrun + hand-written DDP", "shoal run")  # --hf: the Hugging Face GPT-2 against its own loop
 PAIRS = {  # ratio name -> (ours, baseline, goal)
     "shoal / hand-written, throughput": ("shoal run", "torchrun + hand-written DDP", ">= 0.97"),
     "shoal / hand-written, time to first step": ("shoal run", "torchrun + hand-written DDP", "<= 1.5"),
@@ -82,24 +90,35 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "overhead.json"))
+    parser.add_argument("--out", default="")
+    parser.add_argument("--hf", action="store_true", help="a Hugging Face GPT-2 instead of shoal's gpt")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 repeat, tiny GPT-2")
     args = parser.parse_args()
-    results: dict[str, list[dict]] = {name: [] for name in ROWS}
+    if args.quick:
+        args.steps, args.repeats = 20, 1
+    name = "overhead" + ("_hf" if args.hf else "") + ("_quick" if args.quick else "")
+    args.out = args.out or str(ROOT / "benchmarks" / "out" / f"{name}.json")
+    rows = {name: run for name, run in ROWS.items() if not args.hf or name in HF_ROWS}
+    results: dict[str, list[dict]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_folder(Path(tmp) / "gpt2", args.quick, args.seq_len) if args.hf else ""
         for repeat in range(args.repeats):  # every row once per repeat, in turn
-            for name, run in ROWS.items():
+            for name, run in rows.items():
                 workdir = Path(tmp) / f"{repeat}-{len(results[name])}-{name.split()[0]}"
                 workdir.mkdir()
-                results[name].append(run(workdir, args))
+                results[name].append(run(workdir, args, hf))
     summary = {name: {"samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
                       "first_step_s": statistics.median(r["first_step_s"] for r in runs),
                       "peak_mb_per_worker": max(max(r["peak_mb"]) for r in runs), "runs": runs}
                for name, runs in results.items()}
     ratios = {}
     for label, (ours, base, goal) in PAIRS.items():
+        if ours not in results or base not in results:
+            continue
         key = "first_step_s" if "first step" in label else "samples_per_s"
         pairs = [a[key] / b[key] for a, b in zip(results[ours], results[base])]
         ratios[label] = {"median": statistics.median(pairs), "pairs": pairs, "goal": goal}
+    print(f"model: {'transformers GPT2LMHeadModel' if args.hf else 'shoal gpt debug'}")
     print(f"{'launcher':<38} {'samples/s':>10} {'first step (s)':>15} {'peak MB/worker':>15}")
     for name, s in summary.items():
         print(f"{name:<38} {s['samples_per_s']:>10.0f} {s['first_step_s']:>15.2f} {s['peak_mb_per_worker']:>15.0f}")
@@ -109,6 +128,15 @@ def main() -> None:
         print(f"{label:<48} {r['median']:.3f}x (goal {r['goal']}; pairs {pairs})")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"config": vars(args), "summary": summary, "ratios": ratios}, indent=1))
+
+
+def hf_folder(folder: Path, quick: bool, seq_len: int) -> str:
+    """A saved GPT-2 config (no weights: each side initialises it from the config)."""
+    import transformers
+    size = dict(n_embd=32, n_layer=2, n_head=4) if quick else dict(n_embd=256, n_layer=4, n_head=4)
+    transformers.GPT2Config(vocab_size=256, n_positions=seq_len, bos_token_id=0, eos_token_id=0,
+                            architectures=["GPT2LMHeadModel"], **size).save_pretrained(folder)
+    return str(folder)
 
 
 if __name__ == "__main__":

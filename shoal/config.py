@@ -44,12 +44,17 @@ def option(default: Any, help: str, *, choices: tuple | None = None,
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: str = option("gpt", "Reference model to train; ignored when `factory` is set.",
+    name: str = option("gpt", "Reference model to train; ignored when `factory` or `hf` is set.",
                        choices=("gpt", "mlp", "dlrm", "cnn"))
     flavour: str = option("debug", "Size preset of the reference model (see shoal/models).",
                           choices=("debug", "small", "medium", "125m"))
     factory: str = option("", "Your own model as 'package.module:function'; called with the DataSpec, "
                               "returns an nn.Module. Empty means use `name`.")
+    hf: str = option("", "A Hugging Face model folder (config.json, optional model.safetensors); the class "
+                         "comes from the config's `architectures`. Empty means use `factory` or `name`.")
+    loss: str = option("", "Loss: empty means the built-in (cross-entropy for integer targets, MSE for "
+                           "floats); 'model' means the model's own output.loss; 'package.module:function' "
+                           "is called as fn(output, batch) -> scalar.")
     n_layers: int = option(0, "Transformer blocks or MLP hidden layers. 0 means the flavour's value.", min=0)
     dim: int = option(0, "Hidden width. 0 means the flavour's value.", min=0)
     n_heads: int = option(0, "Attention heads (gpt). 0 means the flavour's value.", min=0)
@@ -139,6 +144,8 @@ class ParallelConfig:
                                            choices=("none", "full", "selective"))
     compile: bool = option(False, "Compile each block with torch.compile.")
     cpu_offload: bool = option(False, "Keep FSDP-sharded parameters and optimizer state in CPU memory.")
+    shard_modules: list = option([], "Class names of the blocks FSDP shards one at a time (and AC/compile "
+                                     "wrap), e.g. [\"LlamaDecoderLayer\"]. Empty means found automatically.")
 
 
 @dataclass(kw_only=True)
@@ -318,6 +325,9 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
     """Check one value's type; strings from the command line are parsed first."""
     if isinstance(value, str) and kind is not str:
         text = value.strip()
+        if kind is list:  # a command-line list: comma-separated names
+            return [item.strip() for item in text.strip("[]").replace('"', "").replace("'", "").split(",")
+                    if item.strip()]
         try:
             if kind is bool:
                 if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -399,6 +409,12 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{where} = {value} is above its maximum {meta['max']}")
     if cfg.model.factory and ":" not in cfg.model.factory:
         raise ConfigError(f"model.factory = '{cfg.model.factory}' must look like 'package.module:function'")
+    if cfg.model.loss and cfg.model.loss != "model" and ":" not in cfg.model.loss:
+        raise ConfigError(f"model.loss = '{cfg.model.loss}' must be 'model' or look like 'package.module:function'")
+    if cfg.model.hf and cfg.model.factory:
+        raise ConfigError("model.hf and model.factory are both set; keep one")
+    if any(not isinstance(name, str) for name in cfg.parallel.shard_modules):
+        raise ConfigError(f"parallel.shard_modules = {cfg.parallel.shard_modules!r} must be a list of class names")
     for key in ("factory", "collate"):
         value = getattr(cfg.data, key)
         if value and ":" not in value:

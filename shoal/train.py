@@ -29,6 +29,7 @@ from shoal.data import ShardedSampler
 from shoal.fault import preempt
 from shoal.fault.checkpoint import PREFIX, Checkpointer
 from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
+from shoal.models import to_device
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import ParallelModel, check_batch_split
@@ -227,7 +228,7 @@ class Trainer:
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
             samples += len(ids)
             fetched = time.perf_counter()
-            inputs, targets = (x.to(where.device, non_blocking=True) for x in self.train_set.get(ids))
+            inputs, targets = (to_device(x, where.device) for x in self.train_set.get(ids))
             self.data_seconds += time.perf_counter() - fetched
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
@@ -280,8 +281,8 @@ class Trainer:
         self.model.train(False)
         total = torch.zeros((), device=where.device)
         for _ in range(t.eval_batches):
-            inputs, targets = (x.to(where.device) for x in self.val_set.get(sampler.next_batch(where.dp_rank,
-                                                                                                where.dp_size)))
+            inputs, targets = (to_device(x, where.device) for x in self.val_set.get(sampler.next_batch(
+                where.dp_rank, where.dp_size)))
             with self.autocast:
                 total += self.model.evaluate(inputs, targets).float()
         self.model.train(True)

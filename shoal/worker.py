@@ -113,7 +113,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
     model = build_model(cfg.model, spec)
-    log.info("model %s: %.2fM parameters; %d training samples", cfg.model.factory or cfg.model.name,
+    log.info("model %s: %.2fM parameters; %d training samples", cfg.model.hf or cfg.model.factory or cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
     outer_sync = cfg.sync.method in OUTER_SYNC_METHODS  # DiLoCo / local SGD own the replica axis
     pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync)

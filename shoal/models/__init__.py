@@ -11,21 +11,41 @@ from torch import nn
 from shoal.config import ConfigError, ModelConfig
 from shoal.data.spec import DataSpec
 
-__all__ = ["build_model", "compute_loss"]
+from shoal.models.hf import call_model, logits_of, loss_of
+
+__all__ = ["Loss", "build_model", "call_model", "compute_loss", "import_callable", "to_device"]
+
+
+def to_device(batch, device: torch.device):
+    """A batch part (tensor, dict of tensors, or None: a model computing its own loss) on `device`."""
+    if batch is None:
+        return None
+    if isinstance(batch, dict):
+        return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    return batch.to(device, non_blocking=True)
+
+
+def import_callable(name: str, field: str):
+    """The object `package.module:attribute` names; a ConfigError naming `field` otherwise."""
+    module_name, _, attr = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"{field} = '{name}' cannot be imported: {err}") from None
 
 
 def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     """Build the configured model for data described by `spec` (weights from the current seed)."""
+    if cfg.hf:
+        from shoal.models.hf import load_hf
+        return _fits_data(load_hf(cfg.hf), spec, "model.hf")
     if cfg.factory:
-        module_name, _, func_name = cfg.factory.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), func_name)
-        except (ImportError, AttributeError) as err:
-            raise ConfigError(f"model.factory = '{cfg.factory}' cannot be imported: {err}") from None
+        factory = import_callable(cfg.factory, "model.factory")
         model = factory(spec)
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model.factory = '{cfg.factory}' returned {type(model).__name__}, not an nn.Module")
-        return model
+        from shoal.models.hf import prepare
+        return _fits_data(prepare(model), spec, "model.factory")
     sizes = {"dim": cfg.dim, "n_layers": cfg.n_layers, "dropout": cfg.dropout}
     if cfg.name == "gpt":
         if spec.kind != "tokens":
@@ -47,9 +67,64 @@ def build_model(cfg: ModelConfig, spec: DataSpec) -> nn.Module:
     return build_dlrm(spec, cfg)
 
 
-def compute_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer targets (classes or next tokens), mean squared error for floats."""
+def _fits_data(model: nn.Module, spec: DataSpec, field: str) -> nn.Module:
+    # a token id past the embedding table fails deep inside the model with an index error
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 0)
+    if spec.kind == "tokens" and vocab and spec.vocab_size > vocab:
+        raise ConfigError(f"{field}: the model's vocab_size {vocab} is smaller than the data's {spec.vocab_size} "
+                          f"token ids")
+    return model
+
+
+def compute_loss(output, target: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy for integer targets (classes or next tokens), mean squared error for floats.
+    `output` is a tensor of logits or a model output holding them (`.logits`); with no target
+    the model's own `.loss` is used."""
+    if target is None:
+        return loss_of(output)
+    output = logits_of(output)
     if target.dtype.is_floating_point:
         return F.mse_loss(output.float().view_as(target) if output.numel() == target.numel() else output.float(),
                           target)
     return F.cross_entropy(output.float().flatten(0, -2), target.flatten())
+
+
+class Loss:
+    """The configured loss (model.loss), called as loss(output, inputs, targets).
+
+    '' is `compute_loss`; 'model' reads the model's own `.loss` (the targets go to the model
+    as `labels` when the inputs do not carry them); 'package.module:fn' is called as
+    fn(output, batch), where batch is a dict of the inputs (a tensor input under "inputs")
+    and "targets". The first value is checked: a non-scalar or NaN loss is a ConfigError.
+    """
+
+    def __init__(self, spec: str = ""):
+        self.spec = spec
+        self.fn = import_callable(spec, "model.loss") if spec and spec != "model" else None
+        self.checked = False
+
+    @property
+    def wants_labels(self) -> bool:
+        return self.spec == "model"
+
+    def __call__(self, output, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+        if self.fn is not None:
+            batch = dict(inputs) if isinstance(inputs, dict) else {"inputs": inputs}
+            batch["targets"] = targets
+            loss = self.fn(output, batch)
+        elif self.spec == "model":
+            loss = loss_of(output)
+        else:
+            loss = compute_loss(output, targets)
+        if not self.checked:
+            self._check(loss)
+        return loss.reshape(())
+
+    def _check(self, loss) -> None:
+        what = f"model.loss = '{self.spec}'" if self.spec else "the built-in loss"
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(f"{what} returned {shape}, not a scalar tensor")
+        if not torch.isfinite(loss.detach()).all():
+            raise ConfigError(f"{what} returned {float(loss.detach())} on the first batch")
+        self.checked = True

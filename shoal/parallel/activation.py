@@ -38,7 +38,7 @@ def apply_ac(model: nn.Module, mesh: object, cfg: Config) -> nn.Module:
         return model
     context_fn = (functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
                   if mode == "selective" else None)
-    for block in model_blocks(model):
+    for block in model_blocks(model, cfg.parallel.shard_modules):
         # Replacing the instance's forward, not wrapping the module, keeps parameter names
         # unchanged, so checkpoints stay loadable with checkpointing on or off.
         block.forward = functools.partial(_checkpointed, block.forward, context_fn)

@@ -14,6 +14,6 @@ def apply_compile(model: nn.Module, mesh: object, cfg: Config) -> nn.Module:
     """Compile every block of `model` in place (`mesh` is unused)."""
     if not cfg.parallel.compile:
         return model
-    for block in model_blocks(model):
+    for block in model_blocks(model, cfg.parallel.shard_modules):
         block.compile()  # in place: the parameter names do not gain an `_orig_mod.` prefix
     return model

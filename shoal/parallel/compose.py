@@ -18,7 +18,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from shoal.config import COMPRESSION_HOOKS, Config, ConfigError, TrainConfig
-from shoal.models import compute_loss
+from shoal.models import Loss, call_model
 from shoal.runtime.mesh import ParallelDims
 from shoal.runtime.lazy import dtensor_type
 
@@ -37,20 +37,27 @@ class ParallelModel:
     """The DDP wrapper, when there is one, for gradient comm hooks."""
     pp_group: dist.ProcessGroup | None = None
     """The pipeline group, when the model is split into stages: gradient norms sum over it."""
+    loss: Loss = field(default_factory=Loss)
+    """The configured loss (model.loss), called as loss(output, inputs, targets)."""
 
     def parameters(self):
         for part in self.model_parts:
             yield from part.parameters()
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    def _loss(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+        # inputs: a tensor or a dict of tensors (input_ids, attention_mask, pixel_values...)
+        output = call_model(self.module, inputs, targets if self.loss.wants_labels else None)
+        return self.loss(output, inputs, targets)
+
+    def forward_backward(self, inputs, targets: torch.Tensor | None, loss_scale: float) -> torch.Tensor:
         """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached."""
-        loss = compute_loss(self.module(inputs), targets)
+        loss = self._loss(inputs, targets)
         (loss * loss_scale).backward()
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return compute_loss(self.module(inputs), targets)
+    def evaluate(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+        return self._loss(inputs, targets)
 
     def train(self, mode: bool = True) -> None:
         for part in self.model_parts:
@@ -65,7 +72,8 @@ class ParallelModel:
         # one norm per (mesh, placements) group: DTensor's reduction of a group's partial norm
         # is a single collective, where one per gradient would be hundreds
         groups: dict[object, list[torch.Tensor]] = {}
-        for g in grads:
+        skip = self._norm_skip()
+        for g in (p.grad for p in self.parameters() if p.grad is not None and id(p) not in skip):
             key = (g.device_mesh, g.placements) if isinstance(g, dtensor_type()) else None
             groups.setdefault(key, []).append(g)
         squares = torch.zeros((), dtype=torch.float64)
@@ -84,6 +92,10 @@ class ParallelModel:
                 g.mul_(coef)
         return total
 
+    def _norm_skip(self) -> set[int]:
+        """Parameters left out of the gradient norm (copies another rank counts)."""
+        return set()
+
 
 @dataclass
 class PipelineModel(ParallelModel):
@@ -96,9 +108,45 @@ class PipelineModel(ParallelModel):
     last_rank: int = 0
     """Global rank of the pp-group member that holds the last stage (it computes the loss)."""
     loss_scale: float = 1.0
+    tied: list[list[nn.Parameter]] = field(default_factory=list)
+    """Per tied-weight group (GPT-2's input and output embeddings), this rank's copies: their
+    gradients are summed over the pipeline group, whose first and last stage each hold one."""
+    tied_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    """The local shape of each tied group's gradient, for a rank holding no copy of it."""
+    sync_tied: bool = True
+
+    @contextlib.contextmanager
+    def _accumulating(self):
+        # between micro-batches the tied gradients keep accumulating; summed once, on the last
+        self.sync_tied = False
+        try:
+            yield
+        finally:
+            self.sync_tied = True
+
+    def _norm_skip(self) -> set[int]:
+        # a tied weight's gradient is the same on each stage holding it: counted on the first only
+        return set() if self.has_first else {id(p) for params in self.tied for p in params}
+
+    def _sum_tied_grads(self) -> None:
+        for params, shape in zip(self.tied, self.tied_shapes):
+            local = [p.grad.to_local() if isinstance(p.grad, dtensor_type()) else p.grad
+                     for p in params if p.grad is not None]
+            total = torch.stack(local).sum(0) if local else None
+            if total is None:  # this rank holds no copy (a middle stage): it adds zeros
+                total = torch.zeros(shape)
+            dist.all_reduce(total, group=self.pp_group)
+            for g in local:
+                g.copy_(total)
+
+    first_checked: bool = False
 
     def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return compute_loss(output, target) * self.loss_scale
+        # the last stage sees only its output and the targets: a custom loss gets {"targets": ...}.
+        # The schedule first calls this on placeholder tensors to infer shapes; the value is
+        # checked in _run instead, on the real loss.
+        self.loss.checked = True
+        return self.loss(output, {}, target) * self.loss_scale
 
     def _run(self, step, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses: list[torch.Tensor] = []
@@ -109,11 +157,20 @@ class PipelineModel(ParallelModel):
         loss = (torch.stack([x.detach().float() for x in losses]).mean() / self.loss_scale if self.has_last
                 else torch.zeros((), device=inputs.device))
         dist.broadcast(loss, src=self.last_rank, group=self.pp_group)
+        if not self.first_checked:  # every rank checks the broadcast value, so all stop together
+            self.first_checked = True
+            self.loss._check(loss)
         return loss
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            raise ConfigError("parallel.pp: pipeline stages take a tensor of token ids; this data gives a dict "
+                              f"({', '.join(inputs)}); use parallel.pp = 1")
         self.loss_scale = loss_scale
-        return self._run(self.schedule.step, inputs, targets)
+        loss = self._run(self.schedule.step, inputs, targets)
+        if self.tied and self.sync_tied:
+            self._sum_tied_grads()
+        return loss
 
     @torch.no_grad()
     def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,10 +185,11 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     from shoal.parallel.activation import apply_ac
     from shoal.parallel.compile import apply_compile
     model.to(device)
+    loss = Loss(cfg.model.loss)
     if dims.world_size == 1 or mesh is None:
         apply_ac(model, None, cfg)
         apply_compile(model, None, cfg)
-        return ParallelModel(module=model, model_parts=[model])
+        return ParallelModel(module=model, model_parts=[model], loss=loss)
 
     # 1. Tensor parallel first: it swaps weights for DTensors on the "tp" axis, and every
     #    later step (stage split, checkpointing, compile, FSDP) then wraps those as they are.
@@ -140,8 +198,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         apply_tp(model, mesh["tp"], cfg)
     # 2. Pipeline split: each rank keeps its stages; what follows is applied per stage.
     parts = [model]
+    tied: list[tuple[list[str], tuple[int, ...]]] = []
     if dims.pp > 1:
+        from shoal.parallel.hf_pipeline import tied_names
         from shoal.parallel.pipeline import apply_pp
+        params = dict(model.named_parameters(remove_duplicate=False))
+        tied = [(names, tuple(params[names[0]].shape)) for names in tied_names(model)]
         parts = apply_pp(model, mesh["pp"], cfg)
     # 3. Activation checkpointing, then 4. compile: compile after checkpointing so the
     #    recomputation is traced into the compiled graph, and before FSDP so FSDP's
@@ -162,10 +224,23 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     elif dp_mesh is not None:
         from shoal.parallel.data import apply_ddp
         ddp = apply_ddp(model, dp_mesh, device)
-        return ParallelModel(module=ddp, model_parts=[model], no_sync=ddp.no_sync, ddp=ddp)
+        return ParallelModel(module=ddp, model_parts=[model], no_sync=ddp.no_sync, ddp=ddp, loss=loss)
 
+    pm_fields["loss"] = loss
     if dims.pp > 1:
-        return _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
+        pm = _pipeline_model(parts, mesh["pp"], cfg, device, pm_fields)
+        for names, shape in tied:
+            # the parameters as they are now (FSDP swapped them for DTensors), one per object
+            held = {id(p): p for part in parts for n, p in part.named_parameters(remove_duplicate=False)
+                    if n in names}
+            pm.tied.append(list(held.values()))
+            if dp_mesh is not None and dims.dp_shard > 1:  # FSDP keeps a dim-0 chunk per rank
+                shape = tuple(torch.empty(shape, device="meta").chunk(dims.dp_shard)[
+                    dp_mesh.get_local_rank(mesh_dim=dp_mesh.ndim - 1)].shape)
+            pm.tied_shapes.append(shape)
+        if tied:
+            pm.no_sync = pm._accumulating
+        return pm
     return ParallelModel(module=model, model_parts=parts, **pm_fields)
 
 
@@ -217,14 +292,19 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     dims = ParallelDims.from_config(par, world_size)
     if par.pp_schedule not in SCHEDULES:
         raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
-    model = "factory" if cfg.model.factory else cfg.model.name
-    if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm"):
-        raise ConfigError(f"parallel.tp = {dims.tp}: a model from model.factory has no tensor-parallel plan; "
+    model = "hf" if cfg.model.hf else "factory" if cfg.model.factory else cfg.model.name
+    if model == "hf":
+        from shoal.models.hf import check_hf_layout
+        check_hf_layout(cfg, dims.tp, dims.pp * STAGES_PER_RANK[par.pp_schedule])
+    # a factory's model is known only once a worker builds it: TP and PP then need a Hugging
+    # Face model (shoal/parallel/tensor.py and pipeline.py refuse others with a ConfigError)
+    if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm", "hf", "factory"):
+        raise ConfigError(f"parallel.tp = {dims.tp}: model.name = '{model}' has no tensor-parallel plan; "
                           f"use parallel.tp = 1 (FSDP with parallel.dp_shard shards any model)")
-    if dims.pp > 1 and model != "gpt":
+    if dims.pp > 1 and model not in ("gpt", "hf", "factory"):
         raise ConfigError(f"parallel.pp = {dims.pp}: pipeline stages split transformer layers, which only "
-                          f"model.name = 'gpt' has; use parallel.pp = 1")
-    sizes = model_sizes(cfg)
+                          f"model.name = 'gpt' (or a Hugging Face decoder) has; use parallel.pp = 1")
+    sizes = model_sizes(cfg) if model not in ("hf", "factory") else {}
     if model == "gpt":
         if sizes["n_heads"] % dims.tp:
             raise ConfigError(f"parallel.tp = {dims.tp} must divide model.n_heads = {sizes['n_heads']} (each rank "

@@ -1,4 +1,5 @@
-"""Pipeline parallelism (`torch.distributed.pipelining`): the gpt's layers split into
+"""Pipeline parallelism (`torch.distributed.pipelining`): the layers of the gpt (or of a
+Hugging Face decoder, shoal/parallel/hf_pipeline.py) split into
 stages, one (or, interleaved, several) per rank of the "pp" axis, with micro-batches
 flowing through them on a schedule.
 
@@ -48,6 +49,15 @@ def apply_pp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> list[nn.Module]
     the full model's parameter names (so checkpoints load under any pipeline degree)."""
     schedule = cfg.parallel.pp_schedule
     n_stages = mesh.size() * STAGES_PER_RANK[schedule]
+    from shoal.models.hf import is_hf
+    if is_hf(model):
+        from shoal.parallel.hf_pipeline import hf_num_layers, split_hf
+        ranges = stage_layers(hf_num_layers(model), n_stages)
+        return split_hf(model, ranges, stage_ids(mesh.get_local_rank(), mesh.size(), schedule))
+    if not isinstance(getattr(model, "layers", None), nn.ModuleDict):
+        from shoal.config import ConfigError
+        raise ConfigError(f"parallel.pp = {mesh.size()}: pipeline stages split the layers of shoal's gpt or of a "
+                          f"Hugging Face decoder; {type(model).__name__} is neither (use parallel.pp = 1)")
     names = list(model.layers.keys())
     ranges = stage_layers(len(names), n_stages)
     # A parameter-free skeleton of the model is copied per stage and given the submodules

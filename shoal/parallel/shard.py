@@ -32,7 +32,7 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     # pin_memory=False: pinning needs an accelerator, and on CPU there is nothing to pin for
     offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload \
         else OffloadPolicy()
-    blocks = model_blocks(model)
+    blocks = _untied(model, model_blocks(model, cfg.parallel.shard_modules))
     for i, block in enumerate(blocks):
         # the last block's parameters are needed first in backward: keeping them gathered
         # after forward saves one all-gather per step
@@ -40,3 +40,20 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
                     reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def _untied(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """The blocks whose parameters no module outside them shares: a tied weight (BERT's word
+    embeddings, also its output layer) must live in one FSDP unit, so such a block stays in
+    the root's unit."""
+    count: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        count[id(param)] = count.get(id(param), 0) + 1
+    kept = []
+    for block in blocks:
+        inside: dict[int, int] = {}
+        for _, param in block.named_parameters(remove_duplicate=False):
+            inside[id(param)] = inside.get(id(param), 0) + 1
+        if all(count[key] == n for key, n in inside.items()):
+            kept.append(block)
+    return kept

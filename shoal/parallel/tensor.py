@@ -5,7 +5,8 @@ Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Mode
 sequence parallelism keeps the activations between blocks split along the sequence.
 
 One plan per model family; a model without one is refused by `check_layout` before any
-worker starts.
+worker starts. Hugging Face models bring their own plan (`config.base_model_tp_plan`, see
+shoal/parallel/hf_tensor.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,11 @@ from shoal.config import Config
 def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     """Split `model`'s weights over the 1-D "tp" `mesh` in place (gpt, mlp or dlrm)."""
     from shoal.models.gpt import GPT
+    from shoal.models.hf import is_hf
     from shoal.models.mlp import MLP
+    if is_hf(model):
+        from shoal.parallel.hf_tensor import apply_hf_tp
+        return apply_hf_tp(model, mesh)
     if isinstance(model, GPT):
         return _tp_gpt(model, mesh, cfg)
     if isinstance(model, MLP):
@@ -31,7 +36,10 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     from shoal.models.dlrm import DLRM
     if isinstance(model, DLRM):
         return _tp_dlrm(model, mesh)
-    raise TypeError(f"no tensor-parallel plan for {type(model).__name__}")  # check_layout refuses this first
+    from shoal.config import ConfigError
+    raise ConfigError(f"parallel.tp = {mesh.size()}: {type(model).__name__} has no tensor-parallel plan (only "
+                      f"gpt, mlp, dlrm and Hugging Face models with config.base_model_tp_plan have one); use "
+                      f"parallel.tp = 1 and parallel.dp_shard to shard it")
 
 
 def _tp_gpt(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:

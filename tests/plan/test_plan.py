@@ -44,10 +44,11 @@ def test_layouts_the_model_cannot_take():
     mlp.model.name, mlp.data.source = "mlp", "synthetic"
     with pytest.raises(ConfigError, match="parallel.pp = 2.*only model.name = 'gpt'"):
         check_layout(mlp, 2)
+    # a factory may return a Hugging Face model with its own plan: the worker that builds it
+    # refuses one without (shoal/parallel/tensor.py), so the layout passes here
     custom = gpt(tp=2)
     custom.model.factory = "mypkg.models:build"
-    with pytest.raises(ConfigError, match="parallel.tp = 2: a model from model.factory"):
-        check_layout(custom, 2)
+    check_layout(custom, 2)
     hooked = gpt(dp_shard=2)
     hooked.sync.method = "powersgd"
     with pytest.raises(ConfigError, match="sync.method = 'powersgd' is a DDP comm hook"):

@@ -1,0 +1,171 @@
+"""Shoal from Python: `shoal.train(config, model=..., data=..., loss=...)`.
+
+    import shoal
+
+    def build_model(spec): ...          # module level: workers import it by name
+    def build_data(): ...               # a torch Dataset (see docs/data.md, data.factory)
+
+    if __name__ == "__main__":          # workers import this file; the guard keeps them from training again
+        result = shoal.train(shoal.Config(), model=build_model, data=build_data)
+        print(result.run_dir, result.metrics)
+
+Where it runs: when this process is already a worker of a job (torchrun, srun or Ray set
+RANK/WORLD_SIZE or SLURM_PROCID), the worker code runs here, in this process, exactly as
+`python -m shoal.worker` would. Otherwise it starts `launch.nproc` local workers the way
+`shoal run` does (the same checks, run directory and launcher) and waits for them.
+
+How your functions reach the workers: by name. A function becomes the string
+'module:function' in the config (`model.factory`, `data.factory`, `model.loss`), which every
+worker imports. A function defined in the script being run (module `__main__`) is named by
+the script's file name, and its folder is put on the workers' PYTHONPATH, so workers import
+the script as a module (its `if __name__ == "__main__":` block does not run there). Nothing
+is pickled: a worker may be another process, another host or a restarted process, and a
+name is all it can be given that it can check and rebuild from; lambdas, closures and
+model instances are refused with a message saying so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shoal import config as config_module
+from shoal.config import Config, ConfigError
+
+__all__ = ["TrainResult", "train"]
+
+
+@dataclass
+class TrainResult:
+    """What a finished run left: its directory and its last metrics."""
+
+    run_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The last train record of metrics.jsonl (step, loss, throughput...) plus the last
+    validation loss as `val_loss` when there was an evaluation."""
+
+
+def train(config: Config | str | Path | None = None, *, model: Any = None, data: Any = None, loss: Any = None,
+          overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+          verbose: bool = False) -> TrainResult:
+    """Train as `shoal run` does and return the run directory and final metrics.
+
+    `config`: a Config, a TOML path, or None for the defaults. `model`: a function
+    spec -> nn.Module (a Hugging Face PreTrainedModel is fine), its 'module:function' name,
+    or the folder of a saved Hugging Face model. `data`: a function returning a torch
+    Dataset (data.factory) or its name. `loss`: a function (output, batch) -> scalar, its
+    name, or "model" for the model's own loss. `overrides`: 'section.key=value' strings.
+    """
+    cfg = _config(config, overrides)
+    if model is not None:
+        if isinstance(model, (str, Path)) and ":" not in str(model):
+            cfg.model.hf, cfg.model.factory = str(model), ""
+        else:
+            cfg.model.factory, cfg.model.hf = _name_of(model, "model"), ""
+    if data is not None:
+        cfg.data.factory = _name_of(data, "data")
+    if loss is not None:
+        cfg.model.loss = loss if loss == "model" else _name_of(loss, "loss")
+    config_module.validate(cfg)
+    if _in_worker():
+        return _train_here(cfg, resume, verbose)
+    return _launch(cfg, resume, verbose)
+
+
+def _config(config: Config | str | Path | None, overrides) -> Config:
+    if isinstance(config, Config):
+        cfg = config_module.from_dict(config_module.to_dict(config))  # a copy: the caller's stays as it was
+        cfg = config_module.apply_overrides(cfg, list(overrides))
+        cfg.log.name = cfg.log.name or "shoal"
+        return cfg
+    return config_module.load(config, list(overrides))
+
+
+def _name_of(obj: Any, what: str) -> str:
+    """'module:function' for a function the workers can import (see the module docstring)."""
+    if isinstance(obj, str):
+        if ":" not in obj:
+            raise ConfigError(f"{what}= '{obj}' must look like 'package.module:function'")
+        return obj
+    qualname = getattr(obj, "__qualname__", "")
+    module = getattr(obj, "__module__", None)
+    if not callable(obj) or not module or not qualname:
+        raise ConfigError(f"{what}= takes a module-level function (or its 'module:function' name), not a "
+                          f"{type(obj).__name__}: workers are separate processes and build their own from a name")
+    if "<" in qualname or "." in qualname:
+        raise ConfigError(f"{what}= {qualname} is not a module-level function; workers import functions by name, "
+                          f"so define it at the top level of a module or script")
+    if module == "__main__":
+        main_file = getattr(sys.modules["__main__"], "__file__", None)
+        if not main_file:
+            raise ConfigError(f"{what}= {qualname} is defined in an interactive session; workers import functions "
+                              f"by name, so define it in a file")
+        folder, module = str(Path(main_file).resolve().parent), Path(main_file).stem
+        # workers import the script as `module`; in this process it is already loaded as __main__
+        sys.modules.setdefault(module, sys.modules["__main__"])
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+        paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if folder not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([folder, *[p for p in paths if p]])
+    return f"{module}:{qualname}"
+
+
+def _in_worker() -> bool:
+    """Started as one worker of a job (torchrun, srun, Ray's torch trainer, shoal's launcher)."""
+    env = os.environ
+    return ("RANK" in env and "WORLD_SIZE" in env) or ("SLURM_PROCID" in env and "SLURM_NTASKS" in env)
+
+
+def _train_here(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
+    from shoal.observe import rundir
+    from shoal.worker import train as worker_train
+    # every rank must agree on the directory without talking first: the exact name, as for
+    # a multi-host launch (checkpoints already there need resume=)
+    path = Path(cfg.log.dir) / cfg.log.name if resume else rundir.new_run_dir(cfg, exact=True)
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        (path / "config.toml").write_text(config_module.to_toml(cfg))
+    worker_train(cfg, run_dir=str(path), resume=resume and str(path), verbose=verbose)
+    return TrainResult(path, final_metrics(path))
+
+
+def _launch(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
+    # the same steps as `shoal run` (shoal/cli.py): checks, run directory, launcher
+    from shoal import cli
+    from shoal.launch.local import Rendezvous
+    if cfg.fault.enabled:
+        from shoal.launch.supervisor import check_fault_tolerant
+        if not check_fault_tolerant(cfg, cfg.launch.nproc, None):
+            cli._check_before_launch(cfg, cfg.launch.nproc)
+    else:
+        cli._check_before_launch(cfg, cfg.launch.nproc)
+    run_dir = cli._prepare_run(cfg, resume, exact_name=False)
+    args = argparse.Namespace(resume=resume and str(run_dir), verbose=verbose, chaos=None, command="run")
+    code = cli._start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
+    if code == 2:
+        raise ConfigError(f"a worker refused the config; see {run_dir / 'logs'}")
+    if code:
+        raise RuntimeError(f"training failed (exit code {code}); worker logs in {run_dir / 'logs'}")
+    return TrainResult(run_dir, final_metrics(run_dir))
+
+
+def final_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last train record of `run_dir`'s metrics.jsonl, with the last val_loss added."""
+    path = Path(run_dir) / "metrics.jsonl"
+    out: dict[str, Any] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("kind") == "train":
+            out.update({k: v for k, v in record.items() if k != "kind"})
+        elif record.get("kind") == "eval":
+            out["val_loss"] = record["val_loss"]
+    return out
+
+

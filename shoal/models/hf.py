@@ -1,0 +1,164 @@
+"""Hugging Face `transformers` models as they are: loaded from a local folder, called the way
+they expect, their outputs read for logits or loss.
+
+A folder is what `save_pretrained` writes: `config.json` (whose `architectures` names the
+class) and, when trained weights exist, `model.safetensors`. Without weights the model is
+initialised from the config with the current torch seed, so every rank builds the same one.
+Nothing is downloaded: `local_files_only` holds for the config and the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shoal.config import ConfigError
+
+
+def read_hf_config(path: str, field: str = "model.hf") -> Any:
+    """The `transformers` config of the folder `path`; a ConfigError names `field` when the
+    folder, its config.json or its architecture is missing."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{field} = '{path}': no config.json in that folder (save one with "
+                          f"model.save_pretrained(PATH) or config.save_pretrained(PATH))")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{field} = '{path}': config.json is not valid JSON: {err}") from None
+    import transformers
+    model_type = raw.get("model_type", "")
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (ValueError, KeyError, OSError) as err:
+        raise ConfigError(f"{field} = '{path}': model_type '{model_type}' is unknown to the installed "
+                          f"transformers {transformers.__version__} ({str(err).splitlines()[0]})") from None
+    return config
+
+
+def model_class(config: Any, path: str, field: str = "model.hf") -> type:
+    """The class named first in the config's `architectures`, from the installed transformers."""
+    import transformers
+    names = list(getattr(config, "architectures", None) or [])
+    if not names:
+        raise ConfigError(f"{field} = '{path}': config.json names no `architectures` (which class to build)")
+    cls = getattr(transformers, names[0], None)
+    if cls is None:
+        raise ConfigError(f"{field} = '{path}': architecture '{names[0]}' is not in the installed transformers "
+                          f"{transformers.__version__}")
+    return cls
+
+
+def load_hf(path: str) -> nn.Module:
+    """The model of folder `path`: trained weights from model.safetensors when present,
+    otherwise initialised from config.json."""
+    config = read_hf_config(path)
+    cls = model_class(config, path)
+    # under a meta device (shoal plan sizes the model without memory) there is nothing to load into
+    if (Path(path) / "model.safetensors").is_file() and torch.get_default_device().type != "meta":
+        model = cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
+    else:
+        model = cls._from_config(config)
+    return prepare(model)
+
+
+def is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Training settings for a PreTrainedModel: no key/value cache (it only costs memory when
+    every step sees a whole sequence), outputs as ModelOutput."""
+    if is_hf(model):
+        model.config.use_cache = False
+        model.train(True)
+    return model
+
+
+def call_model(model: nn.Module, inputs: Any, labels: torch.Tensor | None = None) -> Any:
+    """Run `model` on a batch the way it expects it: a dict's entries as keyword arguments
+    (input_ids, attention_mask, pixel_values, labels...), a tensor as the first positional
+    argument (a tokens model's input_ids, a vision model's pixel_values). `labels`, when
+    given and not already in the dict, is passed by name (for the model's own loss)."""
+    if isinstance(inputs, dict):
+        if labels is not None and "labels" not in inputs:
+            inputs = {**inputs, "labels": labels}
+        return model(**inputs)
+    if labels is not None:
+        return model(inputs, labels=labels)
+    return model(inputs)
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The prediction tensor in a model's output: a tensor itself, `.logits` of a ModelOutput
+    or a dict, or the first tensor of a tuple that is not a loss."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) or hasattr(output, "keys"):  # ModelOutput is an OrderedDict
+        for key in ("logits", "prediction_logits", "last_hidden_state"):
+            if key in output and output[key] is not None:
+                return output[key]
+        raise TypeError(f"model output has no logits (keys: {', '.join(output.keys())}); "
+                        f"set model.loss = 'model' or a loss function")
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    raise TypeError(f"cannot read logits from a model output of type {type(output).__name__}")
+
+
+def loss_of(output: Any) -> torch.Tensor:
+    """The model's own loss: `.loss` / ['loss'], or the first element of a tuple."""
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        loss = output.get("loss") if hasattr(output, "get") else None
+    elif isinstance(output, (tuple, list)) and output:
+        loss = output[0]
+    else:
+        loss = None
+    if loss is None:
+        raise ConfigError("model.loss = 'model', but the model's output has no loss (pass labels in the data, "
+                          "or use the built-in loss: model.loss = '')")
+    return loss
+
+
+def meta_model(path: str) -> nn.Module:
+    """The model of folder `path` with shapes only (no memory, no weights read)."""
+    config = read_hf_config(path)
+    cls = model_class(config, path)
+    with torch.device("meta"):
+        return cls._from_config(config)
+
+
+def tp_plan(config: Any) -> dict[str, str]:
+    """The model's own tensor-parallel plan (`base_model_tp_plan`), relative to its base model."""
+    from shoal.parallel.hf_tensor import EXTRA_PLANS
+    return dict(getattr(config, "base_model_tp_plan", None) or EXTRA_PLANS.get(config.model_type, {}))
+
+
+def check_hf_layout(cfg: Any, tp: int, stages: int) -> None:
+    """What a layout needs from a model.hf model, checked from its config before workers start."""
+    from shoal.parallel.blocks import named_blocks
+    config = read_hf_config(cfg.model.hf)
+    model_class(config, cfg.model.hf)
+    if cfg.parallel.shard_modules:
+        named_blocks(meta_model(cfg.model.hf), cfg.parallel.shard_modules)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if tp > 1:
+        if not tp_plan(text):
+            raise ConfigError(f"parallel.tp = {tp}: model.hf = '{cfg.model.hf}' ({text.model_type}) has no "
+                              f"tensor-parallel plan (config.base_model_tp_plan); use parallel.tp = 1 and "
+                              f"parallel.dp_shard to shard it")
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            heads = getattr(text, key, None)
+            if heads and heads % tp:
+                raise ConfigError(f"parallel.tp = {tp} must divide the model's {key} = {heads} (each rank holds "
+                                  f"whole heads)")
+    layers = getattr(text, "num_hidden_layers", 0)
+    if stages > 1 and layers and stages > layers:
+        raise ConfigError(f"parallel.pp: {stages} pipeline stages but model.hf has num_hidden_layers = {layers}")

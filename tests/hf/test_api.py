@@ -1,0 +1,75 @@
+"""The Python API: a script calls shoal.train with its own functions (model, data, loss),
+the workers import them from the script by name, and the run directory and final metrics
+come back."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shoal.api import _name_of
+from shoal.config import ConfigError
+
+SCRIPT = '''
+import json, sys
+import torch, transformers
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+import shoal
+
+class Tokens(Dataset):
+    vocab_size = 256
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        window = (torch.arange(17) * (i + 1)) % 256
+        return window[:-1], window[1:]
+
+def build_model(spec):
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=256, n_positions=32,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+def my_loss(output, batch):
+    return F.cross_entropy(output.logits.flatten(0, 1), batch["targets"].flatten())
+
+if __name__ == "__main__":
+    config = shoal.Config()
+    config.train.steps, config.train.batch_size, config.train.eval_every = 3, 4, 3
+    config.launch.threads, config.parallel.dp_shard = 1, 2
+    result = shoal.train(config, model=build_model, data=Tokens, loss=my_loss, overrides=["log.dir=" + sys.argv[1]])
+    print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics}))
+'''
+
+
+@pytest.mark.parametrize("started_by", ["python", "torchrun"])
+def test_a_script_trains_through_the_api(tmp_path, started_by):
+    """`python script.py`: shoal starts 2 workers. `torchrun script.py`: each process is a worker
+    and trains in place."""
+    script = tmp_path / "user_script.py"
+    script.write_text(SCRIPT)
+    command = [sys.executable, str(script)] if started_by == "python" else \
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", str(script)]
+    out = subprocess.run([*command, str(tmp_path / "runs")], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=240, stdin=subprocess.DEVNULL, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    run_dir = tmp_path / "runs" / "shoal"
+    assert result["run_dir"] == str(run_dir) and (run_dir / "metrics.jsonl").is_file()
+    assert result["metrics"]["step"] == 3 and result["metrics"]["loss"] > 0 and "val_loss" in result["metrics"]
+    saved = (run_dir / "config.toml").read_text()  # the workers were given names, not objects
+    assert 'factory = "user_script:build_model"' in saved and 'loss = "user_script:my_loss"' in saved
+
+
+def test_functions_reach_workers_by_name_only():
+    assert _name_of(json.dumps, "model") == "json:dumps"
+    assert _name_of("pkg.mod:fn", "loss") == "pkg.mod:fn"
+    with pytest.raises(ConfigError, match="not a module-level function"):
+        _name_of(lambda spec: None, "model")
+    with pytest.raises(ConfigError, match="takes a module-level function"):
+        _name_of(object(), "model")
