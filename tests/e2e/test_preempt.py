@@ -64,7 +64,9 @@ def test_sigterm_at_a_random_step_stops_with_a_checkpoint_and_resumes_exactly(tm
         job.kill()
     assert job.returncode == 128 + signal.SIGTERM, stderr
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert len(saved) == 1 and at <= int(saved[0].split("_")[1]) <= at + 1, (saved, at)  # the next boundary
+    # A step's record is written after the step; the step in flight, and the one whose stop flag was
+    # already on the wire when the signal landed, complete: the stop comes at most two steps later.
+    assert len(saved) == 1 and at <= int(saved[0].split("_")[1]) <= at + 2, (saved, at)
     line = [x for x in stderr.splitlines() if x.startswith("shoal: stopped by SIGTERM")]
     assert line and "--resume runs/pre" in line[0] and saved[0] in line[0], stderr
 
