@@ -30,6 +30,7 @@ import torch
 from shoal.config import ConfigError
 from shoal.export.consolidate import Located, consolidate, locate
 from shoal.export.rows import check_rows, open_rows
+from shoal.runtime.env import launcher_environment
 
 JOB_FILE = "job.json"
 INDEX_FILE = "index.json"
@@ -177,12 +178,12 @@ def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     progress = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // nproc)
-    os.environ["SHOAL_LAUNCHER_PID"] = str(os.getpid())  # read by die_with_launcher in each worker
     workers = [ctx.Process(target=_worker, args=(found, job, pending[w::nproc], str(out), batch_size, threads,
                                                  progress), daemon=True)
                for w in range(nproc) if pending[w::nproc]]
-    for worker in workers:
-        worker.start()
+    with launcher_environment(SHOAL_LAUNCHER_PID=str(os.getpid())):  # read by die_with_launcher in each worker
+        for worker in workers:
+            worker.start()
     try:
         while any(w.is_alive() for w in workers) or not progress.empty():
             try:

@@ -132,7 +132,7 @@ class Replicas:
             else (0, 1)
         if group_size > 1:
             # The group's own default process group, for FSDP: its keys are under the group's
-            # member number, which a restarted group never reuses (see TORCH_NOTES.md).
+            # member number, which a restarted group never reuses (docs/torch.md).
             dist.init_process_group("gloo", store=dist.PrefixStore(keys.replica_group_prefix(member), store), rank=lane,
                                     world_size=group_size,
                                     timeout=timedelta(seconds=max(2 * cfg.fault.step_timeout, 30.0)))

@@ -21,6 +21,7 @@ from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, 
 
 from shoal.config import USER_ERROR
 from shoal.fault.preempt import ELASTIC_SIGNALS
+from shoal.runtime.env import launcher_environment
 
 
 @dataclass(kw_only=True)
@@ -73,10 +74,10 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
                       "read_timeout": rendezvous.timeout, "timeout": rendezvous.timeout},
         max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn", local_addr=rendezvous.local_addr,
         shutdown_timeout=max(1, int(grace_seconds)))
-    os.environ["SHOAL_LAUNCHER_PID"] = str(os.getpid())  # workers end with this process
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ELASTIC_SIGNALS  # SLURM's --signal sends SIGUSR1
+    # Workers end with this process; SLURM's --signal sends SIGUSR1, which the agent must forward too.
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
+        with launcher_environment(SHOAL_LAUNCHER_PID=str(os.getpid()), TORCHELASTIC_SIGNALS_TO_HANDLE=ELASTIC_SIGNALS):
+            elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
     except SignalException as err:
         raise Stopped(int(err.sigval)) from None
     except ChildFailedError as err:

@@ -12,6 +12,7 @@ PyTorchJob) or SkyPilot's SKYPILOT_* ones; `node_place` reads the same variables
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -167,6 +168,23 @@ def thread_budget(configured: int = 0, environ: dict[str, str] | None = None) ->
     return max(1, cores // workers)
 
 
+@contextlib.contextmanager
+def launcher_environment(**values: str):
+    """Set variables that workers started inside the block inherit (SHOAL_LAUNCHER_PID, ...), and
+    give the caller its own environment back afterwards: a Python API caller, or a test, that
+    launches workers and later starts a job of another kind must not pass these on to it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def die_with_launcher() -> None:
     """Under Shoal's launcher, end this worker when the launcher dies, even by SIGKILL.
 
@@ -201,7 +219,7 @@ def init_distributed(worker: WorkerEnv, device: torch.device, backend: str = "au
         backend = "nccl" if device.type == "cuda" else "gloo"
     store = dist.TCPStore(worker.master_addr, worker.master_port, worker.world_size,
                           is_master=not worker.agent_hosts_store and worker.rank == 0, timeout=timeout)
-    # A restarted attempt must not see the keys of the attempt before it (see TORCH_NOTES.md:
+    # A restarted attempt must not see the keys of the attempt before it (docs/torch.md:
     # without this prefix Gloo connects to dead peers' addresses and hangs or is refused).
     store = dist.PrefixStore(f"shoal/attempt_{worker.restart_count}", store)
     dist.init_process_group(backend, store=store, rank=worker.rank, world_size=worker.world_size,

@@ -86,3 +86,14 @@ def test_thread_budget_shares_the_cores_among_the_workers_of_a_host(env, workers
     assert thread_budget(0, env) == max(1, cores // workers)
     assert thread_budget(3, env) == 3  # launch.threads wins
     assert thread_budget(0, {"SLURM_CPUS_PER_TASK": "5", **env}) == 5  # SLURM says outright
+
+
+def test_a_launcher_environment_is_given_back(monkeypatch):
+    """A process that launched workers (an API caller, a test) must not pass SHOAL_LAUNCHER_PID on
+    to a job it starts later: that job's workers would exit at once, their parent not being it."""
+    from shoal.runtime.env import launcher_environment
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM")
+    monkeypatch.delenv("SHOAL_LAUNCHER_PID", raising=False)
+    with launcher_environment(SHOAL_LAUNCHER_PID="123", TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1"):
+        assert os.environ["SHOAL_LAUNCHER_PID"] == "123"
+    assert "SHOAL_LAUNCHER_PID" not in os.environ and os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM"
