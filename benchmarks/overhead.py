@@ -103,8 +103,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_folder(Path(tmp) / "gpt2", args.quick, args.seq_len) if args.hf else ""
         for repeat in range(args.repeats):  # every row once per repeat, in turn
-            for name, run in rows.items():
-                workdir = Path(tmp) / f"{repeat}-{len(results[name])}-{name.split()[0]}"
+            for row, (name, run) in enumerate(rows.items()):
+                workdir = Path(tmp) / f"repeat{repeat}-row{row}"
                 workdir.mkdir()
                 results[name].append(run(workdir, args, hf))
     summary = {name: {"samples_per_s": statistics.median(r["samples_per_s"] for r in runs),
