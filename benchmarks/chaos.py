@@ -86,7 +86,8 @@ def run_shoal(workdir: Path, workers: int, duration: float, chaos: str | None) -
         path.write_text("".join(line + "\n" for line in path.read_text().splitlines()
                                 if line.strip() and f'"step": {last},' not in line))
     check = audit(samples, num_samples=num_samples, global_batch=BATCH, grad_accum=1, seed=1234)
-    crashed = [e for e in events if e["event"] == "exit" and e["code"] not in (-9, 0)]
+    # -9: killed by the chaos; 0: finished; 128 + SIGINT: stopped with a checkpoint by this script's Ctrl-C
+    crashed = [e for e in events if e["event"] == "exit" and e["code"] not in (-9, 0, 128 + signal.SIGINT)]
     return {"committed_samples": BATCH * sum(1 for c in commits if start <= c <= end), "window_s": end - start,
             "kills": len(kills), "survived": sum(r is not None for r in recoveries) if not crashed else 0,
             "recovery_s": [r for r in recoveries if r is not None], "crashed_workers": len(crashed),
