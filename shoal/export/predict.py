@@ -30,7 +30,7 @@ import torch
 from shoal.config import ConfigError
 from shoal.export.consolidate import Located, consolidate, locate
 from shoal.export.rows import check_rows, open_rows
-from shoal.runtime.env import launcher_environment
+from shoal.runtime.env import LOCAL_WORKERS_ENV, launcher_environment, thread_budget
 
 JOB_FILE = "job.json"
 INDEX_FILE = "index.json"
@@ -177,7 +177,7 @@ def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc:
                  bar: Progress) -> None:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     progress = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = thread_budget(0, {LOCAL_WORKERS_ENV: str(nproc)})  # the cores shared among its workers
     workers = [ctx.Process(target=_worker, args=(found, job, pending[w::nproc], str(out), batch_size, threads,
                                                  progress), daemon=True)
                for w in range(nproc) if pending[w::nproc]]

@@ -13,9 +13,6 @@ PROGRESS = "ft/progress"
 """JSON {step, loss, gen, size} of the last committed step, for the launcher's progress display."""
 FINISHED = "ft/finished"
 """Set once training finished: workers of other hosts still waiting to join stop."""
-COMMITTED_PREFIX = "ft/committed/"
-"""`ft/committed/<member>` is set after the member's first committed step: a later crash of it is not
-a crash loop (shoal/launch/restarts.py)."""
 
 
 def ready(member: int) -> str:
@@ -29,7 +26,9 @@ def assignment(member: int, seq: int) -> str:
 
 
 def committed(member: int) -> str:
-    return f"{COMMITTED_PREFIX}{member}"
+    """Set after the member's first committed step: a later crash of it is no crash loop
+    (shoal/launch/restarts.py)."""
+    return f"ft/committed/{member}"
 
 
 def generation(gen: int) -> str:

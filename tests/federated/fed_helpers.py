@@ -3,7 +3,6 @@ a TLS channel as a given site, and a server with its round driver in this proces
 
 from __future__ import annotations
 
-import socket
 import threading
 from pathlib import Path
 
@@ -21,12 +20,6 @@ def write_site(folder: Path, rows: int, seed: int, features: int = 6) -> Path:
     np.save(folder / "x.npy", x)
     np.save(folder / "y.npy", y)
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CONFIG = """

@@ -18,7 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load, load_file
 
-from fed_helpers import free_port, write_config, write_site
+from fed_helpers import write_config, write_site
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.e2e
 ROWS = {"alpha": 200, "beta": 300, "gamma": 400, "delta": 16_000}  # delta trains long enough to be killed mid-round

@@ -4,7 +4,6 @@ few steps, and compare it with one process on the same global batches."""
 from __future__ import annotations
 
 import json
-import socket
 import traceback
 from pathlib import Path
 
@@ -17,15 +16,10 @@ from shoal.models import build_model, compute_loss
 from shoal.data.spec import DataSpec
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import SavedActivations, state_bytes
+from tests.conftest import free_port
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 8, 5
 SAVE_AT = 3  # reshard tests: checkpoint after this many steps, resume there on another layout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, fn, args) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from sync_helpers import free_port
+from tests.conftest import free_port
 
 
 @pytest.fixture
