@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shoal.data.datasets import TokenWindows, cache_dir, stdlib_corpus
 from shoal.models.gpt import build_gpt
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 
 
 def main() -> None:

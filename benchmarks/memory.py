@@ -35,6 +35,7 @@ from shoal.models import build_model
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import state_bytes
 from shoal.plan.memory import estimate_memory
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 
 VOCAB, SEQ, BATCH = 256, 32, 8
 LAYOUTS = {

@@ -31,6 +31,7 @@ from shoal.config import Config
 from shoal.data.spec import DataSpec
 from shoal.models import build_model
 from shoal.parallel.compose import check_layout, parallelize
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 
 STAGES, VOCAB, SEQ, MICRO = 2, 256, 64, 4  # MICRO: samples per micro-batch
 CASES = [("gpipe", m) for m in (1, 2, 4, 8)] + [("1f1b", m) for m in (2, 4, 8)]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from shoal.config import ConfigError
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 
 
 @dataclass(frozen=True, kw_only=True)

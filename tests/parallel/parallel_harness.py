@@ -16,6 +16,7 @@ from shoal.models import build_model, compute_loss
 from shoal.data.spec import DataSpec
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import SavedActivations, state_bytes
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 from tests.conftest import free_port
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 8, 5

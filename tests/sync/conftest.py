@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 from tests.conftest import free_port
 
 

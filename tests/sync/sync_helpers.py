@@ -8,6 +8,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 from tests.conftest import free_port
 
 
