@@ -41,6 +41,10 @@ class Reply:
     """The parsed payload (validated by the driver's parser) or None when the client reported an error."""
 
 
+class Stopped(Exception):
+    """The federation was stopped while the round driver waited."""
+
+
 class Mailbox:
     """Queued tasks, open tasks and received replies, under one condition variable."""
 
@@ -53,6 +57,12 @@ class Mailbox:
         self.inbox: list[Reply] = []
         self.stopping = False
         self.parse = parse
+
+    def stop(self) -> None:
+        """Send STOP to polling clients and end the round driver's waits (it raises Stopped)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
 
     def live(self) -> list[str]:
         now = time.monotonic()

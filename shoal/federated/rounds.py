@@ -24,7 +24,7 @@ from shoal.federated import federation_pb2 as pb
 from shoal.federated import transport
 from shoal.federated.aggregate import Aggregator, RoundLog, mean_loss
 from shoal.federated.local import model_spec
-from shoal.federated.mailbox import Mailbox
+from shoal.federated.mailbox import Mailbox, Stopped
 from shoal.federated.privacy import CentralDP
 from shoal.federated.secagg import SHARE_BYTES, SHARE_CIPHERTEXT_BYTES
 from shoal.federated.secure_rounds import KEY_BYTES, SecureRounds, secagg_threshold
@@ -142,6 +142,8 @@ class RoundDriver(SecureRounds):
         answered: dict[str, Any] = {}
         heard: set[str] = set()
         while len(heard) < len(clients) and time.monotonic() < deadline:
+            if self.mailbox.stopping:
+                raise Stopped(f"stopped in round {rnd}")
             self.mailbox.wait_replies(deadline)
             for reply in self.mailbox.take():
                 if reply.round == rnd and reply.kind == kind and reply.client_id in clients:
@@ -159,6 +161,8 @@ class RoundDriver(SecureRounds):
     def wait_for_clients(self) -> list[str]:
         deadline = time.monotonic() + self.fed.join_timeout
         while len(self.mailbox.live()) < self.fed.min_clients:
+            if self.mailbox.stopping:
+                raise Stopped(f"stopped while waiting for federated.min_clients = {self.fed.min_clients} clients")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"only {len(self.mailbox.live())} of federated.min_clients = "
                                    f"{self.fed.min_clients} clients connected within {self.fed.join_timeout}s")
@@ -235,6 +239,8 @@ class RoundDriver(SecureRounds):
         busy: set[str] = set()
         deadline = time.monotonic() + self.fed.join_timeout
         while version < self.fed.rounds:
+            if self.mailbox.stopping:
+                raise Stopped(f"stopped at version {version}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"fedbuff: no update for {self.fed.join_timeout}s; stopping at version {version}")
             for cid in self.mailbox.live():

@@ -165,8 +165,6 @@ def serve(cfg: Config, run_dir: Path) -> dict[str, Any]:
     try:
         return driver.run()
     finally:
-        with driver.mailbox.cond:
-            driver.mailbox.stopping = True
-            driver.mailbox.cond.notify_all()
+        driver.mailbox.stop()
         time.sleep(min(2 * POLL_SECONDS, 2.0))  # let polling clients hear STOP
         server.stop(grace=1.0).wait()

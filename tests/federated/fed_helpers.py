@@ -69,6 +69,7 @@ def channel(port: int, certs: Path, name: str, ca: Path | None = None) -> grpc.C
 
 def start_federation(cfg, tmp_path):
     """The gRPC server and a thread driving the rounds; `done` is set when the driver returns."""
+    from shoal.federated.mailbox import Stopped
     from shoal.federated.rounds import RoundDriver
     from shoal.federated.server import start_grpc
 
@@ -81,11 +82,18 @@ def start_federation(cfg, tmp_path):
     def drive():
         try:
             driver.run()
+        except Stopped:
+            pass
         finally:
-            with driver.mailbox.cond:
-                driver.mailbox.stopping = True
-                driver.mailbox.cond.notify_all()
+            driver.mailbox.stop()
             done.set()
 
     threading.Thread(target=drive, daemon=True).start()
     return server, port, driver, run_dir, done
+
+
+def stop_federation(server, driver, done) -> None:
+    """End the driver thread (it must not outlive its test) and the server."""
+    driver.mailbox.stop()
+    server.stop(0)
+    assert done.wait(30), "the round driver did not stop"

@@ -26,7 +26,7 @@ from shoal.federated.aggregate import Aggregator
 from shoal.federated.client import FederatedClient
 from shoal.federated.strategies import ClientUpdate, build_strategy
 
-from fed_helpers import channel, start_federation, write_config, write_site
+from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
 
 ROWS = {"alpha": 80, "beta": 120}  # honest sites; 25% of rows are held out
 GAMMA_SAMPLES, GAMMA_VAL = 50, 10
@@ -122,8 +122,7 @@ def attacked(tmp_path_factory, certs_dir):
         yield driver, run_dir, tmp, seen, records
     finally:
         server_log.removeHandler(handler)
-        driver.mailbox.stopping = True
-        server.stop(0)
+        stop_federation(server, driver, done)
 
 
 def test_joins_cannot_crash_the_server_or_shape_the_model(attacked):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from shoal.config import load
 from shoal.federated.client import FederatedClient
 
-from fed_helpers import start_federation, write_config, write_site
+from fed_helpers import start_federation, stop_federation, write_config, write_site
 
 
 class ForgingClient(FederatedClient):
@@ -55,5 +55,4 @@ def test_forged_weight_is_caught_after_unmasking(tmp_path, certs_dir, caplog):
         assert any(not torch.equal(final[k], initial[k]) for k in initial)  # round 2 moved it
         assert max(float(t.abs().max()) for t in final.values()) < 10.0
     finally:
-        driver.mailbox.stopping = True
-        server.stop(0)
+        stop_federation(server, driver, done)

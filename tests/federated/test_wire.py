@@ -18,7 +18,7 @@ from shoal.federated import federation_pb2_grpc as pb_grpc
 from shoal.federated import transport
 from shoal.federated.client import FederatedClient
 
-from fed_helpers import channel, start_federation, write_config, write_site
+from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
 
 
 @pytest.fixture
@@ -28,8 +28,7 @@ def federation(tmp_path, certs_dir, caplog):
                             min_clients=1, timeout=20))
     server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
     yield port, driver, run_dir, done
-    driver.mailbox.stopping = True
-    server.stop(0)
+    stop_federation(server, driver, done)
 
 
 def test_unauthenticated_clients_are_refused(federation, certs_dir, caplog):
@@ -139,8 +138,7 @@ def test_secure_aggregation_with_dp_through_real_clients(tmp_path, certs_dir, ca
         assert not list((tmp_path / "audit" / "alpha").glob("*.safetensors"))
         assert "failed" not in caplog.text and "rejected" not in caplog.text
     finally:
-        driver.mailbox.stopping = True
-        server.stop(0)
+        stop_federation(server, driver, done)
 
 
 def test_fedbuff_applies_buffers_of_stale_updates(tmp_path, certs_dir):
@@ -163,8 +161,7 @@ def test_fedbuff_applies_buffers_of_stale_updates(tmp_path, certs_dir):
         assert any(s > 0 for r in rows for s in r["staleness"])  # someone trained on an old version
         assert (run_dir / "model.safetensors").exists()
     finally:
-        driver.mailbox.stopping = True
-        server.stop(0)
+        stop_federation(server, driver, done)
 
 
 def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplog):
@@ -190,5 +187,4 @@ def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplo
         assert "client beta failed in round" in caplog.text
         assert "Traceback" in caplog.text and "FileExistsError" in caplog.text
     finally:
-        driver.mailbox.stopping = True
-        server.stop(0)
+        stop_federation(server, driver, done)
