@@ -30,6 +30,8 @@ from shoal.federated.secagg import SecAggClient
 from shoal.models import build_model
 
 log = logging.getLogger("shoal.federated.client")
+# A stopped server cancels the calls in flight, then refuses new connections.
+SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 def load_site_data(path: str, val_fraction: float) -> tuple[torch.Tensor, ...]:
@@ -100,7 +102,7 @@ class FederatedClient:
             try:
                 task = self.stub.GetTask(pb.TaskRequest(), timeout=30)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE:
+                if err.code() in SERVER_GONE:
                     log.info("server gone (%s); stopping", err.details())
                     return 0
                 raise
@@ -116,7 +118,14 @@ class FederatedClient:
             except Exception:  # any failure is the server's to see, with its traceback
                 result = pb.Result(round=task.round, task_id=task.task_id, error=traceback.format_exc())
                 log.error("round %d: %s failed:\n%s", task.round, pb.Task.Kind.Name(task.kind), result.error)
-            ack = self.stub.Submit(result, timeout=60)
+            try:
+                ack = self.stub.Submit(result, timeout=60)
+            except grpc.RpcError as err:
+                if err.code() in SERVER_GONE:  # the federation ended while this site worked
+                    log.info("server gone before our %s answer (%s); stopping", pb.Task.Kind.Name(task.kind),
+                             err.details())
+                    return 0
+                raise
             if not ack.accepted:
                 log.warning("round %d: server refused our %s: %s", task.round, pb.Task.Kind.Name(task.kind),
                             ack.reason)

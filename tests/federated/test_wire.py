@@ -188,3 +188,28 @@ def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplo
         assert "Traceback" in caplog.text and "FileExistsError" in caplog.text
     finally:
         stop_federation(server, driver, done)
+
+
+def test_a_site_still_working_when_the_federation_stops_exits_cleanly(tmp_path, certs_dir):
+    cfg = load(write_config(tmp_path / "fed.toml", certs_dir, tmp_path / "runs", "late", 0, rounds=3,
+                            min_clients=1, timeout=30))
+    server, port, driver, run_dir, done = start_federation(cfg, tmp_path)
+    working, stopped = threading.Event(), threading.Event()
+
+    class Slow(FederatedClient):
+        def work(self, task, result):
+            working.set()
+            stopped.wait(60)  # answers only after the server has gone
+            super().work(task, result)
+
+    client = Slow(cfg, str(write_site(tmp_path / "alpha", 40, seed=0)), f"127.0.0.1:{port}", "alpha")
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(client.run(60.0)), daemon=True)
+    thread.start()
+    try:
+        assert working.wait(60)
+    finally:
+        stop_federation(server, driver, done)
+        stopped.set()
+    thread.join(60)
+    assert outcome == [0]  # "server gone", not an RpcError out of Submit
