@@ -53,6 +53,9 @@ CHAOS_ENV = "SHOAL_CHAOS"
 SAMPLE_LOG_ENV = "SHOAL_SAMPLE_LOG"
 """A folder: each worker appends the global sample ids of every step it commits (tests, benchmark)."""
 POLL = timedelta(milliseconds=20)
+PUBLISH_EVERY = 0.1
+"""Seconds between progress records (the launcher's display reads one every 0.25 s): a store round
+trip per step costs a few percent of a small model's step."""
 SAMPLES, LOSS_SUM, RECONFIGURE = -3, -2, -1
 """The slots after the gradients in the vector each step's all-reduce sums: the replicas' samples, their
 sample-weighted losses, and whether any of them was asked to regroup after this step."""
@@ -98,6 +101,7 @@ class Replicas:
         self.has_state = incarnation == 0
         self.needs_join = True
         self.committed = False  # whether the launcher was told that this member committed a step
+        self.published = -PUBLISH_EVERY  # when progress was last published (time.monotonic())
         self.saved_alone = 0  # the step of the last checkpoint saved as the only holder of the state
         self.save_alone_pending = False
         self.outer = None
@@ -256,9 +260,13 @@ class Replicas:
         return dict(zip(values, total.tolist()))
 
     def publish(self, step: int, loss: float, **extra) -> None:
-        """Tell the launcher's progress display that `step` steps are done (shoal/observe/fleet.py)."""
-        self._set(keys.PROGRESS, json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size,
-                                             **extra}))
+        """Tell the launcher's progress display that `step` steps are done (shoal/observe/fleet.py):
+        every PUBLISH_EVERY seconds, and always the first step, the last and an outer sync."""
+        now = time.monotonic()
+        if extra or not self.committed or step >= self.cfg.train.steps or now - self.published >= PUBLISH_EVERY:
+            self._set(keys.PROGRESS, json.dumps({"step": step, "loss": loss, "gen": self.gen, "size": self.size,
+                                                 **extra}))
+            self.published = now
         self._say_committed()
 
     def publish_progress(self, step: int, loss: float) -> None:
@@ -287,7 +295,6 @@ class Replicas:
         failure = None
         try:
             self.fire("before", step)
-            self.mark(step, "in allreduce")
             work = self.pg.allreduce([flat])
             self.fire("during", step)
             self.wait(work, "allreduce", step)
@@ -350,6 +357,7 @@ class Replicas:
         self.groups.track(work)
         deadline = time.monotonic() + self.timeout.total_seconds()
         abort_key = keys.abort(self.gen)
+        marked = False
         while True:
             if isinstance(work, dist.Work):
                 try:
@@ -365,6 +373,9 @@ class Replicas:
                     if "Timed out" in str(err):  # a peer hangs
                         raise GenerationBroken(self._diagnose(op, step)) from None
                     raise GenerationBroken(f"{op} failed: {str(err).splitlines()[0][:200]}") from None
+            if not marked:  # only a wait longer than one poll is marked: a hang's diagnosis needs no more
+                self.mark(step, f"in {op}")
+                marked = True
             if self._check(abort_key):
                 raise GenerationBroken("the coordinator aborted the generation (a member left)")
             if self.store_lost is not None:
