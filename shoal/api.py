@@ -11,7 +11,9 @@
 
 Where it runs: when this process is already a worker of a job (torchrun, srun or Ray set
 RANK/WORLD_SIZE or SLURM_PROCID), the worker code runs here, in this process, exactly as
-`python -m shoal.worker` would. Otherwise it starts `launch.nproc` local workers the way
+`python -m shoal.worker` would. With `ray=True` (a Ray started for this run) or
+`ray="HOST:PORT"` (a running cluster) it trains on `launch.nproc` Ray Train workers, as
+`shoal run --ray` does. Otherwise it starts `launch.nproc` local workers the way
 `shoal run` does (the same checks, run directory and launcher) and waits for them.
 
 How your functions reach the workers: by name. A function becomes the string
@@ -52,7 +54,7 @@ class TrainResult:
 
 def train(config: Config | str | Path | None = None, *, model: Any = None, data: Any = None, loss: Any = None,
           overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
-          verbose: bool = False) -> TrainResult:
+          ray: bool | str = False, verbose: bool = False) -> TrainResult:
     """Train as `shoal run` does and return the run directory and final metrics.
 
     `config`: a Config, a TOML path, or None for the defaults. `model`: a function
@@ -60,6 +62,8 @@ def train(config: Config | str | Path | None = None, *, model: Any = None, data:
     or the folder of a saved Hugging Face model. `data`: a function returning a torch
     Dataset (data.factory) or its name. `loss`: a function (output, batch) -> scalar, its
     name, or "model" for the model's own loss. `overrides`: 'section.key=value' strings.
+    `resume`: a run directory, or "latest" (as `--resume`). `ray`: True, or a Ray address
+    (HOST:PORT of the head's GCS, or ray://HOST:PORT), to train on Ray workers.
     """
     cfg = _config(config, overrides)
     if model is not None:
@@ -72,6 +76,8 @@ def train(config: Config | str | Path | None = None, *, model: Any = None, data:
     if loss is not None:
         cfg.model.loss = loss if loss == "model" else _name_of(loss, "loss")
     config_module.validate(cfg)
+    if ray:
+        return _launch_on_ray(cfg, None if ray is True else str(ray), resume)
     if _in_worker():
         return _train_here(cfg, resume, verbose)
     return _launch(cfg, resume, verbose)
@@ -147,10 +153,25 @@ def _launch(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
     run_dir = cli._prepare_run(cfg, resume, exact_name=False)
     args = argparse.Namespace(resume=resume and str(run_dir), verbose=verbose, chaos=None, command="run")
     code = cli._start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
+    return _result(code, run_dir, f"worker logs in {run_dir / 'logs'}")
+
+
+def _launch_on_ray(cfg: Config, address: str | None, resume: str | None) -> TrainResult:
+    # the same steps as `shoal run --ray` (shoal/cli.py, shoal/launch/ray.py)
+    from shoal import cli
+    from shoal.launch.ray import check_ray, run_on_ray
+    check_ray(cfg, address)
+    cli._check_before_launch(cfg, cfg.launch.nproc)
+    run_dir = cli._prepare_run(cfg, resume, exact_name=False)
+    code = run_on_ray(cfg, run_dir, address=address, resume=bool(resume))
+    return _result(code, run_dir, "Ray's error is printed above")
+
+
+def _result(code: int, run_dir: Path, where: str) -> TrainResult:
     if code == 2:
-        raise ConfigError(f"a worker refused the config; see {run_dir / 'logs'}")
+        raise ConfigError(f"a worker refused the config; {where}")
     if code:
-        raise RuntimeError(f"training failed (exit code {code}); worker logs in {run_dir / 'logs'}")
+        raise RuntimeError(f"training failed (exit code {code}); {where}")
     return TrainResult(run_dir, final_metrics(run_dir))
 
 

@@ -1,7 +1,10 @@
 """Train a Hugging Face Llama on your own torch Dataset from Python, on 2 local workers.
 
     python examples/python_api/train.py
+    python examples/python_api/train.py --ray    # on 2 Ray Train workers (a local Ray)
 """
+
+import sys
 
 import torch
 import transformers
@@ -34,5 +37,5 @@ def build_model(spec):  # a PreTrainedModel, unchanged; `spec` describes the dat
 if __name__ == "__main__":  # the workers import this file to find Bytes and build_model
     config = shoal.Config()
     config.train.steps, config.train.batch_size, config.parallel.dp_shard = 20, 8, 2  # FSDP over 2 workers
-    result = shoal.train(config, model=build_model, data=Bytes)
+    result = shoal.train(config, model=build_model, data=Bytes, ray="--ray" in sys.argv[1:])
     print(result.run_dir, result.metrics["loss"])

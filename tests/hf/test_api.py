@@ -42,26 +42,32 @@ if __name__ == "__main__":
     config = shoal.Config()
     config.train.steps, config.train.batch_size, config.train.eval_every = 3, 4, 3
     config.launch.threads, config.parallel.dp_shard = 1, 2
-    result = shoal.train(config, model=build_model, data=Tokens, loss=my_loss, overrides=["log.dir=" + sys.argv[1]])
+    result = shoal.train(config, model=build_model, data=Tokens, loss=my_loss, overrides=["log.dir=" + sys.argv[1]],
+                         ray=sys.argv[2:] == ["ray"])
     print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics}))
 '''
 
 
-@pytest.mark.parametrize("started_by", ["python", "torchrun"])
+@pytest.mark.parametrize("started_by", ["python", "torchrun", "ray"])
 def test_a_script_trains_through_the_api(tmp_path, started_by):
     """`python script.py`: shoal starts 2 workers. `torchrun script.py`: each process is a worker
-    and trains in place."""
+    and trains in place. `ray=True`: 2 Ray Train workers on a Ray started for the run, which
+    import the script's functions by name as the others do."""
+    if started_by == "ray":
+        pytest.importorskip("ray.train.torch")
     script = tmp_path / "user_script.py"
     script.write_text(SCRIPT)
-    command = [sys.executable, str(script)] if started_by == "python" else \
+    command = [sys.executable, str(script)] if started_by != "torchrun" else \
         [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", str(script)]
-    out = subprocess.run([*command, str(tmp_path / "runs")], cwd=tmp_path, capture_output=True,
+    out = subprocess.run([*command, str(tmp_path / "runs"), *(["ray"] if started_by == "ray" else [])],
+                         cwd=tmp_path, capture_output=True,
                          text=True, timeout=240, stdin=subprocess.DEVNULL, env=dict(os.environ))
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     run_dir = tmp_path / "runs" / "shoal"
     assert result["run_dir"] == str(run_dir) and (run_dir / "metrics.jsonl").is_file()
     assert result["metrics"]["step"] == 3 and result["metrics"]["loss"] > 0 and "val_loss" in result["metrics"]
+    assert (run_dir / "ray").is_dir() == (started_by == "ray")  # Ray Train's own records of the run
     saved = (run_dir / "config.toml").read_text()  # the workers were given names, not objects
     assert 'factory = "user_script:build_model"' in saved and 'loss = "user_script:my_loss"' in saved
 
