@@ -24,7 +24,7 @@ from shoal.data.sampler import ShardedSampler
 from shoal.fault.elastic import Replicas, StoreLost
 from tests.conftest import SHOAL, shoal, wait_for
 from tests.fault.test_recovery import FT
-from tests.parallel.parallel_harness import spawn
+from tests.world import run_world
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -212,4 +212,4 @@ def _lanes_stop_together(lane: int, group_size: int) -> None:
 
 
 def test_lanes_that_lose_the_store_at_different_calls_stop_together():
-    spawn(_lanes_stop_together, 2)
+    run_world(_lanes_stop_together, 2)

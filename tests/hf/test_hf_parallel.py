@@ -9,7 +9,8 @@ import pytest
 from shoal.parallel.hf_pipeline import tied_names
 from tests.hf.hf_harness import run_hf_layouts
 from tests.hf.tiny import save_tiny, tiny_config
-from tests.parallel.parallel_harness import merged, spawn
+from tests.parallel.parallel_harness import merged
+from tests.world import run_world
 
 pytestmark = pytest.mark.distributed
 
@@ -36,7 +37,7 @@ def world2(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_models")
     folders = {kind: str(save_tiny(kind, root / kind)) for kind in {s["model"] for s in LAYOUTS.values()}}
     out = tmp_path_factory.mktemp("hf_world2")
-    spawn(run_hf_layouts, 2, LAYOUTS, folders, str(out))
+    run_world(run_hf_layouts, 2, LAYOUTS, folders, str(out))
     return merged(str(out), 2)
 
 

@@ -9,33 +9,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from shoal.config import Config
 from shoal.models import build_model, compute_loss
 from shoal.data.spec import DataSpec
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import SavedActivations, state_bytes
-from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
-from tests.conftest import free_port
 
 VOCAB, SEQ, BATCH, STEPS = 64, 16, 8, 5
 SAVE_AT = 3  # reshard tests: checkpoint after this many steps, resume there on another layout
-
-
-def _worker(rank: int, world: int, port: int, fn, args) -> None:
-    torch.set_num_threads(1)  # 2 cores shared by up to 4 ranks
-    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn(fn, world: int, *args) -> None:
-    """Run fn(rank, world, *args) on `world` Gloo ranks; fn must be importable (module level)."""
-    mp.spawn(_worker, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 def gpt_config(**parallel) -> Config:

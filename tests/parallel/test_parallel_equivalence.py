@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_harness import build, gpt_config, merged, run_layouts, spawn
+from parallel_harness import build, gpt_config, merged, run_layouts
+from tests.world import run_world
 
 from shoal.config import ConfigError
 from shoal.parallel.compose import check_layout
@@ -48,7 +49,7 @@ def _run_world(world: int, tmp_path_factory) -> dict[str, list[dict]]:
     """One Gloo world trains all its layouts in turn (starting worlds is the slow part)."""
     out = tmp_path_factory.mktemp(f"world{world}")
     checkpoints = tmp_path_factory.getbasetemp() / "checkpoints"
-    spawn(run_layouts, world, LAYOUTS[world], str(out), str(checkpoints))
+    run_world(run_layouts, world, LAYOUTS[world], str(out), str(checkpoints))
     return merged(str(out), world)
 
 
