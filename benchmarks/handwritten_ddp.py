@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from shoal.data.datasets import TokenWindows, cache_dir, stdlib_corpus
 from shoal.models.gpt import build_gpt
-from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime.env import end_distributed  # (importing it comes before any init_process_group)
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     if log:
         log.write(json.dumps({"peak_rss_mb": [float(p) for p in peaks]}) + "\n")
         log.close()
-    dist.destroy_process_group()
+    end_distributed(model)
 
 
 if __name__ == "__main__":

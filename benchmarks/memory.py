@@ -35,7 +35,7 @@ from shoal.models import build_model
 from shoal.parallel.compose import check_layout, parallelize
 from shoal.plan.measure import state_bytes
 from shoal.plan.memory import estimate_memory
-from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime.env import end_distributed  # (importing it comes before any init_process_group)
 
 VOCAB, SEQ, BATCH = 256, 32, 8
 LAYOUTS = {
@@ -76,7 +76,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
             rows[name]["estimate"] = estimate_memory(cfg, dims, build_model(cfg.model, spec)).state
         dist.barrier()
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    end_distributed(pm.ddp)
 
 
 HF_LAYOUTS = {
@@ -134,7 +134,7 @@ def hf_worker(rank: int, world: int, port: int, out: str, folder: str) -> None:
         rows[name] = {**state_bytes(pm.parameters(), opt), "largest_unit": largest_unit_bytes(pm.model_parts)}
         dist.barrier()
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    end_distributed(pm.ddp)
 
 
 def main_hf(quick: bool) -> None:

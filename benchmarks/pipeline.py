@@ -31,7 +31,7 @@ from shoal.config import Config
 from shoal.data.spec import DataSpec
 from shoal.models import build_model
 from shoal.parallel.compose import check_layout, parallelize
-from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime.env import end_distributed  # (importing it comes before any init_process_group)
 
 STAGES, VOCAB, SEQ, MICRO = 2, 256, 64, 4  # MICRO: samples per micro-batch
 CASES = [("gpipe", m) for m in (1, 2, 4, 8)] + [("1f1b", m) for m in (2, 4, 8)]
@@ -96,7 +96,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
                      "bubble_theory": (STAGES - 1) / (m + STAGES - 1)})
     if rank == 0:
         Path(out, "rows.json").write_text(json.dumps(rows))
-    dist.destroy_process_group()
+    end_distributed()
 
 
 def main() -> None:

@@ -33,7 +33,8 @@ from shoal.models import build_model
 from shoal.observe import rundir
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import parallelize
-from shoal.runtime.env import WorkerEnv, die_with_launcher, init_distributed, pick_device, read_env, thread_budget
+from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
+                               read_env, thread_budget)
 from shoal.runtime.mesh import ParallelDims
 from shoal.sync import OUTER_SYNC_METHODS, comm_hook_for, outer_sync_for
 from shoal.train import Placement, Trainer
@@ -181,12 +182,13 @@ def run(built: Worker) -> list[float]:
             trainer.checkpointer.wait()
         log.warning("%s; %s", stopped, "checkpoint saved; continue with --resume" if stopped.save else
                     "left the job, which goes on without this worker")
+        if replicas is None:  # every rank stopped after the same step: no collective is pending
+            end_distributed(trainer.model.ddp)
         raise SystemExit(preempt.exit_code(stopped.signum)) from None
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
              float("nan"), built.run_dir)
     log.info("peak memory %.0f MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_distributed(trainer.model.ddp)
     return losses
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime.env import end_distributed  # (importing it comes before any init_process_group)
 from tests.conftest import free_port
 
 
@@ -18,10 +18,8 @@ def _rank(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple)
     torch.set_num_threads(1)  # 2 cores shared by up to 4 ranks
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    try:
-        fn(rank, world, *args)
-    finally:
-        dist.destroy_process_group()
+    fn(rank, world, *args)
+    end_distributed()  # a rank that raised exits without it: its peers may still be in a collective
 
 
 def run_world(fn: Callable[..., Any], world: int = 2, *args: Any) -> None:

@@ -208,6 +208,28 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def end_distributed(*ddp_modules: torch.nn.Module | None) -> None:
+    """Destroy every process group now, their Gloo threads with them (docs/torch.md).
+
+    A Gloo thread that finished a collective may need the GIL to drop that collective's
+    tensors. A group freed from C++ with the GIL held (DDP's Reducer holds its group; so
+    does the registry `destroy_process_group` clears last) waits for that thread while
+    holding what it needs: the worker hangs at exit. A group freed during interpreter
+    shutdown aborts the process instead. So the Reducers of `ddp_modules` let go first,
+    and the last reference to each group is a Python one, dropped here: a group freed from
+    Python releases the GIL while its threads end.
+    """
+    for module in ddp_modules:
+        if module is not None and hasattr(module, "reducer"):
+            module.logger = None  # holds the Reducer
+            module.reducer = None
+    if not dist.is_initialized():
+        return
+    groups = list(dist.distributed_c10d._world.pg_map)  # private in torch 2.13: every live group
+    dist.destroy_process_group()
+    groups.clear()
+
+
 def init_distributed(worker: WorkerEnv, device: torch.device, backend: str = "auto",
                      timeout: timedelta = timedelta(minutes=5)) -> None:
     """Start the default process group; a single process runs without one, and one that Ray

@@ -1,6 +1,7 @@
 """A real SLURM cluster on this machine (slurmctld and two slurmd, as root) runs the sbatch
 script that `shoal render slurm` writes; the job trains like `shoal run`."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import pytest
 
 from shoal import cli
 from tests.clusters.conftest import RUN, node_env, train_losses
-from tests.conftest import free_port, wait_for
+from tests.conftest import TINY, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -100,3 +101,41 @@ def test_rendered_sbatch_script_trains_on_two_slurm_nodes(tmp_path, slurm_cluste
     assert all("world 2 on cpu" in (run / "logs" / f"rank{r}.log").read_text() for r in range(2))
     assert train_losses(run) == pytest.approx(reference_losses, rel=1e-6)
     assert (run / "checkpoints" / "step_00000003" / "meta.json").is_file()
+
+
+def test_a_slurm_job_signalled_like_a_preemption_stops_with_a_checkpoint_and_continues(tmp_path, slurm_cluster):
+    """SIGTERM to the batch shell, as `--signal=B:TERM@60` sends before the time limit: every node's
+    workers stop at one step with a checkpoint; the job submitted again continues from it."""
+    env = node_env(SLURM_CONF=str(slurm_cluster))
+    port = str(free_port())
+    first = tmp_path / "first.sbatch"
+    assert cli.main(["render", "slurm", "--nodes", "2", "--port", port, "-o", str(first), *TINY,
+                     "train.steps=100000", "launch.nproc=1", "log.name=preempted", "log.tensorboard=false"]) == 0
+    job_id = subprocess.run(["sbatch", "--parsable", str(first)], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, check=True).stdout.strip().split(";")[0]
+    run = tmp_path / "runs" / "preempted"
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2, 180,
+             "two training steps in the SLURM job")
+    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True)
+    wait_for(lambda: job_id not in subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                                                  text=True).stdout.split(), 180, "the signalled job to end")
+    output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert "stopped by SIGTERM" in output, output[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    stopped = steps[-1]
+    assert steps == list(range(1, stopped + 1)) and stopped < 100000
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
+
+    again = tmp_path / "again.sbatch"  # the same run, two more steps: it resumes by itself
+    assert cli.main(["render", "slurm", "--nodes", "2", "--port", port, "-o", str(again), *TINY,
+                     f"train.steps={stopped + 2}", "launch.nproc=1", "log.name=preempted",
+                     "log.tensorboard=false"]) == 0
+    job = subprocess.run(["sbatch", "--wait", str(again)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert job.returncode == 0, job.stderr + output[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps == list(range(1, stopped + 3))  # every step once: nothing repeated, nothing lost

@@ -1,5 +1,8 @@
-"""destroy_process_group frees the Gloo group in a Shoal worker, even after the first optimizer step
-(which imports torch._dynamo, and with it torch.distributed.nn.functional: shoal/runtime/before_init.py)."""
+"""A Shoal worker's process group and its Gloo threads end at `end_distributed`, while the worker
+still runs: after the first optimizer step too (it imports torch._dynamo, and with it
+torch.distributed.nn.functional: shoal/runtime/before_init.py), and with a DDP model alive (its
+Reducer holds the group). Left to the interpreter's exit, a group can abort the process, or hang
+it when freed from C++ with the GIL held (docs/torch.md)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ SCRIPT = r"""
 import os, sys
 import torch
 import torch.distributed as dist
-from shoal.runtime.env import init_distributed, pick_device, read_env
+from shoal.runtime.env import end_distributed, init_distributed, pick_device, read_env
 
 def threads():
     return len(os.listdir("/proc/self/task"))
@@ -20,16 +23,17 @@ os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"
                   MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
 init_distributed(read_env(os.environ), pick_device("cpu", 0))
 running = threads()
-param = torch.nn.Parameter(torch.ones(3))
-param.grad = torch.ones(3)
-torch.optim.AdamW([param]).step()  # imports torch._dynamo
-dist.all_reduce(param.detach())
-dist.destroy_process_group()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+model(torch.ones(2, 3)).sum().backward()
+torch.optim.AdamW(model.parameters()).step()  # imports torch._dynamo
+dist.all_reduce(torch.ones(3))
+end_distributed(model)
+model.process_group = None  # now no C++ object holds the group: this Python reference was the last
 print(before, running, threads())
 """
 
 
-def test_the_gloo_group_and_its_threads_end_at_destroy(tmp_path):
+def test_the_gloo_group_and_its_threads_end_at_end_distributed(tmp_path):
     from tests.conftest import free_port
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(free_port())], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
