@@ -72,7 +72,7 @@ def test_sbatch_script_runs_one_launch_per_node(capsys, tmp_path):
     script = render(capsys, "slurm", "--nodes", "4", "--gpus-per-node", "8", "--time", "2:00:00", *TINY,
                     "train.batch_size=64")
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --signal=B:TERM@60", "#SBATCH --time=2:00:00"):
+                 "#SBATCH --signal=TERM@60", "#SBATCH --time=2:00:00"):
         assert line in script.splitlines()
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in script
     assert '--node-rank "$SLURM_NODEID"' in script

@@ -89,14 +89,29 @@ def slurm_cluster(tmp_path_factory):
             os.kill(int(Path("/run/munge/munged.pid").read_text()), signal.SIGTERM)
 
 
+def submit(script: Path, env: dict) -> str:
+    """sbatch SCRIPT from its folder; the job's id."""
+    return subprocess.run(["sbatch", "--parsable", str(script)], cwd=script.parent, env=env, capture_output=True,
+                          text=True, check=True).stdout.strip().split(";")[0]
+
+
+def finished(job_id: str, env: dict, timeout: float = 300) -> str:
+    """Wait for the job to leave the queue (polled: `sbatch --wait` looks only every few seconds);
+    its final state, as `COMPLETED` or `FAILED`."""
+    wait_for(lambda: job_id not in subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
+                                                  text=True).stdout.split(), timeout, f"SLURM job {job_id} to end")
+    info = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return info.split("JobState=", 1)[1].split()[0]
+
+
 def test_rendered_sbatch_script_trains_on_two_slurm_nodes(tmp_path, slurm_cluster, reference_losses, capsys):
     script = tmp_path / "job.sbatch"
     assert cli.main(["render", "slurm", "--nodes", "2", "--port", str(free_port()), "-o", str(script), *RUN,
                      "launch.nproc=1", "log.name=slurm"]) == 0
-    job = subprocess.run(["sbatch", "--wait", str(script)], cwd=tmp_path, env=node_env(SLURM_CONF=str(slurm_cluster)),
-                         capture_output=True, text=True, timeout=300)
+    env = node_env(SLURM_CONF=str(slurm_cluster))
+    state = finished(submit(script, env), env)
     outputs = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-    assert job.returncode == 0, job.stderr + outputs
+    assert state == "COMPLETED", outputs
     run = tmp_path / "runs" / "slurm"
     assert all("world 2 on cpu" in (run / "logs" / f"rank{r}.log").read_text() for r in range(2))
     assert train_losses(run) == pytest.approx(reference_losses, rel=1e-6)
@@ -104,22 +119,21 @@ def test_rendered_sbatch_script_trains_on_two_slurm_nodes(tmp_path, slurm_cluste
 
 
 def test_a_slurm_job_signalled_like_a_preemption_stops_with_a_checkpoint_and_continues(tmp_path, slurm_cluster):
-    """SIGTERM to the batch shell, as `--signal=B:TERM@60` sends before the time limit: every node's
-    workers stop at one step with a checkpoint; the job submitted again continues from it."""
+    """SIGTERM to the job's tasks, as the script's `--signal=TERM@60` has SLURM send before the time
+    limit: every node's workers stop at one step with a checkpoint; the job submitted again
+    continues from it."""
     env = node_env(SLURM_CONF=str(slurm_cluster))
     port = str(free_port())
     first = tmp_path / "first.sbatch"
     assert cli.main(["render", "slurm", "--nodes", "2", "--port", port, "-o", str(first), *TINY,
                      "train.steps=100000", "launch.nproc=1", "log.name=preempted", "log.tensorboard=false"]) == 0
-    job_id = subprocess.run(["sbatch", "--parsable", str(first)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, check=True).stdout.strip().split(";")[0]
+    job_id = submit(first, env)
     run = tmp_path / "runs" / "preempted"
     metrics = run / "metrics.jsonl"
     wait_for(lambda: metrics.exists() and metrics.read_text().count('"kind": "train"') >= 2, 180,
              "two training steps in the SLURM job")
-    subprocess.run(["scancel", "--batch", "--signal=TERM", job_id], env=env, check=True)
-    wait_for(lambda: job_id not in subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True,
-                                                  text=True).stdout.split(), 180, "the signalled job to end")
+    subprocess.run(["scancel", "--signal=TERM", job_id], env=env, check=True)
+    finished(job_id, env)
     output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert "stopped by SIGTERM" in output, output[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -128,14 +142,15 @@ def test_a_slurm_job_signalled_like_a_preemption_stops_with_a_checkpoint_and_con
     assert steps == list(range(1, stopped + 1)) and stopped < 100000
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
 
-    again = tmp_path / "again.sbatch"  # the same run, two more steps: it resumes by itself
+    # The same run and port, two more steps: it resumes by itself, on a port the first job's
+    # connections have just left.
+    again = tmp_path / "again.sbatch"
     assert cli.main(["render", "slurm", "--nodes", "2", "--port", port, "-o", str(again), *TINY,
                      f"train.steps={stopped + 2}", "launch.nproc=1", "log.name=preempted",
                      "log.tensorboard=false"]) == 0
-    job = subprocess.run(["sbatch", "--wait", str(again)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    state = finished(submit(again, env), env)
     output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
-    assert job.returncode == 0, job.stderr + output[-3000:]
+    assert state == "COMPLETED", output[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "train"]
     assert steps == list(range(1, stopped + 3))  # every step once: nothing repeated, nothing lost

@@ -1,9 +1,12 @@
 """An sbatch script: one `srun` task per node, each running `shoal launch`.
 
 The rendezvous is on the job's first node, as `scontrol show hostnames` lists it, at the
-address SLURM itself reaches that node by (its NodeAddr). `--signal=B:TERM@60` has SLURM
-send SIGTERM to the batch shell 60 s before the time limit; the shell passes it to srun,
-which passes it to every node's `shoal launch`, so the workers stop with a checkpoint.
+address SLURM itself reaches that node by (its NodeAddr). `--signal=TERM@60` has SLURM send
+SIGTERM to every task (each node's `shoal launch`) 60 s before the time limit, so the
+workers stop with a checkpoint. Not `B:TERM`, to the batch shell: passed on to srun, a
+SIGTERM makes srun end the step at once, and the tasks are killed without saving (seen on
+Slurm 22.05, `tests/clusters/test_slurm.py`). The shell itself outlives a SIGTERM (a
+preemption signals every process of the job) and waits for srun.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ SCRIPT = """#!/bin/bash
 #SBATCH --nodes={nodes}
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task={cpus}
-{gpu_line}#SBATCH --signal=B:TERM@60
+{gpu_line}#SBATCH --signal=TERM@60
 #SBATCH --output={name}-%j.out
 {extra_lines}# Rendered by `shoal render slurm`. Submitted again, it continues the run from its newest
 # checkpoint (after a preemption, a time limit, scancel).
@@ -31,16 +34,16 @@ head_addr=$(scontrol show node "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*
 export SHOAL_RDZV="${{head_addr:-$head_node}}:{port}" SHOAL_CONFIG="$(cat "$config")"
 
 # Each task reads its own SLURM_NODEID, hence the single quotes. srun runs in the background so
-# that this shell can pass SLURM's SIGTERM on to it (and srun to every task).
+# that a SIGTERM to this shell does not end the job before the tasks have saved their checkpoint.
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '{node_command} \\
   --nnodes "$SLURM_NNODES" --node-rank "$SLURM_NODEID" --rdzv "$SHOAL_RDZV" --run-id "shoal-$SLURM_JOB_ID"' &
 srun_pid=$!
-trap 'kill -TERM "$srun_pid" 2>/dev/null' TERM
+trap 'echo "shoal: SIGTERM: the workers stop at a step boundary with a checkpoint" >&2' TERM
 set +e
 wait "$srun_pid"; status=$?
-if [ "$status" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; then  # woken by the trap: wait for the end
+while [ "$status" -gt 128 ] && kill -0 "$srun_pid" 2>/dev/null; do  # woken by the trap: wait for the end
   wait "$srun_pid"; status=$?
-fi
+done
 exit "$status"
 """
 
