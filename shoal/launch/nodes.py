@@ -23,6 +23,9 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 def check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the store's own listener does: connections of a job that just ended (TIME_WAIT, as
+        # when a preempted job is submitted again on the same node) do not block the port.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("", port))
         except OSError:
