@@ -66,8 +66,12 @@ def _check_answers(address: str, timeout: float = 5.0) -> None:
 
 
 def connect(address: str | None, num_cpus: int) -> bool:
-    """Join the Ray cluster at `address`, or start a local one; returns True when it started one."""
+    """Join the Ray cluster at `address`, or start a local one; returns True when it started one
+    (and is to stop it). A Ray this process has already joined (a notebook's `ray.init()`) is
+    used as it is."""
     ray = _import_ray()
+    if ray.is_initialized():
+        return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
     if address is None:
         # No dashboard: it would need ray[default], and serves a web page nobody opens here. Ray Train's

@@ -29,7 +29,16 @@ class ReportLog(ray.train.UserCallback):
             file.write(json.dumps(metrics) + "\n")
 
 
-def test_ray_workers_train_like_shoal_run(tmp_path, reference_losses):
+@pytest.fixture
+def local_ray():
+    """A Ray this test process joined first: `--ray` uses it rather than starting its own each run."""
+    from shoal.launch.ray import connect
+    assert connect(None, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+def test_ray_workers_train_like_shoal_run(tmp_path, reference_losses, local_ray):
     from shoal.launch.ray import run_on_ray
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the controller cannot import tests/
     cfg = config_module.load(None, [*RUN, "log.name=ray", "log.every=1", f"log.dir={tmp_path / 'runs'}"])
@@ -42,6 +51,14 @@ def test_ray_workers_train_like_shoal_run(tmp_path, reference_losses):
     reports = [json.loads(line) for line in reported.read_text().splitlines()]
     assert [[worker["loss"] for worker in report] for report in reports] == [[loss, loss] for loss in losses]
     assert (run_dir / "checkpoints" / "step_00000003" / "meta.json").is_file()  # what --resume continues from
+    assert ray.is_initialized()  # the Ray joined before the run is still there for the next one
+    # `shoal run --ray --resume`, two steps further: Ray's workers continue from that checkpoint.
+    assert cli.main(["run", *RUN, "train.steps=5", "log.name=ray", f"log.dir={tmp_path / 'runs'}", "--ray",
+                     "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line).get("kind") == "train"]
+    assert steps == [1, 2, 3, 4, 5] and train_losses(run_dir)[:3] == losses
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
 
 
 def test_ray_address_that_does_not_answer_is_one_line(tmp_path, capsys, monkeypatch):
