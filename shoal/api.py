@@ -157,13 +157,8 @@ def _launch(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
 
 
 def _launch_on_ray(cfg: Config, address: str | None, resume: str | None) -> TrainResult:
-    # the same steps as `shoal run --ray` (shoal/cli.py, shoal/launch/ray.py)
     from shoal import cli
-    from shoal.launch.ray import check_ray, run_on_ray
-    check_ray(cfg, address)
-    cli._check_before_launch(cfg, cfg.launch.nproc)
-    run_dir = cli._prepare_run(cfg, resume, exact_name=False)
-    code = run_on_ray(cfg, run_dir, address=address, resume=bool(resume))
+    code, run_dir = cli._start_on_ray(cfg, address, resume)  # as `shoal run --ray` does
     return _result(code, run_dir, "Ray's error is printed above")
 
 

@@ -116,20 +116,25 @@ def _ray_value_is_config(args) -> None:
         args.ray = ""
 
 
+def _start_on_ray(cfg: config_module.Config, address: str | None, resume: str | None) -> tuple[int, Path]:
+    """`shoal run --ray` and `shoal.train(ray=...)`: checks, run directory, Ray Train; (exit code, run dir)."""
+    from shoal.launch.ray import check_ray, run_on_ray
+    check_ray(cfg, address)  # Ray is there and answers, before a run directory is made
+    _check_before_launch(cfg, cfg.launch.nproc)
+    run_dir = _prepare_run(cfg, resume, exact_name=False)
+    return run_on_ray(cfg, run_dir, address=address, resume=bool(resume)), run_dir
+
+
 def cmd_run(args) -> int:
     _ray_value_is_config(args)
     cfg = _resolve(args)
     if cfg is None:
         return 0
     if args.ray is not None:  # the same workers on a Ray cluster (shoal/launch/ray.py, docs/clusters.md)
-        from shoal.launch.ray import check_ray, run_on_ray
         if args.chaos:
             raise ConfigError("--chaos injects failures into Shoal's own launcher; under --ray, Ray Train owns the "
                               "workers")
-        check_ray(cfg, args.ray or None)
-        _check_before_launch(cfg, cfg.launch.nproc)
-        return run_on_ray(cfg, _prepare_run(cfg, args.resume, exact_name=False), address=args.ray or None,
-                          resume=bool(args.resume))
+        return _start_on_ray(cfg, args.ray or None, args.resume)[0]
     per_step = False
     if cfg.fault.enabled or args.chaos:  # [fault] rules and the chaos spec, before anything starts
         from shoal.launch.supervisor import check_fault_tolerant
