@@ -11,6 +11,7 @@ def cmd_prepare(args) -> int:
                     shard_size=parse_size(args.shard_size), workers=args.workers, on_bad_record=args.on_bad_record,
                     progress=not args.quiet)
     skipped = f", {index['bad_records']} bad records skipped" if index["bad_records"] else ""
+    skipped += f", {index['empty_files']} empty files" if index["empty_files"] else ""
     print(f"{index['total_tokens']:,} tokens ({index['dtype']}, vocabulary {index['vocab_size']}) from "
           f"{index['documents']:,} documents in {len(index['shards'])} shards{skipped}: {Path(args.out) / 'index.json'}")
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 
 from shoal.config import ConfigError
 from shoal.data.shards import FORMAT, INDEX, dtype_for
-from shoal.data.sources import BATCH, discover, documents
+from shoal.data.sources import BATCH, TABLE_SUFFIXES, discover, documents
 from shoal.data.tokenizer import encode_documents, load_tokenizer
 
 PROGRESS = "progress.jsonl"
@@ -114,11 +114,12 @@ def prepare_unit(number: int, files: list[str], out: str, tokenizer_spec: str, f
             if len(pending) >= BATCH or sum(len(t) for _, t in pending) >= FLUSH_CHARS:
                 flush()
     flush()
-    for path, count in tokens_of.items():
-        if count == 0:
+    empty = [str(path) for path, count in tokens_of.items() if count == 0]
+    for path in empty:  # a table with nothing in `field` is a mistake; an empty text file is not
+        if Path(path).suffix in TABLE_SUFFIXES:
             raise ConfigError(f"{path}: no documents, or '{field}' is empty in every record; nothing to tokenise")
     return {"unit": number, "sources": [source_key(Path(f)) for f in files], "documents": docs,
-            "bad_records": bad[0], "shards": writer.finish()}
+            "bad_records": bad[0], "empty_files": empty, "shards": writer.finish()}
 
 
 def _one_thread_each() -> None:
@@ -194,9 +195,12 @@ def prepare(sources: list[str], out: str | Path, *, tokenizer: str = "bytes", fi
                 for future in as_completed(futures):
                     finished(future.result())
     records = [done[n] for n in range(len(units))]
+    empty = [path for r in records for path in r.get("empty_files", [])]
+    if len(empty) == len(files):
+        raise ConfigError(f"{', '.join(sources)}: every file is empty; nothing to tokenise")
     return write_index(out, [s for r in records for s in r["shards"]], tok.describe(), field=field,
                        documents=sum(r["documents"] for r in records),
-                       bad_records=sum(r["bad_records"] for r in records),
+                       bad_records=sum(r["bad_records"] for r in records), empty_files=len(empty),
                        sources=[key for r in records for key in r["sources"]])
 
 

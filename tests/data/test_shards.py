@@ -116,6 +116,13 @@ def test_bad_shards_and_inputs_are_one_line_errors(corpus, tmp_path):
     (corpus / "empty.jsonl").write_text(json.dumps({"text": ""}) + "\n")
     with pytest.raises(ConfigError, match=r"empty.jsonl: no documents, or 'text' is empty in every record"):
         prepare([str(corpus / "empty.jsonl")], tmp_path / "e", progress=False)
+    (corpus / "blank").mkdir()
+    (corpus / "blank" / "empty.txt").write_text("")
+    with pytest.raises(ConfigError, match="every file is empty; nothing to tokenise"):
+        prepare([str(corpus / "blank")], tmp_path / "e2", progress=False)
+    (corpus / "blank" / "words.txt").write_text("some words")  # an empty text file among others is counted
+    index = prepare([str(corpus / "blank")], tmp_path / "e3", progress=False)
+    assert index["empty_files"] == 1 and index["total_tokens"] == len("some words")
     (corpus / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n{"text": "ok"}\n')
     with pytest.raises(ConfigError, match=r"bad.jsonl:2: bad record"):
         prepare([str(corpus / "bad.jsonl")], tmp_path / "b", progress=False)
