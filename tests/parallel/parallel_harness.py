@@ -1,5 +1,7 @@
-"""Helpers for the multi-process parallel tests: start a Gloo world, train a layout for a
-few steps, and compare it with one process on the same global batches."""
+"""Helpers for the multi-process parallel tests: train a layout for a few steps through the
+real `Trainer.train_step` (its sampler split, micro-batching, gradient clipping, learning-rate
+schedule and optimizer), and compare it with one process of plain torch on the same global
+batches."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def gpt_config(**parallel) -> Config:
     cfg.model.name, cfg.model.flavour = "gpt", "debug"
     cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads = 32, 4, 4
     cfg.data.seq_len = SEQ
-    cfg.train.batch_size, cfg.train.lr = BATCH, 3e-3
+    cfg.train.batch_size, cfg.train.lr, cfg.train.steps, cfg.train.warmup_steps = BATCH, 3e-3, STEPS, 0
     cfg.parallel.dp_replicate = 1
     cfg.parallel.pp_microbatches = 2
     for key, value in parallel.items():
@@ -61,12 +63,15 @@ def build(cfg: Config, spec: DataSpec | None = None) -> torch.nn.Module:
 
 
 def reference(cfg: Config, batches, spec=None, clip: float = 1.0) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """One process, whole global batches: the curve every layout must reproduce, then the
-    trained model's loss on the first batch (checks `evaluate`)."""
+    """One process, whole global batches, plain torch: the curve every layout must reproduce,
+    then the trained model's loss on the first batch (checks `evaluate`)."""
+    from shoal.train import build_optimizer, lr_at
     model = build(cfg, spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
+    opt = build_optimizer(model.parameters(), cfg.train)
     losses = []
-    for x, y in batches:
+    for step, (x, y) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.train)
         opt.zero_grad()
         loss = compute_loss(model(x), y)
         loss.backward()
@@ -78,46 +83,64 @@ def reference(cfg: Config, batches, spec=None, clip: float = 1.0) -> tuple[list[
     return losses, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+class GlobalBatches:
+    """The test's global batches as a data set: sample `step * BATCH + i` is row i of batch `step`."""
+
+    def __init__(self, batches):
+        self.x = torch.cat([x for x, _ in batches])
+        self.y = torch.cat([y for _, y in batches])
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def get(self, ids: torch.Tensor):
+        return self.x[ids], self.y[ids]
+
+
 def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0, *, save: str = "",
                  resume: str = ""):
-    """Train `cfg`'s layout on this rank; returns (global losses, this rank's full params, pm, dims, mesh).
-    `save`: a checkpoint folder written after SAVE_AT steps; `resume`: one to load first, then
-    train on the batches after SAVE_AT (the losses returned are those steps')."""
+    """Train `cfg`'s layout on this rank with the Trainer; returns (global losses, this rank's full
+    params, pm, dims, mesh). `save`: a checkpoint folder written after SAVE_AT steps; `resume`: one
+    to load first, then train on the batches after SAVE_AT (the losses returned are those steps')."""
+    from shoal.data import ShardedSampler
     from shoal.fault.checkpoint import Checkpointer
+    from shoal.train import Placement, Trainer
+    cfg.train.grad_clip = clip
     dims = check_layout(cfg, world)
     mesh = dims.build_mesh("cpu")
     pm = parallelize(build(cfg, spec), dims, mesh, cfg, torch.device("cpu"))
-    opt = torch.optim.AdamW(pm.parameters(), lr=cfg.train.lr)
     dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
-    first = 0
+    where = Placement(dp_rank=dp_rank, dp_size=dims.dp, rank=dist.get_rank(), device=torch.device("cpu"),
+                      master=False)
+    data = GlobalBatches(batches)
+    trainer = Trainer(cfg, pm, data, data, placement=where, run_dir=Path(save or resume or "."))
+    trainer.sampler = ShardedSampler(len(data), BATCH, cfg.train.seed, shuffle=False)  # the batches in order
     if resume:
-        Checkpointer(Path(resume)).load(Path(resume) / f"step_{SAVE_AT:08d}", pm.model_parts, opt)
-        first = SAVE_AT
-    losses = []
-    local = BATCH // dims.dp
-
-    def shard(batch):  # this data-parallel rank's slice of a global batch
-        return (t[dp_rank * local:(dp_rank + 1) * local] for t in batch)
-
-    for step, batch in enumerate(batches[first:], start=first):
+        trainer.checkpointer = Checkpointer(Path(resume))
+        trainer.resume(Path(resume) / f"step_{SAVE_AT:08d}")
+    first, losses, grads = trainer.step, [], {}
+    # the gradients as the optimizer meets them (train_step frees them after its step)
+    def count_grads(*_) -> None:
+        grads.setdefault("grads", state_bytes(pm.parameters())["grads"])
+    hook = trainer.optimizer.register_step_pre_hook(count_grads)
+    for step in range(first, len(batches)):
         if save and step == SAVE_AT:
-            Checkpointer(Path(save)).save(SAVE_AT, pm.model_parts, opt, {"step": SAVE_AT})
-        x, y = shard(batch)
-        opt.zero_grad()
+            trainer.checkpointer = Checkpointer(Path(save))
+            trainer.save()
         with SavedActivations(pm.model_parts) as saved:
-            loss = pm.forward_backward(x, y, 1.0)
+            loss = trainer.train_step().detach().clone()
         dist.all_reduce(loss, group=dp_group)
-        pm.clip_grad_norm_(clip)
-        opt.step()
         losses.append(loss.item() / dims.dp)
         if step == len(batches) - 1:  # evaluate() after training: the reference's last entry
             pm.train(False)
-            val = pm.evaluate(*shard(batches[0])).detach().clone()
+            x, y = data.get(ShardedSampler(len(data), BATCH, 0, shuffle=False).next_batch(dp_rank, dims.dp))
+            val = pm.evaluate(x, y).detach().clone()
             pm.train(True)
             dist.all_reduce(val, group=dp_group)
             losses.append(val.item() / dims.dp)
         if step == first:  # what shoal plan estimates: this rank's state and its activation peak
-            pm.measured = {**state_bytes(pm.parameters(), opt), "activations": saved.peak}
+            pm.measured = {**state_bytes(pm.parameters(), trainer.optimizer), **grads, "activations": saved.peak}
+    hook.remove()
     return losses, full_params(pm), pm, dims, mesh
 
 
