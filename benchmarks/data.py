@@ -33,6 +33,7 @@ from shoal.data.datasets import stdlib_files
 from shoal.data.prepare import ShardWriter, prepare, write_index
 from shoal.data.tokenizer import encode_documents, load_tokenizer
 from shoal.models import build_model, compute_loss
+from shoal.runtime.env import thread_budget
 
 OUT = Path(__file__).parent / "out" / "data.json"
 
@@ -92,7 +93,9 @@ def time_gets(data, batch: int, batches: int) -> float:
 
 
 def data_wait_share(cfg: DataConfig, model_cfg: ModelConfig, batch: int, steps: int) -> dict:
-    """Train for `steps` steps in this process; the share of each step spent in train_set.get."""
+    """Train for `steps` steps in this process, with the threads a worker would take (its loader
+    processes each keep a core); the share of each step spent in train_set.get."""
+    torch.set_num_threads(thread_budget(0, {}, loader_workers=cfg.loader_workers))
     torch.manual_seed(0)
     train, _, spec = build_dataset(cfg, seed=0)
     model = build_model(model_cfg, spec)
@@ -111,7 +114,8 @@ def data_wait_share(cfg: DataConfig, model_cfg: ModelConfig, batch: int, steps: 
         if step >= 2:  # the first steps start loader workers and allocate
             waited += got - started
             total += time.perf_counter() - started
-    return {"data_wait_ms": 1000 * waited / steps, "step_ms": 1000 * total / steps, "share": waited / total}
+    return {"threads": torch.get_num_threads(), "data_wait_ms": 1000 * waited / steps,
+            "step_ms": 1000 * total / steps, "share": waited / total}
 
 
 def prepare_speed(tmp: Path, max_bytes: int, workers: list[int], repeats: int = 3) -> list[dict]:
@@ -188,7 +192,8 @@ def main() -> None:
                               ">20.1f"), ("memmap_peak_rss_mb", "peak RSS, np.memmap (MB)", ">24.1f")]), "\n")
         throughput, waits = loaders(tmp, args.quick)
         print(table(throughput, [("source", "source", "<28"), ("samples_per_s", "samples/s (get only)", ">20,.0f")]), "\n")
-        print(table(waits, [("run", "training in one process", "<58"), ("step_ms", "step (ms)", ">9.1f"),
+        print(table(waits, [("run", "training in one process", "<58"), ("threads", "threads", ">7"),
+                            ("step_ms", "step (ms)", ">9.1f"),
                             ("data_wait_ms", "data wait (ms)", ">14.2f"), ("share", "share", ">6.1%")]), "\n")
         speed = prepare_speed(tmp, 2_000_000 if args.quick else 8_000_000, [1, 2] if args.quick else [1, 2, 4])
         print(table(speed, [("how", "tokenising the stdlib with the bundled BPE", "<42"), ("input_mb", "MB", ">5.1f"),

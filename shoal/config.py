@@ -102,7 +102,8 @@ class DataConfig:
     augment: bool = option(True, "For 'images': random crop and horizontal flip on training images, seeded "
                                  "per sample. false means resize and centre crop only.")
     loader_workers: int = option(0, "Processes that read and decode batches ahead of the training step. "
-                                    "0 means read in the training process.", min=0, max=64)
+                                    "0 means read in the training process. Each takes a core out of the "
+                                    "worker's torch threads (launch.threads = 0).", min=0, max=64)
     prefetch: int = option(2, "Batches each loader worker reads ahead (with loader_workers > 0).", min=1)
     on_bad_record: str = option("error", "A corrupt image or unreadable record met in training: 'error' stops "
                                          "naming it; 'skip' drops it from its batch and counts it.",

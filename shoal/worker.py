@@ -94,7 +94,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     die_with_launcher()
     preempt.install()  # SIGTERM/SIGINT/SIGUSR1: stop at the next step boundary with a checkpoint
     worker = read_env()
-    torch.set_num_threads(thread_budget(cfg.launch.threads))
+    torch.set_num_threads(thread_budget(cfg.launch.threads, loader_workers=cfg.data.loader_workers))
     device = pick_device(cfg.launch.device, worker.local_rank)
     replicas = None
     if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many

@@ -146,9 +146,10 @@ LOCAL_WORKERS_ENV = "SHOAL_LOCAL_WORKERS"
 """Workers that Shoal's own launchers (fault-tolerant supervisor, a joining host) run on this host."""
 
 
-def thread_budget(configured: int = 0, environ: dict[str, str] | None = None) -> int:
+def thread_budget(configured: int = 0, environ: dict[str, str] | None = None, loader_workers: int = 0) -> int:
     """Torch threads for this worker: `launch.threads` when set, else this host's usable cores
-    shared among the workers on it, however the worker was started.
+    shared among the workers on it, however the worker was started, less one core for each of
+    its data-loader processes (`data.loader_workers`; they decode and augment while it computes).
 
     Workers on a host come from Shoal's launchers (SHOAL_LOCAL_WORKERS), torchrun/elastic
     (LOCAL_WORLD_SIZE) or SLURM (SLURM_CPUS_PER_TASK gives the cores outright, else
@@ -158,7 +159,7 @@ def thread_budget(configured: int = 0, environ: dict[str, str] | None = None) ->
         return configured
     env = os.environ if environ is None else environ
     if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        return max(1, int(env["SLURM_CPUS_PER_TASK"]))
+        return max(1, int(env["SLURM_CPUS_PER_TASK"]) - loader_workers)
     workers = 1
     for name in (LOCAL_WORKERS_ENV, "LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
         value = env.get(name, "").split("(")[0]  # SLURM writes '2(x3)' for 2 tasks on each of 3 nodes
@@ -166,7 +167,7 @@ def thread_budget(configured: int = 0, environ: dict[str, str] | None = None) ->
             workers = int(value)
             break
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // workers)
+    return max(1, cores // workers - loader_workers)
 
 
 @contextlib.contextmanager

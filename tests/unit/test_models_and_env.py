@@ -86,6 +86,10 @@ def test_thread_budget_shares_the_cores_among_the_workers_of_a_host(env, workers
     assert thread_budget(0, env) == max(1, cores // workers)
     assert thread_budget(3, env) == 3  # launch.threads wins
     assert thread_budget(0, {"SLURM_CPUS_PER_TASK": "5", **env}) == 5  # SLURM says outright
+    # each data-loader process takes a core out of the worker's share, never the last one
+    assert thread_budget(0, env, loader_workers=1) == max(1, cores // workers - 1)
+    assert thread_budget(0, {"SLURM_CPUS_PER_TASK": "5", **env}, loader_workers=2) == 3
+    assert thread_budget(0, env, loader_workers=cores) == 1
 
 
 def test_a_launcher_environment_is_given_back(monkeypatch):
