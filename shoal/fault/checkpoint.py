@@ -58,6 +58,40 @@ def _merge_into(target: nn.Module, source: nn.Module) -> None:
             target.add_module(name, holder)
 
 
+def _strided_alone(placements) -> bool:
+    """A `_StridedShard` with no plain Shard of the same dimension after it: the rank holds
+    several separate blocks of the tensor (the q, k and v columns of a fused projection,
+    shoal/parallel/hf_tensor.py), which DCP, recording one block per rank, cannot save.
+    (FSDP over TP also makes a _StridedShard, followed by TP's Shard: one block, DCP's own case.)"""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+    return any(isinstance(p, _StridedShard) and not any(type(q) is Shard and q.dim == p.dim
+                                                         for q in placements[i + 1:])
+               for i, p in enumerate(placements))
+
+
+def _as_stored(value):
+    """`value` with every such tensor redistributed to plain Shard (the same values, one block per rank)."""
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+    if isinstance(value, dict):
+        return {k: _as_stored(v) for k, v in value.items()}
+    if isinstance(value, DTensor) and _strided_alone(value.placements):
+        return value.redistribute(value.device_mesh, [Shard(p.dim) if isinstance(p, _StridedShard) else p
+                                                      for p in value.placements])
+    return value
+
+
+def _as_held(stored, held):
+    """The inverse of `_as_stored` after a load: each converted tensor back in `held`'s placements."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(held, dict):
+        return {k: _as_held(stored[k], v) for k, v in held.items()}
+    if isinstance(held, DTensor) and _strided_alone(held.placements):
+        return stored.redistribute(held.device_mesh, held.placements)
+    return stored
+
+
 def checkpoint_steps(folder: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in `folder`, oldest first."""
     found = []
@@ -115,7 +149,7 @@ class Checkpointer:
         self._barrier()
         model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
         torch.save(trainer_state, staging / f"trainer_rank{self.rank}.pt")
-        state = {"model": model_sd, "optim": optim_sd}
+        state = _as_stored({"model": model_sd, "optim": optim_sd})
         planner = dcp.DefaultSavePlanner(dedup_save_to_lowest_rank=self.replicas_differ)
         if self.async_save or (asynchronous and not self.distributed):
             self.pending = (step, dcp.async_save(state, checkpoint_id=staging, process_group=self.group,
@@ -168,8 +202,10 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(_as_module(model_parts), optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        held = {"model": model_sd, "optim": optim_sd}
+        stored = _as_stored(held)
+        dcp.load(stored, checkpoint_id=path)
+        state = _as_held(stored, held)
         set_state_dict(_as_module(model_parts), optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         own = Path(path) / f"trainer_rank{self.rank}.pt"
         # After a change of world size a rank may have no file of its own: step and data

@@ -135,15 +135,10 @@ def meta_model(path: str) -> nn.Module:
         return cls._from_config(config)
 
 
-def tp_plan(config: Any) -> dict[str, str]:
-    """The model's own tensor-parallel plan (`base_model_tp_plan`), relative to its base model."""
-    from shoal.parallel.hf_tensor import EXTRA_PLANS
-    return dict(getattr(config, "base_model_tp_plan", None) or EXTRA_PLANS.get(config.model_type, {}))
-
-
 def check_hf_layout(cfg: Any, tp: int, stages: int) -> None:
     """What a layout needs from a model.hf model, checked from its config before workers start."""
     from shoal.parallel.blocks import named_blocks
+    from shoal.parallel.hf_tensor import tp_plan
     config = read_hf_config(cfg.model.hf)
     model_class(config, cfg.model.hf)
     if cfg.parallel.shard_modules:

@@ -13,25 +13,33 @@ projection then sums the partial results (one all-reduce per attention and per M
 Megatron-LM). The heads (and key/value heads) must divide by tp, which `check_layout`
 checks from the config before any worker starts.
 
-GPT-2 has no plan in transformers (its q, k and v live fused in one `Conv1D`, transposed
-against nn.Linear); Shoal's table below splits its MLP (c_fc by columns, c_proj by rows) and
-leaves attention whole on every rank.
+GPT-2 has no plan in transformers: its q, k and v live fused in one `Conv1D` (transposed
+against nn.Linear), whose output the attention cuts in three at `split_size`. Shoal's table
+below gives it one. The fused projection is split "fused_colwise": each third (q, k, v) is cut
+by columns and a rank holds its part of each, [q_r | k_r | v_r] (the placement is torch's
+`_StridedShard(dim, split_factor=3)`), so it computes whole heads of q, k and v; the attention
+module's `split_size` becomes hidden / tp. Checkpoints hold such weights as plain `Shard`
+(shoal/fault/checkpoint.py converts), so they load under any layout.
 """
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
-from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel,
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from shoal.config import ConfigError
 
 # Plans for architectures whose transformers config has none (names relative to the base model).
 EXTRA_PLANS: dict[str, dict[str, str]] = {
-    "gpt2": {"h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
+    "gpt2": {"h.*.attn.c_attn": "fused_colwise", "h.*.attn.c_proj": "rowwise",
+             "h.*.mlp.c_fc": "colwise", "h.*.mlp.c_proj": "rowwise"},
 }
+FUSED_PARTS = 3
+"""A "fused_colwise" projection holds q, k and v side by side, cut apart at the parent's `split_size`."""
 
 
 class _Conv1DColwise(ColwiseParallel):
@@ -64,6 +72,39 @@ class _Conv1DRowwise(RowwiseParallel):
                                      self.output_layouts, self.use_local_output, mod, outputs, mesh))
 
 
+class _FusedColwise(ParallelStyle):
+    """Column parallelism for a projection whose output is `parts` tensors side by side (GPT-2's
+    c_attn: q | k | v): each rank holds 1/tp of each part, so the parts stay whole heads.
+
+    The forward runs on the local shards. Its input is the same on every rank; declaring the
+    input's gradient Partial makes DTensor sum it over the ranks in backward (Megatron's "f")."""
+
+    def __init__(self, parts: int):
+        super().__init__()
+        self.parts = parts
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        conv1d = type(module).__name__ == "Conv1D"  # weight [in, out]; nn.Linear's is [out, in]
+        out_dim = 1 if conv1d else 0
+        weight = distribute_tensor(module.weight.data, device_mesh, [_StridedShard(out_dim, split_factor=self.parts)])
+        module.register_parameter("weight", nn.Parameter(weight))
+        if module.bias is not None:
+            bias = distribute_tensor(module.bias.data, device_mesh, [_StridedShard(0, split_factor=self.parts)])
+            module.register_parameter("bias", nn.Parameter(bias))
+
+        def forward(x):
+            x = DTensor.from_local(x, device_mesh, [Replicate()], run_check=False).to_local(
+                grad_placements=[Partial()])
+            w = module.weight.to_local()
+            b = module.bias.to_local() if module.bias is not None else None
+            if conv1d:
+                out = x.reshape(-1, x.size(-1)) @ w + (b if b is not None else 0)
+                return out.view(*x.shape[:-1], w.size(1))
+            return nn.functional.linear(x, w, b)
+        module.forward = forward
+        return module
+
+
 def _style(kind: str, module: nn.Module, where: str):
     conv1d = type(module).__name__ == "Conv1D"
     if kind == "colwise":
@@ -76,22 +117,24 @@ def _style(kind: str, module: nn.Module, where: str):
         return RowwiseParallel(input_layouts=Replicate())
     if kind == "sequence_parallel":
         return SequenceParallel()
+    if kind == "fused_colwise":
+        return _FusedColwise(FUSED_PARTS)
     if kind == "replicate":
         return None
     raise ConfigError(f"parallel.tp: the model's plan splits {where} as '{kind}', which Shoal does not map "
                       f"onto torch's styles (it knows colwise, rowwise, colwise_rep, rowwise_rep, "
-                      f"sequence_parallel, replicate)")
+                      f"sequence_parallel, replicate, fused_colwise)")
 
 
-def hf_plan(model: nn.Module) -> dict[str, str]:
-    """The model's tensor-parallel plan, relative to its base model; empty when it has none."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def tp_plan(config) -> dict[str, str]:
+    """A model config's tensor-parallel plan, relative to its base model; empty when it has none."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return dict(getattr(config, "base_model_tp_plan", None) or EXTRA_PLANS.get(config.model_type, {}))
 
 
 def apply_hf_tp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     """Split a PreTrainedModel over the 1-D "tp" `mesh` in place, following its own plan."""
-    plan = hf_plan(model)
+    plan = tp_plan(model.config)
     if not plan:
         raise ConfigError(f"parallel.tp = {mesh.size()}: {type(model).__name__} ({model.config.model_type}) has "
                           f"no tensor-parallel plan (config.base_model_tp_plan); use parallel.tp = 1 and "
@@ -109,6 +152,13 @@ def apply_hf_tp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         raise ConfigError(f"parallel.tp: the plan of {type(model).__name__} matched no module "
                           f"({', '.join(plan)})")
     parallelize_module(base, mesh, styles)
+    for name, style in styles.items():
+        if isinstance(style, _FusedColwise):  # the attention cuts the fused output at split_size: now local
+            parent = base.get_submodule(name.rpartition(".")[0])
+            if not hasattr(parent, "split_size"):
+                raise ConfigError(f"parallel.tp: {name} is split as 'fused_colwise', but {type(parent).__name__} "
+                                  f"has no split_size to cut its output at")
+            parent.split_size //= mesh.size()
     return model
 
 

@@ -46,6 +46,8 @@ def run_hf_layouts(rank: int, world: int, layouts: dict, folders: dict, out_dir:
             results[name]["local_numel"] = local_numel(pm)
             results[name]["full_numel"] = sum(p.numel() for p in ref_params.values())
             results[name]["keys"] = sorted(k for part in pm.model_parts for k in part.state_dict())
+            results[name]["split"] = sorted(n for part in pm.model_parts for n, p in part.named_parameters()
+                                            if hasattr(p, "to_local") and p.to_local().numel() < p.numel())
         except Exception:  # recorded so the other layouts still run; the test for this one fails
             results[name] = {"error": traceback.format_exc()}
             print(f"rank {rank} {name}: {results[name]['error']}", flush=True)
