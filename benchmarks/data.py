@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,7 @@ def memory_vs_size(tmp: Path, sizes_mb: list[int], batches: int) -> list[dict]:
         rows.append(row)
         for f in folder.iterdir():
             f.unlink()
+    os.sync()  # the kernel writing gigabytes back would otherwise slow the timed sections that follow
     return rows
 
 
