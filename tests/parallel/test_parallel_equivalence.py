@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from parallel_harness import build, gpt_config, merged, run_layouts
+from parallel_harness import (SAVE_AT, SEQ, VOCAB, build, gpt_config, merged, reference, run_layouts,
+                              token_batches)
 from tests.world import run_world
 
 from shoal.config import ConfigError
@@ -22,7 +23,7 @@ LAYOUTS = {
     4: {  # fewer, mixed layouts: four ranks share two cores, so each layout costs ~10 s here
         "ddp": {"dp_replicate": 4},
         "fsdp_cpu_offload": {"dp_shard": 4, "cpu_offload": True, "save": "fsdp4"},
-        "hsdp": {"dp_replicate": 2, "dp_shard": 2},
+        "hsdp": {"dp_replicate": 2, "dp_shard": 2, "save": "hsdp"},
         "tp": {"tp": 4},
         "dp_x_tp": {"dp_shard": 2, "tp": 2},
         "pp_x_dp": {"pp": 2, "dp_shard": 2},
@@ -34,7 +35,7 @@ LAYOUTS = {
         "tp_ac_selective": {"tp": 2, "activation_checkpointing": "selective", "save": "tp2"},
         "pp_gpipe": {"pp": 2, "pp_schedule": "gpipe"},
         "pp_1f1b": {"pp": 2, "pp_schedule": "1f1b", "save": "pp2"},
-        "pp_interleaved_1f1b": {"pp": 2, "pp_schedule": "interleaved_1f1b"},
+        "pp_interleaved_1f1b": {"pp": 2, "pp_schedule": "interleaved_1f1b", "save": "pp2_interleaved"},
         "dlrm_tp": {"model": "dlrm", "tp": 2},
         # resharding: resume another layout's checkpoint; the steps after it must continue
         # the single-process curve
@@ -123,3 +124,22 @@ def test_too_big_to_replicate_trains_sharded_over_4_ranks(world4):
         assert "error" not in res and res["loss_rel_err"] < 1e-4
         assert res["losses"][-1] < res["losses"][0]  # after training, batch 0's loss is lower
         assert sum(res["measured"].values()) <= cap
+
+
+@pytest.mark.parametrize("world,name,saved", [(4, "hsdp", "hsdp"), (2, "pp_interleaved_1f1b", "pp2_interleaved")])
+def test_export_consolidates_the_checkpoint_of_a_layout(request, tmp_path_factory, world, name, saved):
+    """`shoal export`'s consolidation of an HSDP or interleaved-PP checkpoint is the model that
+    one process has after the same steps (the other layouts' exports: tests/export)."""
+    from shoal.data.spec import DataSpec
+    from shoal.export.consolidate import Located, consolidate
+    request.getfixturevalue(f"world{world}")  # trains the layouts, saving this one after SAVE_AT steps
+    settings = {k: v for k, v in LAYOUTS[world][name].items() if k != "save"}
+    cfg = gpt_config(**settings)
+    source = tmp_path_factory.getbasetemp() / "checkpoints" / saved / f"step_{SAVE_AT:08d}"
+    spec = DataSpec(kind="tokens", vocab_size=VOCAB, seq_len=SEQ)
+    loaded = consolidate(Located(cfg, spec, SAVE_AT, source, False), progress=False)
+    _, expected = reference(cfg, token_batches()[:SAVE_AT])
+    state = loaded.model.state_dict()
+    assert set(expected) <= set(state)
+    for key, value in expected.items():
+        assert (state[key] - value).abs().max() < 1e-4, key
