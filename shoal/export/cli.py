@@ -40,7 +40,7 @@ def cmd_predict(args) -> int:
     from shoal.export.predict import predict
     try:
         index = predict(Path(args.run_dir), args.data, Path(args.out), nproc=args.nproc, step=args.step,
-                        batch_size=args.batch_size, part_rows=args.part_rows)
+                        batch_size=args.batch_size, part_rows=args.part_rows, threads=args.threads)
     except RuntimeError as err:  # a worker died (its own traceback is above); finished parts are kept
         print(f"shoal: {err}", file=sys.stderr)
         return 1
@@ -102,6 +102,8 @@ def register(subparsers) -> None:
     pred.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass")
     pred.add_argument("--part-rows", type=int, default=65536,
                       help="rows per part file (the unit of work a rerun skips)")
+    pred.add_argument("--threads", type=int, default=0,
+                      help="torch threads per worker (default 0: this host's cores shared among the workers)")
     pred.set_defaults(func=cmd_predict)
 
     srv = subparsers.add_parser(

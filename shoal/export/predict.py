@@ -174,10 +174,9 @@ class Progress:
 
 
 def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc: int, batch_size: int,
-                 bar: Progress) -> None:
+                 threads: int, bar: Progress) -> None:
     ctx = mp.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     progress = ctx.Queue()
-    threads = thread_budget(0, {LOCAL_WORKERS_ENV: str(nproc)})  # the cores shared among its workers
     workers = [ctx.Process(target=_worker, args=(found, job, pending[w::nproc], str(out), batch_size, threads,
                                                  progress), daemon=True)
                for w in range(nproc) if pending[w::nproc]]
@@ -205,10 +204,12 @@ def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc:
 
 
 def predict(run_dir: Path, data: list[str], out: Path, *, nproc: int = 1, step: int | None = None,
-            batch_size: int = 1024, part_rows: int = 65536) -> dict:
-    """Score every row of `data` with the run's model into Parquet parts under `out`; the index."""
-    if nproc < 1 or batch_size < 1 or part_rows < 1:
-        raise ConfigError("--nproc, --batch-size and --part-rows must be at least 1")
+            batch_size: int = 1024, part_rows: int = 65536, threads: int = 0) -> dict:
+    """Score every row of `data` with the run's model into Parquet parts under `out`; the index.
+    `threads`: torch threads per worker; 0 shares this host's cores among the `nproc` workers."""
+    if nproc < 1 or batch_size < 1 or part_rows < 1 or threads < 0:
+        raise ConfigError("--nproc, --batch-size and --part-rows must be at least 1, --threads at least 0")
+    threads = threads or thread_budget(0, {LOCAL_WORKERS_ENV: str(nproc)})
     found = locate(run_dir, step)
     rows = open_rows(data, found.cfg)
     check_rows(rows, found.spec)  # before any worker starts
@@ -219,9 +220,14 @@ def predict(run_dir: Path, data: list[str], out: Path, *, nproc: int = 1, step: 
     done_rows = sum(min(job.part_rows, job.rows - p * job.part_rows) for p in range(job.parts) if p not in pending)
     with Progress(job.rows, done_rows) as bar:
         if pending and nproc == 1:
-            score_parts(found, job, pending, out, batch_size, bar.advance)
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                score_parts(found, job, pending, out, batch_size, bar.advance)
+            finally:
+                torch.set_num_threads(before)
         elif pending:
-            _run_workers(found, job, pending, out, nproc, batch_size, bar)
+            _run_workers(found, job, pending, out, nproc, batch_size, threads, bar)
     parts = [{"file": part_name(p), "first_row": p * job.part_rows,
               "rows": min(job.part_rows, job.rows - p * job.part_rows)} for p in range(job.parts)]
     missing = [p["file"] for p in parts if not (out / p["file"]).is_file()]

@@ -10,6 +10,7 @@ import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
 from shoal.export.predict import predict
 from tests.conftest import SHOAL, wait_for
@@ -25,7 +26,9 @@ def read_all(out) -> dict:
 
 def test_two_workers_equal_one(classifier, tmp_path):
     run_dir, data = classifier
-    one = predict(run_dir, [str(data)], tmp_path / "one", nproc=1, part_rows=300, batch_size=64)
+    threads = torch.get_num_threads()
+    one = predict(run_dir, [str(data)], tmp_path / "one", nproc=1, part_rows=300, batch_size=64, threads=1)
+    assert torch.get_num_threads() == threads  # the caller's thread count is given back
     two = predict(run_dir, [str(data)], tmp_path / "two", nproc=2, part_rows=300, batch_size=64)
     assert one["parts"] == two["parts"] and len(one["parts"]) == 4
     a, b = read_all(tmp_path / "one"), read_all(tmp_path / "two")
@@ -75,7 +78,6 @@ def test_data_that_does_not_fit_is_refused_in_one_line(classifier, tmp_path, cap
 
 def test_federated_run_directory_is_scored(classifier, tmp_path):
     """`shoal fed server` leaves config.toml and model.safetensors, no checkpoint folder."""
-    import torch
     from safetensors.torch import save_file
 
     from shoal.export.consolidate import consolidate
