@@ -185,6 +185,10 @@ def run(built: Worker) -> list[float]:
         if replicas is None:  # every rank stopped after the same step: no collective is pending
             end_distributed(trainer.model.ddp)
         raise SystemExit(preempt.exit_code(stopped.signum)) from None
+    finally:
+        close = getattr(trainer.train_set, "close", None)  # a Loader's receiving thread (shoal/data/loader.py)
+        if close is not None:
+            close()
     log.info("finished %d steps; final loss %.4f; run directory %s", trainer.step, losses[-1] if losses else
              float("nan"), built.run_dir)
     log.info("peak memory %.0f MB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ def test_two_loader_workers_give_the_same_batches_as_none_even_when_membership_c
         a, b = plain.get(ids[0]), workers.get(ids[1])
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), f"step {step}"
     assert workers.planned >= 8 and workers.unplanned == 2  # read ahead, except at the start and the regroup
+    workers.close()  # the thread receiving batches ahead of the step is gone
+    assert not [t for t in threading.enumerate() if t.name == "shoal-loader-receive"]
 
 
 def test_a_csv_listing_and_bad_images(tmp_path):
