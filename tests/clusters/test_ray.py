@@ -15,7 +15,9 @@ from tests.conftest import free_port
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train.torch")
 
-pytestmark = pytest.mark.distributed
+# A hang guard, not a pace: beside two CPU burners a local Ray (its GCS, raylet and half a dozen
+# actors, then 2 workers importing torch) took over 5 minutes to train 3 steps, 7x its idle time.
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1500)]
 
 
 class ReportLog(ray.train.UserCallback):
