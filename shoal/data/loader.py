@@ -66,8 +66,11 @@ class _Value:
 
 
 def _pack(obj):
-    if isinstance(obj, torch.Tensor) and obj.nbytes < BY_VALUE_BYTES and obj.dtype not in (torch.bfloat16,):
-        return _Value(obj.numpy())
+    if isinstance(obj, torch.Tensor) and obj.nbytes < BY_VALUE_BYTES:
+        try:
+            return _Value(obj.numpy())
+        except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16, float8), or a tensor needing grad
+            return obj
     if isinstance(obj, (tuple, list)):
         return type(obj)(_pack(o) for o in obj)
     if isinstance(obj, dict):

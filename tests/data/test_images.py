@@ -97,3 +97,17 @@ def test_shoal_run_trains_the_imaging_example_with_loader_workers(tmp_path):
     assert out.returncode == 0, out.stderr
     records = [json.loads(line) for line in (tmp_path / "runs" / "imaging" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("kind") == "train"] == [1, 2, 3, 4]
+
+
+def test_small_tensors_leave_a_loader_worker_by_value_and_come_back_equal():
+    import pickle
+
+    from shoal.data.loader import _pack, _unpack, _Value
+    batch = (torch.arange(4), {"x": torch.ones(2, dtype=torch.bfloat16), "y": torch.zeros(3)}, [torch.ones(300_000)])
+    packed = _pack(batch)
+    assert isinstance(packed[0], _Value) and isinstance(packed[1]["y"], _Value)
+    assert isinstance(packed[1]["x"], torch.Tensor)  # numpy has no bfloat16: it goes as a tensor
+    assert isinstance(packed[2][0], torch.Tensor)  # 1.2 MB: through shared memory, as torch does
+    back = _unpack(pickle.loads(pickle.dumps(packed)))
+    assert torch.equal(back[0], batch[0]) and torch.equal(back[1]["x"], batch[1]["x"])
+    assert torch.equal(back[1]["y"], batch[1]["y"]) and torch.equal(back[2][0], batch[2][0])
