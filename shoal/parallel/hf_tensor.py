@@ -151,14 +151,16 @@ def apply_hf_tp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     if not styles:
         raise ConfigError(f"parallel.tp: the plan of {type(model).__name__} matched no module "
                           f"({', '.join(plan)})")
+    # the attention cuts a fused output at split_size, which becomes the local width: checked before any split
+    fused_parents = [base.get_submodule(name.rpartition(".")[0]) for name, style in styles.items()
+                     if isinstance(style, _FusedColwise)]
+    for parent in fused_parents:
+        if not hasattr(parent, "split_size"):
+            raise ConfigError(f"parallel.tp: {type(parent).__name__} holds a 'fused_colwise' projection but has no "
+                              f"split_size to cut its output at")
     parallelize_module(base, mesh, styles)
-    for name, style in styles.items():
-        if isinstance(style, _FusedColwise):  # the attention cuts the fused output at split_size: now local
-            parent = base.get_submodule(name.rpartition(".")[0])
-            if not hasattr(parent, "split_size"):
-                raise ConfigError(f"parallel.tp: {name} is split as 'fused_colwise', but {type(parent).__name__} "
-                                  f"has no split_size to cut its output at")
-            parent.split_size //= mesh.size()
+    for parent in fused_parents:
+        parent.split_size //= mesh.size()
     return model
 
 
