@@ -74,6 +74,11 @@ def connect(address: str | None, num_cpus: int) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # Ray would otherwise report usage over the network
     if address is None:
+        # Ray starts its workers at nice 15 so that its own daemons stay responsive. Here the workers
+        # are the job: at nice 15 any other busy process on the machine starves them (beside two
+        # CPU-bound processes, 3 training steps took minutes). Ray's job manager runs its drivers at
+        # nice 0 the same way, through the raylet's environment.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         # No dashboard: it would need ray[default], and serves a web page nobody opens here. Ray Train's
         # clean-up actor then warns every second that the state API is away: actors log errors only.
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
