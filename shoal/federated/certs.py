@@ -123,11 +123,27 @@ def _record(folder: Path, name: str, cert: x509.Certificate) -> None:
     _write_atomic(folder / RECORD, (json.dumps({"certificates": entries}, indent=1) + "\n").encode())
 
 
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's sequence number (RFC 5280, 5.2.3); -1 for a CRL written without one."""
+    try:
+        return int(crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number)
+    except x509.ExtensionNotFound:
+        return -1
+
+
 def write_crl(folder: Path, serials: list[int]) -> None:
-    """(Re)write crl.pem, signed by the CA, listing the revoked serial numbers."""
+    """(Re)write crl.pem, signed by the CA, listing the revoked serial numbers. Each CRL carries a
+    number one above the previous one's, so a server can refuse an older CRL put back (a rollback)."""
     ca_cert, ca_key = _load_ca(folder)
+    previous = -1
+    if (folder / "crl.pem").is_file():
+        try:
+            previous = crl_number(x509.load_pem_x509_crl((folder / "crl.pem").read_bytes()))
+        except ValueError:
+            previous = -1
     builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
-               .last_update(_now()).next_update(_now() + datetime.timedelta(days=VALID_DAYS)))
+               .last_update(_now()).next_update(_now() + datetime.timedelta(days=VALID_DAYS))
+               .add_extension(x509.CRLNumber(previous + 1), critical=False))
     for serial in serials:
         builder = builder.add_revoked_certificate(
             x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(_now()).build())
@@ -166,6 +182,23 @@ def load_crl(folder: Path) -> x509.CertificateRevocationList:
         raise ConfigError(f"{path} expired on {crl.next_update_utc:%Y-%m-%d}; run `shoal fed certs --revoke` or "
                           f"re-sign it")
     return crl
+
+
+def client_certificate_refusal(cert: x509.Certificate) -> str:
+    """Why `cert` may not identify a client ('' when it may): it must be a leaf (CA:FALSE) issued for
+    client authentication, so neither the CA's own certificate nor the server's can pose as a site."""
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return "it is a CA certificate (basicConstraints CA:TRUE); a client certificate must be a leaf"
+    except x509.ExtensionNotFound:
+        return "it has no basicConstraints extension; a client certificate must say CA:FALSE"
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return "it has no extendedKeyUsage; a client certificate must allow clientAuth"
+    if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+        return "its extendedKeyUsage does not include clientAuth"
+    return ""
 
 
 def revoked_serials(folder: Path) -> set[int]:

@@ -39,6 +39,7 @@ class FederationService(pb_grpc.FederationServicer):
         self._revoked: set[int] = set()
         self._crl_error = ""
         self._crl_seen = False  # once a CRL was read, losing it fails closed whatever require_crl says
+        self._crl_number = -1  # the highest CRL number read: an older CRL is refused (rollback)
 
     def _revoked_serials(self) -> set[int]:
         """The revoked serials; raises ConfigError while the CRL is missing, unreadable, forged or expired."""
@@ -52,8 +53,13 @@ class FederationService(pb_grpc.FederationServicer):
             raise ConfigError(f"{path} is missing") from None
         if stamp != self._crl_stamp:  # re-read on change, so revoking needs no restart
             try:
-                self._revoked, self._crl_error = {e.serial_number for e in certs.load_crl(self.certs_dir)}, ""
-                self._crl_seen = True
+                crl = certs.load_crl(self.certs_dir)
+                number = certs.crl_number(crl)
+                if number < self._crl_number:  # an older CRL put back would let a revoked site in again
+                    raise ConfigError(f"{path} has CRL number {number}, older than number {self._crl_number} "
+                                      f"this server already read (a rollback); put the newest CRL back")
+                self._revoked, self._crl_error = {e.serial_number for e in crl}, ""
+                self._crl_number, self._crl_seen = number, True
             except ConfigError as err:
                 self._revoked, self._crl_error = set(), str(err)
             self._crl_stamp = stamp
@@ -68,6 +74,11 @@ class FederationService(pb_grpc.FederationServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         names = cert.subject.get_attributes_for_oid(certs.NameOID.COMMON_NAME)
         name = str(names[0].value) if names else ""
+        refusal = certs.client_certificate_refusal(cert)
+        if refusal:
+            log.warning("refused client '%s' from %s: its certificate cannot identify a client: %s", name,
+                        context.peer(), refusal)
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not a client certificate: {refusal}")
         try:
             revoked = self._revoked_serials()
         except ConfigError as err:  # fail closed: without a readable CRL no one is let in

@@ -125,3 +125,31 @@ def test_reissuing_replaces_and_revokes_and_a_rerun_keeps(tmp_path):
     assert "revoked" in again["a.pem"] and again["server.pem"].startswith("kept")
     assert first <= certs.revoked_serials(folder) and len(certs.serials_of(folder, "a")) == 2
     assert not (certs.serials_of(folder, "a") - first) & certs.revoked_serials(folder)
+
+
+def test_only_a_leaf_client_certificate_identifies_a_site(server, caplog):
+    """The CA's own pair and a server-purpose leaf both chain to the CA, yet neither may pose as a site."""
+    _, _, port, folder, _ = server
+    assert join_code(port, folder, "ca") == grpc.StatusCode.PERMISSION_DENIED
+    assert "it is a CA certificate (basicConstraints CA:TRUE)" in caplog.text
+    certs.issue(folder, "webhost", server=True)  # a leaf for serverAuth only, with a site-like name
+    assert join_code(port, folder, "webhost") != grpc.StatusCode.OK
+    assert "'webhost' joined" not in caplog.text
+    assert join_code(port, folder, "other") == grpc.StatusCode.OK
+
+
+def test_an_older_crl_put_back_is_refused_as_a_rollback(server, caplog):
+    _, _, port, folder, _ = server
+    crl = folder / "crl.pem"
+    older = crl.read_bytes()
+    certs.write_crl(folder, sorted(certs.revoked_serials(folder)))  # the same list, the next number
+    newer = crl.read_bytes()
+    number = certs.crl_number(certs.load_crl(folder))
+    assert join_code(port, folder, "other") == grpc.StatusCode.OK  # the server has read the newer one
+    put(crl, older)
+    try:
+        assert join_code(port, folder, "other") == grpc.StatusCode.UNAVAILABLE
+        assert f"older than number {number} this server already read (a rollback)" in caplog.text
+    finally:
+        put(crl, newer)
+    assert join_code(port, folder, "other") == grpc.StatusCode.OK
