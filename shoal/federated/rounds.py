@@ -29,6 +29,7 @@ from shoal.federated.privacy import CentralDP
 from shoal.federated.secagg import SHARE_BYTES, SHARE_CIPHERTEXT_BYTES
 from shoal.federated.secure_rounds import KEY_BYTES, SecureRounds, secagg_threshold
 from shoal.federated.strategies import ClientUpdate, Strategy, build_strategy
+from shoal.federated.strategies.base import site_spread
 from shoal.models import build_model
 
 log = logging.getLogger("shoal.federated.server")
@@ -279,7 +280,8 @@ class RoundDriver(SecureRounds):
     def evaluate(self, rnd: int) -> dict[str, float]:
         clients = self.strategy.configure_evaluate(rnd, self.mailbox.live(), self.rng)
         replies = self.phase(pb.Task.EVALUATE, rnd, clients, model=self.model_bytes(), config=self.model_config)
-        self.last_metrics = self.strategy.aggregate_evaluate(rnd, list(replies.values()))
+        results = list(replies.values())
+        self.last_metrics = {**self.strategy.aggregate_evaluate(rnd, results), **site_spread(results)}
         return self.last_metrics
 
     def record(self, row: dict[str, Any]) -> None:

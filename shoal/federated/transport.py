@@ -134,6 +134,7 @@ def decode_u64(data: bytes, length: int) -> np.ndarray:
 
 
 def check_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A client's metrics, bounded: few, short names, finite; accuracies in [0, 1], losses >= 0."""
     if len(metrics) > MAX_METRICS:
         raise BadUpdate(f"{len(metrics)} metrics, at most {MAX_METRICS} are accepted")
     clean = {}
@@ -142,5 +143,9 @@ def check_metrics(metrics: dict[str, float]) -> dict[str, float]:
             raise BadUpdate(f"metric name of {len(key)} characters, at most {MAX_METRIC_NAME} are accepted")
         if not math.isfinite(value) or abs(value) > MAX_METRIC_ABS:
             raise BadUpdate(f"metric {key} = {value} is not finite or above {MAX_METRIC_ABS:g} in size")
+        if key.endswith("accuracy") and not 0.0 <= value <= 1.0:
+            raise BadUpdate(f"metric {key} = {value} is outside [0, 1]: an accuracy is a share of samples")
+        if "loss" in key and value < 0.0:
+            raise BadUpdate(f"metric {key} = {value} is negative; losses are >= 0")
         clean[key] = float(value)
     return clean

@@ -70,6 +70,18 @@ class Strategy(abc.ABC):
         return {k: sum(n * m.get(k, 0.0) for n, m in results) / total for k in sorted(keys)}
 
 
+def site_spread(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Per metric, the median, smallest and largest of the sites' own values, unweighted: the
+    weighted mean beside them trusts each site's declared count, these do not."""
+    spread: dict[str, float] = {}
+    keys = set().union(*(m.keys() for n, m in results if n > 0)) if results else set()
+    for key in sorted(keys):
+        values = torch.tensor([m[key] for n, m in results if n > 0 and key in m], dtype=torch.float64)
+        spread[f"{key}_median"] = float(values.quantile(0.5))
+        spread[f"{key}_min"], spread[f"{key}_max"] = float(values.min()), float(values.max())
+    return spread
+
+
 def weighted_mean(updates: list[ClientUpdate]) -> torch.Tensor:
     """Mean of the deltas weighted by each client's sample count (FedAvg's weights)."""
     weights = torch.tensor([float(u.num_samples) for u in updates], dtype=torch.float64)
