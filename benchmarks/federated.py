@@ -217,8 +217,8 @@ def bench_robust(work: Path) -> list[dict]:
             "train.batch_size=16", "train.weight_decay=0.0", "federated.rounds=5", "federated.local_epochs=2",
             "federated.sim_clients=50", "federated.sim_workers=2", "federated.partition=iid"]
     runs = [("fedavg", "clean", 0.0, []), ("fedavg", "attacked", 0.1, []),
-            ("krum", "attacked", 0.1, ["federated.byzantine=5", "federated.min_clients=13"]),
-            ("multikrum", "attacked", 0.1, ["federated.byzantine=5", "federated.min_clients=13"]),
+            ("krum", "attacked", 0.1, ["federated.byzantine=5", "federated.min_clients=14"]),
+            ("multikrum", "attacked", 0.1, ["federated.byzantine=5", "federated.min_clients=14"]),
             ("fedtrimmedavg", "attacked", 0.1, ["federated.trim_fraction=0.2"]),
             ("fedmedian", "attacked", 0.1, [])]
     rows = []

@@ -22,8 +22,10 @@ without DP the server sees only the sum, so (1) bounds the mean instead.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ import torch
 from shoal.config import FederatedConfig
 from shoal.federated.privacy import CentralDP, clip_update
 from shoal.federated.strategies import ClientUpdate, Strategy
+from shoal.federated.strategies.fedmedian import coordinate_median
 from shoal.observe.metrics import MetricsLog
 
 log = logging.getLogger("shoal.federated.server")
@@ -86,6 +89,8 @@ class Aggregator:
         self.fed, self.strategy, self.dp = fed, strategy, dp
         self.bound_updates = bound_updates
         """False in simulation, whose robustness runs measure the strategies themselves."""
+        self.fallback = ""
+        """Why the last `from_updates` took the coordinate-wise median instead of the strategy ('' if it did not)."""
 
     def _accept(self, rnd: int, old: torch.Tensor, new: torch.Tensor, saved: Strategy, who: list[str]) -> torch.Tensor:
         reason = global_refusal(old, new)
@@ -100,6 +105,7 @@ class Aggregator:
                      sample_rate: float) -> tuple[torch.Tensor, list[str]]:
         """Next global model from single updates (what a plain round has); returns it and the dropped clients."""
         dropped: list[str] = []
+        self.fallback = ""
         if self.dp is None and self.bound_updates:
             updates, dropped = drop_oversized(self.fed, rnd, updates, global_params)
         if not updates:
@@ -113,6 +119,13 @@ class Aggregator:
             unclipped = float(sum(fits for _, fits in clipped))
             new = self.strategy.apply_mean(rnd, global_params, self.dp.noisy_mean(total, sampled, unclipped,
                                                                                   sample_rate))
+        elif len(updates) < self.strategy.min_updates:
+            # a robust rule undefined for this few updates must not freeze the federation: the median needs
+            # no count, and with a majority of honest updates it stays among them, coordinate by coordinate
+            self.fallback = (f"{len(updates)} updates, fewer than the {self.strategy.min_updates} that "
+                             f"{self.fed.strategy} with byzantine = {self.fed.byzantine} needs")
+            log.warning("round %d: %s; this round takes the coordinate-wise median instead", rnd, self.fallback)
+            new = global_params + coordinate_median(updates)
         else:
             try:
                 new = self.strategy.aggregate_train(rnd, global_params, updates)
@@ -160,6 +173,13 @@ class RoundLog:
     def __init__(self, run_dir: Path, dp: CentralDP | None, logger: logging.Logger, total_rounds: int = 0):
         self.metrics = MetricsLog(run_dir, tensorboard=False)
         self.dp, self.log, self.total_rounds = dp, logger, total_rounds
+        self.events_path = run_dir / "events.jsonl"
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """One line in <run dir>/events.jsonl: what the federation did that a reader of the metrics
+        would otherwise miss (a fallback taken, a site excluded, a model not saved)."""
+        with open(self.events_path, "a") as out:
+            out.write(json.dumps({"time": time.time(), "event": kind, **fields}) + "\n")
 
     def record(self, row: dict[str, Any]) -> None:
         if self.dp is not None:

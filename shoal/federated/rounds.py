@@ -56,9 +56,11 @@ def check_federated(cfg: Config) -> None:
             raise ConfigError(f"federated.dp_noise = {fed.dp_noise} is too small for adaptive clipping with "
                               f"{fed.min_clients} clients: the clipped-count noise needs dp_noise > "
                               f"{1 / (2 * count_std):.3g} (sample more clients or use dp = 'fixed')")
-    if fed.strategy in ("krum", "multikrum") and fed.min_clients <= 2 * fed.byzantine + 2:
+    if fed.strategy in ("krum", "multikrum") and fed.min_clients < strategy.min_updates + 1:
+        # with exactly min_updates sampled sites, any one dropout would make every round a fallback
         raise ConfigError(f"federated.strategy = '{fed.strategy}' with byzantine = {fed.byzantine} needs "
-                          f"federated.min_clients > {2 * fed.byzantine + 2}")
+                          f"federated.min_clients >= {strategy.min_updates + 1} sites: {strategy.min_updates} "
+                          f"updates per round (n > 2f + 2) and one to spare for a dropout")
 
 
 class RoundDriver(SecureRounds):
@@ -219,18 +221,25 @@ class RoundDriver(SecureRounds):
         metrics = self.evaluate(rnd)
         row = {"round": rnd, "sampled": len(chosen), "answered": answered, "train_loss": train_loss,
                **{f"eval_{k}": v for k, v in metrics.items()}, "seconds": time.monotonic() - started}
-        self.record({**row, "dropped": dropped} if dropped else row)
+        if dropped:
+            row["dropped"] = dropped
+        if not self.fed.secagg and self.aggregator.fallback:
+            row["fallback"] = "coordinate median"
+        self.record(row)
 
     def plain_round(self, rnd: int, chosen: list[str], config: dict[str, float],
                     available: int) -> tuple[int, float, list[str]]:
         """(updates received, mean training loss, clients whose update was dropped as too large)."""
         replies = self.phase(pb.Task.TRAIN, rnd, chosen, model=self.model_bytes(), config=config)
         updates: list[ClientUpdate] = list(replies.values())
+        self.aggregator.fallback = ""
         if not updates:
             log.warning("round %d: no valid update arrived; the global model is unchanged", rnd)
             return 0, float("nan"), []
         self.global_params, dropped = self.aggregator.from_updates(rnd, self.global_params, updates, len(chosen),
                                                                    len(chosen) / available)
+        if self.aggregator.fallback:
+            self.round_log.event("fallback", round=rnd, rule="coordinate median", reason=self.aggregator.fallback)
         return len(updates), mean_loss([u.metrics.get("train_loss", float("nan")) for u in updates]), dropped
 
     def run_async(self) -> None:

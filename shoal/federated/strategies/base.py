@@ -38,6 +38,12 @@ class Strategy(abc.ABC):
     """True when the rule needs only the (weighted) mean of the updates, so it works under secure
     aggregation and central differential privacy, where the server never sees one update."""
 
+    @property
+    def min_updates(self) -> int:
+        """Fewest updates the rule is defined for; with fewer, the aggregator falls back to the
+        coordinate-wise median for that round (and says so) rather than leave the model frozen."""
+        return 1
+
     def __init__(self, cfg: FederatedConfig):
         self.cfg = cfg
 

@@ -1,7 +1,8 @@
 """Krum: keep the update closest to its n - f - 2 nearest neighbours.
 
 Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent",
-NeurIPS 2017. Needs n > 2f + 2 updates; with fewer the round is refused, not silently weakened.
+NeurIPS 2017. Needs n > 2f + 2 updates; with fewer, `aggregate.Aggregator` takes the coordinate-wise
+median for that round instead (logged, and an event in the run directory), so a dropout never freezes it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ def krum_scores(deltas: torch.Tensor, byzantine: int) -> torch.Tensor:
 
 
 class Krum(Strategy):
+    @property
+    def min_updates(self) -> int:
+        return 2 * self.cfg.byzantine + 3
+
     def aggregate_train(self, rnd: int, global_params: torch.Tensor,
                         updates: list[ClientUpdate]) -> torch.Tensor:
         deltas = torch.stack([u.delta for u in updates])

@@ -13,6 +13,10 @@ from shoal.federated.strategies.krum import krum_scores
 
 
 class MultiKrum(Strategy):
+    @property
+    def min_updates(self) -> int:
+        return 2 * self.cfg.byzantine + 3
+
     def aggregate_train(self, rnd: int, global_params: torch.Tensor,
                         updates: list[ClientUpdate]) -> torch.Tensor:
         deltas = torch.stack([u.delta for u in updates])
