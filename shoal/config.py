@@ -193,8 +193,13 @@ class SyncConfig:
     outer_momentum: float = option(0.9, "DiLoCo outer SGD momentum. 0 means no momentum.", min=0.0, max=1.0)
     nesterov: bool = option(True, "Use Nesterov momentum in the DiLoCo outer step (ignored when "
                                   "outer_momentum is 0).")
-    compression: str = option("none", "Wire format of DiLoCo pseudo-gradients. 'none' sends fp32.",
-                              choices=("none", "fp16", "bf16", "int8", "int4"))
+    compression: str = option("none", "Wire format of DiLoCo pseudo-gradients. 'none' sends fp32; 'fp4' 4-bit "
+                                      "floats (Streaming DiLoCo); 'topk' the largest topk_fraction of values in "
+                                      "topk_bits bits with error feedback (SparseLoCo).",
+                              choices=("none", "fp16", "bf16", "int8", "int4", "fp4", "topk"))
+    topk_fraction: float = option(0.02, "compression = 'topk': share of each 4096-value chunk sent, in (0, 1]. "
+                                        "1 sends every value.", min=0.0, max=1.0)
+    topk_bits: int = option(2, "compression = 'topk': bits per value sent.", choices=(2, 4, 8))
     fragments: int = option(1, "Streaming DiLoCo: parameter fragments synced in turn, staggered over "
                                "inner_steps. 1 means sync the whole model at once.", min=1)
     overlap: bool = option(False, "Streaming DiLoCo: let a fragment's all-reduce run behind the next "
@@ -432,6 +437,15 @@ def validate(cfg: Config) -> None:
     if sync.method != "diloco" and (sync.compression != "none" or sync.fragments > 1 or sync.overlap):
         raise ConfigError(f"sync.compression, sync.fragments and sync.overlap apply only to sync.method = "
                           f"'diloco', not '{sync.method}'")
+    if sync.outer_momentum >= 1:
+        raise ConfigError(f"sync.outer_momentum = {sync.outer_momentum} must be below 1: at 1 the outer "
+                          f"momentum never decays and the outer step grows without bound")
+    if not 0 < sync.topk_fraction <= 1:
+        raise ConfigError(f"sync.topk_fraction = {sync.topk_fraction} must be in (0, 1]: the share of each "
+                          f"chunk's values sent (0.02 sends 2 %)")
+    if sync.compression != "topk" and (sync.topk_fraction != 0.02 or sync.topk_bits != 2):
+        raise ConfigError(f"sync.topk_fraction and sync.topk_bits apply only to sync.compression = 'topk', "
+                          f"not '{sync.compression}'")
     if sync.fragments > sync.inner_steps:
         raise ConfigError(f"sync.fragments = {sync.fragments} must be at most sync.inner_steps = "
                           f"{sync.inner_steps}: each fragment syncs once per outer round")

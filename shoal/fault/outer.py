@@ -17,7 +17,8 @@ membership changes there too:
 
 The average is weighted: one small all-reduce agrees on the weights (and on whether to
 regroup afterwards), then the pseudo-gradients travel as configured (fp32, fp16, bf16,
-int8, int4), each scaled by its weight's share.
+int8, int4, fp4, topk), each scaled by its weight's share. A failed sync leaves top-k's
+error-feedback residual as it was before the attempt, so the retry sends the same values.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from shoal.fault.elastic import GenerationBroken, Replicas
 from shoal.fault.state import TrainingHost, materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
+from shoal.sync.encoding import decode_average
 
 log = logging.getLogger("shoal")
 
@@ -117,11 +119,15 @@ class ElasticDiLoCo(DiLoCo):
         index = self._fragments.index(fragment)
         replicas, host = self.replicas, self.host
         self.syncing = index
+        # The retry of a failed sync sends the same values: top-k's residual goes back to before it.
+        residual = fragment.encoding.state_dict() if fragment.encoding is not None else {}
         while True:
             try:
                 average, regroup = self._average(index)
                 break
             except GenerationBroken as err:
+                if residual:
+                    fragment.encoding.load_state_dict(residual)
                 log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
                             host.step, replicas.gen, err)
                 replicas.needs_join = True
@@ -144,7 +150,9 @@ class ElasticDiLoCo(DiLoCo):
         replicas.wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
         self.last_weight = float(head[0])
         share = weight / self.last_weight
-        if self.compression in ("int8", "int4"):
+        if fragment.encoding is not None:
+            future = self._gather_encoded(fragment, pseudo * (share * replicas.size))
+        elif self.compression in ("int8", "int4"):
             # The quantized all-reduce averages; scaled by the group size, the average is the sum.
             future = quantized_all_reduce(pseudo * (share * replicas.size), int(self.compression[3:]), replicas.pg)
         else:
@@ -153,6 +161,14 @@ class ElasticDiLoCo(DiLoCo):
         average = replicas.wait(future, "outer sync", step)
         replicas.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)
         return average, head[1] > 0
+
+    def _gather_encoded(self, fragment, scaled: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """fp4/topk over the generation's Gloo group: one all-gather of every replica's payload."""
+        encoding, size = fragment.encoding, self.replicas.size
+        payload = encoding.encode(scaled)
+        gathered = torch.empty(size * payload.numel(), dtype=torch.uint8)
+        work = self.replicas.pg.allgather([list(gathered.view(size, -1).unbind())], [payload])
+        return work.get_future().then(lambda _: decode_average(gathered.view(size, -1), encoding))
 
     def _finish(self, fragment) -> None:
         synced = fragment.pending is not None
@@ -172,4 +188,5 @@ def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, 
     """`[sync]` diloco under per-step fault tolerance (shoal/launch/supervisor.py checks the rest)."""
     return ElasticDiLoCo(model, optimizer, replicas=replicas, host=host, inner_steps=cfg.inner_steps,
                          outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
-                         compression=cfg.compression, fragments=1)
+                         compression=cfg.compression, fragments=1, topk_fraction=cfg.topk_fraction,
+                         topk_bits=cfg.topk_bits)

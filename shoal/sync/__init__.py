@@ -53,4 +53,5 @@ def outer_sync_for(cfg: SyncConfig, model: nn.Module, optimizer: torch.optim.Opt
         raise ConfigError(f"sync.fragments = {cfg.fragments} exceeds the model's {n_tensors} parameter tensors")
     return DiLoCo(model, optimizer, group=group, inner_steps=cfg.inner_steps, outer_lr=cfg.outer_lr,
                   outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov, compression=cfg.compression,
-                  fragments=cfg.fragments, overlap=cfg.overlap)
+                  fragments=cfg.fragments, overlap=cfg.overlap, topk_fraction=cfg.topk_fraction,
+                  topk_bits=cfg.topk_bits)

@@ -17,6 +17,11 @@ feedback needed for them, so none is kept. Quantised pseudo-gradients travel
 as one all-gather of every rank's codes where the sync overlaps the next step
 (or with 2 replicas), else as an all-to-all plus an all-gather of the averaged
 codes, half the bytes at 4 replicas (`quantized_reduce_scatter`).
+`fp4` (shoal/sync/fp4.py, Streaming DiLoCo's 4-bit floats) and `topk` (shoal/sync/sparse.py,
+SparseLoCo's top-k + 2-bit values with error feedback, arXiv 2508.15706) are outer-gradient
+encodings (shoal/sync/encoding.py): each replica's payload is all-gathered and decoded in rank
+order. Every wire format goes through one method, `reduce_outer_gradient`, the seam where
+the outer average crosses between replicas.
 
 Use it around an unmodified model and inner optimizer (torchft's style); the
 training loop does not change:
@@ -36,11 +41,12 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal.sync.compress import quantized_all_reduce, quantized_reduce_scatter
+from shoal.sync.encoding import ENCODINGS, OuterEncoding, encoded_all_reduce, make_encoding
 from shoal.sync.replica_state import load_replica_state, local_tensor, make_replicas_equal, replica_state
 
 __all__ = ["DiLoCo", "local_tensor", "split_fragments"]
 
-COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4")
+COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4", *ENCODINGS)
 _WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -67,8 +73,10 @@ def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int
 class _Fragment:
     """One fragment's outer parameters, outer optimizer and in-flight all-reduce."""
 
-    def __init__(self, params: list[nn.Parameter], outer_lr: float, outer_momentum: float, nesterov: bool):
+    def __init__(self, params: list[nn.Parameter], outer_lr: float, outer_momentum: float, nesterov: bool,
+                 encoding: OuterEncoding | None = None):
         self.params = params
+        self.encoding = encoding  # fp4 / topk wire format, with any error-feedback residual
         # With FSDP inside a replica each rank holds a shard (a DTensor); replicas average their
         # matching shards, so DiLoCo works on the local tensors, which share the parameters' memory.
         self.local = [local_tensor(p) for p in params]
@@ -92,7 +100,7 @@ class DiLoCo(contextlib.AbstractContextManager):
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *,
                  group: dist.ProcessGroup | None = None, inner_steps: int = 50, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, compression: str = "none",
-                 fragments: int = 1, overlap: bool = False):
+                 fragments: int = 1, overlap: bool = False, topk_fraction: float = 0.02, topk_bits: int = 2):
         if inner_steps < 1:
             raise ValueError(f"inner_steps = {inner_steps} must be at least 1")
         if compression not in COMPRESSIONS:
@@ -106,9 +114,16 @@ class DiLoCo(contextlib.AbstractContextManager):
         self.compression = compression
         self.overlap = overlap
         params = [p for p in model.parameters() if p.requires_grad]
-        self._fragments = [
-            _Fragment([params[i] for i in run], outer_lr, outer_momentum, nesterov)
-            for run in split_fragments(params, fragments)]
+        runs = split_fragments(params, fragments)
+
+        def encoding(run: list[int]) -> OuterEncoding | None:
+            if compression not in ENCODINGS:
+                return None
+            numel = sum(local_tensor(params[i]).numel() for i in run)
+            return make_encoding(compression, numel, topk_fraction=topk_fraction, topk_bits=topk_bits)
+
+        self._fragments = [_Fragment([params[i] for i in run], outer_lr, outer_momentum, nesterov, encoding(run))
+                           for run in runs]
         self.inner_step = 0  # inner steps taken inside this context
         self.outer_syncs = 0  # fragment syncs completed
         self._handle: Any = None
@@ -152,7 +167,8 @@ class DiLoCo(contextlib.AbstractContextManager):
             # at the same step as the uninterrupted one would.
             pending = fragment.pending.wait() if fragment.pending is not None else None
             fragments.append({"outer": [o.detach().clone() for o in fragment.outer],
-                              "optimizer": fragment.optimizer.state_dict(), "pending": pending})
+                              "optimizer": fragment.optimizer.state_dict(), "pending": pending,
+                              "encoding": fragment.encoding.state_dict() if fragment.encoding else {}})
         return {"inner_step": self.inner_step, "outer_syncs": self.outer_syncs, "fragments": fragments,
                 "replica": replica_state(self.model, self.inner_optimizer)}
 
@@ -171,6 +187,8 @@ class DiLoCo(contextlib.AbstractContextManager):
                                          f"{tuple(outer.shape)}: resume DiLoCo on the layout it was saved on")
                     outer.copy_(value)
             fragment.optimizer.load_state_dict(saved["optimizer"])
+            if fragment.encoding is not None and saved.get("encoding"):
+                fragment.encoding.load_state_dict(saved["encoding"])
             fragment.pending = None
             if saved["pending"] is not None:
                 fragment.pending = torch.futures.Future()
@@ -195,21 +213,31 @@ class DiLoCo(contextlib.AbstractContextManager):
     def _start(self, fragment: _Fragment) -> None:
         """Send this fragment's pseudo-gradient (outer minus local) to the averaging."""
         pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
+        fragment.pending = self.reduce_outer_gradient(fragment, pseudo)
+
+    def reduce_outer_gradient(self, fragment: _Fragment, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """The mean over the replicas (`self.group`) of this fragment's flat fp32 pseudo-gradient,
+        travelling in `self.compression`; a future, so the sync may overlap the next inner step.
+
+        The one place an outer gradient crosses between replicas: a transport between sites
+        replaces this method (same input, same result on every replica).
+        """
+        if fragment.encoding is not None:
+            return encoded_all_reduce(fragment.encoding.encode(pseudo), fragment.encoding, self.group)
         if self.compression in ("int8", "int4"):
             bits = int(self.compression[3:])
             if self.overlap or dist.get_world_size(self.group) <= 2:
                 # One all-gather, left to run behind the next inner step (same bytes as below at 2).
-                fragment.pending = quantized_all_reduce(pseudo, bits, self.group)
-            else:
-                # Waited for anyway: all-to-all + all-gather send half the all-gather's bytes at 4 ranks.
-                fragment.pending = torch.futures.Future()
-                fragment.pending.set_result(quantized_reduce_scatter(pseudo, bits, self.group))
-            return
+                return quantized_all_reduce(pseudo, bits, self.group)
+            # Waited for anyway: all-to-all + all-gather send half the all-gather's bytes at 4 ranks.
+            done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+            done.set_result(quantized_reduce_scatter(pseudo, bits, self.group))
+            return done
         wire = pseudo.to(_WIRE_DTYPE[self.compression])
         # Divide before summing: fp16 would overflow on sums of large values.
         wire.div_(dist.get_world_size(self.group))
         work = dist.all_reduce(wire, group=self.group, async_op=True)
-        fragment.pending = work.get_future().then(lambda _: wire.float())
+        return work.get_future().then(lambda _: wire.float())
 
     @torch.no_grad()
     def _finish(self, fragment: _Fragment) -> None:
