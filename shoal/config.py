@@ -250,6 +250,9 @@ class FederatedConfig:
     krum_keep: int = option(0, "MultiKrum: best-scored updates averaged. 0 means n - f.", min=0)
     buffer_size: int = option(3, "FedBuff: client updates buffered before each server update (K).", min=1)
     max_staleness: int = option(10, "FedBuff: updates older than this many server versions are dropped.", min=0)
+    buffer_per_site: int = option(0, "FedBuff: most updates one site may place in one buffer (a site at its share "
+                                     "gets no new task until the buffer is applied). 0 means a fair share: "
+                                     "ceil(buffer_size / connected sites).", min=0)
     secagg: bool = option(False, "Secure aggregation: the server learns only the sum of the updates.")
     secagg_threshold: int = option(0, "Secure aggregation: clients needed to unmask. 0 means a majority.", min=0)
     dp: str = option("off", "Client-level central differential privacy: clip each update and add Gaussian noise.",

@@ -82,6 +82,15 @@ def global_refusal(old: torch.Tensor, new: torch.Tensor) -> str:
     return ""
 
 
+def saved_model_refusal(params: torch.Tensor) -> str:
+    """Why a global model may not be written to disk ('' when it may): what every accepted model satisfies."""
+    if not torch.isfinite(params).all():
+        return "holds NaN or infinity"
+    if float(params.abs().max()) > FLOAT32_MAX:
+        return "overflows float32"
+    return ""
+
+
 class Aggregator:
     """One federation's strategy, central DP (optional) and the guards between them and the model."""
 

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 from shoal.config import Config, ConfigError
 from shoal.federated import federation_pb2 as pb
 from shoal.federated import transport
-from shoal.federated.aggregate import Aggregator, RoundLog, mean_loss
+from shoal.federated.aggregate import Aggregator, RoundLog, mean_loss, saved_model_refusal
+from shoal.federated.async_rounds import AsyncRounds
 from shoal.federated.local import model_spec
 from shoal.federated.mailbox import Mailbox, Stopped
 from shoal.federated.privacy import CentralDP
@@ -63,7 +64,7 @@ def check_federated(cfg: Config) -> None:
                           f"updates per round (n > 2f + 2) and one to spare for a dropout")
 
 
-class RoundDriver(SecureRounds):
+class RoundDriver(SecureRounds, AsyncRounds):
     def __init__(self, cfg: Config, run_dir: Path):
         check_federated(cfg)
         self.cfg, self.fed, self.run_dir = cfg, cfg.federated, run_dir
@@ -205,6 +206,14 @@ class RoundDriver(SecureRounds):
             self.round_log.close()
 
     def save(self) -> None:
+        """Rewrite model.safetensors, unless the model fails the server's own checks: then the last good
+        file stays (a model that got past the guards must not overwrite one that passed them)."""
+        reason = saved_model_refusal(self.global_params)
+        if reason:
+            log.error("model.safetensors not rewritten: the global model %s; the file keeps the last checked model",
+                      reason)
+            self.round_log.event("model_not_saved", reason=reason)
+            return
         save_file(transport.unflatten(self.global_params, self.reference), str(self.run_dir / "model.safetensors"))
 
     def run_round(self, rnd: int) -> None:
@@ -241,50 +250,6 @@ class RoundDriver(SecureRounds):
         if self.aggregator.fallback:
             self.round_log.event("fallback", round=rnd, rule="coordinate median", reason=self.aggregator.fallback)
         return len(updates), mean_loss([u.metrics.get("train_loss", float("nan")) for u in updates]), dropped
-
-    def run_async(self) -> None:
-        """FedBuff: keep every live client busy; apply each full buffer as one server version."""
-        version, buffer, started = 0, [], time.monotonic()
-        self.history = {0: self.global_params.clone()}
-        busy: set[str] = set()
-        deadline = time.monotonic() + self.fed.join_timeout
-        while version < self.fed.rounds:
-            if self.mailbox.stopping:
-                raise Stopped(f"stopped at version {version}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fedbuff: no update for {self.fed.join_timeout}s; stopping at version {version}")
-            for cid in self.mailbox.live():
-                if cid not in busy:
-                    self.mailbox.assign(cid, pb.Task(kind=pb.Task.TRAIN, round=version, model_version=version,
-                                                     model=self.model_bytes(), config=self.model_config))
-                    busy.add(cid)
-            self.mailbox.wait_replies(time.monotonic() + 1.0)
-            for reply in self.mailbox.take():
-                busy.discard(reply.client_id)
-                update = reply.result
-                if not isinstance(update, ClientUpdate):
-                    continue
-                deadline = time.monotonic() + self.fed.join_timeout
-                if version - update.base_version > self.fed.max_staleness:
-                    log.warning("fedbuff: dropped an update from %s that is %d versions stale", update.client_id,
-                                version - update.base_version)
-                    continue
-                buffer.append(update)
-                if len(buffer) >= self.fed.buffer_size:
-                    version += 1
-                    self.global_params, dropped = self.aggregator.from_updates(version, self.global_params, buffer,
-                                                                               len(buffer), 1.0)
-                    self.history[version] = self.global_params.clone()
-                    self.history.pop(version - self.fed.max_staleness - 1, None)
-                    row = {"round": version, "answered": len(buffer),
-                           "staleness": [version - 1 - u.base_version for u in buffer],
-                           "train_loss": mean_loss([u.metrics.get("train_loss", float("nan")) for u in buffer]),
-                           "seconds": time.monotonic() - started}
-                    self.record({**row, "dropped": dropped} if dropped else row)
-                    buffer, started = [], time.monotonic()
-                    if version >= self.fed.rounds:
-                        break
-        self.mailbox.cancel(sorted(busy))
 
     def evaluate(self, rnd: int) -> dict[str, float]:
         clients = self.strategy.configure_evaluate(rnd, self.mailbox.live(), self.rng)
