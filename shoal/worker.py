@@ -113,11 +113,17 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
 
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
-    model = build_model(cfg.model, spec)
+    # a layout that shards the model lets each rank read only its share of a checkpoint
+    sharded = mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1)
+    model = build_model(cfg.model, spec, params_on_meta=sharded)
     log.info("model %s: %.2fM parameters; %d training samples", cfg.model.hf or cfg.model.factory or cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
     outer_sync = cfg.sync.method in OUTER_SYNC_METHODS  # DiLoCo / local SGD own the replica axis
     pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync)
+    if any(p.is_meta for p in model.parameters()):
+        from shoal.models.hf_weights import load_per_rank
+        read = load_per_rank(pm.model_parts, cfg.model.hf, device)
+        log.info("model.hf: this rank read its share of %d checkpoint tensors", read)
     timer = None
     if pm.ddp is not None:
         timer = CommTimer()

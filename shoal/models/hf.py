@@ -2,14 +2,18 @@
 they expect, their outputs read for logits or loss.
 
 A folder is what `save_pretrained` writes: `config.json` (whose `architectures` names the
-class) and, when trained weights exist, `model.safetensors`. Without weights the model is
-initialised from the config with the current torch seed, so every rank builds the same one.
+class) and, when trained weights exist, the weights in any of transformers' layouts (one or
+several safetensors files, one or several `.bin` files; shoal/models/hf_weights.py). Without
+weights the model is initialised from the config with the current torch seed, so every rank
+builds the same one, and the log says so once.
 Nothing is downloaded: `local_files_only` holds for the config and the weights.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,10 @@ import torch
 from torch import nn
 
 from shoal.config import ConfigError
+from shoal.models.hf_weights import (LAYOUTS, checkpoint_keys, compare_keys, describe_keys, parameters_on_meta,
+                                     weight_files)
+
+log = logging.getLogger("shoal")
 
 
 def read_hf_config(path: str, field: str = "model.hf") -> Any:
@@ -53,17 +61,58 @@ def model_class(config: Any, path: str, field: str = "model.hf") -> type:
     return cls
 
 
-def load_hf(path: str) -> nn.Module:
-    """The model of folder `path`: trained weights from model.safetensors when present,
-    otherwise initialised from config.json."""
+def load_hf(path: str, *, params_on_meta: bool = False) -> nn.Module:
+    """The model of folder `path`: its trained weights in any layout save_pretrained writes
+    (hf_weights.LAYOUTS), otherwise initialised from config.json with the current seed.
+
+    `params_on_meta`: for a layout that shards the model (FSDP, TP, PP), leave the parameters on
+    the meta device when the checkpoint holds every one of them; `hf_weights.load_per_rank`
+    then reads each rank's share once the layout has split it. Anything else (weights missing or
+    named otherwise) loads the whole model here, through transformers' own `from_pretrained`."""
     config = read_hf_config(path)
     cls = model_class(config, path)
     # under a meta device (shoal plan sizes the model without memory) there is nothing to load into
-    if (Path(path) / "model.safetensors").is_file() and torch.get_default_device().type != "meta":
-        model = cls.from_pretrained(path, config=config, local_files_only=True, use_safetensors=True)
-    else:
-        model = cls._from_config(config)
-    return prepare(model)
+    if torch.get_default_device().type == "meta":
+        return prepare(cls._from_config(config))
+    if not weight_files(path):
+        say_once(f"model.hf = '{path}' holds no weights ({', '.join(LAYOUTS)}): training from scratch, "
+                 f"initialised from config.json and train.seed")
+        return prepare(cls._from_config(config))
+    if params_on_meta:
+        with parameters_on_meta():
+            model = cls._from_config(config)
+        missing, unexpected = compare_keys(model, set(checkpoint_keys(path)))
+        if not missing:
+            if unexpected:
+                say_once(describe_keys(path, [], unexpected))
+            return prepare(model)
+        say_once(f"model.hf = '{path}': {len(missing)} weights are not in the checkpoint under the model's names; "
+                 f"every rank loads the whole model before it is sharded")
+    return prepare(_from_pretrained(cls, config, path))
+
+
+def _from_pretrained(cls: type, config: Any, path: str) -> nn.Module:
+    """transformers' own loader (every layout, renamed legacy keys, tied weights), its
+    multi-line load report replaced by one line."""
+    import transformers
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(path, config=config, local_files_only=True, output_loading_info=True)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+        transformers.logging.enable_progress_bar()
+    mismatched = [key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys", ())]
+    if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+        say_once(describe_keys(path, list(info["missing_keys"]), list(info["unexpected_keys"]), mismatched))
+    return model
+
+
+def say_once(message: str) -> None:
+    """A warning every rank would give alike, given by rank 0 only."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning(message)
 
 
 def is_hf(model: nn.Module) -> bool:

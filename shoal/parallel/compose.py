@@ -184,7 +184,8 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     data-parallel axis alone for methods that average parameters instead (DiLoCo, local SGD)."""
     from shoal.parallel.activation import apply_ac
     from shoal.parallel.compile import apply_compile
-    model.to(device)
+    if not any(p.is_meta for p in model.parameters()):  # meta parameters get their memory after the split
+        model.to(device)
     loss = Loss(cfg.model.loss)
     if dims.world_size == 1 or mesh is None:
         apply_ac(model, None, cfg)
