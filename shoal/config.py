@@ -186,17 +186,23 @@ class SyncConfig:
                                       "(allreduce, or compressed: fp16, bf16, int8, int4, powersgd) or an outer "
                                       "sync every `inner_steps` steps (local_sgd, diloco). See docs/sync.md.",
                          choices=("allreduce", *COMPRESSION_HOOKS, *OUTER_SYNC_METHODS))
-    inner_steps: int = option(50, "Local optimizer steps between outer syncs (local_sgd, diloco). "
+    inner_steps: int = option(30, "Local optimizer steps between outer syncs (local_sgd, diloco). "
                                   "1 means sync after every step.", min=1)
-    outer_lr: float = option(0.7, "DiLoCo outer learning rate on the averaged pseudo-gradient. "
-                                  "1 with outer_momentum 0 means plain parameter averaging.", min=0.0)
-    outer_momentum: float = option(0.9, "DiLoCo outer SGD momentum. 0 means no momentum.", min=0.0, max=1.0)
+    outer_lr: float = option(0.0, "DiLoCo outer learning rate on the averaged pseudo-gradient. 0 means the "
+                                  "value tuned for this replica count and inner_steps (docs/sync.md); 1 with "
+                                  "outer_momentum 0 means plain parameter averaging.", min=0.0)
+    outer_momentum: float = option(-1.0, "DiLoCo outer SGD momentum, below 1. -1 means the value tuned for "
+                                         "this replica count and inner_steps (docs/sync.md); 0 means none.",
+                                   min=-1.0, max=1.0)
+    outer_warmup: int = option(-1, "DiLoCo outer steps over which the outer lr ramps up linearly. -1 means the "
+                                   "value tuned for this replica count and inner_steps; 0 means none.", min=-1)
     nesterov: bool = option(True, "Use Nesterov momentum in the DiLoCo outer step (ignored when "
                                   "outer_momentum is 0).")
-    compression: str = option("none", "Wire format of DiLoCo pseudo-gradients. 'none' sends fp32; 'fp4' 4-bit "
-                                      "floats (Streaming DiLoCo); 'topk' the largest topk_fraction of values in "
-                                      "topk_bits bits with error feedback (SparseLoCo).",
-                              choices=("none", "fp16", "bf16", "int8", "int4", "fp4", "topk"))
+    compression: str = option("auto", "Wire format of DiLoCo pseudo-gradients. 'auto' means int8 for diloco; "
+                                      "'none' sends fp32; 'fp4' 4-bit floats (Streaming DiLoCo); 'topk' the "
+                                      "largest topk_fraction of values in topk_bits bits with error feedback "
+                                      "(SparseLoCo).",
+                              choices=("auto", "none", "fp16", "bf16", "int8", "int4", "fp4", "topk"))
     topk_fraction: float = option(0.02, "compression = 'topk': share of each 4096-value chunk sent, in (0, 1]. "
                                         "1 sends every value.", min=0.0, max=1.0)
     topk_bits: int = option(2, "compression = 'topk': bits per value sent.", choices=(2, 4, 8))
@@ -437,12 +443,13 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"data.path: {part} does not exist")
     sync = cfg.sync
     outer = sync.method in OUTER_SYNC_METHODS
-    if sync.method != "diloco" and (sync.compression != "none" or sync.fragments > 1 or sync.overlap):
+    if sync.method != "diloco" and (sync.compression not in ("auto", "none") or sync.fragments > 1
+                                    or sync.overlap):
         raise ConfigError(f"sync.compression, sync.fragments and sync.overlap apply only to sync.method = "
                           f"'diloco', not '{sync.method}'")
-    if sync.outer_momentum >= 1:
-        raise ConfigError(f"sync.outer_momentum = {sync.outer_momentum} must be below 1: at 1 the outer "
-                          f"momentum never decays and the outer step grows without bound")
+    if sync.outer_momentum >= 1 or -1 < sync.outer_momentum < 0:
+        raise ConfigError(f"sync.outer_momentum = {sync.outer_momentum} must be in [0, 1), or -1 for the tuned "
+                          f"value: at 1 the outer momentum never decays and the outer step grows without bound")
     if not 0 < sync.topk_fraction <= 1:
         raise ConfigError(f"sync.topk_fraction = {sync.topk_fraction} must be in (0, 1]: the share of each "
                           f"chunk's values sent (0.02 sends 2 %)")

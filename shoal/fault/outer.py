@@ -36,6 +36,7 @@ from shoal.fault.state import TrainingHost, materialize_optimizer_state
 from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
 from shoal.sync.encoding import decode_average
+from shoal.sync.outer_settings import outer_options
 
 log = logging.getLogger("shoal")
 
@@ -186,7 +187,8 @@ class ElasticDiLoCo(DiLoCo):
 def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, replicas: Replicas,
                        host: TrainingHost) -> ElasticDiLoCo:
     """`[sync]` diloco under per-step fault tolerance (shoal/launch/supervisor.py checks the rest)."""
-    return ElasticDiLoCo(model, optimizer, replicas=replicas, host=host, inner_steps=cfg.inner_steps,
-                         outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov,
-                         compression=cfg.compression, fragments=1, topk_fraction=cfg.topk_fraction,
-                         topk_bits=cfg.topk_bits)
+    # The outer step is tuned for the replicas the job is launched with (no generation exists yet
+    # here); it stays when one drops out.
+    launched = max(1, replicas.cfg.launch.nproc // replicas.group_size)
+    return ElasticDiLoCo(model, optimizer, replicas=replicas, host=host, fragments=1,
+                         **outer_options(cfg, launched))

@@ -51,7 +51,6 @@ def outer_sync_for(cfg: SyncConfig, model: nn.Module, optimizer: torch.optim.Opt
     n_tensors = sum(1 for p in model.parameters() if p.requires_grad)
     if cfg.fragments > n_tensors:
         raise ConfigError(f"sync.fragments = {cfg.fragments} exceeds the model's {n_tensors} parameter tensors")
-    return DiLoCo(model, optimizer, group=group, inner_steps=cfg.inner_steps, outer_lr=cfg.outer_lr,
-                  outer_momentum=cfg.outer_momentum, nesterov=cfg.nesterov, compression=cfg.compression,
-                  fragments=cfg.fragments, overlap=cfg.overlap, topk_fraction=cfg.topk_fraction,
-                  topk_bits=cfg.topk_bits)
+    from shoal.sync.outer_settings import outer_options
+    return DiLoCo(model, optimizer, group=group, fragments=cfg.fragments, overlap=cfg.overlap,
+                  **outer_options(cfg, size))

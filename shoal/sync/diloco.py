@@ -50,6 +50,14 @@ COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4", *ENCODINGS)
 _WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def outer_warmup_factor(syncs_done: int, warmup_syncs: int) -> float:
+    """The share of the outer lr used at the outer step after `syncs_done` syncs: a linear ramp
+    over the first `warmup_syncs` outer steps (0: none)."""
+    if warmup_syncs <= 0:
+        return 1.0
+    return min(1.0, (syncs_done + 1) / warmup_syncs)
+
+
 def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int]]:
     """Split parameters (in model order) into `fragments` contiguous runs of about equal size.
 
@@ -95,12 +103,16 @@ class DiLoCo(contextlib.AbstractContextManager):
     fragment when due.
     `group` is the process group of replicas (e.g. the `dp_replicate` mesh
     axis); inside a replica the model may itself be DDP/FSDP over another axis.
+    `outer_warmup` ramps the outer lr linearly over that many outer steps (0: none);
+    `topk_fraction`/`topk_bits` shape the `topk` encoding. shoal/sync/outer_settings.py holds
+    the outer settings tuned per replica count and H that `sync.method = "diloco"` uses.
     """
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *,
                  group: dist.ProcessGroup | None = None, inner_steps: int = 50, outer_lr: float = 0.7,
                  outer_momentum: float = 0.9, nesterov: bool = True, compression: str = "none",
-                 fragments: int = 1, overlap: bool = False, topk_fraction: float = 0.02, topk_bits: int = 2):
+                 fragments: int = 1, overlap: bool = False, topk_fraction: float = 0.02, topk_bits: int = 2,
+                 outer_warmup: int = 0):
         if inner_steps < 1:
             raise ValueError(f"inner_steps = {inner_steps} must be at least 1")
         if compression not in COMPRESSIONS:
@@ -113,6 +125,8 @@ class DiLoCo(contextlib.AbstractContextManager):
         self.inner_steps = inner_steps
         self.compression = compression
         self.overlap = overlap
+        self.outer_lr = outer_lr
+        self.outer_warmup = outer_warmup  # outer steps of linear outer-lr ramp; 0 means none
         params = [p for p in model.parameters() if p.requires_grad]
         runs = split_fragments(params, fragments)
 
@@ -250,6 +264,10 @@ class DiLoCo(contextlib.AbstractContextManager):
         for outer in fragment.outer:
             outer.grad = average[start:start + outer.numel()].view_as(outer)
             start += outer.numel()
+        # Fragments sync in turn, so each has taken outer_syncs // fragments outer steps before this one.
+        syncs_done = self.outer_syncs // len(self._fragments)
+        for group in fragment.optimizer.param_groups:
+            group["lr"] = self.outer_lr * outer_warmup_factor(syncs_done, self.outer_warmup)
         fragment.optimizer.step()
         for param, outer in zip(fragment.local, fragment.outer):
             param.copy_(outer)
