@@ -30,6 +30,7 @@ from shoal.fault import preempt
 from shoal.fault.checkpoint import PREFIX, Checkpointer
 from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
 from shoal.models import to_device
+from shoal.observe.ranks import RankTiming, gather_over_group
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import ParallelModel, check_batch_split
@@ -128,6 +129,12 @@ class Trainer:
         self.loss_averaged = False  # the last step's loss is already the mean over every rank (fault tolerance)
         self.data_seconds = 0.0  # time this step waited for its batches (the loader's cost, in metrics)
         self.comm_timer = comm_timer
+        # Where the last step's time went (seconds since its start): arrival at the gradient
+        # collective, and the communication it then waited for (shoal/observe/ranks.py).
+        self.arrival_seconds = 0.0
+        self.comm_seconds = 0.0
+        self.step_started = 0.0
+        self.report: StepReporter | None = None  # while fit() runs: where events go
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
                          if t.precision == "bf16" else nullcontext())
 
@@ -168,8 +175,11 @@ class Trainer:
         """Write a checkpoint of the current step. `alone`: this fault-tolerant worker is the only
         one holding the training state, and saves it in the background whatever its rank."""
         if self.checkpointer is not None and (alone or self.sync.saves_checkpoints()):
+            started = time.perf_counter()
             self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state(),
                                    asynchronous=True if alone else None)
+            if self.report is not None:
+                self.report.event("checkpoint", self.step, seconds=round(time.perf_counter() - started, 4))
 
     # -- what per-step fault tolerance may ask (shoal/fault/state.py's TrainingHost) -----
     def set_step(self, step: int) -> None:
@@ -234,7 +244,15 @@ class Trainer:
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
                 loss_sum += self.model.forward_backward(inputs, targets, 1.0 / t.grad_accum)
+        reduce_started = time.perf_counter()
         reduced = self.sync.reduce(self, samples, loss_sum / t.grad_accum)
+        reduced_at = time.perf_counter()
+        # Under DDP this rank arrived when its last gradient bucket went to the hook (the rest of
+        # backward then waited for the slowest rank); otherwise when it called the reduce.
+        timer = self.comm_timer
+        arrived = timer.arrived if timer is not None and timer.arrived > self.step_started else reduce_started
+        self.arrival_seconds = arrived - self.step_started
+        self.comm_seconds = reduced_at - arrived
         if reduced is None:  # abandoned: the next group retries the same global batch
             self.optimizer.zero_grad(set_to_none=True)
             self.sampler.load_state_dict(start)
@@ -246,7 +264,15 @@ class Trainer:
                 clip(t.grad_clip)
             else:
                 torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), t.grad_clip)
-        self.optimizer.step()
+        syncs = getattr(self.outer_sync, "outer_syncs", None)
+        stepped = time.perf_counter()
+        self.optimizer.step()  # an outer sync (DiLoCo, local SGD) runs in its post-step hook
+        if syncs is not None and self.outer_sync.outer_syncs != syncs:
+            seconds = time.perf_counter() - stepped
+            self.comm_seconds += seconds
+            if self.report is not None:
+                self.report.event("outer_sync", self.step + 1, seconds=round(seconds, 4),
+                                  syncs=self.outer_sync.outer_syncs)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return loss
@@ -303,14 +329,18 @@ class Trainer:
         # Outer-sync methods (DiLoCo) exist to keep the link quiet between syncs: their ranks' losses
         # wait in the reporter and are averaged every `log.every` steps in one all-reduce.
         every_step = self.outer_sync is None
+        self.report = report
+        if self.step:
+            report.event("resumed", self.step)
+        gather = getattr(self.sync, "timing_gather", None)
+        timing = RankTiming(self.cfg.log.every, gather() if gather is not None else gather_over_group)
         self.model.train(True)
         try:
             while self.step < t.steps:
-                comm_before = self.comm_timer.seconds if self.comm_timer else 0.0
                 if self.checkpointer is not None:
                     self.checkpointer.poll()
                 self.data_seconds = 0.0
-                started = time.perf_counter()
+                started = self.step_started = time.perf_counter()
                 loss = self.train_step()
                 if loss is None:
                     continue
@@ -318,16 +348,23 @@ class Trainer:
                 if every_step and not self.loss_averaged:  # gradients travel every step; so do the loss and a stop
                     loss, stop = self.means_and_stop(loss)
                 seconds = time.perf_counter() - started
+                compute = max(0.0, self.arrival_seconds - self.data_seconds)
                 report.add(loss, {
                     "time": round(time.time(), 3),  # when the step ended, not when its loss was averaged
                     "step": self.step, "lr": lr_at(self.step - 1, t), "step_seconds": seconds,
-                    "data_seconds": self.data_seconds,
-                    "comm_seconds": (self.comm_timer.seconds - comm_before) if self.comm_timer else 0.0,
+                    "data_seconds": self.data_seconds, "compute_seconds": compute,
+                    "arrival_seconds": self.arrival_seconds, "comm_seconds": self.comm_seconds,
                     f"{unit}_per_second": t.batch_size * tokens_per_sample / seconds,
-                    "samples": self.step * t.batch_size})
+                    "samples": self.step * t.batch_size, "world_size": self.where.dp_size})
                 if every_step or self.step % self.cfg.log.every == 0 or self.step == t.steps:
                     stop = report.publish(averaged=every_step) or stop
+                timing.add(data=self.data_seconds, compute=compute, arrival=self.arrival_seconds)
+                ranks = timing.summary(self.step)
+                if ranks is not None:
+                    report.ranks(ranks, timing.straggler(ranks))
                 if stop and self.step < t.steps:  # preempted: every rank stops after this same step
+                    report.event("preempted", self.step, signal=signal.Signals(preempt.requested() or
+                                                                               signal.SIGTERM).name)
                     self.save()
                     if self.checkpointer is not None:
                         self.checkpointer.wait()
@@ -341,4 +378,5 @@ class Trainer:
                 self.checkpointer.wait()
         finally:
             report.close()
+            self.report = None
         return report.losses

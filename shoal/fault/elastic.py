@@ -175,6 +175,18 @@ class Replicas:
     def saves_checkpoints(self) -> bool:
         return self.is_master
 
+    def timing_gather(self):
+        """How per-rank timing reaches the logging member (shoal/observe/ranks.py): through the
+        store, as there is no default process group; a rank is named `member` (`member.lane` in
+        a replica group)."""
+        from shoal.observe.ranks import gather_over_store
+        label = str(self.member) if not self.grouped else f"{self.member}.{self.lane}"
+        gather = gather_over_store(
+            self.store, label=label, logs=self.writes_metrics,
+            members=lambda: [str(m) if not self.grouped else f"{m}.{lane}"
+                             for m in self.members for lane in range(self.group_size)])
+        return lambda window, values: self._store_call(lambda: gather(window, values), None)
+
     @property
     def is_master(self) -> bool:
         """Rank 0 of the current generation saves checkpoints and writes metrics (a worker that

@@ -68,3 +68,9 @@ def chaos_claimed(injection: int) -> str:
 
 def chaos_fired(injection: int) -> str:
     return f"ft/chaos/fired/{injection}"
+
+
+def timing(window: int, member: str) -> str:
+    """JSON [data, compute, arrival] medians of a member's steps in timing window `window`
+    (shoal/observe/ranks.py): the logging member reads the previous window's of every member."""
+    return f"ft/timing/{window}/{member}"

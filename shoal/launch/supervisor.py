@@ -31,9 +31,17 @@ from shoal.fault.preempt import PREEMPTED_CODES
 from shoal.launch import workers
 from shoal.launch.restarts import RestartPolicy
 from shoal.launch.workers import worker_failure_text
+from shoal.observe.events import append_event
 
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
 
 TICK = 0.01  # seconds between looks at the processes and the store: recovery latency is a few ticks
 
@@ -90,6 +98,29 @@ class Supervisor:
             self.slots += self._start_group(first, 0)
         self.coordinator.initial = sorted({slot.member for slot in self.slots})
         self.monkey = chaos_module.ChaosMonkey(self.injections, started=time.monotonic(), seed=cfg.train.seed)
+        self.generations_seen = 0  # of coordinator.history, turned into regrouped/joined/left events
+        self.broken_at: float | None = None  # wall time of the first failure since the last generation formed
+
+    def record(self, event: str, **fields) -> None:
+        """An event of the job in metrics.jsonl (shoal/observe/events.py), at the last committed step."""
+        append_event(self.run_dir / "metrics.jsonl", event, self.fleet.last_step, **fields)
+
+    def _record_generations(self) -> None:
+        """Each generation the coordinator formed since the last look: regrouped, and who joined and left."""
+        history = self.coordinator.history
+        for index in range(self.generations_seen, len(history)):
+            formed = history[index]
+            before = set(history[index - 1]["members"]) if index else set()
+            members = formed["members"]
+            recovery = {"recovery_seconds": round(formed["t"] - self.broken_at, 3)} if self.broken_at and index else {}
+            self.record("regrouped", time=formed["t"], gen=formed["gen"], members=members,
+                        size=len(members) * self.group_size, **recovery)
+            for member in sorted(set(members) - before):
+                self.record("joined", time=formed["t"], member=member, gen=formed["gen"])
+            for member in sorted(before - set(members)):
+                self.record("left", time=formed["t"], member=member, gen=formed["gen"])
+            self.broken_at = None
+        self.generations_seen = len(history)
 
     def say(self, text: str) -> None:
         print(f"shoal: {text}", file=sys.stderr, flush=True)
@@ -132,6 +163,7 @@ class Supervisor:
                     self.say(f"{signal.Signals(received[0]).name}: every worker stops after the step in flight; "
                              f"the first one saves a checkpoint")
                     self.coordinator.preempt(received[0])
+                    self.record("preempted", signal=signal.Signals(received[0]).name)
                     deadline = time.monotonic() + self.cfg.fault.grace_seconds
                 code = self._poll()
                 if self.coordinator.preempting and (not self._live() or time.monotonic() > deadline):
@@ -140,6 +172,7 @@ class Supervisor:
                     return code
                 self.coordinator.tick()
                 self.fleet.poll()
+                self._record_generations()
                 self._kill_hung_groups()
                 if self.coordinator.stopped:
                     self.failures.append(self.coordinator.stopped)
@@ -202,6 +235,10 @@ class Supervisor:
             code = slot.proc.exitcode
             self.coordinator.mark_exited(slot.member)
             self.event("exit", slot=slot.index, member=slot.member, code=code)
+            if code != 0 and code not in PREEMPTED_CODES:
+                cause = {"signal": signal_name(-code)} if code < 0 else {"code": code}
+                self.record("died", member=slot.member, slot=slot.index, pid=slot.proc.pid, **cause)
+                self.broken_at = self.broken_at or time.time()
             if code == 0:
                 if not self.finished:
                     self.store.set(keys.FINISHED, "1")  # other hosts' workers still waiting to join stop
@@ -233,6 +270,7 @@ class Supervisor:
                      + (f" in {decision.delay:.0f}s" if decision.delay else ""))
             self.delayed.append((now + decision.delay, slot.index - slot.index % self.group_size,
                                  slot.incarnation + 1))
+            self.record("replaced", member=slot.member, slot=slot.index, delay=round(decision.delay, 3))
         running = [s for s in self.slots if not s.done]
         if self.finished:
             # Training is complete: workers still waiting to join have nothing left to do.

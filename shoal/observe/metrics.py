@@ -30,6 +30,9 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
         sampled = record.get("kind", "train") != "train" or record.get("step", 0) % self.tensorboard_every == 0
+        if self.writer is not None and record.get("kind") == "event":  # a mark, not a curve: text
+            self.writer.add_text("events", json.dumps(record), record.get("step", 0))
+            return
         if self.writer is not None and "step" in record and sampled:
             for key, value in record.items():
                 if key not in ("step", "time", "kind") and isinstance(value, (int, float)):

@@ -11,14 +11,18 @@ record once.
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from shoal.observe.events import event_record
 from shoal.observe.metrics import MetricsLog
 from shoal.observe.progress import Progress
+
+log = logging.getLogger("shoal")
 
 Averager = Callable[[torch.Tensor], "tuple[torch.Tensor, bool]"]
 """Averages a vector of losses over the data-parallel ranks; also says whether a rank was asked to stop."""
@@ -80,6 +84,26 @@ class StepReporter:
     def evaluated(self, step: int, val_loss: float) -> None:
         self.progress.message(f"step {step}: validation loss {val_loss:.4f}")
         self.log({"kind": "eval", "step": step, "val_loss": val_loss})
+
+    def event(self, name: str, step: int, **fields) -> None:
+        """An event of this run (shoal/observe/events.py), in metrics.jsonl if this worker logs."""
+        self.log(event_record(name, step, **fields))
+
+    def ranks(self, record: dict, straggler: tuple[str, float] | None) -> None:
+        """A window's per-rank timing record (shoal/observe/ranks.py); a straggler is named on the
+        progress line (or, under fault tolerance, in the worker's log) and as an event."""
+        self.log(record)
+        if straggler is None or not self.writes_metrics():
+            return
+        rank, slower = straggler
+        text = (f"step {record['step']}: rank {rank} is a straggler: it reaches the gradient exchange "
+                f"{slower:.0%} later than the median rank (compute {record['compute_max'] * 1000:.1f} ms "
+                f"against {record['others_compute_median'] * 1000:.1f} ms)")
+        self.progress.message(text)
+        if self.progress.mode == "off":
+            log.warning("%s", text)
+        self.event("straggler", record["step"], rank=rank, slower=slower,
+                   compute_seconds=record["compute_max"], others_compute_seconds=record["others_compute_median"])
 
     def log(self, record: dict) -> None:
         if self.writes_metrics():

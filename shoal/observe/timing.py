@@ -1,8 +1,10 @@
 """Time spent in gradient communication, measured around a DDP comm hook.
 
-Each bucket's all-reduce is timed from launch to completion of its future. Under DDP the
-reduction overlaps the rest of backward, so this is communication time, not all of it
-exposed; the report labels it so.
+Each bucket's all-reduce is timed from launch to completion of its future (`seconds`, busy
+time that overlaps the rest of backward). `arrived` is when the last bucket of a step was
+handed to the hook: this rank's backward is done there and it waits for the others, so its
+arrival time tells a compute straggler apart (shoal/observe/ranks.py). Whatever hook runs
+(plain, compressed, PowerSGD) is wrapped the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 class CommTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
+        self.arrived = 0.0  # time.perf_counter() of the latest bucket's hook call
 
     def wrap(self, hook: Hook) -> Hook:
         def timed(state, bucket):  # unannotated: DDP checks annotations against the real GradBucket type
-            started = time.perf_counter()
+            started = self.arrived = time.perf_counter()
 
             def done(fut: torch.futures.Future) -> torch.Tensor:
                 self.seconds += time.perf_counter() - started
