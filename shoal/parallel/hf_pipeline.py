@@ -15,6 +15,14 @@ The decoder layers are kept in a ModuleList whose keys are their original indice
 ("2", "3"), so `model.layers.2.mlp...` keeps its name on the stage that holds it; the model
 only iterates (or slices) the list, which a list with gaps allows.
 
+Each layer keeps its identity: the layer modules are moved, not rebuilt, so what a layer set
+from its global index when it was built (`layer_idx`, its attention type, window, rope) stays.
+But the model's forward reads some per-layer settings from its config by the layer's position
+in the list (`config.layer_types[i]` picks Gemma2's, Gemma3's or Qwen3's sliding-window or full
+mask and rope), and on a stage that position starts at 0 again. So each stage gets its own copy
+of the config whose per-layer lists are cut to its layers: position i of stage s is layer
+`ranges[s][i]` in the config too.
+
 Tied input/output embeddings (GPT-2) end up on the first and the last stage; their
 gradients are summed over the pipeline group before the optimizer step (`tied_names`).
 """
@@ -115,9 +123,19 @@ def split_hf(model: nn.Module, ranges: list[range], stage_ids: list[int]) -> lis
                 if isinstance(child, nn.Dropout):  # embedding dropout: applied once, on stage 0
                     setattr(pbase, name, nn.Identity())
         setattr(part, head_name, head if last else nn.Identity())
+        _cut_per_layer_settings(part.base_model.config, ranges[sid], len(layers))
         part.forward = types.MethodType(_stage_forward(first, last), part)
         parts.append(part)
     return parts
+
+
+def _cut_per_layer_settings(config, kept: range, n_layers: int) -> None:
+    """Cut the per-layer lists of a stage's own config copy (`layer_types`, `no_rope_layers`...:
+    a list with one entry per layer, named after layers) to the layers `kept`."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key, value in list(vars(text).items()):
+        if "layer" in key and isinstance(value, (list, tuple)) and len(value) == n_layers:
+            setattr(text, key, type(value)(value[kept.start:kept.stop]))
 
 
 def _stage_forward(first: bool, last: bool):
