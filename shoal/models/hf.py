@@ -187,7 +187,7 @@ def meta_model(path: str) -> nn.Module:
 def check_hf_layout(cfg: Any, tp: int, stages: int) -> None:
     """What a layout needs from a model.hf model, checked from its config before workers start."""
     from shoal.parallel.blocks import named_blocks
-    from shoal.parallel.hf_tensor import tp_plan
+    from shoal.parallel.hf_tensor import plan_styles, tp_plan
     config = read_hf_config(cfg.model.hf)
     model_class(config, cfg.model.hf)
     if cfg.parallel.shard_modules:
@@ -203,6 +203,7 @@ def check_hf_layout(cfg: Any, tp: int, stages: int) -> None:
             if heads and heads % tp:
                 raise ConfigError(f"parallel.tp = {tp} must divide the model's {key} = {heads} (each rank holds "
                                   f"whole heads)")
+        plan_styles(meta_model(cfg.model.hf), tp)  # every style of the plan is one Shoal can apply
     layers = getattr(text, "num_hidden_layers", 0)
     if stages > 1 and layers and stages > layers:
         raise ConfigError(f"parallel.pp: {stages} pipeline stages but model.hf has num_hidden_layers = {layers}")

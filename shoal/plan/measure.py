@@ -11,7 +11,10 @@ from torch import nn
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    t = t.to_local() if hasattr(t, "to_local") else t
+    # a functional collective's result not yet waited on (TP's all-reduce of a row-split output,
+    # saved by a norm right after it) is a wrapper without storage: its `elem` holds the data
+    return getattr(t, "elem", t) if type(t).__name__ == "AsyncCollectiveTensor" else t
 
 
 def state_bytes(parameters, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
