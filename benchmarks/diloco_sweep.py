@@ -225,9 +225,10 @@ def main() -> int:
     if args.ddp_only:
         return 0
     floats = lambda text: [float(v) for v in text.split(",")]  # noqa: E731
-    grid = list(itertools.product([int(v) for v in args.replicas.split(",")], [int(v) for v in args.inner_steps.split(",")],
-                             floats(args.outer_lr), floats(args.outer_momentum), [int(v) for v in args.outer_warmup.split(",")],
-                             floats(args.inner_lr_scale), args.compression.split(",")))
+    ints = lambda text: [int(v) for v in text.split(",")]  # noqa: E731
+    grid = list(itertools.product(ints(args.replicas), ints(args.inner_steps), floats(args.outer_lr),
+                                  floats(args.outer_momentum), ints(args.outer_warmup), floats(args.inner_lr_scale),
+                                  args.compression.split(",")))
     if args.settings:
         grid = []
         for item in args.settings.split(";"):

@@ -7,8 +7,17 @@ token budget (steps x global batch). Bytes are the kernel's counters of each wor
 link, not estimates.
 
     # as root: it makes network namespaces
-    .venv/bin/python benchmarks/slow_links.py                 # the issue's five methods, ~15-20 min
-    .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco --steps 200
+    .venv/bin/python benchmarks/slow_links.py                 # five methods at 2 and 4 workers
+    .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco-default --steps 300 --batch-size 16
+    # issue 28's size: a 1.3M-parameter gpt, 3000 steps, the default DiLoCo at H 10/30/100 (hours here)
+    .venv/bin/python benchmarks/slow_links.py --workers 2,4 --dim 160 --layers 4 --steps 3000 --batch-size 32 \
+        --methods ddp,diloco-default-h10,diloco-default-h30,diloco-default-h100
+
+`--workers 2,4` runs every method at each worker count (one netbed each) and ends with the
+loss gap to DDP at each count side by side. `diloco-default` is `sync.method=diloco` and nothing
+else (the tuned defaults, docs/sync.md); `diloco-default-h<H>` changes only inner_steps. The
+links are rate-limited only: this kernel has neither `netem` nor the `fq` qdisc, so no delay is
+added (docs/sync.md says what 100 ms would add).
 
 The default shape is chosen so that communication dominates DDP's step: the gpt debug model
 (137k parameters, 0.55 MB in fp32) with 4 sequences of 64 tokens per worker per step costs
@@ -38,9 +47,9 @@ from shoal.config import load  # noqa: E402
 from shoal.launch.netbed import Netbed  # noqa: E402
 from shoal.observe.metrics import read_metrics  # noqa: E402
 
-# The issue's benchmark compares ddp, fp16, powersgd, diloco and streaming; int8 (per-step, error
-# feedback) can be added with --methods.
-DEFAULT_METHODS = ("ddp", "fp16", "powersgd", "diloco", "streaming")
+# ddp, fp16, powersgd, the paper's diloco, streaming and Shoal's default diloco; int8 (per-step, error
+# feedback) and the H sweep (diloco-default-h10/h30/h100) can be added with --methods.
+DEFAULT_METHODS = ("ddp", "fp16", "powersgd", "diloco", "streaming", "diloco-default")
 METHODS: dict[str, list[str]] = {
     "ddp": ["sync.method=allreduce"],
     "fp16": ["sync.method=fp16"],
@@ -48,19 +57,26 @@ METHODS: dict[str, list[str]] = {
     "powersgd": ["sync.method=powersgd", "sync.powersgd_rank=4"],
     # The DiLoCo paper's recipe: AdamW inside (train.optimizer's default), outer Nesterov SGD lr 0.7, momentum 0.9.
     "diloco": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int8", "sync.outer_lr=0.7",
-               "sync.outer_momentum=0.9", "sync.nesterov=true"],
+               "sync.outer_momentum=0.9", "sync.nesterov=true", "sync.outer_warmup=0"],
     "streaming": ["sync.method=diloco", "sync.inner_steps=50", "sync.compression=int4", "sync.fragments=4",
-                  "sync.overlap=true", "sync.outer_lr=0.7", "sync.outer_momentum=0.9", "sync.nesterov=true"],
+                  "sync.overlap=true", "sync.outer_lr=0.7", "sync.outer_momentum=0.9", "sync.nesterov=true",
+                  "sync.outer_warmup=0"],
     # The best of a small sweep at this budget (docs/sync.md): syncs twice as often at half the bytes each,
     # with a full outer step and light momentum, for 20 outer syncs' worth of pseudo-gradients.
     "diloco-h25": ["sync.method=diloco", "sync.inner_steps=25", "sync.compression=int4", "sync.outer_lr=1.0",
-                   "sync.outer_momentum=0.5", "sync.nesterov=true"],
+                   "sync.outer_momentum=0.5", "sync.nesterov=true", "sync.outer_warmup=0"],
+    # Shoal's default cross-site method: `sync.method = "diloco"` and nothing else (docs/sync.md says why).
+    "diloco-default": ["sync.method=diloco"],
 }
+# The issue's H sweep: the defaults with only inner_steps changed (the outer lr follows H by the table).
+for _h in (10, 30, 100):
+    METHODS[f"diloco-default-h{_h}"] = ["sync.method=diloco", f"sync.inner_steps={_h}"]
 
 
 def common_overrides(args: argparse.Namespace, run_root: Path, name: str) -> list[str]:
     return [
-        "model.name=gpt", f"model.flavour={args.flavour}", "data.source=stdlib", "data.seq_len=64",
+        "model.name=gpt", f"model.flavour={args.flavour}", f"model.dim={args.dim}", f"model.n_layers={args.layers}",
+        "data.source=stdlib", "data.seq_len=64",
         f"train.steps={args.steps}", f"train.batch_size={args.batch_size}", f"train.lr={args.lr}",
         f"train.warmup_steps={args.steps // 10}", f"train.eval_every={min(50, args.steps)}", "train.eval_batches=8",
         f"parallel.dp_replicate={args.workers}", "checkpoint.every=0", "checkpoint.keep=1",
@@ -124,16 +140,64 @@ def time_to_reach(result: dict, target: float) -> float | None:
     return next((t for t, loss in result["val_curve"] if loss <= target * (1 + REACH_TOLERANCE)), None)
 
 
+def run_world_size(args: argparse.Namespace, names: list[str]) -> list[dict]:
+    """Every method at `args.workers` workers, each worker in its own namespace of one bed."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp, \
+            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix="shbench",
+                   subnet="10.79.0.0/24") as bed:
+        for index, name in enumerate(names):
+            print(f"running {name} ({args.steps} steps, {args.workers} workers at {args.rate})...", flush=True)
+            try:
+                result = run_method(bed, args, name, Path(tmp) / "try1", 29600 + index)
+            except WorkersFailed as failure:
+                if not failure.killed:
+                    raise SystemExit(str(failure)) from None
+                # On a shared machine another job may kill our workers; one more try, said aloud.
+                print(f"{failure}\nretrying {name} once", flush=True)
+                result = run_method(bed, args, name, Path(tmp) / "try2", 29650 + index)
+            results.append({**result, "workers": args.workers})
+    return results
+
+
+def print_table(args: argparse.Namespace, results: list[dict]) -> None:
+    """One world size's table; adds each row's ratios to DDP (the issue's goals) to its result."""
+    reference = next((r for r in results if r["method"] == "ddp"), None)
+    header = (f"{'method':<22} {'wall s':>8} {'train s':>8} {'MB sent/worker':>15} {'of it start-up':>15} "
+              f"{'val loss':>9} {'s to DDP+1%':>12} {'bytes ÷':>8} {'wall ÷':>7} {'train ÷':>8} {'loss vs DDP':>12}")
+    print(f"\n{args.workers} workers, {args.rate} links, gpt {args.flavour} dim {args.dim or 'preset'} layers "
+          f"{args.layers or 'preset'}, {args.steps} steps x {args.batch_size} x 64 tokens")
+    print(f"{header}\n{'-' * len(header)}")
+    for r in results:
+        reach = time_to_reach(r, reference["final_val_loss"]) if reference else None
+        r["seconds_to_ddp_final_loss"] = reach
+        if reference:
+            r["vs_ddp"] = {"bytes_fewer": reference["bytes_sent_per_worker"] / r["bytes_sent_per_worker"],
+                           "wall_faster": reference["wall_seconds"] / r["wall_seconds"],
+                           "train_faster": reference["train_seconds"] / r["train_seconds"],
+                           "loss_gap": r["final_val_loss"] / reference["final_val_loss"] - 1}
+        ratios = r.get("vs_ddp", {})
+        reach_text = "-" if reference is None else "never" if reach is None else f"{reach:.1f}"
+        print(f"{r['method']:<22} {r['wall_seconds']:>8.1f} {r['train_seconds']:>8.1f} "
+              f"{r['bytes_sent_per_worker'] / 1e6:>15.2f} {r['startup_bytes_per_worker'] / 1e6:>15.2f} "
+              f"{r['final_val_loss']:>9.4f} {reach_text:>12} "
+              + (f"{ratios['bytes_fewer']:>8.1f} {ratios['wall_faster']:>7.1f} {ratios['train_faster']:>8.1f} "
+                 f"{ratios['loss_gap']:>+12.1%}" if ratios else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated from {', '.join(METHODS)}")
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", default="2,4", help="worker (replica) counts, comma-separated")
     parser.add_argument("--rate", default="20mbit", help="each worker's link, both ways; none for no limit")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the same for every method)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, sequences of 64 tokens")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--flavour", default="debug", help="gpt size preset")
+    parser.add_argument("--dim", type=int, default=0, help="gpt width; 0 means the flavour's (the issue's "
+                        "size: --dim 160 --layers 4, 1.3M parameters)")
+    parser.add_argument("--layers", type=int, default=0, help="gpt blocks; 0 means the flavour's")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "slow_links.json"))
     args = parser.parse_args()
     names = [m.strip() for m in args.methods.split(",")]
@@ -144,46 +208,24 @@ def main() -> int:
     from shoal.data import build_dataset
     build_dataset(load(None, ["data.source=stdlib", "data.seq_len=64"]).data, 0)  # fill the cache once, here
 
+    counts = [int(w) for w in str(args.workers).split(",")]
     results = []
-    with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp, \
-            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix="shbench",
-                   subnet="10.79.0.0/24") as bed:
-        for index, name in enumerate(names):
-            print(f"running {name} ({args.steps} steps, {args.workers} workers at {args.rate})...", flush=True)
-            try:
-                results.append(run_method(bed, args, name, Path(tmp) / "try1", 29600 + index))
-            except WorkersFailed as failure:
-                if not failure.killed:
-                    raise SystemExit(str(failure)) from None
-                # On a shared machine another job may kill our workers; one more try, said aloud.
-                print(f"{failure}\nretrying {name} once", flush=True)
-                results.append(run_method(bed, args, name, Path(tmp) / "try2", 29650 + index))
-
-    reference = next((r for r in results if r["method"] == "ddp"), None)
-    header = (f"{'method':<10} {'wall s':>8} {'train s':>8} {'MB sent/worker':>15} {'of it start-up':>15} "
-              f"{'val loss':>9} {'s to DDP+1%':>12} {'bytes ÷':>8} {'wall ÷':>7} {'train ÷':>8} {'loss vs DDP':>12}")
-    print(f"\n{args.workers} workers, {args.rate} links, gpt {args.flavour}, {args.steps} steps x "
-          f"{args.batch_size} x 64 tokens\n{header}\n{'-' * len(header)}")
-    for r in results:
-        reach = time_to_reach(r, reference["final_val_loss"]) if reference else None
-        r["seconds_to_ddp_final_loss"] = reach
-        if reference:  # the issue's goals are ratios to DDP: bytes, wall time, final loss
-            r["vs_ddp"] = {"bytes_fewer": reference["bytes_sent_per_worker"] / r["bytes_sent_per_worker"],
-                           "wall_faster": reference["wall_seconds"] / r["wall_seconds"],
-                           "train_faster": reference["train_seconds"] / r["train_seconds"],
-                           "loss_gap": r["final_val_loss"] / reference["final_val_loss"] - 1}
-        ratios = r.get("vs_ddp", {})
-        reach_text = "-" if reference is None else "never" if reach is None else f"{reach:.1f}"
-        print(f"{r['method']:<10} {r['wall_seconds']:>8.1f} {r['train_seconds']:>8.1f} "
-              f"{r['bytes_sent_per_worker'] / 1e6:>15.2f} {r['startup_bytes_per_worker'] / 1e6:>15.2f} "
-              f"{r['final_val_loss']:>9.4f} {reach_text:>12} "
-              + (f"{ratios['bytes_fewer']:>8.1f} {ratios['wall_faster']:>7.1f} {ratios['train_faster']:>8.1f} "
-                 f"{ratios['loss_gap']:>+12.1%}" if ratios else ""))
+    for workers in counts:
+        run_args = argparse.Namespace(**{**vars(args), "workers": workers})
+        results += run_world_size(run_args, names)
+        print_table(run_args, [r for r in results if r["workers"] == workers])
+    if len(counts) > 1:  # the issue's loss columns: the gap to DDP at each replica count, side by side
+        print(f"\n{'method':<22} " + " ".join(f"{f'gap at {w}':>10}" for w in counts))
+        for name in names:
+            gaps = [next((r.get("vs_ddp", {}).get("loss_gap") for r in results
+                          if r["method"] == name and r["workers"] == w), None) for w in counts]
+            print(f"{name:<22} " + " ".join(f"{g:>+10.1%}" if g is not None else f"{'-':>10}" for g in gaps))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "command": "benchmarks/slow_links.py " + " ".join(sys.argv[1:]), "workers": args.workers,
+        "command": "benchmarks/slow_links.py " + " ".join(sys.argv[1:]), "workers": counts,
         "rate": args.rate, "steps": args.steps, "batch_size": args.batch_size, "flavour": args.flavour,
+        "dim": args.dim, "layers": args.layers,
         "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(), "results": results,
     }, indent=2))
     print(f"\nwrote {out}")

@@ -35,7 +35,7 @@ TUNED: dict[tuple[int, int], OuterSettings] = {
     (2, 10): OuterSettings(0.5, 0.9),
     (2, 30): OuterSettings(1.0, 0.5, warmup=5),
     (2, 100): OuterSettings(1.0, 0.5),
-    (4, 10): OuterSettings(1.0, 0.0),
+    (4, 10): OuterSettings(1.0, 0.5, warmup=5),
     (4, 30): OuterSettings(1.0, 0.5, warmup=5),
     (4, 100): OuterSettings(1.0, 0.5),
 }

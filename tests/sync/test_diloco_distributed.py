@@ -40,7 +40,8 @@ def diloco_matches_data_parallel_sgd(rank: int, world: int) -> None:
         for p in model.parameters():
             p.add_(rank)
     # Built from a [sync] section, the way the Trainer builds it.
-    cfg = SyncConfig(method="diloco", inner_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False)
+    cfg = SyncConfig(method="diloco", inner_steps=1, outer_lr=1.0, outer_momentum=0.0, outer_warmup=0,
+                     nesterov=False, compression="none")
     with outer_sync_for(cfg, model, inner, None) as diloco:
         assert isinstance(diloco, DiLoCo)
         for x, y in data:
