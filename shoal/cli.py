@@ -17,7 +17,7 @@ from shoal.config import USER_ERROR, ConfigError
 QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
 FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli",
-                    "shoal.export.cli", "shoal.launch.render")
+                    "shoal.export.cli", "shoal.launch.render", "shoal.sites.cli")
 
 
 def _split_config(items: list[str]) -> tuple[str | None, list[str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -310,6 +311,22 @@ class FaultConfig:
 
 
 @dataclass(kw_only=True)
+class SitesConfig:
+    name: str = option("", "This site's name, as in its certificate (`shoal sites certs`). Empty means no "
+                           "sites: the run is one site. See docs/sites.md.")
+    listen: str = option("", "host:port where this site's leader accepts the other sites' mutual-TLS "
+                             "connections (the only port a site opens to them).")
+    peers: list = option([], "The other sites as [\"name=host:port\", ...]: where their leaders listen.")
+    certs: str = option("", "Folder with ca.pem, crl.pem and this site's <name>.pem/<name>.key.")
+    internal: str = option("127.0.0.1", "The address this site's c10d store and Gloo use: loopback or the "
+                                        "site's own network, never one the other sites can reach.")
+    grace_seconds: float = option(10.0, "Seconds an outer sync waits for a missing site before it is dropped "
+                                        "from the average; no site waits longer.", min=0.1)
+    join_timeout: float = option(300.0, "Seconds a joining site waits for a running site's state before it "
+                                        "trains alone.", min=1.0)
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -321,6 +338,7 @@ class Config:
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    sites: SitesConfig = field(default_factory=SitesConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -459,12 +477,77 @@ def validate(cfg: Config) -> None:
     if sync.fragments > sync.inner_steps:
         raise ConfigError(f"sync.fragments = {sync.fragments} must be at most sync.inner_steps = "
                           f"{sync.inner_steps}: each fragment syncs once per outer round")
-    if outer and cfg.parallel.dp_replicate == 1:
+    if cfg.sites.name:
+        validate_sites(cfg)
+    elif outer and cfg.parallel.dp_replicate == 1:
         raise ConfigError(f"sync.method = '{sync.method}' averages over the parallel.dp_replicate axis, "
                           f"but parallel.dp_replicate = 1 leaves nothing to average over")
     if sync.method in COMPRESSION_HOOKS and cfg.parallel.dp_shard != 1:
         raise ConfigError(f"sync.method = '{sync.method}' is a DDP comm hook and needs parallel.dp_shard = 1 "
                           f"(FSDP has no comm hooks)")
+
+
+SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+"""A site's name: also its certificate's common name (shoal/federated/certs.py's NAME_RE)."""
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def split_endpoint(where: str, value: str) -> tuple[str, int]:
+    """'host:port' (or '[v6]:port') as (host, port); ConfigError naming `where` otherwise."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{where} = '{value}' must look like host:port (e.g. 10.0.0.1:7443)")
+    return host, int(port)
+
+
+def site_peers(cfg: Config) -> dict[str, tuple[str, int]]:
+    """sites.peers as {name: (host, port)}, checked."""
+    peers: dict[str, tuple[str, int]] = {}
+    for item in cfg.sites.peers:
+        name, sep, endpoint = str(item).partition("=")
+        if not sep or not re.match(SITE_NAME, name.strip()):
+            raise ConfigError(f"sites.peers entry '{item}' must look like name=host:port with a site name of "
+                              f"letters, digits, '.', '_' or '-'")
+        name = name.strip()
+        if name == cfg.sites.name or name in peers:
+            raise ConfigError(f"sites.peers names '{name}' twice (or this site itself); each other site once")
+        peers[name] = split_endpoint(f"sites.peers[{name}]", endpoint.strip())
+    return peers
+
+
+def validate_sites(cfg: Config) -> None:
+    """The [sites] rules: names, endpoints, DiLoCo as the only thing crossing, and no c10d/Gloo port facing
+    the other sites."""
+    sites = cfg.sites
+    if not re.match(SITE_NAME, sites.name):
+        raise ConfigError(f"sites.name = '{sites.name}' must be letters, digits, '.', '_' or '-' (its certificate's name)")
+    listen_host, _ = split_endpoint("sites.listen", sites.listen)
+    peers = site_peers(cfg)
+    if not peers:
+        raise ConfigError("sites.peers is empty: list the other sites as [\"name=host:port\"]")
+    if not sites.certs:
+        raise ConfigError("sites.certs is empty: the folder `shoal sites certs --out DIR` wrote")
+    if sites.internal in ("", "0.0.0.0", "::", "*"):
+        raise ConfigError(f"sites.internal = '{sites.internal}' would open the site's c10d store and Gloo on every "
+                          f"interface, the other sites' side included; give loopback or the site's own network")
+    if sites.internal == listen_host and listen_host not in LOOPBACK:
+        raise ConfigError(f"sites.internal = '{sites.internal}' is the address the other sites reach (sites.listen); "
+                          f"the c10d store and Gloo must use the site's own network")
+    if sites.internal in {host for host, _ in peers.values()} and sites.internal not in LOOPBACK:
+        raise ConfigError(f"sites.internal = '{sites.internal}' is another site's address (sites.peers)")
+    if cfg.sync.method != "diloco":
+        raise ConfigError(f"sync.method = '{cfg.sync.method}': between sites only DiLoCo's outer sync crosses; "
+                          f"set sync.method = 'diloco'")
+    if cfg.sync.fragments != 1 or cfg.sync.overlap:
+        raise ConfigError("sync.fragments and sync.overlap: sites sync the whole model at once (fragments = 1, "
+                          "overlap = false)")
+    if cfg.sync.compression not in ("auto", "none", "fp4", "topk"):
+        raise ConfigError(f"sync.compression = '{cfg.sync.compression}' is a collective of its own; between sites "
+                          f"the outer gradient travels as 'none' (fp32), 'fp4' or 'topk'")
+    if cfg.fault.enabled:
+        raise ConfigError("fault.enabled: per-step fault tolerance inside a site is not combined with sites yet; "
+                          "a lost site is dropped after sites.grace_seconds")
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:

@@ -36,6 +36,7 @@ from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
                                read_env, thread_budget)
 from shoal.runtime.mesh import ParallelDims
+from shoal.sites import site_index, sites_outer_sync
 from shoal.sync import OUTER_SYNC_METHODS, comm_hook_for, outer_sync_for
 from shoal.train import Placement, Trainer
 
@@ -83,6 +84,17 @@ class Worker:
     """The data-parallel replica axis an outer sync (DiLoCo, local SGD) averages over."""
 
 
+def _check_site_internal(cfg: Config, worker: WorkerEnv) -> None:
+    """A site's c10d store and Gloo stay on the site's own network; one process still needs a group."""
+    loopback = ("127.0.0.1", "localhost", "::1")
+    if worker.world_size > 1 and worker.master_addr != cfg.sites.internal and not (
+            worker.master_addr in loopback and cfg.sites.internal in loopback):
+        raise ConfigError(f"sites.internal = '{cfg.sites.internal}', but this site's c10d store is at "
+                          f"{worker.master_addr} (MASTER_ADDR): start the site's workers on its own network")
+    if not dist.is_initialized():  # DiLoCo broadcasts inside the site, even a site of one worker
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
     """Build this process's worker and train it; returns its losses."""
     return run(build(cfg, run_dir=run_dir, resume=resume, verbose=verbose))
@@ -101,6 +113,8 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
         replicas = Replicas.from_env(cfg)  # a replica group's worker also joins its group's process group here
     else:
         init_distributed(worker, device, cfg.launch.backend)
+    if cfg.sites.name:
+        _check_site_internal(cfg, worker)
     path = prepare_run_dir(cfg, worker, run_dir)
     setup_logging(path, worker.rank if replicas is None else replicas.log_id, verbose)
     # Under fault tolerance the replica axis is the changing set of replicas (shoal/fault/elastic.py);
@@ -119,7 +133,8 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     log.info("model %s: %.2fM parameters; %d training samples", cfg.model.hf or cfg.model.factory or cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
     outer_sync = cfg.sync.method in OUTER_SYNC_METHODS  # DiLoCo / local SGD own the replica axis
-    pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync)
+    # Across sites the sites are DiLoCo's replicas: inside one, gradients are all-reduced every step.
+    pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync or bool(cfg.sites.name))
     if any(p.is_meta for p in model.parameters()):
         from shoal.models.hf_weights import load_per_rank
         read = load_per_rank(pm.model_parts, cfg.model.hf, device)
@@ -128,10 +143,12 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if pm.ddp is not None:
         timer = CommTimer()
         timer.attach(pm.ddp, *(comm_hook_for(cfg.sync, pm.ddp.process_group) or (None, None)))
-    torch.manual_seed(rank_seed(cfg.train.seed, worker.rank))  # per-rank dropout streams
+    # A site reads its share of the data, as the same ranks of one job spanning every site would.
+    site, sites = site_index(cfg) if cfg.sites.name else (0, 1)
+    torch.manual_seed(rank_seed(cfg.train.seed, site * worker.world_size + worker.rank))  # per-rank dropout streams
 
-    placement = Placement(dp_rank=mesh["dp"].get_local_rank() if mesh is not None else 0, dp_size=dims.dp,
-                          rank=worker.rank, device=device,
+    placement = Placement(dp_rank=site * dims.dp + (mesh["dp"].get_local_rank() if mesh is not None else 0),
+                          dp_size=sites * dims.dp, rank=worker.rank, device=device,
                           master=worker.rank == 0 and (replicas is None or replicas.member == 0))
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),
@@ -157,6 +174,8 @@ def run(built: Worker) -> list[float]:
         if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
             from shoal.fault.outer import elastic_outer_sync
             sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, trainer)
+        elif cfg.sites.name:  # DiLoCo whose replicas are sites, over the cross-site plane (shoal/sites)
+            sync_context = sites_outer_sync(cfg, model, trainer.optimizer, built.run_dir, resumed=trainer.step > 0)
         else:
             sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, built.replica_group)
         with sync_context as synced:

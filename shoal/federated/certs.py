@@ -68,13 +68,15 @@ def make_ca(folder: Path, name: str = "Shoal federation CA") -> None:
     write_crl(folder, [])
 
 
-def issue(folder: Path, name: str, *, server: bool = False, hosts: tuple[str, ...] = ()) -> Path:
-    """Sign a certificate for `name` (a client site, or 'server' with its host names)."""
+def issue(folder: Path, name: str, *, server: bool = False, hosts: tuple[str, ...] = (), peer: bool = False) -> Path:
+    """Sign a certificate for `name` (a client site, or 'server' with its host names). `peer`: one
+    certificate that both serves and calls (a training site of shoal/sites, listener and dialer at once)."""
     if not NAME_RE.match(name):
         raise ConfigError(f"certificate name '{name}' must be letters, digits, '.', '_' or '-'")
     ca_cert, ca_key = _load_ca(folder)
     key = ec.generate_private_key(ec.SECP256R1())
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    usages = ([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if peer else
+              [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH])
     builder = (x509.CertificateBuilder()
                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                .issuer_name(ca_cert.subject).public_key(key.public_key())
@@ -82,8 +84,8 @@ def issue(folder: Path, name: str, *, server: bool = False, hosts: tuple[str, ..
                .not_valid_before(_now() - datetime.timedelta(minutes=5))
                .not_valid_after(_now() + datetime.timedelta(days=VALID_DAYS))
                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
-    if server:
+               .add_extension(x509.ExtendedKeyUsage(usages), critical=False))
+    if server or peer:
         alt: list[x509.GeneralName] = []
         for host in hosts or ("localhost", "127.0.0.1"):
             try:

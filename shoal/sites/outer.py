@@ -1,0 +1,224 @@
+"""DiLoCo across sites: the outer average travels over the cross-site plane, everything else stays inside.
+
+Inside a site the workers are one DiLoCo replica (DDP over the site's own Gloo every step, so every
+worker of the site holds the same pseudo-gradient). Every `inner_steps` steps the site's leader
+(rank 0) sends its outer gradient, in the wire format of `sync.compression` (fp32, or the fp4 / top-k
+encodings of shoal/sync/encoding.py), to the other sites over mutual TLS (shoal/sites/plane.py),
+averages what came within `sites.grace_seconds` in site-name order, and broadcasts the mean inside
+the site over Gloo; DiLoCo's outer step then runs unchanged on every worker. This replaces only
+DiLoCo's `reduce_outer_gradient`, the one place an outer gradient crosses between replicas.
+
+After each round the leader reports its outer model's digest to the other sites, serves the sites
+that asked for its state, and, when it finds itself behind (restarted, or dropped from a round),
+takes a running site's outer model and outer momentum (safetensors) and gives them to its workers.
+
+DiLoCo: Douillard et al. 2023, arXiv 2311.08105.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from shoal.sites.plane import SitePlane
+from shoal.sync.diloco import DiLoCo
+from shoal.sync.encoding import decode_average
+
+log = logging.getLogger("shoal.sites")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class SitesDiLoCo(DiLoCo):
+    """DiLoCo whose replicas are sites; `plane` is the site leader's (None on the other workers).
+
+    `group` is the site's own process group: the leader's results are broadcast over it.
+    `resumed`: a checkpoint will be loaded after entry, and the join check waits for it.
+    """
+
+    def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, plane: SitePlane | None,
+                 join_timeout: float, resumed: bool = False, **diloco: Any):
+        super().__init__(model, inner_optimizer, **diloco)
+        if len(self._fragments) != 1 or self.overlap:
+            raise ValueError("sites sync the whole model at once: fragments = 1, overlap = false")
+        self.plane, self.join_timeout, self.resumed = plane, join_timeout, resumed
+        self.site_members: list[str] = []  # the sites in the last outer average
+        self._resync_from: str | None = None
+        self._rounds_seen = 0
+        self._round_handle: Any = None
+
+    # -- entry, exit, resume ------------------------------------------------------------------
+    def __enter__(self) -> SitesDiLoCo:
+        super().__enter__()
+        # Registered after DiLoCo's own hook, so it runs after the outer step of a round.
+        self._round_handle = self.inner_optimizer.register_step_post_hook(self._after_round)
+        if self.plane is not None:
+            self.plane.rounds, self.plane.digest = self.outer_syncs, self.outer_digest()
+            self.plane.start()
+            self.plane.wait_for_links(self.plane.grace)
+        if not self.resumed:
+            self._catch_up(None)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._round_handle.remove()
+        super().__exit__(*exc_info)
+        if self.plane is not None:
+            self.plane.close()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._rounds_seen = self.outer_syncs
+        if self.plane is not None:
+            self.plane.rounds, self.plane.digest = self.outer_syncs, self.outer_digest()
+        self._catch_up(None)  # the other sites may have gone on while this one was down
+
+    # -- the outer average --------------------------------------------------------------------
+    def reduce_outer_gradient(self, fragment: Any, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        encoding = fragment.encoding
+        payload = encoding.encode(pseudo) if encoding is not None else pseudo
+        average = torch.empty_like(pseudo)
+        if self.plane is not None:
+            result = self.plane.exchange(self.outer_syncs + 1, tensor_bytes(payload))
+            self._resync_from = result.resync_from
+            rows = {}
+            for site, data in result.payloads.items():
+                row = self._parse(site, data, payload)
+                if row is not None:
+                    rows[site] = row
+            self.site_members = list(rows)
+            if encoding is not None:
+                average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
+            else:
+                # Sites in name order, each divided before summing: Gloo's all-reduce of DiLoCo's
+                # pre-divided fp32 gradients gives the same bits for two replicas.
+                values = [row / len(rows) for row in rows.values()]
+                average.copy_(values[0])
+                for value in values[1:]:
+                    average += value
+            if self.site_members != sorted([self.plane.name, *self.plane.peers]):
+                log.info("site %s: outer round %d averaged over sites %s", self.plane.name, self.outer_syncs + 1,
+                         ", ".join(self.site_members))
+            else:
+                log.info("site %s: outer round %d with every site", self.plane.name, self.outer_syncs + 1)
+        if dist.get_world_size(self.group) > 1:
+            dist.broadcast(average, group=self.group, group_src=0)
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(average)
+        return done
+
+    def _parse(self, site: str, data: bytes, like: torch.Tensor) -> torch.Tensor | None:
+        """A site's payload as a tensor like this site's; None (logged) when it cannot be one."""
+        if len(data) != like.numel() * like.element_size():
+            log.warning("site %s: ignored site %s's outer gradient of %d bytes, expected %d", self.plane.name, site,
+                        len(data), like.numel() * like.element_size())
+            return None
+        row = torch.frombuffer(bytearray(data), dtype=like.dtype).clone()
+        if row.is_floating_point() and not torch.isfinite(row).all():
+            log.warning("site %s: ignored site %s's outer gradient: it holds NaN or infinity", self.plane.name, site)
+            return None
+        return row
+
+    # -- after a round: report, serve joiners, catch up -----------------------------------------
+    def _after_round(self, *_: Any) -> None:
+        if self.outer_syncs == self._rounds_seen:
+            return
+        self._rounds_seen = self.outer_syncs
+        if self.plane is not None:
+            self.plane.finish_round(self.outer_syncs, self.outer_digest(), self.encode_state)
+        source, self._resync_from = self._resync_from, None
+        self._catch_up(source)
+
+    def _catch_up(self, source: str | None) -> None:
+        """Every worker of the site takes a running site's state when the leader finds this site behind."""
+        blob, rounds = b"", 0
+        if self.plane is not None:
+            source = source or self.plane.ahead()
+            if source is not None:
+                log.warning("site %s: behind site %s (outer round %d here); asking for its state", self.plane.name,
+                            source, self.outer_syncs)
+                got = self.plane.take_state(source, self.join_timeout)
+                if got is None:
+                    log.error("site %s: no state from site %s (its link was lost, or sites.join_timeout = %g s "
+                              "passed); training on alone", self.plane.name, source, self.join_timeout)
+                else:
+                    rounds, blob = got
+        flag = torch.tensor([rounds if blob else -1], dtype=torch.int64)
+        if dist.get_world_size(self.group) > 1:
+            dist.broadcast(flag, group=self.group, group_src=0)
+        if int(flag) < 0:
+            return
+        tensors = self.decode_state(blob) if self.plane is not None else self._empty_state()
+        if dist.get_world_size(self.group) > 1:
+            for tensor in tensors:
+                dist.broadcast(tensor, group=self.group, group_src=0)
+        self._load_global(int(flag), tensors)
+        if self.plane is not None:
+            self.plane.rounds, self.plane.digest = self.outer_syncs, self.outer_digest()
+            self.plane.members = set()  # the sites in step are those whose status matches the state taken
+            log.info("site %s: joined at outer round %d with site %s's outer model and momentum", self.plane.name,
+                     self.outer_syncs, source)
+            self.plane.event("site_joined", site=self.plane.name, source=source, round=self.outer_syncs)
+            self.plane.finish_round(self.outer_syncs, self.plane.digest, self.encode_state)
+
+    # -- the global state ------------------------------------------------------------------------
+    def _outer_and_momentum(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        fragment = self._fragments[0]
+        momentum = [fragment.optimizer.state.get(o, {}).get("momentum_buffer") for o in fragment.outer]
+        return fragment.outer, [m if m is not None else torch.zeros_like(o) for m, o in zip(momentum, fragment.outer)]
+
+    def outer_digest(self) -> bytes:
+        """SHA-256 of the outer model: equal digests mean the sites agree."""
+        digest = hashlib.sha256()
+        for outer in self._fragments[0].outer:
+            digest.update(tensor_bytes(outer))
+        return digest.digest()
+
+    def encode_state(self) -> bytes:
+        outer, momentum = self._outer_and_momentum()
+        return st_save({**{f"outer.{i}": o.contiguous() for i, o in enumerate(outer)},
+                        **{f"momentum.{i}": m.contiguous() for i, m in enumerate(momentum)}})
+
+    def _empty_state(self) -> list[torch.Tensor]:
+        outer, momentum = self._outer_and_momentum()
+        return [torch.empty_like(t) for t in outer + momentum]
+
+    def decode_state(self, blob: bytes) -> list[torch.Tensor]:
+        """A STATE message as outer + momentum tensors, checked against this site's; ValueError when they differ."""
+        outer, momentum = self._outer_and_momentum()
+        try:
+            received = st_load(blob)
+        except Exception as err:  # safetensors raises its own error types for malformed bytes
+            raise ValueError(f"malformed state from another site: {err}") from None
+        names = [f"outer.{i}" for i in range(len(outer))] + [f"momentum.{i}" for i in range(len(momentum))]
+        if sorted(received) != sorted(names):
+            raise ValueError("the state from another site names other tensors: is it training the same model?")
+        out = []
+        for name, mine in zip(names, outer + momentum):
+            got = received[name]
+            if got.dtype != mine.dtype or got.shape != mine.shape or not torch.isfinite(got).all():
+                raise ValueError(f"the state from another site has {name} of {got.dtype} {tuple(got.shape)}, "
+                                 f"expected finite {mine.dtype} {tuple(mine.shape)}")
+            out.append(got)
+        return out
+
+    @torch.no_grad()
+    def _load_global(self, rounds: int, tensors: list[torch.Tensor]) -> None:
+        fragment = self._fragments[0]
+        count = len(fragment.outer)
+        for outer, value in zip(fragment.outer, tensors[:count]):
+            outer.copy_(value)
+        if fragment.optimizer.defaults.get("momentum", 0) > 0:
+            for outer, value in zip(fragment.outer, tensors[count:]):
+                fragment.optimizer.state[outer]["momentum_buffer"] = value.clone()
+        for param, outer in zip(fragment.local, fragment.outer):
+            param.copy_(outer)
+        self.outer_syncs = self._rounds_seen = rounds

@@ -1,0 +1,353 @@
+"""The cross-site plane: one site leader's mutual-TLS links to the other sites, and the outer rounds over them.
+
+Each site's leader listens on `sites.listen`; of two sites the one whose name sorts first dials the
+other, so every pair holds one link, re-dialled whenever it is down. On every link the two leaders
+say where they stand (STATUS: completed outer rounds and a digest of their outer model), send each
+round's outer gradient (CONTRIB), and hand a joining site the state it needs (JOIN, STATE).
+
+Membership is decided per round by each site from what it sees, within `sites.grace_seconds`:
+a site whose link is down is not waited for; one whose outer gradient has not come when the grace
+window ends is dropped from this round's average, told so (DROP) and disconnected; a site behind
+the others (restarted, or dropped) asks a site ahead of it for its state after that site's next
+round and continues from there. Two sites that ended a round with different models (a link cut
+between the two halves of an exchange) see it in each other's digest and the one whose name
+sorts later takes the other's state, so the sites never stay apart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from shoal.config import ConfigError
+from shoal.sites import wire
+
+log = logging.getLogger("shoal.sites")
+DIGEST_BYTES = 32
+REDIAL_SECONDS = 0.5
+
+
+@dataclass
+class PeerView:
+    """What this site knows of one other site."""
+
+    name: str
+    host: str
+    port: int
+    link: ssl.SSLSocket | None = None
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    status: tuple[int, bytes] | None = None  # (completed rounds, outer-model digest) it last reported
+    joining: bool = False  # it asked for our state after our next round
+
+
+@dataclass
+class RoundResult:
+    """One round's outer gradients as received, and what this site must do after the round."""
+
+    payloads: dict[str, bytes]  # site name -> its payload, this site's own included
+    resync_from: str | None  # a site whose state this site must take after the round
+
+
+class SitePlane:
+    """One site leader's end of the plane: listener, dialler, links and the outer-round exchange."""
+
+    def __init__(self, *, name: str, listen: tuple[str, int], peers: dict[str, tuple[str, int]], certs_dir: Path,
+                 grace_seconds: float, limit: int, events: Callable[..., None] | None = None):
+        self.name, self.listen, self.certs_dir = name, listen, certs_dir
+        self.grace, self.limit = grace_seconds, limit
+        self.peers = {p: PeerView(p, host, port) for p, (host, port) in sorted(peers.items())}
+        self.event = events or (lambda kind, **fields: None)
+        self.cond = threading.Condition()
+        self.inbox: dict[tuple[int, int, str], bytes] = {}
+        self.rounds = 0  # outer rounds this site has completed
+        self.members: set[str] = set()  # the other sites in the last round's average
+        self.digest = bytes(DIGEST_BYTES)
+        self._stopped = threading.Event()
+        self._server: socket.socket | None = None
+        wire.server_context(certs_dir, name)  # fail at start on missing certificates or a bad CRL
+
+    # -- links ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._server = socket.create_server(self.listen, reuse_port=False)
+        self._server.settimeout(0.5)
+        threading.Thread(target=self._accept_loop, daemon=True, name="sites-accept").start()
+        threading.Thread(target=self._dial_loop, daemon=True, name="sites-dial").start()
+        log.info("site %s: listening on %s:%d (mutual TLS 1.3) for %s", self.name, *self.listen,
+                 ", ".join(self.peers))
+
+    def close(self) -> None:
+        self._stopped.set()
+        if self._server is not None:
+            self._server.close()
+        for peer in self.peers.values():
+            self._disconnect(peer)
+
+    def linked(self) -> list[str]:
+        with self.cond:
+            return [p.name for p in self.peers.values() if p.link is not None]
+
+    def _accept_loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                raw, address = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._handshake_in, args=(raw, address), daemon=True).start()
+
+    def _handshake_in(self, raw: socket.socket, address: tuple) -> None:
+        where = f"{address[0]}:{address[1]}"
+        try:
+            context = wire.server_context(self.certs_dir, self.name)  # the CRL as it is now
+        except ConfigError as err:
+            log.error("site %s: refused a connection from %s: the revocation list cannot be checked (%s); every "
+                      "connection is refused until it is restored", self.name, where, err)
+            self.event("site_refused", peer=where, reason=str(err))
+            raw.close()
+            return
+        raw.settimeout(wire.HANDSHAKE_SECONDS)
+        try:
+            sock = context.wrap_socket(raw, server_side=True)
+            name = wire.peer_name(sock)
+        except (ssl.SSLError, OSError, wire.Refused) as err:
+            log.warning("site %s: refused a connection from %s: %s", self.name, where, err)
+            self.event("site_refused", peer=where, reason=str(err))
+            raw.close()
+            return
+        peer = self.peers.get(name)
+        if peer is None or name >= self.name:  # of two sites the one whose name sorts first dials
+            why = "is not one of sites.peers" if peer is None else "should be dialled by this site, not dial it"
+            log.warning("site %s: refused a connection from %s presenting site '%s': that site %s", self.name,
+                        where, name, why)
+            self.event("site_refused", peer=where, name=name, reason=why)
+            sock.close()
+            return
+        self._attach(peer, sock)
+
+    def _dial_loop(self) -> None:
+        while not self._stopped.is_set():
+            for peer in self.peers.values():
+                if peer.name > self.name and peer.link is None and not self._stopped.is_set():
+                    self._dial(peer)
+            self._stopped.wait(REDIAL_SECONDS)
+
+    def _dial(self, peer: PeerView) -> None:
+        try:
+            context = wire.client_context(self.certs_dir, self.name)
+        except ConfigError as err:
+            log.error("site %s: not dialling site %s: %s", self.name, peer.name, err)
+            return
+        try:
+            sock = wire.connect(peer.host, peer.port, context, wire.HANDSHAKE_SECONDS)
+            name = wire.peer_name(sock)
+        except (OSError, wire.Refused):
+            return  # not up (yet): dialled again in REDIAL_SECONDS
+        if name != peer.name:
+            log.warning("site %s: refused %s:%d: it presented site '%s', where site '%s' listens", self.name,
+                        peer.host, peer.port, name, peer.name)
+            self.event("site_refused", peer=f"{peer.host}:{peer.port}", name=name, reason=f"expected {peer.name}")
+            sock.close()
+            return
+        self._attach(peer, sock)
+
+    def _attach(self, peer: PeerView, sock: ssl.SSLSocket) -> None:
+        sock.settimeout(None)
+        with self.cond:
+            old, peer.link, peer.status, peer.joining = peer.link, sock, None, False
+            self.members.discard(peer.name)  # a site linked anew is in step only once its status says so
+            rounds, digest = self.rounds, self.digest
+            self.cond.notify_all()
+        if old is not None:
+            old.close()
+        log.info("site %s: linked with site %s (TLS 1.3, %s)", self.name, peer.name, sock.cipher()[0])
+        self.event("site_linked", site=peer.name)
+        threading.Thread(target=self._read_loop, args=(peer, sock), daemon=True, name=f"sites-{peer.name}").start()
+        self._send(peer, wire.STATUS, rounds, digest)
+
+    def _disconnect(self, peer: PeerView, sock: ssl.SSLSocket | None = None) -> None:
+        with self.cond:
+            if peer.link is None or (sock is not None and peer.link is not sock):
+                return
+            sock, peer.link, peer.status, peer.joining = peer.link, None, None, False
+            self.cond.notify_all()
+        try:
+            sock.close()
+        except OSError:
+            pass
+
+    def _send(self, peer: PeerView, kind: int, round_: int, payload: bytes = b"") -> bool:
+        sock = peer.link
+        if sock is None:
+            return False
+        try:
+            with peer.send_lock:
+                wire.write_frame(sock, kind, round_, payload)
+            return True
+        except OSError as err:
+            log.warning("site %s: could not send to site %s: %s", self.name, peer.name, err)
+            self._disconnect(peer, sock)
+            return False
+
+    def _read_loop(self, peer: PeerView, sock: ssl.SSLSocket) -> None:
+        try:
+            while True:
+                frame = wire.read_frame(sock, self.limit)
+                with self.cond:
+                    if frame.kind == wire.STATUS:
+                        peer.status = (frame.round, frame.payload[:DIGEST_BYTES])
+                    elif frame.kind == wire.JOIN:
+                        peer.joining = True
+                    else:
+                        self.inbox[(frame.kind, frame.round, peer.name)] = frame.payload
+                    self.cond.notify_all()
+        except wire.Refused as err:
+            log.warning("site %s: refused site %s's message: %s; disconnected", self.name, peer.name, err)
+            self.event("site_refused", site=peer.name, reason=str(err))
+        except (OSError, ValueError, ConnectionError):
+            if not self._stopped.is_set() and peer.link is sock:
+                log.warning("site %s: lost the link to site %s", self.name, peer.name)
+                self.event("site_lost", site=peer.name)
+        self._disconnect(peer, sock)
+
+    # -- rounds -----------------------------------------------------------------------------
+    def wait_for_links(self, seconds: float) -> None:
+        """Wait up to `seconds` until every other site is linked and has said where it stands."""
+        deadline = time.monotonic() + seconds
+        with self.cond:
+            while any(p.status is None for p in self.peers.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+
+    def ahead(self) -> str | None:
+        """A site whose state this one must take: one further on, or at the same round with another model
+        and a name that sorts first. None when this site is as far as every site it sees."""
+        with self.cond:
+            best = None
+            for peer in self.peers.values():
+                if peer.link is None or peer.status is None:
+                    continue
+                rounds, digest = peer.status
+                if rounds > self.rounds or (rounds == self.rounds and digest != self.digest and peer.name < self.name):
+                    if best is None or rounds > best[0]:
+                        best = (rounds, peer.name)
+            return best[1] if best else None
+
+    def exchange(self, round_: int, payload: bytes) -> RoundResult:
+        """Send this site's outer gradient of round `round_` to the sites in step with it, and collect theirs.
+
+        Waits at most `grace_seconds`; a site whose gradient has not come by then is dropped from this
+        round (told so and disconnected). Sites behind this one or joining are not waited for.
+        """
+        started = time.monotonic()
+        with self.cond:
+            # The sites of the last round (one may still be finishing it) and those that reported the same model.
+            targets = [p for p in self.peers.values() if p.link is not None and not p.joining
+                       and (p.name in self.members or p.status == (round_ - 1, self.digest))]
+        mine = self.digest + payload
+        for peer in targets:
+            self._send(peer, wire.CONTRIB, round_, mine)
+        deadline = started + self.grace
+        with self.cond:
+            while True:
+                waiting = [p for p in targets if p.link is not None and (wire.CONTRIB, round_, p.name) not in
+                           self.inbox and (wire.DROP, round_, p.name) not in self.inbox]
+                left = deadline - time.monotonic()
+                if not waiting or left <= 0:
+                    break
+                self.cond.wait(left)
+            received = {p.name: self.inbox.pop((wire.CONTRIB, round_, p.name)) for p in targets
+                        if (wire.CONTRIB, round_, p.name) in self.inbox}
+            dropped_me = sorted(p.name for p in targets if self.inbox.pop((wire.DROP, round_, p.name), None) is not None)
+            for key in [k for k in self.inbox if k[1] <= round_ and k[0] in (wire.CONTRIB, wire.DROP)]:
+                del self.inbox[key]  # late or stale frames of rounds already closed
+        payloads = {self.name: payload}
+        resync = None
+        with self.cond:  # a site in step but with another model: the one whose name sorts later gives way
+            diverged = sorted(p.name for p in self.peers.values() if p.link is not None and p.status is not None
+                              and p.status[0] == round_ - 1 and p.status[1] != self.digest and p.name < self.name)
+        if diverged:
+            log.warning("site %s: site %s ended outer round %d with another model; taking its state", self.name,
+                        diverged[0], round_ - 1)
+            resync = diverged[0]
+        for peer in targets:
+            got = received.get(peer.name)
+            if peer.name in dropped_me:
+                resync = resync or peer.name
+            elif got is None:
+                waited = time.monotonic() - started
+                log.warning("site %s: dropped site %s from outer round %d: no outer gradient within %.1f s "
+                            "(sites.grace_seconds = %g)", self.name, peer.name, round_, waited, self.grace)
+                self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3))
+                self._send(peer, wire.DROP, round_)
+                self._disconnect(peer)
+            elif got[:DIGEST_BYTES] != self.digest:  # it started this round from another model
+                if peer.name < self.name:
+                    resync = resync or peer.name
+            else:
+                payloads[peer.name] = got[DIGEST_BYTES:]
+        self.members = set(payloads) - {self.name}
+        if dropped_me:
+            log.warning("site %s: site(s) %s left this site out of outer round %d; taking their state", self.name,
+                        ", ".join(dropped_me), round_)
+        return RoundResult(dict(sorted(payloads.items())), resync)
+
+    def finish_round(self, round_: int, digest: bytes, state: Callable[[], bytes]) -> None:
+        """Record round `round_` as completed with outer model `digest`; tell the linked sites; give the
+        joining ones `state()` (the outer model and momentum now)."""
+        with self.cond:
+            self.rounds, self.digest = round_, digest
+            joiners = [p for p in self.peers.values() if p.link is not None and p.joining]
+            linked = [p for p in self.peers.values() if p.link is not None]
+        encoded = state() if joiners else b""
+        for peer in joiners:
+            if self._send(peer, wire.STATE, round_, encoded):
+                log.info("site %s: sent site %s the state after outer round %d (%d bytes)", self.name, peer.name,
+                         round_, len(encoded))
+                self.event("site_state_sent", site=peer.name, round=round_, bytes=len(encoded))
+            with self.cond:
+                peer.joining = False
+        for peer in linked:
+            self._send(peer, wire.STATUS, round_, digest)
+
+    def take_state(self, source: str, timeout: float) -> tuple[int, bytes] | None:
+        """Ask site `source` for its state after its next round and wait for it: (its round, the state)."""
+        peer = self.peers[source]
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            for key in [k for k in self.inbox if k[0] == wire.STATE]:
+                del self.inbox[key]
+            while peer.link is None and time.monotonic() < deadline:  # a dropped link is dialled again
+                self.cond.wait(deadline - time.monotonic())
+        if not self._send(peer, wire.JOIN, self.rounds):
+            return None
+        with self.cond:
+            while True:
+                found = [k for k in self.inbox if k[0] == wire.STATE and k[2] == source]
+                left = deadline - time.monotonic()
+                if found or peer.link is None or left <= 0:
+                    break
+                self.cond.wait(left)
+            if not found:
+                return None
+            key = found[0]
+            return key[1], self.inbox.pop(key)
+
+
+def event_writer(path: Path) -> Callable[..., None]:
+    """Events as JSON lines (the run directory's events.jsonl), one per call."""
+    lock = threading.Lock()
+
+    def write(kind: str, **fields) -> None:
+        with lock, path.open("a") as out:
+            out.write(json.dumps({"t": time.time(), "event": kind, **fields}) + "\n")
+    return write
