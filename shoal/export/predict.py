@@ -29,7 +29,7 @@ import torch
 
 from shoal.config import ConfigError
 from shoal.export.consolidate import Located, consolidate, locate
-from shoal.export.rows import check_rows, open_rows
+from shoal.export.rows import check_rows, classifies_text, open_rows, score_rows
 from shoal.runtime.env import LOCAL_WORKERS_ENV, launcher_environment, thread_budget
 
 JOB_FILE = "job.json"
@@ -102,7 +102,7 @@ def score_parts(found: Located, job: Job, parts: list[int], out: Path, batch_siz
             batch_ids, x = rows.read(begin, min(begin + batch_size, stop))
             check_ids(x, batch_ids, found.spec, rows.columns)
             with torch.inference_mode():
-                outputs.append(loaded.model(x))
+                outputs.append(score_rows(loaded.model, x, found.spec))
             ids.append(batch_ids)
             report(len(batch_ids))
         tmp = out / f".{part_name(part)}.tmp-{os.getpid()}"
@@ -212,7 +212,7 @@ def predict(run_dir: Path, data: list[str], out: Path, *, nproc: int = 1, step: 
     threads = threads or thread_budget(0, {LOCAL_WORKERS_ENV: str(nproc)})
     found = locate(run_dir, step)
     rows = open_rows(data, found.cfg)
-    check_rows(rows, found.spec)  # before any worker starts
+    check_rows(rows, found.spec, text_classifier=classifies_text(found.cfg))  # before any worker starts
     job = Job(str(Path(run_dir).resolve()), str(Path(found.source).resolve()), list(data), len(rows), part_rows)
     out = Path(out)
     _prepare(out, job)

@@ -91,7 +91,7 @@ class SourceRows:
                                       + ["data.val_fraction=0"])
         config_module.validate(mine)
         self.dataset, _, spec = build_dataset(mine.data, cfg.train.seed)
-        width = spec.in_features
+        width = row_width(spec)
         self.columns = [f"feature {i}" for i in range(width)]
         self.describe = " ".join(overrides)
 
@@ -100,7 +100,10 @@ class SourceRows:
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, torch.Tensor]:
         inputs, _ = self.dataset.get(torch.arange(start, stop))
-        return np.arange(start, stop, dtype=np.int64), inputs.float()
+        if isinstance(inputs, dict):
+            raise ConfigError(f"--data: {self.describe} gives samples of several inputs ({', '.join(inputs)}); "
+                              f"predict scores rows of one tensor (give --data a .npy or .parquet of rows)")
+        return np.arange(start, stop, dtype=np.int64), inputs if inputs.dtype == torch.long else inputs.float()
 
 
 def open_rows(data: list[str], cfg: Config):
@@ -121,13 +124,44 @@ def open_rows(data: list[str], cfg: Config):
     raise ConfigError(f"--data: {path} is neither .npy nor .parquet (or a folder holding x.npy)")
 
 
-def check_rows(rows, spec: DataSpec) -> None:
-    """The rows fit the model: as many feature columns as it takes inputs."""
-    if spec.kind == "tokens":
+def row_width(spec: DataSpec) -> int:
+    """Numbers per row: the token ids of one sample for a text classifier, else the features."""
+    return spec.seq_len if spec.kind == "tokens" else spec.in_features
+
+
+def classifies_text(cfg: Config) -> bool:
+    """Whether the run's model reads token ids and gives one output per sample (a Hugging Face
+    sequence classifier) rather than one per position (a language model: shoal generate)."""
+    if not cfg.model.hf:
+        return False
+    from shoal.models.hf import model_class, read_hf_config
+    return not model_class(read_hf_config(cfg.model.hf), cfg.model.hf).can_generate()
+
+
+def check_rows(rows, spec: DataSpec, *, text_classifier: bool = False) -> None:
+    """The rows fit the model: as many feature columns (token ids for a text classifier) as it takes."""
+    if spec.kind == "tokens" and not text_classifier:
         raise ConfigError("shoal predict scores rows of features; this run's model reads text (use shoal generate)")
-    if len(rows.columns) != spec.in_features:
+    if len(rows.columns) != row_width(spec):
         shown = ", ".join(rows.columns[:6]) + (", ..." if len(rows.columns) > 6 else "")
+        what = "token ids" if spec.kind == "tokens" else "inputs"
         raise ConfigError(f"--data: {rows.describe} has {len(rows.columns)} feature columns ({shown}); the model "
-                          f"takes {spec.in_features}")
+                          f"takes {row_width(spec)} {what}")
     if len(rows) == 0:
         raise ConfigError(f"--data: {rows.describe} has no rows")
+
+
+def score_rows(model: torch.nn.Module, x: torch.Tensor, spec: DataSpec) -> torch.Tensor:
+    """The model's outputs for a batch of rows: token ids as integers, an image's numbers in its
+    shape, and the logits read from a model output (ImageClassifierOutput, SequenceClassifierOutput...)."""
+    from shoal.models.hf import logits_of
+    if spec.kind == "tokens":
+        x = x.long()
+    elif spec.input_shape and x.dim() == 2:
+        x = x.view(-1, *spec.input_shape)
+    outputs = logits_of(model(x))
+    if outputs.dim() != 2:
+        raise ConfigError(f"this run's model gives outputs of shape {list(outputs.shape)} per batch, not one row of "
+                          f"scores per sample: predict and serve score classifiers and regressions (a language "
+                          f"model: use shoal generate)")
+    return outputs

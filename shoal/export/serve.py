@@ -30,6 +30,7 @@ import torch
 from shoal.config import ConfigError
 from shoal.export.consolidate import LoadedModel, consolidate
 from shoal.export.predict import output_columns
+from shoal.export.rows import classifies_text, row_width, score_rows
 
 MAX_BODY = 16 << 20
 
@@ -47,6 +48,7 @@ class Batcher:
 
     def __init__(self, loaded: LoadedModel, *, max_batch: int = 64, max_wait_ms: float = 2.0):
         self.model, self.kind = loaded.model, "regression" if loaded.spec.kind == "regression" else "classes"
+        self.spec = loaded.spec
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.batch_sizes: list[int] = []
@@ -89,7 +91,7 @@ class Batcher:
             batch = self._gather(first)
             try:
                 with torch.inference_mode():
-                    outputs = self.model(torch.cat([r.rows for r in batch]))
+                    outputs = score_rows(self.model, torch.cat([r.rows for r in batch]), self.spec)
                 columns = output_columns(outputs, self.kind)
                 self.batch_sizes.append(len(outputs))
                 start = 0
@@ -106,7 +108,7 @@ class Batcher:
 
 
 def make_handler(batcher: Batcher, loaded: LoadedModel):
-    features = loaded.spec.in_features
+    features = row_width(loaded.spec)
 
     class Handler(BaseHTTPRequestHandler):
         def _reply(self, status: int, body: dict) -> None:
@@ -154,7 +156,7 @@ def make_handler(batcher: Batcher, loaded: LoadedModel):
 def make_server(loaded: LoadedModel, host: str = "127.0.0.1", port: int = 0, *, max_batch: int = 64,
                 max_wait_ms: float = 2.0) -> tuple[ThreadingHTTPServer, Batcher]:
     """A server (not yet serving) and its started batcher; port 0 picks a free port."""
-    if loaded.spec.kind == "tokens":
+    if loaded.spec.kind == "tokens" and not classifies_text(loaded.cfg):
         raise ConfigError("shoal serve scores rows of features; this run's model reads text (use shoal generate)")
     batcher = Batcher(loaded, max_batch=max_batch, max_wait_ms=max_wait_ms)
     try:
