@@ -2,7 +2,9 @@
 
 The gpt model is sampled token by token here (temperature, then top-k, as in nanoGPT's
 `generate`), its context cropped to the `seq_len` it was trained on; a Hugging Face model
-uses its own `generate`. Text becomes token ids through the run's tokenizer when its
+uses its own `generate`; for an encoder-decoder model (T5, BART) the text printed is the
+decoder's output for the prompt (trained on token data, the prompt's next tokens), not the
+prompt and its continuation. Text becomes token ids through the run's tokenizer when its
 `[data]` section names one, and through bytes (ids 0-255, the stdlib and text sources'
 encoding) otherwise.
 """
@@ -64,10 +66,16 @@ def generate(loaded: LoadedModel, prompt: str, tokens: int, *, temperature: floa
     ids = torch.tensor(prompt_ids, dtype=torch.long)
     torch.manual_seed(seed)
     if is_hf_model(loaded.model):
+        if not loaded.model.can_generate():
+            raise ConfigError(f"generate needs a language model; this run's {type(loaded.model).__name__} gives no "
+                              f"text (use shoal predict)")
         out = loaded.model.generate(ids.view(1, -1), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                     max_new_tokens=tokens, min_new_tokens=tokens, do_sample=temperature > 0,
                                     temperature=temperature if temperature > 0 else None,
                                     top_k=top_k or None, pad_token_id=0)[0]
+        if loaded.model.config.is_encoder_decoder:
+            # the decoder's own sequence, without its start token: the answer to the prompt, not a continuation
+            return codec.decode(out[1:].tolist())
     elif loaded.spec.kind == "tokens":
         out = sample_gpt(loaded.model, ids, tokens, context=loaded.spec.seq_len, temperature=temperature,
                          top_k=top_k, generator=torch.Generator().manual_seed(seed))

@@ -136,13 +136,24 @@ def call_model(model: nn.Module, inputs: Any, labels: torch.Tensor | None = None
     """Run `model` on a batch the way it expects it: a dict's entries as keyword arguments
     (input_ids, attention_mask, pixel_values, labels...), a tensor as the first positional
     argument (a tokens model's input_ids, a vision model's pixel_values). `labels`, when
-    given and not already in the dict, is passed by name (for the model's own loss)."""
+    given and not already in the dict, is passed by name (for the model's own loss), contiguous
+    (a token source's targets are a view of its window; T5's loss calls labels.view(-1)).
+
+    An encoder-decoder model (T5, BART) on token data: the encoder reads each sample and the
+    decoder learns its next tokens (the labels, which transformers shifts right into the
+    decoder's inputs); that needs the labels, so it needs model.loss = 'model'."""
+    if labels is not None:
+        labels = labels.contiguous()
     if isinstance(inputs, dict):
         if labels is not None and "labels" not in inputs:
             inputs = {**inputs, "labels": labels}
         return model(**inputs)
     if labels is not None:
         return model(inputs, labels=labels)
+    if getattr(getattr(getattr(model, "module", model), "config", None), "is_encoder_decoder", False):  # DDP wraps
+        raise ConfigError(f"model.hf: {type(model).__name__} is an encoder-decoder model, whose decoder needs the "
+                          f"targets: set model.loss = 'model' (on token data the encoder reads each sample and the "
+                          f"decoder learns its next tokens), or give dict samples with input_ids and labels")
     return model(inputs)
 
 
