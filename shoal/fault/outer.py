@@ -33,7 +33,6 @@ from torch import nn
 
 from shoal.fault.elastic import GenerationBroken, Replicas
 from shoal.fault.state import TrainingHost, materialize_optimizer_state
-from shoal.sync.compress import quantized_all_reduce
 from shoal.sync.diloco import DiLoCo
 from shoal.sync.encoding import decode_average
 from shoal.sync.outer_settings import outer_options
@@ -151,11 +150,9 @@ class ElasticDiLoCo(DiLoCo):
         replicas.wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
         self.last_weight = float(head[0])
         share = weight / self.last_weight
-        if fragment.encoding is not None:
+        if fragment.encoding is not None:  # int8, int4, fp4, topk: one payload per replica, gathered
+            # The gathered payloads are averaged; scaled by the group size, the average is the sum.
             future = self._gather_encoded(fragment, pseudo * (share * replicas.size))
-        elif self.compression in ("int8", "int4"):
-            # The quantized all-reduce averages; scaled by the group size, the average is the sum.
-            future = quantized_all_reduce(pseudo * (share * replicas.size), int(self.compression[3:]), replicas.pg)
         else:
             wire = (pseudo * share).to(_WIRE[self.compression])
             future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
@@ -164,7 +161,8 @@ class ElasticDiLoCo(DiLoCo):
         return average, head[1] > 0
 
     def _gather_encoded(self, fragment, scaled: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
-        """fp4/topk over the generation's Gloo group: one all-gather of every replica's payload."""
+        """An encoded outer gradient over the generation's Gloo group: one all-gather of every replica's
+        payload (for int8/int4 the same codes and arithmetic as compress.quantized_all_reduce)."""
         encoding, size = fragment.encoding, self.replicas.size
         payload = encoding.encode(scaled)
         gathered = torch.empty(size * payload.numel(), dtype=torch.uint8)

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from shoal.sync.compress import quantized_all_reduce, quantized_reduce_scatter
-from shoal.sync.encoding import ENCODINGS, OuterEncoding, encoded_all_reduce, make_encoding
+from shoal.sync.encoding import ENCODINGS, QUANTIZED, OuterEncoding, encoded_all_reduce, make_encoding
 from shoal.sync.replica_state import load_replica_state, local_tensor, make_replicas_equal, replica_state
 
 __all__ = ["DiLoCo", "local_tensor", "split_fragments"]
@@ -84,7 +84,7 @@ class _Fragment:
     def __init__(self, params: list[nn.Parameter], outer_lr: float, outer_momentum: float, nesterov: bool,
                  encoding: OuterEncoding | None = None):
         self.params = params
-        self.encoding = encoding  # fp4 / topk wire format, with any error-feedback residual
+        self.encoding = encoding  # int8/int4/fp4/topk as one payload, with any error-feedback residual
         # With FSDP inside a replica each rank holds a shard (a DTensor); replicas average their
         # matching shards, so DiLoCo works on the local tensors, which share the parameters' memory.
         self.local = [local_tensor(p) for p in params]
@@ -131,7 +131,7 @@ class DiLoCo(contextlib.AbstractContextManager):
         runs = split_fragments(params, fragments)
 
         def encoding(run: list[int]) -> OuterEncoding | None:
-            if compression not in ENCODINGS:
+            if compression not in ENCODINGS + QUANTIZED:
                 return None
             numel = sum(local_tensor(params[i]).numel() for i in run)
             return make_encoding(compression, numel, topk_fraction=topk_fraction, topk_bits=topk_bits)
@@ -236,9 +236,9 @@ class DiLoCo(contextlib.AbstractContextManager):
         The one place an outer gradient crosses between replicas: a transport between sites
         replaces this method (same input, same result on every replica).
         """
-        if fragment.encoding is not None:
+        if self.compression in ENCODINGS:
             return encoded_all_reduce(fragment.encoding.encode(pseudo), fragment.encoding, self.group)
-        if self.compression in ("int8", "int4"):
+        if self.compression in QUANTIZED:
             bits = int(self.compression[3:])
             if self.overlap or dist.get_world_size(self.group) <= 2:
                 # One all-gather, left to run behind the next inner step (same bytes as below at 2).

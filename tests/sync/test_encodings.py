@@ -107,3 +107,12 @@ def test_outer_settings_that_cannot_work_name_their_field(override, field):
 def test_topk_settings_without_topk_are_refused():
     with pytest.raises(ConfigError, match="sync.topk_fraction and sync.topk_bits apply only"):
         load(None, ["sync.method=diloco", "parallel.dp_replicate=2", "sync.topk_bits=4"])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_encoding_is_compress_codes_in_one_payload(bits):
+    from shoal.sync.compress import dequantize, quantize
+    values = torch.randn(3 * BLOCK + 7)
+    encoding = make_encoding(f"int{bits}", values.numel())
+    codes, scales = quantize(values, bits)
+    assert torch.equal(encoding.decode(encoding.encode(values)), dequantize(codes, scales, bits, values.numel()))
