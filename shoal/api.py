@@ -4,6 +4,7 @@
 
     def build_model(spec): ...          # module level: workers import it by name
     def build_data(): ...               # a torch Dataset (see docs/data.md, data.factory)
+    def pad(items): ...                 # optional: a list of items -> one batch (data.collate)
 
     if __name__ == "__main__":          # workers import this file; the guard keeps them from training again
         result = shoal.train(shoal.Config(), model=build_model, data=build_data)
@@ -17,7 +18,7 @@ RANK/WORLD_SIZE or SLURM_PROCID), the worker code runs here, in this process, ex
 `shoal run` does (the same checks, run directory and launcher) and waits for them.
 
 How your functions reach the workers: by name. A function becomes the string
-'module:function' in the config (`model.factory`, `data.factory`, `model.loss`), which every
+'module:function' in the config (`model.factory`, `data.factory`, `data.collate`, `model.loss`), which every
 worker imports. A function defined in the script being run (module `__main__`) is named by
 the script's file name, and its folder is put on the workers' PYTHONPATH, so workers import
 the script as a module (its `if __name__ == "__main__":` block does not run there). Nothing
@@ -53,14 +54,15 @@ class TrainResult:
 
 
 def train(config: Config | str | Path | None = None, *, model: Any = None, data: Any = None, loss: Any = None,
-          overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
+          collate: Any = None, overrides: list[str] | tuple[str, ...] = (), resume: str | None = None,
           ray: bool | str = False, verbose: bool = False) -> TrainResult:
     """Train as `shoal run` does and return the run directory and final metrics.
 
     `config`: a Config, a TOML path, or None for the defaults. `model`: a function
     spec -> nn.Module (a Hugging Face PreTrainedModel is fine), its 'module:function' name,
     or the folder of a saved Hugging Face model. `data`: a function returning a torch
-    Dataset (data.factory) or its name. `loss`: a function (output, batch) -> scalar, its
+    Dataset (data.factory) or its name. `collate`: a function turning a list of the dataset's
+    items into a batch (data.collate: pads samples of different lengths) or its name. `loss`: a function (output, batch) -> scalar, its
     name, or "model" for the model's own loss. `overrides`: 'section.key=value' strings.
     `resume`: a run directory, or "latest" (as `--resume`). `ray`: True, or a Ray address
     (HOST:PORT of the head's GCS, or ray://HOST:PORT), to train on Ray workers.
@@ -73,6 +75,8 @@ def train(config: Config | str | Path | None = None, *, model: Any = None, data:
             cfg.model.factory, cfg.model.hf = _name_of(model, "model"), ""
     if data is not None:
         cfg.data.factory = _name_of(data, "data")
+    if collate is not None:
+        cfg.data.collate = _name_of(collate, "collate")
     if loss is not None:
         cfg.model.loss = loss if loss == "model" else _name_of(loss, "loss")
     config_module.validate(cfg)

@@ -32,7 +32,8 @@ SCAN_LIMIT = 50_000
 
 
 class BadRecord(ConfigError):
-    """A record that cannot be read (a corrupt image, a line that is not JSON), met during training."""
+    """A record that cannot be read (a corrupt image, a line that is not JSON), or records that
+    cannot be made into a batch, met during training."""
 
 
 def import_function(field: str, name: str) -> Callable:
@@ -89,7 +90,17 @@ class TorchDataset:
         return out
 
     def get(self, ids: torch.Tensor):
-        return split_batch(self.collate(self.items(ids)))
+        items = self.items(ids)
+        try:
+            batch = self.collate(items)
+        except RuntimeError as err:
+            if self.collate is not default_collate or "equal size" not in str(err):
+                raise
+            # samples of different lengths (text, variable-size images): torch can only stack equal ones
+            raise BadRecord(f"data.factory: the samples of a batch differ in size ({str(err).splitlines()[0]}); "
+                            f"set data.collate = 'package.module:function' to pad them into one batch "
+                            f"(shoal.train(collate=...))") from None
+        return split_batch(batch)
 
 
 def _class_count(dataset, targets: torch.Tensor | None) -> int:

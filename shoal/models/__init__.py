@@ -75,7 +75,31 @@ def _fits_data(model: nn.Module, spec: DataSpec, field: str) -> nn.Module:
     if spec.kind == "tokens" and vocab and spec.vocab_size > vocab:
         raise ConfigError(f"{field}: the model's vocab_size {vocab} is smaller than the data's {spec.vocab_size} "
                           f"token ids")
+    if spec.kind == "tokens" and not vocab:
+        _check_token_ids(model, spec, field)
     return model
+
+
+def _check_token_ids(model: nn.Module, spec: DataSpec, field: str) -> None:
+    """A model with no config to read (a factory's): each nn.Embedding checks the ids of its first
+    call, so a table smaller than the data's vocabulary is one line naming the fix, not torch's
+    IndexError from inside the model. Position embeddings get positions and pass."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            module._shoal_id_check = module.register_forward_pre_hook(_embedding_check(name, spec, field))
+
+
+def _embedding_check(name: str, spec: DataSpec, field: str):
+    def check(module: nn.Embedding, args: tuple) -> None:
+        ids = args[0] if args else None
+        if isinstance(ids, torch.Tensor) and ids.numel() and not ids.dtype.is_floating_point and not ids.is_meta:
+            top = int(ids.max())
+            if top >= module.num_embeddings:
+                raise ConfigError(f"{field}: {name} is an nn.Embedding of {module.num_embeddings} rows but the data's "
+                                  f"token ids reach {top} (data vocab_size {spec.vocab_size}); build it with "
+                                  f"spec.vocab_size rows")
+        module._shoal_id_check.remove()  # once: the ids of one batch tell
+    return check
 
 
 def compute_loss(output, target: torch.Tensor | None) -> torch.Tensor:
