@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make run    installs into .venv and trains the quickstart on 2 local workers
 #   make test   installs into .venv and runs the whole test suite
+#   make check  the fast tier only (no test that starts processes): the inner loop, under 3 minutes
 # torch is pinned to the CPU build that lies on this machine's disk; an unpinned
 # torch would pull a multi-GB CUDA build.
 PYTHON ?= python3
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[federated,hf,data,export,ray,k8s,dev]" "$(TORCH_PIN)"
 	touch $@
 
-.PHONY: install run test
+.PHONY: install run test check
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -22,3 +23,7 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+# Tests marked `slow` start processes or clusters (tests/conftest.py says which markers imply it).
+check: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow" tests

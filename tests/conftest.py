@@ -79,3 +79,65 @@ def crash_after_checkpoint(args: list[str], cwd: Path, name: str, step: int) -> 
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# --- Test tiers -------------------------------------------------------------------------------
+# `make check` runs `pytest -m "not slow"`: the fast tier, one process per test. A test that
+# starts processes (workers, the `shoal` command, a cluster) is `slow`; the `distributed`, `e2e`
+# and `netns` markers imply it. A test left unmarked that starts a process fails with the fix, so
+# a new multi-process test cannot land in the fast tier unnoticed.
+IMPLY_SLOW = ("distributed", "e2e", "netns")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in IMPLY_SLOW):
+            item.add_marker(pytest.mark.slow)
+
+
+class _ProcessStartGuard:
+    """Refuses process starts (subprocess, fork, multiprocessing spawn) while a fast test runs."""
+
+    def __init__(self):
+        self.started: list[str] = []
+        self._saved: list[tuple[object, str, object]] = []
+
+    def install(self, nodeid: str) -> None:
+        import multiprocessing.util
+
+        def refuse(what):
+            def start(*args, **kwargs):
+                self.started.append(what)
+                raise RuntimeError(f"{nodeid} starts a process ({what}) but is not marked "
+                                   "@pytest.mark.slow: mark it (or its module) slow")
+            return start
+
+        for owner, name in ((subprocess.Popen, "_execute_child"), (os, "fork"),
+                            (multiprocessing.util, "spawnv_passfds")):
+            self._saved.append((owner, name, getattr(owner, name)))
+            setattr(owner, name, refuse(f"{getattr(owner, '__name__', owner)}.{name}"))
+
+    def remove(self) -> None:
+        for owner, name, original in reversed(self._saved):
+            setattr(owner, name, original)
+        self._saved.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if not item.get_closest_marker("slow"):
+        item._process_guard = _ProcessStartGuard()
+        item._process_guard.install(item.nodeid)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)
+    finally:
+        guard = getattr(item, "_process_guard", None)
+        if guard is not None:
+            guard.remove()
+            if guard.started:
+                pytest.fail(f"started a process ({guard.started[0]}) without @pytest.mark.slow", pytrace=False)

@@ -68,6 +68,7 @@ def test_pytorchjob_pod_templates_are_valid_pods(capsys):
         assert container.volume_mounts[0].mount_path == "/shoal"
 
 
+@pytest.mark.slow
 def test_sbatch_script_runs_one_launch_per_node(capsys, tmp_path):
     script = render(capsys, "slurm", "--nodes", "4", "--gpus-per-node", "8", "--time", "2:00:00", *TINY,
                     "train.batch_size=64")
@@ -99,6 +100,7 @@ def test_a_layout_that_does_not_fit_is_one_line(capsys, target):
     assert err[0].startswith("shoal: error: 2 nodes x 2 GPUs = 4 workers do not fit the config:")
 
 
+@pytest.mark.slow
 def test_a_node_resumes_once_the_run_has_a_checkpoint(tmp_path):
     """A pod restarted after preemption (or a job submitted again) must continue, not stop on
     'already holds checkpoints': the node command adds --resume when a complete one exists."""

@@ -98,6 +98,7 @@ def test_factory_errors_are_one_line(user_module):
         build_dataset(DataConfig(factory="userdata:nope"))
 
 
+@pytest.mark.slow
 def test_shoal_run_trains_a_factory_dataset(tmp_path, user_module):
     out = shoal("run", *TINY, "train.steps=4", "data.factory=userdata:build", "model.name=mlp", cwd=tmp_path,
                 env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"})

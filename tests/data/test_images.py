@@ -41,6 +41,7 @@ def test_batches_are_deterministic_per_sample_and_epoch(tmp_path):
     assert model(x).shape == (3, 4)
 
 
+@pytest.mark.slow
 def test_two_loader_workers_give_the_same_batches_as_none_even_when_membership_changes(tmp_path):
     make_data(tmp_path / "shapes", 8)
     cfg = DataConfig(source="images", path=str(tmp_path / "shapes"), image_size=16, val_fraction=0.0)
@@ -63,6 +64,7 @@ def test_two_loader_workers_give_the_same_batches_as_none_even_when_membership_c
     assert not [t for t in threading.enumerate() if t.name == "shoal-loader-receive"]
 
 
+@pytest.mark.slow
 def test_a_csv_listing_and_bad_images(tmp_path):
     make_data(tmp_path / "shapes", 3)
     rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted((tmp_path / "shapes").rglob("*.png"))]
@@ -90,6 +92,7 @@ def test_a_csv_listing_and_bad_images(tmp_path):
         build_dataset(DataConfig(source="images", path=str(tmp_path / "gone.csv")))
 
 
+@pytest.mark.slow
 def test_shoal_run_trains_the_imaging_example_with_loader_workers(tmp_path):
     make_data(tmp_path / "data" / "shapes", 16)
     out = shoal("run", str(ROOT / "examples" / "imaging" / "config.toml"), *TINY, "train.steps=4",

@@ -61,6 +61,7 @@ def test_prepared_shards_equal_direct_tokenisation(corpus, tmp_path, tokenizer):
         assert len(direct) < sum(len(d.encode()) for d in DOCS) * 0.7  # a real BPE compresses code
 
 
+@pytest.mark.slow
 def test_the_command_in_parallel_gives_the_same_shards_and_resumes(corpus, tmp_path):
     sources = [str(corpus / "txt"), str(corpus / "c.jsonl"), str(corpus / "d.parquet")]
     # d.parquet has no 'text' column: a one-line error naming the file, and the finished units are kept
@@ -132,6 +133,7 @@ def test_bad_shards_and_inputs_are_one_line_errors(corpus, tmp_path):
         check_vocab(DataSpec(kind="tokens", vocab_size=2048, seq_len=8), 256, "data.path")
 
 
+@pytest.mark.slow
 def test_resident_memory_does_not_grow_with_the_shard_set(tmp_path):
     """A worker reading windows from 1 MB and from 100 MB of shards holds about the same memory."""
     from shoal.data.prepare import ShardWriter, write_index

@@ -55,6 +55,7 @@ def outputs_of_every_format(loaded, tmp: Path, batch: torch.Tensor) -> dict[str,
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_format_computes_the_checkpointed_model(layout, layout_runs, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -79,6 +80,7 @@ def test_every_format_computes_the_checkpointed_model(layout, layout_runs, tmp_p
             assert (got - live).abs().max().item() <= TOLERANCE, fmt
 
 
+@pytest.mark.slow
 def test_cli_export_writes_only_the_named_file(layout_runs, tmp_path):
     result = shoal("export", str(layout_runs["tp"]), "--step", "2", "--format", "safetensors",
                    "--out", str(tmp_path / "model.safetensors"), cwd=tmp_path)
@@ -90,6 +92,7 @@ def test_cli_export_writes_only_the_named_file(layout_runs, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+@pytest.mark.slow
 def test_bad_requests_get_one_line_and_leave_nothing(layout_runs, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
@@ -128,6 +131,7 @@ def test_hugging_face_model_round_trips_through_from_pretrained(tmp_path):
     assert np.isfinite(live.numpy()).all()
 
 
+@pytest.mark.slow
 def test_generate_samples_the_gpt(layout_runs, capfd):
     from shoal.export.generate import generate, sample_gpt
     loaded = consolidate(layout_runs["ddp"], progress=False)

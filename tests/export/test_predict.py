@@ -9,6 +9,7 @@ import signal
 import subprocess
 
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 import torch
 
@@ -24,6 +25,7 @@ def read_all(out) -> dict:
             for name in ("id", "prediction", "score", "probabilities")}
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one(classifier, tmp_path):
     run_dir, data = classifier
     threads = torch.get_num_threads()
@@ -40,6 +42,7 @@ def test_two_workers_equal_one(classifier, tmp_path):
     assert (a["prediction"] == a["probabilities"].argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_writes_every_row_once(classifier, tmp_path):
     run_dir, data = classifier
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import SHOAL
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 STEPS, H = 160, 40
 JOB = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=32", "train.batch_size=24",

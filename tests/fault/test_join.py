@@ -14,7 +14,7 @@ import pytest
 from shoal.fault.audit import audit, read_records
 from tests.conftest import ROOT, SHOAL, sigint_default, wait_for
 
-pytestmark = pytest.mark.timeout(200)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
 
 JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
        "train.eval_every=0", "train.steps=1000000", "launch.threads=1", "launch.nproc=2", "fault.enabled=true",

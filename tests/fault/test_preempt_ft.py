@@ -14,7 +14,7 @@ import pytest
 from shoal.fault.audit import audit, read_records
 from tests.conftest import SHOAL, wait_for
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
        "train.eval_every=0", "train.steps=1000000", "launch.nproc=3", "fault.enabled=true",

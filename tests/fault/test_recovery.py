@@ -23,7 +23,7 @@ from shoal.runtime.mesh import ParallelDims
 from shoal.train import Placement, Trainer
 from tests.conftest import SHOAL, threads_for, torch_threads
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 FT = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32",
       "train.warmup_steps=2", "train.eval_every=0", "train.lr=1e-3", "fault.enabled=true",

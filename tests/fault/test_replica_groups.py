@@ -41,6 +41,7 @@ SCENARIO = ";".join([
 STEPS = 90
 
 
+@pytest.mark.slow
 def test_replica_groups_survive_kills_and_a_hang(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
@@ -97,6 +98,7 @@ def test_replica_groups_survive_kills_and_a_hang(tmp_path):
     assert math.isclose(result.final_loss, reference, rel_tol=0.01), (result.final_loss, reference)
 
 
+@pytest.mark.slow
 def test_layout_without_a_replica_falls_back_to_restarts(tmp_path):
     out = shoal("run", *FT, "launch.nproc=2", "parallel.dp_replicate=1", "parallel.dp_shard=2", "train.steps=3",
                 cwd=tmp_path, timeout=120)

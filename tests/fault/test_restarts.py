@@ -43,6 +43,7 @@ def run(args: list[str], cwd, chaos: str) -> tuple[subprocess.CompletedProcess, 
     return out, [json.loads(line) for line in events]
 
 
+@pytest.mark.slow
 def test_a_crash_loop_backs_off_then_stops_the_job_naming_the_slot_and_its_traceback(tmp_path):
     # Slot 1 is killed at step 3; every replacement crashes at start. The job would train a
     # million steps: only the crash loop can end it.
@@ -56,6 +57,7 @@ def test_a_crash_loop_backs_off_then_stops_the_job_naming_the_slot_and_its_trace
     assert "RuntimeError: this replacement cannot start" in out.stderr  # its traceback, shown
 
 
+@pytest.mark.slow
 def test_the_last_holder_of_the_state_saves_and_the_job_restarts_from_it(tmp_path):
     # Slot 1 is killed at step 5 and its replacements crash: slot 0 alone holds the state and saves
     # it. Once that checkpoint is on disk the test kills slot 0 too: nobody holds the state, and with

@@ -26,7 +26,7 @@ from tests.conftest import SHOAL, shoal, wait_for
 from tests.fault.test_recovery import FT
 from tests.world import run_world
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 PR_SET_CHILD_SUBREAPER = 36
 GROUPS = ["launch.nproc=4", "parallel.dp_replicate=2", "parallel.dp_shard=2"]

@@ -158,6 +158,7 @@ def _state(pid: int) -> str:
     return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.slow
 def test_chaos_monkey_kills_and_pauses_real_processes():
     """The launcher's clock: a kill is a real SIGKILL, a slow-down a real SIGSTOP that ends."""
     import subprocess

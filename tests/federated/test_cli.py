@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from cryptography import x509
 
 from shoal.federated.certs import revoked_serials
+
+pytestmark = pytest.mark.slow  # runs the shoal command
 
 
 def shoal(*args: str) -> subprocess.CompletedProcess:

@@ -56,6 +56,7 @@ def server(tmp_path_factory):
     grpc_server.stop(0)
 
 
+@pytest.mark.slow
 def test_revoking_a_name_revokes_every_certificate_it_was_issued(server):
     _, _, port, folder, tmp = server
     assert join_code(port, tmp / "old", "site") == grpc.StatusCode.OK  # both certificates of 'site' work
@@ -70,6 +71,7 @@ def test_revoking_a_name_revokes_every_certificate_it_was_issued(server):
     assert join_code(port, folder, "other") == grpc.StatusCode.OK
 
 
+@pytest.mark.slow
 def test_an_unreadable_crl_refuses_everyone_until_restored(server, caplog):
     _, _, port, folder, _ = server
     crl = folder / "crl.pem"
@@ -89,6 +91,7 @@ def test_an_unreadable_crl_refuses_everyone_until_restored(server, caplog):
     assert join_code(port, folder, "site") == grpc.StatusCode.PERMISSION_DENIED  # still revoked
 
 
+@pytest.mark.slow
 def test_the_server_refuses_to_start_without_its_crl(server, caplog):
     cfg, driver, _, folder, _ = server
     crl = folder / "crl.pem"

@@ -23,6 +23,7 @@ def run(tmp_path, name, *overrides, **kwargs):
     return simulate(cfg, run_dir, **kwargs), run_dir
 
 
+@pytest.mark.slow
 def test_fedavg_learns_on_label_skewed_clients(tmp_path):
     summary, run_dir = run(tmp_path, "skew", "federated.partition=dirichlet", "federated.dirichlet_alpha=0.5")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -31,6 +32,7 @@ def test_fedavg_learns_on_label_skewed_clients(tmp_path):
     assert summary["workers"] == 2 and (run_dir / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_krum_survives_poisoning_that_breaks_fedavg(tmp_path):
     attack = dict(attack_fraction=0.15, attack_scale=10.0)
     fedavg, _ = run(tmp_path, "avg", **attack)
@@ -45,6 +47,7 @@ def test_simulate_command_refuses_secagg(tmp_path):
         run(tmp_path, "bad", "federated.secagg=true", "federated.min_clients=3")
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_in_one_line(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text('[federated]\nstrategy = "fedfoo"\n')

@@ -48,6 +48,7 @@ if __name__ == "__main__":
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)  # a hang guard: Ray starting on a loaded 2-core machine took minutes (test_ray.py)
 @pytest.mark.parametrize("started_by", ["python", "torchrun", "ray"])
 def test_a_script_trains_through_the_api(tmp_path, started_by):

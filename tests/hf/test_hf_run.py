@@ -23,6 +23,7 @@ def train_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
+@pytest.mark.slow
 def test_llama_fsdp_resumes_exactly_and_saves_its_own_keys(tmp_path):
     folder = save_tiny("llama", tmp_path / "llama", weights=True)  # weights from model.safetensors
     args = [*HF, f"model.hf={folder}", "parallel.dp_shard=2", "parallel.shard_modules=LlamaDecoderLayer",
@@ -90,6 +91,7 @@ def test_a_loss_that_is_not_a_scalar_stops_the_workers_with_one_line(tmp_path):
     assert len(lines) == 1 and "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor" in lines[0]
 
 
+@pytest.mark.slow
 def test_vit_classifies_an_image_folder_under_ddp(tmp_path):
     """ViT for image classification on `data.source = "images"` (class folders of PNGs)."""
     import numpy as np

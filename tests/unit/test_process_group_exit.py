@@ -9,6 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 SCRIPT = r"""
 import os, sys
 import torch
@@ -33,6 +35,7 @@ print(before, running, threads())
 """
 
 
+@pytest.mark.slow
 def test_the_gloo_group_and_its_threads_end_at_end_distributed(tmp_path):
     from tests.conftest import free_port
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(free_port())], capture_output=True, text=True,
