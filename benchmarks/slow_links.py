@@ -144,8 +144,8 @@ def run_world_size(args: argparse.Namespace, names: list[str]) -> list[dict]:
     """Every method at `args.workers` workers, each worker in its own namespace of one bed."""
     results = []
     with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp, \
-            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix="shbench",
-                   subnet="10.79.0.0/24") as bed:
+            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix=f"shb{args.workers}x",
+                   subnet=f"10.79.{args.workers}.0/24") as bed:  # the previous bed's links may linger a moment
         for index, name in enumerate(names):
             print(f"running {name} ({args.steps} steps, {args.workers} workers at {args.rate})...", flush=True)
             try:
