@@ -233,6 +233,15 @@ class FederatedConfig:
     max_update_norm: float = option(0.0, "Largest L2 norm of one client's update; larger ones are dropped. 0 means "
                                          "derived per round: 10 x the round's median update norm, and at most "
                                          "10 x max(1, norm of the global model).", min=0.0)
+    handshake_timeout: float = option(5.0, "Seconds a connection may stay unauthenticated (TCP accept to the first "
+                                           "call with a valid certificate, TLS handshake included); then it is "
+                                           "closed.", min=0.1)
+    max_pending_per_peer: int = option(8, "Unauthenticated connections one IP address may hold open at once; "
+                                          "more are refused at accept.", min=1)
+    max_pending: int = option(128, "Unauthenticated connections the server holds open at once, from all "
+                                   "addresses; more are refused at accept.", min=1)
+    max_connections: int = option(512, "Connections of any kind the server holds open at once. The server checks "
+                                        "at start that it may open 3 file descriptors per connection + 256.", min=1)
     require_crl: bool = option(True, "The server refuses to start without certs_dir/crl.pem and refuses every "
                                      "connection while it cannot read it. false lets it start without one (every "
                                      "certificate the CA signed is accepted); a CRL once read is still required.")

@@ -9,6 +9,7 @@ With `audit_dir`, every model or masked vector that leaves the site is also writ
 from __future__ import annotations
 
 import logging
+import random
 import time
 import traceback
 import zlib
@@ -30,8 +31,10 @@ from shoal.federated.secagg import SecAggClient
 from shoal.models import build_model
 
 log = logging.getLogger("shoal.federated.client")
-# A stopped server cancels the calls in flight, then refuses new connections.
-SERVER_GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# What a busy or briefly unreachable server answers (a full gate, a slow handshake): worth retrying with
+# backoff until the round's deadline. CANCELLED is a server that stopped.
+RETRY = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+BACKOFF_START, BACKOFF_MAX = 0.5, 8.0
 
 
 def load_site_data(path: str, val_fraction: float) -> tuple[torch.Tensor, ...]:
@@ -72,6 +75,7 @@ class FederatedClient:
         self.pending_vector: np.ndarray | None = None
         seed = zlib.crc32(name.encode()) ^ cfg.train.seed  # a site's own stream, stable across restarts
         self.generator = torch.Generator().manual_seed(seed)
+        self.jitter = random.Random(seed)
         self.privacy_engine: Any = None
         if cfg.federated.local_dp:
             from opacus import PrivacyEngine
@@ -84,25 +88,35 @@ class FederatedClient:
         deadline = time.monotonic() + timeout
         request = pb.JoinRequest(num_samples=len(self.x), num_val_samples=len(self.x_val),
                                  in_features=self.x.shape[1], num_classes=self.num_classes)
+        try:
+            reply = self.call(self.stub.Join, request, 10.0, deadline)
+        except grpc.RpcError as err:  # refused (bad or revoked certificate) or unreachable: one line
+            raise ConfigError(f"cannot join {self.server} as '{self.name}': {err.code().name}: "
+                              f"{err.details()}") from None
+        log.info("joined run '%s' as '%s' with %d samples", reply.run, reply.client_id, len(self.x))
+
+    def call(self, method: Any, request: Any, timeout: float, deadline: float) -> Any:
+        """One RPC, retried on UNAVAILABLE and DEADLINE_EXCEEDED with exponential backoff (and jitter, so
+        sites turned away together do not return together) until `deadline`; then its last error is raised."""
+        pause = BACKOFF_START
         while True:
             try:
-                reply = self.stub.Join(request, timeout=10)
-                log.info("joined run '%s' as '%s' with %d samples", reply.run, reply.client_id, len(self.x))
-                return
+                return method(request, timeout=timeout)
             except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                    # refused (bad or revoked certificate) or unreachable: one line, not a traceback
-                    raise ConfigError(f"cannot join {self.server} as '{self.name}': {err.code().name}: "
-                                      f"{err.details()}") from None
-                time.sleep(0.5)
+                if err.code() not in RETRY or time.monotonic() + pause > deadline:
+                    raise
+                log.info("server busy or unreachable (%s); retrying in %.1fs", err.code().name, pause)
+                time.sleep(pause * (0.5 + 0.5 * self.jitter.random()))
+                pause = min(2 * pause, BACKOFF_MAX)
 
     def run(self, join_timeout: float = 60.0) -> int:
         self.join(join_timeout)
+        patience = self.cfg.federated.round_timeout  # a server silent for a whole round is gone
         while True:
             try:
-                task = self.stub.GetTask(pb.TaskRequest(), timeout=30)
+                task = self.call(self.stub.GetTask, pb.TaskRequest(), 30.0, time.monotonic() + patience)
             except grpc.RpcError as err:
-                if err.code() in SERVER_GONE:
+                if err.code() in RETRY + (grpc.StatusCode.CANCELLED,):
                     log.info("server gone (%s); stopping", err.details())
                     return 0
                 raise
@@ -112,6 +126,7 @@ class FederatedClient:
             if task.kind == pb.Task.WAIT:
                 continue
             log.info("round %d: %s task received", task.round, pb.Task.Kind.Name(task.kind))
+            round_deadline = time.monotonic() + patience  # the server closes the phase by then: no later retry
             result = pb.Result(round=task.round, task_id=task.task_id)
             try:
                 self.work(task, result)
@@ -119,9 +134,9 @@ class FederatedClient:
                 result = pb.Result(round=task.round, task_id=task.task_id, error=traceback.format_exc())
                 log.error("round %d: %s failed:\n%s", task.round, pb.Task.Kind.Name(task.kind), result.error)
             try:
-                ack = self.stub.Submit(result, timeout=60)
+                ack = self.call(self.stub.Submit, result, 60.0, round_deadline)
             except grpc.RpcError as err:
-                if err.code() in SERVER_GONE:  # the federation ended while this site worked
+                if err.code() in RETRY + (grpc.StatusCode.CANCELLED,):  # the federation ended while this site worked
                     log.info("server gone before our %s answer (%s); stopping", pb.Task.Kind.Name(task.kind),
                              err.details())
                     return 0

@@ -12,6 +12,7 @@ config defines: a site never shapes the model, and what it declares caps what it
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -23,6 +24,7 @@ from shoal.config import Config, ConfigError, FederatedConfig
 from shoal.federated import certs, transport
 from shoal.federated import federation_pb2 as pb
 from shoal.federated import federation_pb2_grpc as pb_grpc
+from shoal.federated.gate import ConnectionGate, check_descriptors
 from shoal.federated.mailbox import POLL_SECONDS, ClientInfo, Mailbox
 from shoal.federated.rounds import RoundDriver
 
@@ -32,8 +34,8 @@ log = logging.getLogger("shoal.federated.server")
 class FederationService(pb_grpc.FederationServicer):
     """The three RPCs; identity comes from the TLS certificate, checked against the CRL."""
 
-    def __init__(self, mailbox: Mailbox, fed: FederatedConfig, run_name: str):
-        self.mailbox, self.fed, self.run_name = mailbox, fed, run_name
+    def __init__(self, mailbox: Mailbox, fed: FederatedConfig, run_name: str, gate: ConnectionGate | None = None):
+        self.mailbox, self.fed, self.run_name, self.gate = mailbox, fed, run_name, gate
         self.certs_dir = Path(fed.certs_dir)
         self._crl_stamp: tuple[int, ...] | None = None
         self._revoked: set[int] = set()
@@ -67,31 +69,37 @@ class FederationService(pb_grpc.FederationServicer):
             raise ConfigError(self._crl_error)
         return self._revoked
 
+    def _peer(self, context: grpc.ServicerContext) -> str:
+        """The caller's address as it reached the gate (gRPC itself sees the gate's loopback relay)."""
+        return self.gate.address_of(context.peer()) if self.gate is not None else context.peer()
+
     def _identify(self, context: grpc.ServicerContext) -> str:
         cert = transport.peer_certificate(context)
         if cert is None:
-            log.warning("refused %s: no client certificate", context.peer())
+            log.warning("refused %s: no client certificate", self._peer(context))
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
         names = cert.subject.get_attributes_for_oid(certs.NameOID.COMMON_NAME)
         name = str(names[0].value) if names else ""
         refusal = certs.client_certificate_refusal(cert)
         if refusal:
             log.warning("refused client '%s' from %s: its certificate cannot identify a client: %s", name,
-                        context.peer(), refusal)
+                        self._peer(context), refusal)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"not a client certificate: {refusal}")
         try:
             revoked = self._revoked_serials()
         except ConfigError as err:  # fail closed: without a readable CRL no one is let in
             log.error("refused client '%s' from %s: the revocation list cannot be checked (%s); every connection "
-                      "is refused until it is restored", name, context.peer(), err)
+                      "is refused until it is restored", name, self._peer(context), err)
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server cannot check its revocation list")
         if cert.serial_number in revoked:
-            log.warning("refused client '%s' from %s: certificate serial %x is revoked", name, context.peer(),
+            log.warning("refused client '%s' from %s: certificate serial %x is revoked", name, self._peer(context),
                         cert.serial_number)
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
         if not name or name == "server":
-            log.warning("refused %s: certificate has no usable common name", context.peer())
+            log.warning("refused %s: certificate has no usable common name", self._peer(context))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "certificate has no client name")
+        if self.gate is not None:
+            self.gate.authenticated(context.peer())
         return name
 
     def _join_refusal(self, name: str, request: pb.JoinRequest) -> str:
@@ -125,9 +133,9 @@ class FederationService(pb_grpc.FederationServicer):
                                                             request.num_classes)
                 self.mailbox.cond.notify_all()
         if reason:
-            log.warning("refused client '%s' from %s at Join: %s", name, context.peer(), reason)
+            log.warning("refused client '%s' from %s at Join: %s", name, self._peer(context), reason)
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
-        log.info("client '%s' joined from %s with %d samples", name, context.peer(), request.num_samples)
+        log.info("client '%s' joined from %s with %d samples", name, self._peer(context), request.num_samples)
         return pb.JoinReply(client_id=name, run=self.run_name)
 
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
@@ -142,8 +150,21 @@ class FederationService(pb_grpc.FederationServicer):
         return pb.Ack(accepted=accepted, reason=reason)
 
 
-def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[grpc.Server, int]:
-    """Bind the TLS server; returns it with the port actually bound (for address ':0')."""
+class FederationServer:
+    """gRPC on loopback behind the connection gate; `stop` ends both."""
+
+    def __init__(self, grpc_server: grpc.Server, gate: ConnectionGate):
+        self.grpc_server, self.gate = grpc_server, gate
+
+    def stop(self, grace: float | None) -> threading.Event:
+        stopped = self.grpc_server.stop(grace)
+        stopped.wait((grace or 0.0) + 5.0)  # calls in flight finish through the gate, then it closes
+        self.gate.stop()
+        return stopped
+
+
+def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[FederationServer, int]:
+    """Bind the TLS server behind its gate; returns it with the public port actually bound (for address ':0')."""
     fed = cfg.federated
     certs_dir = Path(fed.certs_dir)
     if fed.require_crl:  # fail closed from the start: a server without its CRL would admit revoked sites
@@ -155,15 +176,33 @@ def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[grpc.Se
     elif not (certs_dir / "crl.pem").is_file():
         log.warning("no %s and federated.require_crl = false: revocation is off, every certificate the CA signed "
                     "is accepted until it expires", certs_dir / "crl.pem")
+    host, sep, public_port = fed.address.rpartition(":")
+    if not sep or not public_port.isdigit():
+        raise ConfigError(f"federated.address = '{fed.address}' must look like host:port")
+    if fed.max_pending > fed.max_connections:
+        raise ConfigError(f"federated.max_pending = {fed.max_pending} is above federated.max_connections = "
+                          f"{fed.max_connections}")
+    limit = check_descriptors(fed)
     credentials = transport.server_credentials(certs_dir)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64),
-                         options=transport.channel_options(driver.message_limit, server=True))
-    pb_grpc.add_FederationServicer_to_server(FederationService(driver.mailbox, fed, run_name), server)
-    port = server.add_secure_port(fed.address, credentials)
-    if port == 0:
-        raise ConfigError(f"federated.address = '{fed.address}' cannot be bound")
+    options = transport.channel_options(driver.message_limit, server=True) + [
+        ("grpc.server_handshake_timeout_ms", int(fed.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", fed.max_connections)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
+    inner = server.add_secure_port("127.0.0.1:0", credentials)  # reachable through the gate only
+    if inner == 0:
+        raise ConfigError("cannot bind a loopback port for the federated server")
+    gate = ConnectionGate(fed, inner)
+    pb_grpc.add_FederationServicer_to_server(FederationService(driver.mailbox, fed, run_name, gate), server)
     server.start()
-    return server, port
+    try:
+        port = gate.start(host.strip("[]"), int(public_port))
+    except ConfigError:
+        server.stop(0)
+        raise
+    log.info("connections: at most %d unauthenticated per address and %d in all, %d of any kind, each "
+             "unauthenticated one closed after %.1fs; open-file limit %d", fed.max_pending_per_peer,
+             fed.max_pending, fed.max_connections, fed.handshake_timeout, limit)
+    return FederationServer(server, gate), port
 
 
 def serve(cfg: Config, run_dir: Path) -> dict[str, Any]:
