@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	$(VENV)/bin/pip install --quiet "$(TORCH_PIN)"
-	$(VENV)/bin/pip install --quiet -e ".[federated,hf,data,export,ray,k8s,dev]" "$(TORCH_PIN)"
+	$(VENV)/bin/pip install --quiet -e ".[federated,hf,data,export,ray,k8s,mlflow,wandb,dev]" "$(TORCH_PIN)"
 	touch $@
 
 .PHONY: install run test check

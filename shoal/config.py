@@ -179,6 +179,15 @@ class LogConfig:
     tensorboard: bool = option(True, "Also write TensorBoard event files.")
     progress: str = option("auto", "Progress display on rank 0: a live bar on a terminal, plain lines otherwise.",
                            choices=("auto", "bar", "plain", "off"))
+    mlflow: bool = option(False, "Also log metrics, events and the config to MLflow (pip install 'shoal[mlflow]').")
+    mlflow_uri: str = option("", "MLflow tracking URI (http://server:5000, a database, file:/path). Empty means "
+                                 "the local store <log.dir>/mlruns.")
+    wandb: bool = option(False, "Also log metrics, events and the config to Weights & Biases (pip install "
+                                "'shoal[wandb]').")
+    wandb_mode: str = option("offline", "W&B mode: offline writes <run dir>/wandb/ and needs no network "
+                                        "(`wandb sync` uploads it later); online logs in as wandb does.",
+                             choices=("offline", "online"))
+    wandb_project: str = option("shoal", "W&B project of the run.")
 
 
 @dataclass(kw_only=True)

@@ -30,6 +30,7 @@ from shoal.fault import preempt
 from shoal.fault.checkpoint import PREFIX, Checkpointer
 from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
 from shoal.models import to_device
+from shoal.observe.loggers import open_loggers
 from shoal.observe.ranks import RankTiming, gather_over_group
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
@@ -234,18 +235,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)
         loss_sum = torch.zeros((), device=where.device)
+        batches = []  # the step's micro-batches, all fetched first: the loss is divided by their item count
         for micro in range(t.grad_accum):
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
             samples += len(ids)
             fetched = time.perf_counter()
-            inputs, targets = (to_device(x, where.device) for x in self.train_set.get(ids))
+            batches.append(tuple(to_device(x, where.device) for x in self.train_set.get(ids)))
             self.data_seconds += time.perf_counter() - fetched
+        items = self.items_per_rank([targets for _, targets in batches])
+        # with a count, each micro-batch's loss is its sum / the count, and they add up to the mean
+        scale = 1.0 if items is not None else 1.0 / t.grad_accum
+        for micro, (inputs, targets) in enumerate(batches):
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
-                loss_sum += self.model.forward_backward(inputs, targets, 1.0 / t.grad_accum)
+                loss_sum += self.model.forward_backward(inputs, targets, scale, items) * scale
         reduce_started = time.perf_counter()
-        reduced = self.sync.reduce(self, samples, loss_sum / t.grad_accum)
+        reduced = self.sync.reduce(self, samples, loss_sum)
         reduced_at = time.perf_counter()
         # Under DDP this rank arrived when its last gradient bucket went to the hook (the rest of
         # backward then waited for the slowest rank); otherwise when it called the reduce.
@@ -277,6 +283,23 @@ class Trainer:
         self.step += 1
         return loss
 
+    def items_per_rank(self, targets: list[torch.Tensor | None]) -> torch.Tensor | None:
+        """The step's count of targets that count (not padding, not IGNORE_INDEX), averaged over
+        the data-parallel ranks, when the loss is the built-in cross-entropy; None otherwise.
+
+        Dividing each rank's loss sum by it makes the step's loss the mean over every item of the
+        global batch, which DDP/FSDP's averaging of the gradients then keeps, as torchtitan and
+        transformers (num_items_in_batch) do: 1, 2 or 4 ranks and any train.grad_accum give one
+        loss on padded data. One scalar all-reduce per step. Replicas that average parameters
+        (DiLoCo, local SGD) or come and go (fault tolerance) count their own items."""
+        counts = [self.model.loss.items(y) for y in targets]
+        if any(c is None for c in counts):
+            return None
+        count = torch.stack(counts).sum().float()
+        if self.outer_sync is None and not self.sync.elastic:
+            count = self.means_over_dp(count)
+        return torch.where(count > 0, count, torch.ones_like(count))  # nothing counts: a loss of 0, not NaN
+
     def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
         (SIGTERM and the like, shoal/fault/preempt.py), in the one all-reduce the loss needs anyway."""
@@ -300,18 +323,27 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over `eval_batches` fixed batches of held-out data (no effect on training state)."""
+        """Mean loss over `eval_batches` fixed batches of held-out data (no effect on training state):
+        over every target that counts, as in training, when the loss is the built-in cross-entropy."""
         t, where = self.cfg.train, self.where
         sampler = ShardedSampler(len(self.val_set), min(self.micro_batch, len(self.val_set) // where.dp_size
                                                         * where.dp_size), t.seed, shuffle=False)
         self.model.train(False)
         total = torch.zeros((), device=where.device)
+        counted = torch.zeros((), device=where.device)
+        by_items = False  # the same on every rank (the loss and the targets' dtype decide), so are the collectives
         for _ in range(t.eval_batches):
             inputs, targets = (to_device(x, where.device) for x in self.val_set.get(sampler.next_batch(
                 where.dp_rank, where.dp_size)))
-            with self.autocast:
-                total += self.model.evaluate(inputs, targets).float()
+            items = self.model.loss.items(targets)
+            with self.autocast:  # with a count: the batch's sum (divided by 1), added up, then / all items
+                total += self.model.evaluate(inputs, targets, None if items is None else torch.ones(())).float()
+            if items is not None:
+                counted, by_items = counted + items, True
         self.model.train(True)
+        if by_items:
+            total_and_count = self.means_over_dp(torch.stack([total, counted]))
+            return float(total_and_count[0] / total_and_count[1].clamp(min=1))
         return self.mean_over_dp(total / t.eval_batches)
 
     # -- the loop ----------------------------------------------------------------------
@@ -325,7 +357,7 @@ class Trainer:
         report = StepReporter(self.run_dir, total_steps=t.steps, start_step=self.step, unit=unit,
                               progress_mode=self.cfg.log.progress if shown else "off", every=self.cfg.log.every,
                               tensorboard=self.cfg.log.tensorboard, writes_metrics=self.sync.writes_metrics,
-                              average=self.means_and_stop)
+                              average=self.means_and_stop, loggers=lambda: open_loggers(self.cfg, self.run_dir))
         # Outer-sync methods (DiLoCo) exist to keep the link quiet between syncs: their ranks' losses
         # wait in the reporter and are averaged every `log.every` steps in one all-reduce.
         every_step = self.outer_sync is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ class MetricsLog:
     logging rank, which every other rank then waits for at the next all-reduce.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, tensorboard_every: int = 1):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, tensorboard_every: int = 1,
+                 loggers: list | None = None):
         self.tensorboard_every = tensorboard_every
+        self.loggers = list(loggers or [])  # MLflow, W&B (shoal/observe/loggers.py): sampled as TensorBoard is
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(run_dir) / "metrics.jsonl"
         self.file = self.path.open("a", buffering=1)
@@ -30,6 +33,9 @@ class MetricsLog:
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
         sampled = record.get("kind", "train") != "train" or record.get("step", 0) % self.tensorboard_every == 0
+        if sampled:
+            for logger in self.loggers:
+                logger.log(record)
         if self.writer is not None and record.get("kind") == "event":  # a mark, not a curve: text
             self.writer.add_text("events", json.dumps(record), record.get("step", 0))
             return
@@ -40,8 +46,40 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+        for logger in self.loggers:
+            logger.close()
         if self.writer is not None:
             self.writer.close()
+
+
+REPEATED_KINDS = ("train", "eval", "ranks")
+"""Records a resumed run writes again for the steps it repeats (events stay: they happened)."""
+
+
+def drop_records_after(run_dir: Path, step: int) -> int:
+    """Remove the train, eval and per-rank records of steps after `step` from metrics.jsonl: a
+    run resumed from the checkpoint of `step` repeats them, and each step is logged once. The
+    file is rewritten beside and renamed over, so a crash leaves the old file or the new one.
+    Returns how many records were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by the kill: nothing of it can be kept
+            dropped += 1
+            continue
+        if record.get("kind", "train") in REPEATED_KINDS and record.get("step", -1) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

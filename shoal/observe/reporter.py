@@ -49,8 +49,10 @@ class StepReporter:
     """Collects each step's loss and fields, averages and logs them, and draws progress."""
 
     def __init__(self, run_dir: Path, *, total_steps: int, start_step: int, unit: str, progress_mode: str,
-                 every: int, tensorboard: bool, writes_metrics: Callable[[], bool], average: Averager):
+                 every: int, tensorboard: bool, writes_metrics: Callable[[], bool], average: Averager,
+                 loggers: Callable[[], list] = list):
         self.run_dir, self.every, self.tensorboard, self.unit = Path(run_dir), every, tensorboard, unit
+        self.loggers = loggers  # opens MLflow / W&B when this worker starts logging
         self.writes_metrics, self.average = writes_metrics, average
         self.progress = Progress(total_steps, start_step, mode=progress_mode, every=every, unit=unit)
         self.metrics: MetricsLog | None = None
@@ -108,7 +110,7 @@ class StepReporter:
     def log(self, record: dict) -> None:
         if self.writes_metrics():
             if self.metrics is None:  # this worker logs from now on: appended to what others wrote
-                self.metrics = MetricsLog(self.run_dir, self.tensorboard, self.every)
+                self.metrics = MetricsLog(self.run_dir, self.tensorboard, self.every, self.loggers())
                 last = last_logged_step(self.metrics.path)
                 for owed in self.recent:
                     if owed["step"] > last:
