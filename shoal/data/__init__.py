@@ -40,7 +40,8 @@ def _build_full(cfg: DataConfig, seed: int):
 
 
 def build_dataset(cfg: DataConfig, seed: int = 0):
-    """(train, validation, spec) for a [data] section; the split is the tail of the samples."""
+    """(train, validation, spec) for a [data] section; the split is whole files chosen by hash
+    for the stdlib corpus, the tail of the samples otherwise."""
     if cfg.factory:
         from shoal.data.factory import build_factory
         from shoal.data.loader import wrap_for_training
@@ -52,6 +53,13 @@ def build_dataset(cfg: DataConfig, seed: int = 0):
     if cfg.source == "images":
         from shoal.data.images import build_images
         return build_images(cfg, seed)
+    if cfg.source == "stdlib":  # whole files held out, spread over the corpus (datasets.held_out)
+        from shoal.data.loader import wrap_for_training
+        train_tokens, val_tokens = datasets.stdlib_split(cfg.max_bytes, datasets.cache_dir(cfg.cache_dir),
+                                                         cfg.val_fraction)
+        spec = DataSpec(kind="tokens", vocab_size=datasets.VOCAB_SIZE, seq_len=cfg.seq_len)
+        return (wrap_for_training(datasets.TokenWindows(train_tokens, cfg.seq_len), cfg),
+                datasets.TokenWindows(val_tokens, cfg.seq_len), spec)
     try:
         full, spec = _build_full(cfg, seed)
     except ValueError as err:

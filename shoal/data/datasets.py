@@ -92,6 +92,50 @@ def stdlib_corpus(max_bytes: int, cache: Path) -> torch.Tensor:
     return torch.from_numpy(np.load(target))
 
 
+def file_hash(path: Path, root: Path) -> float:
+    """A number in [0, 1) from a hash of the file's path under `root`: the same on every machine."""
+    digest = hashlib.sha1(path.relative_to(root).as_posix().encode()).digest()
+    return int.from_bytes(digest[:4], "big") / 2 ** 32
+
+
+def held_out_files(files: list[Path], root: Path, fraction: float) -> set[Path]:
+    """The whole files that go to the validation split, about `fraction` of the bytes: files
+    taken in the order of their path hash (spread over the corpus, not its tail, one corner
+    of the library that reads easier or harder than the rest; the same on every machine),
+    each one that still fits the budget. When none fits, the smallest file; a corpus of one
+    file holds out none."""
+    if fraction <= 0 or len(files) < 2:
+        return set()
+    sizes = {path: path.stat().st_size for path in files}
+    budget, held, chosen = fraction * sum(sizes.values()), 0, set()
+    for path in sorted(files, key=lambda f: file_hash(f, root)):
+        if held + sizes[path] <= budget:
+            chosen.add(path)
+            held += sizes[path]
+    return chosen or {min(files, key=sizes.get)}
+
+
+def stdlib_split(max_bytes: int, cache: Path, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training bytes, validation bytes) of the stdlib corpus: whole files held out by
+    `held_out_files`. Cached as .npy like `stdlib_corpus`."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    key = hashlib.sha1(f"{sys.version}|{root}|{max_bytes}|{val_fraction}|files".encode()).hexdigest()[:12]
+    targets = [cache / f"stdlib-{key}-{part}.npy" for part in ("train", "val")]
+    if not all(t.exists() for t in targets):
+        files = stdlib_files(max_bytes)
+        held = held_out_files(files, root, val_fraction)
+        parts: tuple[list[bytes], list[bytes]] = ([], [])
+        for path in files:
+            parts[path in held].append(path.read_bytes())
+        for target, chunks in zip(targets, parts):
+            array = np.frombuffer(b"".join(chunks), dtype=np.uint8)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, array)
+            os.replace(tmp, target)  # concurrent workers may race; the rename is atomic
+    train, val = (torch.from_numpy(np.load(t)) for t in targets)
+    return train, val
+
+
 def stdlib_files(max_bytes: int) -> list[Path]:
     """The standard library's .py files in sorted order, up to the first that reaches `max_bytes` in all."""
     root = Path(sysconfig.get_paths()["stdlib"])
