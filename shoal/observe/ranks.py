@@ -46,10 +46,12 @@ Gather = Callable[[int, list[float]], "tuple[list[str], list[list[float]]] | Non
 
 def gather_over_group(window: int, values: list[float]) -> tuple[list[str], list[list[float]]]:
     """Every rank's values over the default process group (one all-gather); labels are global ranks."""
-    mine = torch.tensor(values, dtype=torch.float64)
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return ["0"], [values]
-    everyone = torch.empty(dist.get_world_size() * len(values), dtype=torch.float64)
+    # NCCL gathers only GPU tensors; Gloo takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    everyone = torch.empty(dist.get_world_size() * len(values), dtype=torch.float64, device=device)
     dist.all_gather_into_tensor(everyone, mine)
     rows = everyone.view(dist.get_world_size(), len(values)).tolist()
     return [str(rank) for rank in range(len(rows))], rows
