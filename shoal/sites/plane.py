@@ -285,9 +285,10 @@ class SitePlane:
                 resync = resync or peer.name
             elif got is None:
                 waited = time.monotonic() - started
-                log.warning("site %s: dropped site %s from outer round %d: no outer gradient within %.1f s "
-                            "(sites.grace_seconds = %g)", self.name, peer.name, round_, waited, self.grace)
-                self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3))
+                why = ("its link was lost" if peer.link is None else
+                       f"no outer gradient within {waited:.1f} s (sites.grace_seconds = {self.grace:g})")
+                log.warning("site %s: dropped site %s from outer round %d: %s", self.name, peer.name, round_, why)
+                self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3), reason=why)
                 self._send(peer, wire.DROP, round_)
                 self._disconnect(peer)
             elif got[:DIGEST_BYTES] != self.digest:  # it started this round from another model

@@ -1,0 +1,98 @@
+"""Sites training with `shoal run` as a user types it: one run per site, the outer sync over mutual TLS.
+
+Slow: several worker processes; run under the CPU lock (`flock /tmp/shoal-cpu.lock`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from shoal.sites.certs import make_site_certs
+from tests.conftest import SHOAL, TINY, free_port, shoal, wait_for
+
+pytestmark = pytest.mark.slow
+
+DILOCO = ["sync.method=diloco", "sync.inner_steps=5", "sync.compression=none", "sync.outer_lr=0.7",
+          "sync.outer_momentum=0.9", "launch.threads=1", "log.progress=plain", "log.tensorboard=false",
+          "checkpoint.every=0"]
+
+
+def site_args(name: str, ports: dict[str, int], certs: Path, *extra: str) -> list[str]:
+    peers = ",".join(f"{p}=127.0.0.1:{port}" for p, port in ports.items() if p != name)
+    return [*TINY, *DILOCO, f"log.name={name}", f"sites.name={name}", f"sites.listen=127.0.0.1:{ports[name]}",
+            f"sites.peers={peers}", f"sites.certs={certs}", *extra]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["loss"] for row in rows if row.get("kind") == "train"}
+
+
+def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([SHOAL, "run", *args], cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def test_two_sites_over_tls_reach_the_losses_of_one_gloo_job(tmp_path):
+    """Site a and site b (one worker each) against one 2-worker job whose replicas average over Gloo:
+    the same data per replica and the same fp32 outer average (a/2 + b/2 is exact either way), so the
+    per-step losses agree to the bit: the plain job logs (la + lb) / 2."""
+    certs = tmp_path / "certs"
+    make_site_certs(certs, ["a", "b"])
+    ports = {"a": free_port(), "b": free_port()}
+    steps = ["train.steps=20", "launch.nproc=1"]
+    procs = [start(site_args(n, ports, certs, *steps), tmp_path, tmp_path / f"{n}.out") for n in ("a", "b")]
+    plain = shoal("run", *TINY, *DILOCO, "train.steps=20", "log.name=plain", cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    for proc, name in zip(procs, "ab"):
+        assert proc.wait(240) == 0, (tmp_path / f"{name}.out").read_text()[-3000:]
+    out_a = (tmp_path / "a.out").read_text()
+    assert out_a.count("with every site") == 4, out_a  # rounds after steps 5, 10, 15, 20
+    la, lb, lp = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
+    assert sorted(lp) == sorted(la) == sorted(lb) == list(range(1, 21))
+    for step in lp:
+        both = (la[step] + lb[step]) / 2  # float32 losses: their float64 mean is exact, as the job's
+        assert both == lp[step], f"step {step}: sites {both!r}, one Gloo job {lp[step]!r}"
+    assert la[20] != lb[20]  # each site trains on its own share of the data
+
+
+def read(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
+    """Site a (2 workers: DDP inside, the average broadcast over its Gloo) and site b (1 worker):
+    b is killed mid-run, a goes on alone; b is started again and joins with a's outer model."""
+    certs = tmp_path / "certs"
+    make_site_certs(certs, ["a", "b"])
+    ports = {"a": free_port(), "b": free_port()}
+    long = ["train.steps=100000", "sites.grace_seconds=2"]
+    a_out, b_out, b2_out = tmp_path / "a.out", tmp_path / "b.out", tmp_path / "b2.out"
+    a = start(site_args("a", ports, certs, *long, "launch.nproc=2"), tmp_path, a_out)
+    b = start(site_args("b", ports, certs, *long, "launch.nproc=1"), tmp_path, b_out)
+    b2 = None
+    try:
+        wait_for(lambda: "outer round 3 with every site" in read(b_out), 240, "three rounds of both sites")
+        os.killpg(b.pid, signal.SIGKILL)
+        b.wait(30)
+        wait_for(lambda: "lost the link to site b" in read(a_out), 60, "a to notice b's death")
+        seen = read(a_out).index("lost the link to site b")
+        wait_for(lambda: "averaged over sites a\n" in read(a_out)[seen:], 60, "a to go on alone")
+        b2 = start(site_args("b", ports, certs, *long, "launch.nproc=1", "log.name=b2"), tmp_path, b2_out)
+        wait_for(lambda: "with site a's outer model and momentum" in read(b2_out), 240, "b to join")
+        assert "sent site b the state after outer round" in read(a_out)
+        joined = read(a_out).rindex("sent site b the state after outer round")
+        wait_for(lambda: "with every site" in read(a_out)[joined:], 120, "a round of both sites again")
+        events = [json.loads(line) for line in read(tmp_path / "runs" / "a" / "events.jsonl").splitlines()]
+        assert {"site_lost", "site_state_sent"} <= {e["event"] for e in events}
+    finally:
+        for proc in (a, b, b2):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
