@@ -6,7 +6,7 @@ import pytest
 from shoal import config
 from shoal.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(tmp_path, text):
