@@ -45,6 +45,7 @@ class PeerView:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     status: tuple[int, bytes] | None = None  # (completed rounds, outer-model digest) it last reported
     joining: bool = False  # it asked for our state after our next round
+    refusal: str = ""  # why its last certificate was refused, logged once
 
 
 @dataclass
@@ -148,7 +149,13 @@ class SitePlane:
         try:
             sock = wire.connect(peer.host, peer.port, context, wire.HANDSHAKE_SECONDS)
             name = wire.peer_name(sock)
-        except (OSError, wire.Refused):
+        except (ssl.SSLError, wire.Refused) as err:  # it answered, but not as a site of this job
+            if str(err) != peer.refusal:  # once per reason, not every REDIAL_SECONDS
+                peer.refusal = str(err)
+                log.warning("site %s: refused site %s at %s:%d: %s", self.name, peer.name, peer.host, peer.port, err)
+                self.event("site_refused", site=peer.name, reason=str(err))
+            return
+        except OSError:
             return  # not up (yet): dialled again in REDIAL_SECONDS
         if name != peer.name:
             log.warning("site %s: refused %s:%d: it presented site '%s', where site '%s' listens", self.name,

@@ -20,6 +20,7 @@ from shoal.config import ConfigError
 from shoal.sites import wire
 from shoal.sites.certs import make_site_certs, revoke_site
 from shoal.sites.plane import SitePlane
+from tests.conftest import free_port
 
 LIMIT = wire.message_limit(1000)
 
@@ -31,12 +32,6 @@ def certs_dir(tmp_path_factory) -> Path:
     revoke_site(folder, "gone")
     make_site_certs(folder / "other-ca", ["a", "b"])  # the same names under another CA
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def planes(certs_dir: Path, names: list[str], grace: float = 5.0,
@@ -108,6 +103,23 @@ def test_a_missing_site_is_dropped_after_the_grace_window_and_joins_with_the_sta
         joiner.join(10)
         assert got == [(1, b"STATE-OF-A")]
         assert "sent site b the state after outer round 1" in caplog.text
+    finally:
+        for plane in sites.values():
+            plane.close()
+
+
+def test_a_site_revoked_mid_run_is_refused_on_its_next_connection(certs_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="shoal.sites")
+    folder = tmp_path / "certs"
+    shutil.copytree(certs_dir, folder)
+    sites = planes(folder, ["a", "b"])
+    try:
+        assert sites["a"].linked() == ["b"]
+        revoke_site(folder, "b")  # crl.pem is read again before each connection
+        sites["a"]._disconnect(sites["a"].peers["b"])  # the link drops; a dials b again
+        wait_for(lambda: "refused site b at 127.0.0.1" in caplog.text)
+        assert "certificate revoked" in caplog.text
+        assert sites["a"].linked() == [] and sites["a"].exchange(1, b"x").payloads == {"a": b"x"}
     finally:
         for plane in sites.values():
             plane.close()
