@@ -30,7 +30,9 @@ from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
 from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.models import build_model
+from shoal.models.hf_weights import tied_aliases
 from shoal.observe import rundir
+from shoal.observe.metrics import drop_records_after
 from shoal.observe.timing import CommTimer
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
@@ -128,16 +130,18 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
     # a layout that shards the model lets each rank read only its share of a checkpoint
-    sharded = mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1)
+    # (not with parallel.cpu_offload, whose shards FSDP keeps on the CPU while compute is on the device)
+    sharded = mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1) and not cfg.parallel.cpu_offload
     model = build_model(cfg.model, spec, params_on_meta=sharded)
     log.info("model %s: %.2fM parameters; %d training samples", cfg.model.hf or cfg.model.factory or cfg.model.name,
              sum(p.numel() for p in model.parameters()) / 1e6, len(train_set))
     outer_sync = cfg.sync.method in OUTER_SYNC_METHODS  # DiLoCo / local SGD own the replica axis
     # Across sites the sites are DiLoCo's replicas: inside one, gradients are all-reduced every step.
+    tied = tied_aliases(model)  # before the split: a stage may hold one of two tied weights
     pm = parallelize(model, dims, mesh, cfg, device, replicate_gradients=not outer_sync or bool(cfg.sites.name))
     if any(p.is_meta for p in model.parameters()):
         from shoal.models.hf_weights import load_per_rank
-        read = load_per_rank(pm.model_parts, cfg.model.hf, device)
+        read = load_per_rank(pm.model_parts, cfg.model.hf, device, tied)
         log.info("model.hf: this rank read its share of %d checkpoint tensors", read)
     timer = None
     if pm.ddp is not None:
@@ -161,6 +165,11 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
         _, checkpoint = rundir.find_resume(cfg, str(path) if resume == "latest" and run_dir else resume)
         trainer.resume(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, trainer.step)
+        if placement.master:  # the stopped attempt's steps after the checkpoint are trained again
+            dropped = drop_records_after(path, trainer.step)
+            if dropped:
+                log.info("metrics.jsonl: %d records after step %d (the stopped attempt's) dropped; this run "
+                         "writes those steps again", dropped, trainer.step)
     return Worker(cfg=cfg, trainer=trainer, model=model, run_dir=path, replicas=replicas,
                   replica_group=mesh["dp_replicate"].get_group() if mesh is not None else None)
 

@@ -180,11 +180,15 @@ def _fill(target: torch.Tensor, tensors, key: str) -> None:
     local.copy_(distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local())
 
 
-def load_per_rank(parts: list[nn.Module], folder: str | Path, device: torch.device) -> int:
+def load_per_rank(parts: list[nn.Module], folder: str | Path, device: torch.device,
+                  aliases: dict[str, set[str]] | None = None) -> int:
     """Materialise the meta parameters of `parts` (this rank's share of a sharded, split or
     tensor-parallel model) on `device` and read their values from the folder's weights, file by
-    file, each rank only the tensors or slices it holds. Returns the number of tensors read."""
-    read = 0
+    file, each rank only the tensors or slices it holds. `aliases`: the whole model's tied
+    names (`tied_aliases`, taken before the split): a pipeline stage may hold the output layer
+    without the embeddings it is tied to, which the checkpoint stores once. Returns the number
+    of tensors read."""
+    aliases = aliases or {}
     targets: dict[str, list[torch.Tensor]] = {}
     for part in parts:
         buffers = {name: buf.detach().clone() for name, buf in part.named_buffers()}
@@ -194,14 +198,24 @@ def load_per_rank(parts: list[nn.Module], folder: str | Path, device: torch.devi
                 buf.copy_(buffers[name])  # to_empty left them uninitialised; they were built real
         for name, tensor in list(part.named_parameters(remove_duplicate=False)) + list(part.named_buffers()):
             targets.setdefault(name, []).append(tensor)
-    files: dict[Path, list[str]] = {}
-    for key, path in checkpoint_keys(folder).items():
-        if key in targets:
-            files.setdefault(path, []).append(key)
-    for path, keys in files.items():
+    held = checkpoint_keys(folder)
+    persistent = {name for part in parts for name in part.state_dict().keys()}  # not rotary frequencies
+    files: dict[Path, list[tuple[str, str]]] = {}
+    unread = []
+    for name in targets:
+        source = name if name in held else next((a for a in sorted(aliases.get(name, ())) if a in held), None)
+        if source is not None:
+            files.setdefault(held[source], []).append((source, name))
+        elif name in persistent:
+            unread.append(name)
+    if unread:  # load_hf chose this path because nothing was missing: an internal error, never silent
+        raise RuntimeError(f"model.hf = '{folder}': no checkpoint tensor for {', '.join(unread[:3])}")
+    read = 0
+    for path, pairs in files.items():
         with open_weights(path) as tensors:
-            for key in keys:
-                for target in targets[key]:
-                    _fill(target, tensors, key)
+            for source, name in pairs:
+                for target in targets[name]:
+                    _fill(target, tensors, source)
                 read += 1
     return read
+

@@ -109,22 +109,24 @@ def test_a_folder_without_weights_says_it_trains_from_scratch_once(tmp_path, cap
 # ---- each rank of a sharded layout builds on the meta device and reads its share -------------
 
 SHARDED = {"fsdp": {"dp_shard": 2}, "tp": {"tp": 2}, "pp": {"pp": 2, "pp_microbatches": 2}}
+SHARDED_4 = {"fsdp_over_tp": {"dp_shard": 2, "tp": 2}}  # FSDP shards TP's shards again: strided placements
 
 
-def _load_sharded(rank: int, world: int, folders: dict, out_dir: str) -> None:
-    from shoal.models.hf_weights import load_per_rank
+def _load_sharded(rank: int, world: int, folders: dict, out_dir: str, layouts: dict = SHARDED) -> None:
+    from shoal.models.hf_weights import load_per_rank, tied_aliases
     from shoal.parallel.compose import check_layout, parallelize
     from shoal.runtime.lazy import dtensor_type
     from tests.hf.hf_harness import hf_config
     results = {}
     for (kind, layout), folder in folders.items():
-        for name, parallel in SHARDED.items():
+        for name, parallel in layouts.items():
             cfg = hf_config(folder, **parallel)
             dims = check_layout(cfg, world)
             model = build_model(cfg.model, TOKENS, params_on_meta=True)
             on_meta = all(p.is_meta for p in model.parameters())
+            tied = tied_aliases(model)  # as the worker does: before the split
             pm = parallelize(model, dims, dims.build_mesh("cpu"), cfg, torch.device("cpu"))
-            read = load_per_rank(pm.model_parts, folder, torch.device("cpu"))
+            read = load_per_rank(pm.model_parts, folder, torch.device("cpu"), tied)
             saved = getattr(transformers, tiny_config(kind).architectures[0]).from_pretrained(folder).state_dict()
             worst, local = 0.0, 0
             total = sum(p.numel() for p in getattr(transformers, tiny_config(kind).architectures[0])(
@@ -145,7 +147,9 @@ def _load_sharded(rank: int, world: int, folders: dict, out_dir: str) -> None:
 @pytest.mark.slow
 def test_sharded_layouts_read_only_their_share(tmp_path):
     folders = {}
-    for kind, layout in (("llama", "safetensors_sharded"), ("gpt2", "bin_sharded")):
+    # GPT-2's output layer is tied to its embeddings: save_pretrained stores them once, and the
+    # last pipeline stage holds the output layer alone
+    for kind, layout in (("llama", "bin_sharded"), ("gpt2", "safetensors_sharded")):
         save_layout(kind, tmp_path / f"{kind}_{layout}", layout)
         folders[(kind, layout)] = str(tmp_path / f"{kind}_{layout}")
     run_world(_load_sharded, 2, folders, str(tmp_path))
@@ -157,3 +161,14 @@ def test_sharded_layouts_read_only_their_share(tmp_path):
             assert res[name]["local"] < res[name]["total"], (name, rank, res[name])  # a share, not the whole
         if name.endswith("/pp"):  # each stage read only the tensors of its own layers
             assert ranks[0][name]["read"] < len(checkpoint_keys(folders[tuple(name.split("/")[:2])]))
+
+
+@pytest.mark.slow
+def test_fsdp_over_tensor_parallel_reads_its_strided_share(tmp_path):
+    save_layout("llama", tmp_path / "llama", "safetensors_sharded")
+    folders = {("llama", "safetensors_sharded"): str(tmp_path / "llama")}
+    run_world(_load_sharded, 4, folders, str(tmp_path), SHARDED_4)
+    for rank in range(4):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())["llama/safetensors_sharded/fsdp_over_tp"]
+        assert res["on_meta"] and res["worst"] == 0.0, (rank, res)
+        assert res["local"] < res["total"] / 2, (rank, res)  # about a quarter of the model
