@@ -1,0 +1,296 @@
+"""`shoal plan --calibrate`: what this machine achieves, measured once and cached.
+
+Measured, each as a physical quantity the step-time model multiplies by a count:
+- the cost of one operator under autograd (dispatch + autograd bookkeeping), from a deep
+  stack of tiny layers whose matrix multiplies take next to nothing;
+- memory bandwidth of elementwise work, the slope of `add_` time over sizes;
+- matrix-multiply FLOP/s at the model's own shapes (a new shape is measured on first use
+  and added to the cache);
+- the process group's all-reduce, all-gather, reduce-scatter and send/recv as
+  latency + size/bandwidth, fitted over a few sizes on 2 and 4 Gloo ranks of this host;
+- disk write bandwidth (fsync'd), for the cost of a checkpoint.
+
+The cache file is keyed by host name, torch version and thread count, under the Shoal
+cache folder (~/.cache/shoal/plan, or $SHOAL_CACHE/plan).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from shoal.plan.collectives import OPS, CollectiveCost, fit_cost
+
+log = logging.getLogger(__name__)
+
+COLLECTIVE_WORLDS = (2, 4)
+COLLECTIVE_SIZES = (16_384, 262_144, 2_097_152, 8_388_608)
+
+
+@dataclass
+class Calibration:
+    host: str
+    torch_version: str
+    threads: int
+    """Torch threads of the process that calibrated (the host's usable cores by default)."""
+    cores: int
+    op_overhead: dict[str, float] = field(default_factory=dict)
+    """Worker threads -> seconds per operator in a forward+backward."""
+    bandwidth: dict[str, float] = field(default_factory=dict)
+    """Worker threads -> bytes/s of elementwise work."""
+    matmul: dict[str, float] = field(default_factory=dict)
+    """'threads:m,k,n' -> FLOP/s achieved."""
+    collectives: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    """Group size -> op -> [latency s, bandwidth bytes/s], Gloo on this host."""
+    dtensor_op: dict[str, float] = field(default_factory=dict)
+    """Group size -> extra seconds per operator on a DTensor (FSDP2 parameters, tensor parallel)."""
+    tp_linear: dict[str, float] = field(default_factory=dict)
+    """Group size -> extra seconds a tensor-parallel Linear adds to a forward+backward, beyond
+    its arithmetic and its collectives (DTensor dispatch, sharding propagation)."""
+    concurrent: dict[str, list[float]] = field(default_factory=dict)
+    """Workers at once -> [seconds per operator, bandwidth bytes/s] of each, 1 thread each."""
+    disk_write: float = 0.0
+    """Bytes/s written and fsync'd to the cache folder's disk."""
+    seconds: float = 0.0
+
+    def collective(self, op: str, k: int) -> CollectiveCost:
+        """Cost of `op` on k ranks of this host: the fit at the nearest measured size, ring-scaled."""
+        if k <= 1:
+            return CollectiveCost(0.0, float("inf"))
+        measured = min((int(w) for w in self.collectives), key=lambda w: (abs(w - k), -w))
+        latency, bandwidth = self.collectives[str(measured)][op]
+        return CollectiveCost(latency, bandwidth).to_group(op, measured, k)
+
+
+def cache_path(threads: int | None = None) -> Path:
+    from shoal.data.datasets import cache_dir
+    threads = threads or torch.get_num_threads()
+    version = torch.__version__.replace("+", "_")
+    return cache_dir() / "plan" / f"calibration-{socket.gethostname()}-torch{version}-threads{threads}.json"
+
+
+def load_calibration(path: Path | None = None) -> Calibration | None:
+    path = path or cache_path()
+    if not path.exists():
+        return None
+    return Calibration(**json.loads(path.read_text()))
+
+
+def save_calibration(cal: Calibration, path: Path | None = None) -> Path:
+    path = path or cache_path(cal.threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(cal), indent=1))
+    tmp.replace(path)
+    return path
+
+
+def _median_seconds(fn, min_total: float = 0.02, max_reps: int = 50) -> float:
+    fn()  # warm-up: first-call allocations and thread pools
+    times, start = [], time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_total and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fixed_median(fn, reps: int) -> float:
+    """Median of a fixed number of runs: every rank must run a collective the same number of times."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _with_threads(threads: int, fn):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(saved)
+
+
+def measure_op_overhead() -> float:
+    """Seconds per operator of a forward+backward whose arithmetic is negligible."""
+    from shoal.plan.opcount import count_forward_backward
+    layers = [m for _ in range(40) for m in (nn.Linear(4, 4), nn.GELU())]
+    model = nn.Sequential(*layers, nn.Linear(4, 2))
+    x, y = torch.randn(2, 4), torch.tensor([0, 1])
+    with torch.device("meta"):
+        meta = nn.Sequential(*[m for _ in range(40) for m in (nn.Linear(4, 4), nn.GELU())], nn.Linear(4, 2))
+    ops = count_forward_backward(meta, x.to("meta"), y.to("meta"), nn.functional.cross_entropy).ops
+
+    def step():
+        nn.functional.cross_entropy(model(x), y).backward()
+    return _median_seconds(step, 0.2) / ops
+
+
+def measure_bandwidth() -> float:
+    """Bytes/s of `a.add_(b)` (reads two, writes one) from the slope over sizes."""
+    sizes, seconds = [], []
+    for numel in (1 << 18, 1 << 20, 1 << 22, 1 << 24):
+        a, b = torch.ones(numel), torch.ones(numel)
+        seconds.append(_median_seconds(lambda: a.add_(b), 0.05))
+        sizes.append(3 * numel * 4)
+    return fit_cost(sizes, seconds).bandwidth
+
+
+def measure_matmul(shape: tuple[int, int, int]) -> float:
+    m, k, n = shape
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    return 2 * m * k * n / _median_seconds(lambda: torch.mm(a, b), 0.02)
+
+
+def measure_disk_write(folder: Path, nbytes: int = 64 << 20) -> float:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = os.urandom(1 << 20)
+    with tempfile.NamedTemporaryFile(dir=folder) as f:
+        start = time.perf_counter()
+        for _ in range(nbytes >> 20):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        return nbytes / (time.perf_counter() - start)
+
+
+def ensure_compute(cal: Calibration, threads: int, shapes: set[tuple[int, int, int]] = frozenset()) -> list:
+    """Measure what is missing for workers of `threads` threads; returns the shapes measured."""
+    key = str(threads)
+    if key not in cal.op_overhead:
+        cal.op_overhead[key] = _with_threads(threads, measure_op_overhead)
+        cal.bandwidth[key] = _with_threads(threads, measure_bandwidth)
+    missing = [s for s in sorted(shapes) if f"{threads}:{s[0]},{s[1]},{s[2]}" not in cal.matmul]
+    for shape in missing:
+        cal.matmul[f"{threads}:{shape[0]},{shape[1]},{shape[2]}"] = _with_threads(threads,
+                                                                                 lambda: measure_matmul(shape))
+    return missing
+
+
+def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+    from shoal.runtime.env import end_distributed
+    torch.set_num_threads(1)
+    # a bounded wait: a rank that fails leaves the others an error, not a hang
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    results: dict[str, list[float]] = {op: [] for op in OPS}
+    for nbytes in COLLECTIVE_SIZES:
+        numel = nbytes // 4
+        full, part = torch.ones(numel), torch.ones(numel // world)
+        peer = rank ^ 1  # pairs (0,1), (2,3): each pair ping-pongs one message
+
+        def ping_pong():
+            if rank % 2 == 0:
+                dist.send(full, peer)
+                dist.recv(full, peer)
+            else:
+                dist.recv(full, peer)
+                dist.send(full, peer)
+        runs = {"all_reduce": lambda: dist.all_reduce(full),
+                "all_gather": lambda: dist.all_gather_single(full, part),
+                "reduce_scatter": lambda: dist.reduce_scatter_single(part, full),
+                "send_recv": ping_pong}
+        for op, run in runs.items():
+            times = []
+            for _ in range(6):
+                dist.barrier()
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            seconds = statistics.median(times[1:])
+            results[op].append(seconds / 2 if op == "send_recv" else seconds)
+    results["dtensor_op"] = [_dtensor_overhead(world)]
+    results["tp_linear"] = [_tp_linear_overhead(world, results)]
+    dist.barrier()  # every worker computes at once, as in training
+    results["concurrent"] = [measure_op_overhead(), measure_bandwidth()]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:
+        # the slowest rank decides when a collective is over for everyone
+        slowest = {op: [max(r[op][i] for r in gathered) for i in range(len(values))]
+                   for op, values in results.items()}
+        slowest["concurrent"][1] = min(r["concurrent"][1] for r in gathered)  # a bandwidth: the lowest
+        Path(out).write_text(json.dumps(slowest))
+    end_distributed()
+
+
+def _dtensor_overhead(world: int) -> float:
+    """Seconds a local operator on a sharded DTensor costs beyond the same operator on a tensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = init_device_mesh("cpu", (world,))
+    plain = torch.ones(64)
+    sharded = distribute_tensor(torch.ones(64 * world), mesh, [Shard(0)])
+
+    def hundred(t):
+        return lambda: [t.mul_(1.0) for _ in range(100)]
+    return max(0.0, (_median_seconds(hundred(sharded), 0.1) - _median_seconds(hundred(plain), 0.1)) / 100)
+
+
+def _tp_linear_overhead(world: int, seconds: dict[str, list[float]]) -> float:
+    """A tiny column- then row-parallel Linear pair, forward+backward, against the same plain
+    pair: the difference, less the pair's two all-reduces (forward and backward) at the
+    smallest measured size, over 2 Linears."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    mesh = init_device_mesh("cpu", (world,))
+    plain = nn.Sequential(nn.Linear(8, 8 * world), nn.Linear(8 * world, 8))
+    parallel = parallelize_module(nn.Sequential(nn.Linear(8, 8 * world), nn.Linear(8 * world, 8)), mesh,
+                                  {"0": ColwiseParallel(), "1": RowwiseParallel()})
+    x = torch.randn(2, 8)
+
+    def step(model):
+        return lambda: model(x).sum().backward()
+    extra = _fixed_median(step(parallel), 30) - _fixed_median(step(plain), 30)
+    return max(0.0, (extra - 2 * seconds["all_reduce"][0]) / 2)
+
+
+def measure_collectives(world: int) -> tuple[dict[str, list[float]], float]:
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "collectives.json")
+        mp.spawn(_collective_worker, args=(world, os.path.join(tmp, "store"), out), nprocs=world)
+        seconds = json.loads(Path(out).read_text())
+    fits = {}
+    for op in OPS:
+        cost = fit_cost(list(COLLECTIVE_SIZES), seconds[op])
+        fits[op] = [cost.latency, cost.bandwidth]
+    return fits, seconds
+
+
+def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Calibration:
+    """Measure this machine (about 30-60 s on 2 cores) and cache the result."""
+    start = time.perf_counter()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cal = Calibration(host=socket.gethostname(), torch_version=torch.__version__, threads=torch.get_num_threads(),
+                      cores=cores)
+    thread_counts = sorted({1, cores} | set(shapes_by_threads or {}))
+    for threads in thread_counts:
+        say(f"calibrating compute at {threads} thread(s): operator overhead, bandwidth, matrix multiplies")
+        ensure_compute(cal, threads, (shapes_by_threads or {}).get(threads, set()))
+    for world in COLLECTIVE_WORLDS:
+        say(f"calibrating collectives on {world} Gloo ranks")
+        fits, seconds = measure_collectives(world)
+        cal.collectives[str(world)] = fits
+        cal.dtensor_op[str(world)], cal.tp_linear[str(world)] = seconds["dtensor_op"][0], seconds["tp_linear"][0]
+        cal.concurrent[str(world)] = seconds["concurrent"]
+    say("calibrating disk write bandwidth")
+    cal.disk_write = measure_disk_write(cache_path().parent)
+    cal.seconds = time.perf_counter() - start
+    return cal
