@@ -1,6 +1,8 @@
-"""`shoal plan CONFIG.toml --world N`: every layout of N ranks, its per-rank memory, which
-fit, and the one to use. Imported by shoal/cli.py at start-up, so it imports torch only
-when the command runs."""
+"""`shoal plan CONFIG.toml --world N`: every layout of N ranks with its per-rank memory, whether
+it fits, its predicted step time and throughput (on this host, from `shoal plan --calibrate`,
+or on a cluster from its specs), what a token budget costs, what failures and slow links do,
+and the layout to use. Imported by shoal/cli.py at start-up, so it imports torch only when
+the command runs."""
 
 from __future__ import annotations
 
@@ -8,52 +10,61 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("plan", help="list parallel layouts for N workers with their memory; recommend one",
-                              description="Estimate per-worker memory (parameters, gradients, optimizer state, "
-                                          "activations) of every parallel layout of --world ranks, flag those "
-                                          "that fit --memory-per-worker, and recommend one.")
-    p.add_argument("config", help="the run's TOML config")
+    p = subparsers.add_parser("plan", help="list parallel layouts for N workers with memory and step time; "
+                                           "recommend one",
+                              description="Estimate per-worker memory and step time of every parallel layout of "
+                                          "--world ranks, on this host (calibrated) or on a cluster from its specs, "
+                                          "flag those that fit, and recommend one. See docs/plan.md.")
+    p.add_argument("config", nargs="?", help="the run's TOML config (optional with --calibrate)")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, as for `shoal run`")
-    p.add_argument("--world", type=int, required=True, help="total workers (hosts x processes per host)")
+    p.add_argument("--world", type=int, default=None, help="total workers (hosts x processes per host)")
     p.add_argument("--memory-per-worker", default=None,
-                   help="memory each worker may use, e.g. 2GB or 16GiB; layouts above it are marked as not fitting")
+                   help="memory each worker may use, e.g. 2GB or 16GiB; layouts above it are marked as not fitting "
+                        "(default with --cluster: the accelerator's memory)")
     p.add_argument("--all", action="store_true", help="also list the layouts this model cannot take, with why")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine (matmul rate, bandwidth, collectives on 2 and 4 Gloo ranks; under a "
+                        "minute) and cache it; without it a cached calibration is reused")
+    p.add_argument("--cluster", default=None,
+                   help="predict on a cluster instead of this host: a TOML file or a preset "
+                        "(h100-sxm, h200, a100, l4; spec-derived, not measured)")
+    p.add_argument("--tokens", default=None, help="token budget for time and cost, e.g. 20e9 or 300B")
+    p.add_argument("--mtbf", default=None, help="mean time between failures of the whole job, e.g. 6h")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints for --mtbf (default: checkpoint.every, else Young's optimum)")
+    p.add_argument("--restart-seconds", type=float, default=10.0,
+                   help="seconds a restart from checkpoint takes (default 10: torchrun on this 2-core host, "
+                        "benchmarks/chaos.py)")
+    p.add_argument("--regroup-seconds", type=float, default=0.13,
+                   help="seconds per-step recovery takes (default 0.13: fault.enabled, benchmarks/chaos.py)")
+    p.add_argument("--link", default=None, help="bandwidth between sites, e.g. 20mbit (with --sites)")
+    p.add_argument("--rtt", default="50ms", help="round trip between sites, e.g. 100ms")
+    p.add_argument("--sites", type=int, default=None, help="sites joined by --link")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from shoal import config
     from shoal.config import ConfigError
-    from shoal.plan.layouts import format_size, parse_size, plan_layouts, recommend
-
+    if args.config is None:
+        if not args.calibrate:
+            raise ConfigError("shoal plan needs a CONFIG (and --world N), or --calibrate alone")
+        _calibrate(None)
+        return 0
+    if args.world is None:
+        raise ConfigError("shoal plan CONFIG needs --world N (total workers)")
     if args.world < 1:
         raise ConfigError(f"--world {args.world} must be at least 1")
-    cfg = config.load(args.config, args.overrides)
-    cap = parse_size(args.memory_per_worker) if args.memory_per_worker else None
-    plans = plan_layouts(cfg, args.world, cap)
-    best = recommend(plans)
-    valid = sorted((p for p in plans if p.estimate), key=lambda p: p.estimate.total)
-    header = f"{'layout':<38}{'params':>10}{'grads':>10}{'optim':>10}{'activ':>10}{'buffers':>10}{'total':>10}"
-    print(f"{cfg.model.name} ({cfg.model.flavour}) on {args.world} workers, per-worker memory of the busiest rank"
-          + (f", cap {format_size(cap)}" if cap else ""))
-    print(header + ("  fits" if cap else ""))
-    for p in valid:
-        e = p.estimate
-        mark = "*" if p is best else " "
-        row = (f"{mark} {p.name:<36}{format_size(e.params):>10}{format_size(e.grads):>10}{format_size(e.optimizer):>10}"
-               f"{format_size(e.activations):>10}{format_size(e.buffers):>10}{format_size(e.total):>10}")
-        print(row + (("  yes" if p.fits else "  no") if cap else ""))
-    invalid = [p for p in plans if not p.estimate]
-    if invalid and args.all:
-        print("\nnot possible for this model:")
-        for p in invalid:
-            print(f"  {p.name:<36}{p.error}")
-    elif invalid:
-        print(f"({len(invalid)} more layouts are not possible for this model; --all lists them with the reason)")
-    if best is None:
-        print("\nno layout fits: add workers, lower --memory-per-worker's demand (train.batch_size, "
-              "parallel.activation_checkpointing) or use a smaller model")
-        return 1
-    print(f"\nrecommended: {best.name}  (estimated {format_size(best.estimate.total)} per worker)")
-    print("[parallel]\n" + "\n".join(f"{axis} = {d}" for axis, d in best.degrees.items()))
-    return 0
+    if args.sites is not None and args.sites < 2:
+        raise ConfigError(f"--sites {args.sites} must be at least 2")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    from shoal.plan.report import plan_report
+    return plan_report(args, _calibrate if args.calibrate else None)
+
+
+def _calibrate(shapes_by_threads):
+    from shoal.plan.calibrate import calibrate, save_calibration
+    cal = calibrate(shapes_by_threads, say=lambda line: print(line, flush=True))
+    path = save_calibration(cal)
+    print(f"calibrated in {cal.seconds:.0f} s; cached in {path}")
+    return cal

@@ -108,7 +108,8 @@ def _plan(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_plan_command_lists_flags_and_recommends(tmp_path, capsys):
+def test_plan_command_lists_flags_and_recommends(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path / "cache"))  # no calibration: memory only
     config = tmp_path / "run.toml"
     config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n[data]\nseq_len = 32\n[train]\nbatch_size = 16\n')
     assert _plan([str(config), "--world", "4", "--memory-per-worker", "2GB", "--all"]) == 0

@@ -1,0 +1,272 @@
+"""Predicted step time of a layout: counted work, calibrated (or specified) hardware, and
+the communication each technique adds.
+
+Per step, on the busiest rank:
+- compute: the rank's forward+backward (FLOPs from FlopCounterMode, operators and bytes
+  from a dispatch log, shoal/plan/opcount.py), its share under tensor parallelism, its
+  stage under pipelining, recomputation under activation checkpointing;
+- pipeline bubble: (m + p - 1) stage-slots for m micro-batches on p ranks (GPipe, 1F1B), and
+  (m v + p - 1) slots of 1/v of a stage with v stages per rank (interleaved; Narayanan et
+  al., "Efficient Large-Scale Language Model Training on GPU Clusters", SC 2021);
+- communication as latency + size/bandwidth (shoal/plan/collectives.py): DDP's bucketed
+  all-reduce (hidden behind backward where the hardware overlaps it, all but its last
+  bucket), FSDP's all-gathers and reduce-scatters per block, HSDP's all-reduce across
+  replicas, tensor parallel's per-block all-gathers and reduce-scatters (sequence parallel),
+  pipeline send/recv, compressed hooks' smaller messages, DiLoCo's outer all-reduce once
+  every H steps;
+- the optimizer step (and gradient clipping) on the rank's parameter shards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from shoal.config import Config
+from shoal.plan.opcount import OpCount, count_forward_backward, count_optimizer_step
+from shoal.runtime.mesh import ParallelDims
+
+DDP_BUCKET_BYTES = 25 * 2**20
+# bytes sent per fp32 gradient byte by each compressed all-reduce (shoal/sync/compress.py)
+HOOK_RATIO = {"fp16": 0.5, "bf16": 0.5, "int8": 0.25, "int4": 0.125}
+
+
+@dataclass
+class StepTime:
+    compute: float
+    """Forward, backward, recomputation and pipeline bubble, seconds."""
+    optimizer: float
+    comm: float
+    """Seconds of communication in total (per step, amortised for DiLoCo)."""
+    exposed: float
+    """Seconds of communication not hidden behind compute."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.optimizer + self.exposed
+
+
+def _sample(cfg: Config, model: nn.Module, batch: int):
+    """Meta inputs and targets of one micro-batch of `batch` samples."""
+    from shoal.plan.memory import data_spec
+    spec = data_spec(cfg)
+    if spec.kind == "tokens":
+        return (torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta"),
+                torch.zeros(batch, spec.seq_len, dtype=torch.long, device="meta"))
+    x = torch.zeros(batch, spec.in_features, device="meta")
+    if spec.kind == "regression":
+        return x, torch.zeros(batch, spec.num_classes, device="meta")
+    return x, torch.zeros(batch, dtype=torch.long, device="meta")
+
+
+class WorkCounter:
+    """Counts of the whole model and of one block, per micro-batch size, cached."""
+
+    def __init__(self, cfg: Config, model: nn.Module):
+        self.cfg, self.model = cfg, model
+        self.blocks = len(model.layers) if hasattr(model, "layers") else 0
+        self._cache: dict = {}
+
+    def whole(self, batch: int) -> OpCount:
+        if ("whole", batch) not in self._cache:
+            self._cache[("whole", batch)] = count_forward_backward(self.model, *_sample(self.cfg, self.model, batch))
+        return self._cache[("whole", batch)]
+
+    def block(self, batch: int, forward_only: bool = False) -> OpCount:
+        key = ("block", batch, forward_only)
+        if key not in self._cache:
+            block = next(iter(self.model.layers.values()))
+            x = torch.zeros(batch, self.cfg.data.seq_len, self.model.args.dim, device="meta", requires_grad=True)
+            if forward_only:
+                from shoal.plan.opcount import OpCount as Count, _OperatorLog
+                count = Count()
+                with torch.no_grad(), _OperatorLog(count):
+                    block(x)
+            else:
+                count = count_forward_backward(block, x, None, lambda out, _: out.sum())
+            self._cache[key] = count
+        return self._cache[key]
+
+
+def _minus(a: OpCount, b: OpCount, times: int) -> OpCount:
+    matmuls = dict(a.matmuls)
+    for shape, n in b.matmuls.items():
+        matmuls[shape] = matmuls.get(shape, 0) - n * times
+    return OpCount(a.flops - b.flops * times, {s: n for s, n in matmuls.items() if n > 0},
+                   max(0, a.ops - b.ops * times), max(0.0, a.bytes - b.bytes * times))
+
+
+def _plus(*counts: tuple[OpCount, float]) -> OpCount:
+    """Sum of counts, each taken `times` times (times may be fractional: a share of a block)."""
+    out = OpCount()
+    for c, times in counts:
+        out.flops += c.flops * times
+        out.ops += int(round(c.ops * times))
+        out.bytes += c.bytes * times
+        for shape, n in c.matmuls.items():
+            out.matmuls[shape] = out.matmuls.get(shape, 0) + n * times
+    return out
+
+
+def _tp_split(count: OpCount, tp: int) -> OpCount:
+    """A block's work on one of tp ranks: every matmul's output columns (or inner size) and
+    every elementwise tensor (sequence parallel) cut tp ways; the same operators still run."""
+    if tp == 1:
+        return count
+    return OpCount(count.flops / tp, {(m, k, max(1, n // tp)): c for (m, k, n), c in count.matmuls.items()},
+                   count.ops, count.bytes / tp)
+
+
+def count_compression(method: str, numel: int, dp: int) -> OpCount:
+    """The arithmetic of one compressed bucket of `numel` gradients: shoal/sync/compress.py's
+    own quantize/dequantize (or the fp16 casts) counted on the meta device."""
+    from shoal.plan.opcount import _OperatorLog
+    from shoal.sync.compress import dequantize, quantize
+    count = OpCount()
+    bucket = torch.zeros(numel, device="meta")
+    with _OperatorLog(count):
+        if method in ("int8", "int4"):
+            bits = int(method[3:])
+            flat = bucket + bucket  # error feedback: the carried error is added, then replaced
+            codes, scales = quantize(flat, bits)
+            _ = flat - dequantize(codes, scales, bits, numel)
+            for _rank in range(dp):  # every rank's payload dequantised and summed
+                bucket.add_(dequantize(codes, scales, bits, numel))
+        else:
+            half = bucket.div(dp).to(torch.float16)
+            bucket.copy_(half)
+    return count
+
+
+def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter: WorkCounter | None = None,
+                 param_bytes_per_rank: int | None = None) -> StepTime:
+    """Seconds of one optimizer step of `cfg` under `dims` on hardware `hw` (LocalHost or Accelerators)."""
+    from shoal.parallel.pipeline import STAGES_PER_RANK
+    counter = counter or WorkCounter(cfg, model)
+    notes: list[str] = []
+    dp, tp, pp = dims.dp, dims.tp, dims.pp
+    accum = cfg.train.grad_accum
+    micro = max(1, cfg.train.batch_size // dp // accum)
+    n_blocks = counter.blocks
+    ac = cfg.parallel.activation_checkpointing
+    fsdp = dims.dp_shard > 1 or (dp > 1 and (tp > 1 or pp > 1))
+    total_param_bytes = sum(p.numel() for p in model.parameters()) * 4
+    comm = exposed = 0.0
+
+    def model_work(batch: int, blocks: float, with_rest: bool) -> OpCount:
+        if not n_blocks:
+            return counter.whole(batch)
+        block, whole = counter.block(batch), counter.whole(batch)
+        rest = _minus(whole, block, n_blocks)
+        parts = [(_tp_split(block, tp), blocks)] + ([(rest, 1.0)] if with_rest else [])
+        if ac != "none":
+            fwd = counter.block(batch, forward_only=True)
+            if ac == "selective":  # matmul outputs kept: the rest of the forward runs again
+                fwd = OpCount(0.0, {}, fwd.ops - sum(fwd.matmuls.values()), fwd.bytes)
+            parts.append((_tp_split(fwd, tp), blocks))
+        return _plus(*parts)
+
+    # tensor parallel: each Linear in a block is a DTensor module (colwise or rowwise)
+    linears = sum(1 for mod in next(iter(model.layers.values())).modules() if isinstance(mod, nn.Linear)) \
+        if (tp > 1 and n_blocks) else 0
+
+    if pp == 1:
+        work = model_work(micro, n_blocks, True)
+        compute = accum * hw.compute_seconds(work, tp_linears=linears * n_blocks)
+        backward = compute * 2 / 3
+    else:
+        v = STAGES_PER_RANK[cfg.parallel.pp_schedule]
+        m = cfg.parallel.pp_microbatches
+        stage_micro = max(1, micro // m)
+        per_rank_blocks = n_blocks / pp
+        # the last rank holds the head and loss as well as its blocks: the slowest slot
+        slot = hw.compute_seconds(model_work(stage_micro, per_rank_blocks / v, True),
+                                  tp_linears=linears * per_rank_blocks / v)
+        slots = m * v + pp - 1
+        compute = accum * slots * slot
+        send = hw.collective("send_recv", 2).seconds(stage_micro * cfg.data.seq_len * model.args.dim * 4)
+        p2p = accum * 2 * slots * send
+        comm += p2p
+        exposed += p2p
+        backward = compute * 2 / 3
+        notes.append(f"bubble {(pp - 1) / (m * v + pp - 1):.0%}")
+
+    # tensor parallel: per block, forward all-gathers the norm outputs and reduce-scatters the
+    # attention and MLP outputs (2 + 2); backward the same again
+    if tp > 1:
+        ag, rs = hw.collective("all_gather", tp), hw.collective("reduce_scatter", tp)
+        tp_micro, rounds = (max(1, micro // cfg.parallel.pp_microbatches), cfg.parallel.pp_microbatches) \
+            if pp > 1 else (micro, 1)
+        tp_bytes = tp_micro * cfg.data.seq_len * model.args.dim * 4
+        tp_comm = accum * rounds * (n_blocks / pp) * 4 * (ag.seconds(tp_bytes) + rs.seconds(tp_bytes))
+        comm += tp_comm
+        exposed += tp_comm  # on the critical path: each block waits for its inputs
+
+    method = cfg.sync.method
+    local_bytes = param_bytes_per_rank if param_bytes_per_rank is not None else total_param_bytes // (tp * pp)
+    grad_comm = 0.0
+    if dp > 1 and method in ("local_sgd", "diloco"):
+        h = cfg.sync.inner_steps
+        ratio = {"none": 1.0, "fp4": 0.125 + 1 / 64, "topk": cfg.sync.topk_fraction * (cfg.sync.topk_bits + 12) / 32}
+        sent = local_bytes * (ratio.get(cfg.sync.compression, 1.0) if method == "diloco" else 1.0)
+        outer = hw.collective("all_reduce", dp, stride=tp).seconds(sent)
+        grad_comm = outer / h
+        notes.append(f"outer sync every {h} steps: {outer:.3g}s")
+        comm += grad_comm
+        exposed += grad_comm
+    elif dp > 1 and not fsdp:
+        # DDP: gradients all-reduced in buckets as backward produces them
+        ar = hw.collective("all_reduce", dp, stride=tp)
+        if method in HOOK_RATIO:
+            ratio = HOOK_RATIO[method]
+            op = "all_gather" if method in ("int8", "int4") else "all_reduce"
+            gather = hw.collective(op, dp, stride=tp)
+            per_bucket = (lambda b: gather.seconds(b * ratio * (dp if op == "all_gather" else 1)))
+        elif method == "powersgd":
+            r = cfg.sync.powersgd_rank
+            low = sum((p.shape[0] + p.shape[1]) * r * 4 if p.dim() == 2 else p.numel() * 4 for p in model.parameters())
+            per_bucket = (lambda b: 2 * ar.seconds(b * low / total_param_bytes))
+        else:
+            per_bucket = ar.seconds
+        n_buckets = max(1, math.ceil(local_bytes / DDP_BUCKET_BYTES))
+        bucket = local_bytes / n_buckets
+        grad_comm = n_buckets * per_bucket(bucket)
+        if method in HOOK_RATIO:  # the hook's own arithmetic, on the same cores
+            compute += n_buckets * hw.compute_seconds(count_compression(method, int(bucket // 4), dp))
+        comm += grad_comm
+        if hw.overlaps_backward:
+            exposed += max(per_bucket(bucket), grad_comm - backward)
+        else:
+            exposed += grad_comm
+    elif fsdp:
+        units = max(1, round(n_blocks / pp)) + 1  # each block of this rank's stages, and the root
+        unit_bytes = local_bytes * dims.dp_shard / units  # whole (unsharded) unit
+        fsdp_comm = 0.0
+        if dims.dp_shard > 1:
+            ag = hw.collective("all_gather", dims.dp_shard, stride=tp)
+            rs = hw.collective("reduce_scatter", dims.dp_shard, stride=tp)
+            # forward gathers every unit; backward again all but the last block and the root
+            gathers = units + max(0, units - 2)
+            fsdp_comm += accum * (gathers * ag.seconds(unit_bytes) + units * rs.seconds(unit_bytes))
+        if dims.dp_replicate > 1:  # HSDP, or replicate-only FSDP beside tp/pp: shards all-reduced
+            fsdp_comm += units * hw.collective("all_reduce", dims.dp_replicate, stride=tp * dims.dp_shard
+                                               ).seconds(unit_bytes / dims.dp_shard)
+        comm += fsdp_comm
+        first = unit_bytes / dims.dp_shard
+        exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
+
+    # optimizer step and clipping over this rank's parameters
+    params = list(model.parameters())
+    opt = count_optimizer_step(params, cfg.train.optimizer, cfg.train.momentum)
+    # on an accelerator torch's AdamW runs foreach kernels: one launch per operator for all tensors
+    ops = opt.ops / len(params) if getattr(hw, "foreach_optimizer", False) else opt.ops / pp
+    opt = OpCount(0.0, {}, int(ops), opt.bytes * local_bytes / total_param_bytes)
+    if cfg.train.grad_clip:
+        opt = _plus((opt, 1.0), (OpCount(0.0, {}, 2 * len(params) // pp, local_bytes), 1.0))
+    # FSDP and tensor-parallel parameters are DTensors: every optimizer operator goes through DTensor dispatch
+    optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0)
+    return StepTime(compute=compute, optimizer=optimizer, comm=comm, exposed=exposed, notes=notes)
