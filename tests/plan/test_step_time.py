@@ -1,0 +1,187 @@
+"""Step time, clusters, failures and links of `shoal plan`: one process, no workers started
+(the calibration test starts 2 and 4 Gloo ranks and is marked slow)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+from shoal.config import Config, ConfigError
+from shoal.parallel.compose import check_layout
+from shoal.plan import cli
+from shoal.plan.cluster import PRESETS, check_world, load_cluster, run_cost
+from shoal.plan.collectives import CollectiveCost, fit_cost
+from shoal.plan.goodput import (link_rows, parse_duration, parse_rate, per_step_goodput, restart_goodput)
+from shoal.plan.layouts import with_degrees
+from shoal.plan.memory import meta_model
+from shoal.plan.opcount import count_forward_backward, count_optimizer_step
+from shoal.plan.steptime import predict_step
+
+
+def gpt() -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.flavour = "gpt", "debug"
+    cfg.data.seq_len, cfg.train.batch_size = 32, 16
+    cfg.parallel.dp_replicate = 1
+    return cfg
+
+
+def test_flops_of_a_linear_are_counted_by_torch():
+    with torch.device("meta"):
+        layer = nn.Linear(64, 32, bias=False)
+    x = torch.zeros(8, 64, device="meta", requires_grad=True)
+    count = count_forward_backward(layer, x, None, lambda out, _: out.sum())
+    # forward 2*8*64*32; backward twice that (input and weight gradients)
+    assert count.flops == 3 * 2 * 8 * 64 * 32
+    assert sum(count.matmuls.values()) == 3 and (8, 64, 32) in count.matmuls
+    assert count.ops >= 3
+
+
+def test_adamw_step_touches_every_parameter_state():
+    params = [nn.Parameter(torch.empty(100, device="meta")), nn.Parameter(torch.empty(10, 10, device="meta"))]
+    adamw, sgd = count_optimizer_step(params, "adamw"), count_optimizer_step(params, "sgd")
+    assert adamw.ops > sgd.ops > 0
+    assert adamw.bytes > 200 * 4 * 4  # at least param, grad and two moments read
+
+
+def test_collective_fit_recovers_latency_and_bandwidth():
+    true = CollectiveCost(latency=2e-4, bandwidth=1.5e9)
+    sizes = [16e3, 256e3, 2e6, 8e6]
+    fit = fit_cost(sizes, [true.seconds(s) for s in sizes])
+    assert fit.latency == pytest.approx(2e-4, rel=1e-6) and fit.bandwidth == pytest.approx(1.5e9, rel=1e-6)
+    # a ring of 4 over the same links: 2(k-1)/k of the buffer per link, 2(k-1) latency steps
+    four = fit.to_group("all_reduce", 2, 4)
+    assert four.bandwidth == pytest.approx(1.5e9 * 1.0 / 1.5) and four.latency == pytest.approx(2e-4 * 3)
+    with pytest.raises(ValueError):
+        fit_cost([1.0], [1.0])
+
+
+def test_cluster_step_time_orders_layouts_sensibly():
+    cfg = gpt()
+    model = meta_model(cfg)
+    hw = load_cluster("h100-sxm").hardware("fp32")
+    times = {}
+    for name, degrees in {"ddp": {"dp_replicate": 4}, "fsdp": {"dp_shard": 4},
+                          "pp": {"pp": 2, "dp_replicate": 2}}.items():
+        layout = with_degrees(cfg, degrees)
+        times[name] = predict_step(layout, check_layout(layout, 4), model, hw)
+    assert all(t.total > 0 and t.compute > 0 for t in times.values())
+    assert times["fsdp"].comm > times["ddp"].comm  # 2 gathers + a reduce-scatter against one all-reduce
+    assert any("bubble" in n for n in times["pp"].notes)
+
+
+def test_cluster_presets_and_cost():
+    for name in PRESETS:
+        cluster = load_cluster(name)
+        assert cluster.spec_only and cluster.peak_flops["bf16"] > 1e13
+    h100 = load_cluster("h100-sxm")
+    cost = run_cost(h100, 8, tokens_per_second=1e6, token_budget=3.6e9)
+    assert cost.hours == pytest.approx(1.0) and cost.dollars == pytest.approx(8 * 3.0)
+    assert cost.dollars_per_billion_tokens == pytest.approx(24 / 3.6)
+
+
+@pytest.mark.parametrize("text,words", [
+    ('accelerator = "X"\n', ["missing field 'peak_tflops'"]),
+    ({**PRESETS["l4"], "hbm_gb": -1}, ["hbm_gb = -1", "positive"]),
+    ({**PRESETS["l4"], "efficiency": 1.5}, ["efficiency = 1.5"]),
+    ("not toml [", ["not valid TOML"]),
+])
+def test_bad_cluster_files_name_the_field(tmp_path, text, words):
+    if isinstance(text, dict):
+        import json
+        lines = [f"{k} = {json.dumps(v) if not isinstance(v, dict) else '{ ' + ', '.join(f'{a} = {b}' for a, b in v.items()) + ' }'}"
+                 for k, v in text.items()]
+        text = "\n".join(lines) + "\n"
+    path = tmp_path / "cluster.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_cluster(str(path))
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+    with pytest.raises(ConfigError, match="no such file and not a preset"):
+        load_cluster(str(tmp_path / "missing.toml"))
+
+
+def test_impossible_world_on_a_cluster():
+    with pytest.raises(ConfigError, match="--world 12 on h100-sxm: 8 accelerators per node"):
+        check_world(load_cluster("h100-sxm"), 12)
+    check_world(load_cluster("h100-sxm"), 4)
+    check_world(load_cluster("h100-sxm"), 16)
+
+
+def test_goodput_matches_the_closed_form():
+    step, every, save, restart, mtbf = 1.0, 100, 10.0, 60.0, 3600.0
+    tau = every * step
+    expected = tau / (tau + save) * (1 - (restart + (tau + save) / 2) / mtbf)
+    assert restart_goodput(step, every, save, restart, mtbf) == pytest.approx(expected)
+    assert per_step_goodput(step, every, save, 0.1, mtbf) == pytest.approx(tau / (tau + save) * (1 - 0.6 / mtbf))
+    # never failing: only the checkpoint's cost remains; failing constantly: nothing trains
+    assert restart_goodput(step, every, save, restart, 1e12) == pytest.approx(tau / (tau + save))
+    assert restart_goodput(step, every, save, restart, 30.0) == 0.0
+    assert per_step_goodput(step, every, save, 0.1, mtbf) > restart_goodput(step, every, save, restart, mtbf)
+
+
+def test_links_diloco_sends_h_times_less():
+    rows = {r.method: r for r in link_rows(0.1, 40e6, 3, parse_rate("20mbit"), parse_duration("100ms", "--rtt"), 50)}
+    ddp, diloco = rows["ddp (all-reduce every step)"], rows["diloco H=50 none"]
+    assert ddp.bytes_per_step == pytest.approx(2 * 2 / 3 * 40e6)
+    assert diloco.bytes_per_step == pytest.approx(ddp.bytes_per_step / 50)
+    assert ddp.step_s == pytest.approx(0.1 + 2 * 2 / 3 * 40e6 / 2.5e6 + 4 * 0.05)
+    assert rows["diloco H=50 fp4"].bytes_per_step < diloco.bytes_per_step
+    with pytest.raises(ConfigError, match="--link 'fast'"):
+        parse_rate("fast")
+    with pytest.raises(ConfigError, match="--mtbf"):
+        parse_duration("-3h", "--mtbf")
+
+
+def _plan(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    args = parser.parse_args(["plan", *argv])
+    return args.func(args)
+
+
+def test_plan_on_a_cluster_prints_time_cost_and_failures(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n[data]\nseq_len = 32\n[train]\nbatch_size = 16\n')
+    assert _plan([str(config), "--world", "8", "--cluster", "h200", "--tokens", "1B", "--mtbf", "6h",
+                  "--link", "20mbit", "--rtt", "100ms", "--sites", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "SPEC-ONLY" in out and "$/1B tok" in out and "recommended:" in out
+    assert "restart from checkpoint" in out and "per-step recovery" in out
+    assert "diloco H=30 fp4" in out  # sync.inner_steps, default 30
+    with pytest.raises(ConfigError, match="--world 12 on h200"):
+        _plan([str(config), "--world", "12", "--cluster", "h200"])
+    with pytest.raises(ConfigError, match="--world N"):
+        _plan([str(config)])
+
+
+@pytest.mark.slow
+def test_calibration_is_cached_and_reused(tmp_path):
+    """`shoal plan --calibrate` measures (2 and 4 Gloo ranks) and caches; a plan then reuses it."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    shoal = str(Path(sys.executable).parent / "shoal")
+    env = {**os.environ, "SHOAL_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run([shoal, "plan", "--calibrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    cached = list((tmp_path / "cache" / "plan").glob("calibration-*-torch*-threads*.json"))
+    assert len(cached) == 1 and "cached in" in first.stdout
+    measured = json.loads(cached[0].read_text())
+    assert set(measured["collectives"]) == {"2", "4"}
+    assert all(lat >= 0 and bw > 0 for ops in measured["collectives"].values() for lat, bw in ops.values())
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n[data]\nseq_len = 32\n[train]\nbatch_size = 16\n')
+    second = subprocess.run([shoal, "plan", str(config), "--world", "2"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "calibrating collectives" not in second.stdout and "calibrated, torch" in second.stdout
+    assert "step ms" in second.stdout and "tokens/s" in second.stdout
+    assert json.loads(cached[0].read_text())["seconds"] == measured["seconds"]  # the same calibration
