@@ -187,6 +187,10 @@ class FederatedClient:
             seeds, keys = self.secagg.unmask(list(task.survivors), list(task.dropped))
             result.self_mask_shares.extend(pb.Share(owner=o, value=v) for o, v in seeds.items())
             result.key_shares.extend(pb.Share(owner=o, value=v) for o, v in keys.items())
+            assert self.pending_vector is not None
+            weight_slot = len(self.pending_vector) - 2  # [update, weight, unclipped]
+            result.weight_masks.extend(pb.Share(owner=o, value=w.to_bytes(8, "little"))
+                                       for o, w in sorted(self.secagg.pairwise_words(weight_slot).items()))
 
     def _secagg_vector(self, delta: torch.Tensor, config: dict[str, float]) -> np.ndarray:
         """[weighted update, weight, unclipped]: the server learns only the sums of these."""

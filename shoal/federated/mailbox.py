@@ -56,6 +56,7 @@ class Mailbox:
         self.spent: set[bytes] = set()
         self.inbox: list[Reply] = []
         self.stopping = False
+        self.excluded: set[str] = set()
         self.parse = parse
 
     def stop(self) -> None:
@@ -65,9 +66,16 @@ class Mailbox:
             self.cond.notify_all()
 
     def live(self) -> list[str]:
+        """Clients heard from lately, less those excluded for breaking a round."""
         now = time.monotonic()
         with self.cond:
-            return sorted(c for c, info in self.clients.items() if now - info.last_seen < LIVE_SECONDS)
+            return sorted(c for c, info in self.clients.items()
+                          if now - info.last_seen < LIVE_SECONDS and c not in self.excluded)
+
+    def exclude(self, client_ids: list[str]) -> None:
+        """Never sample these clients again in this run (they still poll, and get no work)."""
+        with self.cond:
+            self.excluded.update(client_ids)
 
     def suspect(self, client_ids: list[str]) -> None:
         """Stop sampling clients that missed a deadline until they poll again (a dead one never does)."""

@@ -131,7 +131,11 @@ class RoundDriver(SecureRounds, AsyncRounds):
             if (len(seeds) != len(result.self_mask_shares) or len(keys) != len(result.key_shares)
                     or set(seeds) != set(task.survivors) or set(keys) != set(task.dropped)):
                 raise transport.BadUpdate("unmask reply must hold one share per survivor and per dropped client")
-            return seeds, keys
+            words = {w.owner: int.from_bytes(w.value, "little") for w in result.weight_masks if len(w.value) == 8}
+            if len(words) != len(result.weight_masks) or set(words) != (set(task.survivors) | set(task.dropped)) - {
+                    client_id}:
+                raise transport.BadUpdate("unmask reply must hold one 8-byte weight-slot word per other client")
+            return seeds, keys, words
         raise transport.BadUpdate(f"unexpected result for a {pb.Task.Kind.Name(task.kind)} task")
 
     # --- phases ------------------------------------------------------------------------------

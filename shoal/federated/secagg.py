@@ -74,6 +74,15 @@ def prg(seed: bytes, length: int) -> np.ndarray:
     return np.frombuffer(encryptor.update(bytes(8 * length)), dtype="<u8").astype(np.uint64)
 
 
+def prg_word(seed: bytes, index: int) -> int:
+    """Word `index` of `prg(seed, ...)` alone: ChaCha20 from the block that holds it (the nonce's first 4
+    bytes are the block counter). Revealing one keystream word reveals nothing of the others."""
+    block, offset = divmod(index, 8)
+    nonce = block.to_bytes(4, "little") + b"\0" * 12
+    stream = Cipher(algorithms.ChaCha20(seed, nonce), mode=None).encryptor().update(bytes(64))
+    return int(np.frombuffer(stream, dtype="<u8")[offset])
+
+
 def agree(private: X25519PrivateKey, public: bytes, purpose: bytes) -> bytes:
     """A 32-byte key both sides derive: X25519 then HKDF-SHA256, separated by purpose."""
     shared = private.exchange(X25519PublicKey.from_public_bytes(public))
@@ -149,6 +158,12 @@ class SecAggClient:
             masked = masked + pairwise if self.client_id < peer else masked - pairwise
         return masked
 
+    def pairwise_words(self, index: int) -> dict[str, int]:
+        """For each peer that shared keys with us, word `index` of our pairwise mask with it: the server needs
+        them only to read one public coordinate (the weight the server itself assigned) of one input."""
+        return {peer: prg_word(agree(self.mask_key, self.peers[peer][1], b"mask"), index)
+                for peer in self.received if peer != self.client_id}
+
     def _decrypt(self, owner: str) -> tuple[bytes, bytes]:
         blob = self.received[owner]
         key = agree(self.cipher_key, self.peers[owner][0], b"share")
@@ -191,6 +206,38 @@ class SecAggServer:
                 # undo what the survivor added for this peer
                 total = total - pairwise if survivor < owner else total + pairwise
         return total
+
+    def inputs_at(self, slot: int, peers: dict[str, tuple[bytes, bytes]], shared: set[str],
+                  masked: dict[str, np.ndarray], seed_shares: dict[str, dict[str, bytes]],
+                  key_shares: dict[str, dict[str, bytes]],
+                  words: dict[str, dict[str, int]]) -> tuple[dict[str, np.ndarray], set[str]]:
+        """Each survivor's own input at one coordinate (only where that coordinate is public, as the weight
+        the server assigned), from its masked input, its rebuilt self mask and the pairwise words it
+        reported (`words[u][v]`); and the survivors whose words are disputed. Both ends of a pair derive
+        the same word, and the server derives a dropped peer's itself, so a word that disagrees is a lie
+        by one end; such a survivor's input is not computed (returned in the disputed set instead)."""
+        index = _index(list(peers))
+        survivors = sorted(masked)
+        dropped_keys = {owner: X25519PrivateKey.from_private_bytes(self._rebuild(key_shares.get(owner, {}), index,
+                                                                                 owner))
+                        for owner in sorted(shared - set(masked))}
+        disputed: set[str] = set()
+        for i, u in enumerate(survivors):
+            for v in survivors[i + 1:]:
+                if words[u].get(v) is None or words[u].get(v) != words[v].get(u):
+                    disputed |= {u, v}
+            for owner, key in dropped_keys.items():
+                if words[u].get(owner) != prg_word(agree(key, peers[u][1], b"mask"), slot):
+                    disputed.add(u)
+        values = {}
+        for u in survivors:
+            if u in disputed:
+                continue
+            word = int(masked[u][slot]) - prg_word(self._rebuild(seed_shares.get(u, {}), index, u), slot)
+            for v in shared - {u}:
+                word += -words[u][v] if u < v else words[u][v]  # undo what u added for v
+            values[u] = np.array([word % 2 ** 64], dtype=np.uint64)
+        return values, disputed
 
     def _rebuild(self, shares: dict[str, bytes], index: dict[str, int], owner: str) -> bytes:
         if len(shares) < self.threshold:

@@ -68,7 +68,8 @@ class SecureRounds:
             return 0, math.nan
         seed_shares: dict[str, dict[str, bytes]] = {}
         key_shares: dict[str, dict[str, bytes]] = {}
-        for holder, (seeds, ks) in unmask.items():
+        words = {holder: w for holder, (_, _, w) in unmask.items()}
+        for holder, (seeds, ks, _) in unmask.items():
             for owner, value in seeds.items():
                 seed_shares.setdefault(owner, {})[holder] = value
             for owner, value in ks.items():
@@ -88,11 +89,42 @@ class SecureRounds:
             log.error("round %d: the unmasked weights are %.6g (unclipped slot %.6g) where the survivors %s were "
                       "given %.6g: a client forged its weight or its masked input, or sent bad shares; the global "
                       "model is unchanged", rnd, weight, unclipped, survivors, expected)
+            if not abs(weight - expected) <= WEIGHT_TOLERANCE and set(words) == set(survivors):
+                self._exclude_weight_forgers(rnd, threshold, peers, set(shares), masked, seed_shares, key_shares,
+                                             words)
             return 0, math.nan
         self.global_params = self.aggregator.from_sum(rnd, self.global_params, delta_sum, expected, len(chosen),
                                                       unclipped, len(chosen) / available, survivors)
         losses = [m.get("train_loss", math.nan) for _, m in keys.values()]
         return len(masked), float(sum(losses) / len(losses))
+
+    def _exclude_weight_forgers(self, rnd: int, threshold: int, peers: dict[str, tuple[bytes, bytes]],
+                                shared: set[str], masked: dict[str, Any], seed_shares: dict[str, dict[str, bytes]],
+                                key_shares: dict[str, dict[str, bytes]], words: dict[str, dict[str, int]]) -> None:
+        """Find who broke the weight check and exclude them from every later round: the weight slot is public
+        (the server assigned it), so each survivor's own weight is read from its masked input, its self mask
+        and the pairwise mask words it reports at that slot alone; no update coordinate is revealed."""
+        try:
+            values, disputed = SecAggServer(threshold).inputs_at(self.length, peers, shared, masked, seed_shares,
+                                                                 key_shares, words)
+        except ValueError as err:
+            log.error("round %d: the weight check cannot name who broke it (%s)", rnd, err)
+            return
+        forgers = sorted(cid for cid, value in values.items()
+                         if not abs(float(dequantize(value)[0]) - self.client_weight(cid)) <= WEIGHT_TOLERANCE)
+        guilty = sorted(set(forgers) | disputed)
+        if not guilty:
+            log.error("round %d: every survivor's own weight is as assigned; the shares or masked updates were bad, "
+                      "and no single site can be named", rnd)
+            return
+        for cid in forgers:
+            log.error("round %d: site '%s' sent weight %.6g where the server assigned %.6g; it is excluded from the "
+                      "rest of the federation", rnd, cid, float(dequantize(values[cid])[0]), self.client_weight(cid))
+        if disputed:
+            log.error("round %d: sites %s reported pairwise mask words their peers contradict (one end of each such "
+                      "pair lies); they are excluded from the rest of the federation", rnd, sorted(disputed))
+        self.mailbox.exclude(guilty)
+        self.round_log.event("sites_excluded", round=rnd, forged_weight=forgers, disputed_words=sorted(disputed))
 
     def _enough(self, rnd: int, what: str, replies: dict[str, Any], threshold: int) -> bool:
         if len(replies) >= threshold:
