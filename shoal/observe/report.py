@@ -116,7 +116,7 @@ def summarize(run_dir: Path) -> dict:
     data_s = statistics.median(r.get("data_seconds", 0.0) for r in steady)  # time in train_set.get (the loader)
     compute_s = statistics.median(r["compute_seconds"] for r in steady) if "compute_seconds" in steady[0] \
         else max(0.0, step_s - comm_s - data_s)
-    slow = [r for r in kinds["ranks"] if r.get("slowest_by", 0) > 0.2]
+    named = [e["rank"] for e in kinds["event"] if e.get("event") == "straggler"]
     return {
         "run": str(run_dir), "steps": train[-1]["step"], "first_loss": train[0]["loss"],
         "final_loss": train[-1]["loss"], "final_val_loss": evals[-1]["val_loss"] if evals else None,
@@ -125,12 +125,14 @@ def summarize(run_dir: Path) -> dict:
         "step_seconds": step_s, "comm_seconds": comm_s, "data_seconds": data_s, "compute_seconds": compute_s,
         "wall_seconds": train[-1]["time"] - train[0]["time"] + train[0]["step_seconds"],
         "events": event_summary(kinds["event"]),
-        "slowest_rank": Counter(r["slowest_rank"] for r in slow).most_common(1)[0][0] if slow else None,
+        "slowest_rank": Counter(named).most_common(1)[0][0] if named else None,
     }
 
 
 def _draw_events(ax, events: list[dict], train: list[dict], seen: set[str]) -> None:
     for e in events:
+        if e.get("gen") == 1:  # the first generation forming is the start, not an event on the curve
+            continue
         x = event_step(e, train)
         if e["event"] in EVENT_STYLE:
             colour, style, label = EVENT_STYLE[e["event"]]
@@ -215,7 +217,7 @@ def plot(run_dir: Path, out: Path) -> Path:
     ax_time.legend(loc="upper right", fontsize="x-small")
 
     if ranks:
-        _plot_ranks(ax_ranks, ranks)
+        _plot_ranks(ax_ranks, ranks, summary_named(events))
     else:
         ax_ranks.set_axis_off()
         ax_ranks.text(0.5, 0.5, "no per-rank timing records", ha="center", va="center")
@@ -237,11 +239,15 @@ def _wrap(line: str, width: int = 58) -> str:
     return "\n".join(textwrap.wrap(line, width)) or line
 
 
-def _plot_ranks(ax, ranks: list[dict]) -> None:
-    """Each rank's median compute per window; the rank most often slowest drawn thick."""
+def summary_named(events: list[dict]) -> str | None:
+    """The rank named a straggler most often (shoal/observe/ranks.py's rule), or None."""
+    named = Counter(e["rank"] for e in events if e.get("event") == "straggler")
+    return named.most_common(1)[0][0] if named else None
+
+
+def _plot_ranks(ax, ranks: list[dict], worst: str | None) -> None:
+    """Each rank's median compute per window; a rank named a straggler drawn thick."""
     labelled = [r for r in ranks if "per_rank" in r]
-    slow = Counter(r["slowest_rank"] for r in ranks if r.get("slowest_by", 0) > 0.2)
-    worst = slow.most_common(1)[0][0] if slow else None
     names = sorted({name for r in labelled for name in r["per_rank"]["rank"]}, key=lambda n: (len(n), n))
     for name in names:
         xs, ys = [], []
@@ -278,7 +284,13 @@ def plot_federated(rounds: list[dict], out: Path, name: str) -> Path:
                                 alpha=0.25, label="site min-max")
             ax_acc.plot(xs, [r.get(f"{metric}_median") for r in rounds], "--", label="site median")
         ax_acc.set(xlabel="round", ylabel=metric, title="Accuracy per round, spread over sites")
-        ax_acc.legend(fontsize="small")
+        ax_acc.legend(fontsize="small", loc="lower right")
+    if any("epsilon" in r for r in rounds):  # the privacy spent so far, beside what it bought
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot([r["round"] for r in rounds if "epsilon" in r], [r["epsilon"] for r in rounds if "epsilon" in r],
+                    color="tab:gray", linestyle=":", label="DP epsilon")
+        ax_eps.set_ylabel("epsilon (central DP)")
+        ax_eps.legend(fontsize="small", loc="center right")
     for key, label in (("train_loss", "training (mean over sites)"), ("eval_loss", "evaluation")):
         if any(key in r for r in rounds):
             ax_loss.plot([r["round"] for r in rounds if key in r], [r[key] for r in rounds if key in r], "o-",
@@ -301,10 +313,18 @@ def _federated_report(run_dir: Path, rounds: list[dict]) -> tuple[dict, Path]:
             spread = (f" (sites {last[f'{metric}_min']:.4f} to {last[f'{metric}_max']:.4f}, median "
                       f"{last[f'{metric}_median']:.4f})" if f"{metric}_min" in last else "")
             lines.append(f"- final {metric}: {last[f'eval_{metric}']:.4f}{spread}")
-    dropped = sum(len(r.get("dropped", [])) for r in rounds)
-    lines += [f"- updates answered / sampled: {sum(r.get('answered', 0) for r in rounds)} / "
-              f"{sum(r.get('sampled', 0) for r in rounds)}; dropped as too large: {dropped}",
-              "", f"![accuracy and loss per round]({png.name})", ""]
+    if f"accuracy_min" not in last:
+        lines.append("- no per-site spread: this run evaluated on the server's data only (`fed simulate`)")
+    sampled = sum(r.get("sampled", 0) for r in rounds)
+    if any("answered" in r for r in rounds):
+        dropped = sum(len(r.get("dropped", [])) for r in rounds)
+        lines.append(f"- updates answered / sampled: {sum(r.get('answered', 0) for r in rounds)} / {sampled}; "
+                     f"dropped as too large: {dropped}")
+    else:
+        lines.append(f"- client updates sampled: {sampled}")
+    if "epsilon" in last:
+        lines.append(f"- differential privacy: epsilon {last['epsilon']:.2f} after {last['round']} rounds")
+    lines += ["", f"![accuracy and loss per round]({png.name})", ""]
     (run_dir / "report.md").write_text("\n".join(lines))
     return {"run": str(run_dir), "rounds": last["round"], **{k: v for k, v in last.items() if k != "round"}}, png
 
@@ -327,7 +347,8 @@ def write_report(run_dir: Path) -> tuple[dict, Path]:
              f"{summary['comm_seconds'] * 1000:.1f} ms (medians on the logging rank)",
              f"- wall time: {summary['wall_seconds']:.1f} s"]
     if summary["slowest_rank"] is not None:
-        lines.append(f"- slowest rank: {summary['slowest_rank']} (most often > 20% slower than the others' median)")
+        lines.append(f"- slowest rank: {summary['slowest_rank']} (named a straggler: over 20% slower than the "
+                     f"others' median for 3 windows in a row)")
     if summary["events"]:
         lines += ["", "## Events", ""] + [f"- {line}" for line in summary["events"]]
     lines += ["", f"![loss, data seen, throughput, time per step, per-rank timing]({png.name})", ""]

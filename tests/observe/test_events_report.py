@@ -57,6 +57,8 @@ def test_report_draws_and_lists_events(tmp_path):
                 event_record("left", 18, time=120.63, member=1, gen=2),
                 event_record("died", 40, time=140.5, member=2, code=1),
                 event_record("regrouped", 40, time=141.0, gen=3, members=[0, 3], size=2, recovery_seconds=0.5),
+                event_record("straggler", 15, time=115.0, rank="1", slower=2.0, compute_seconds=0.03,
+                             others_compute_seconds=0.01),
                 event_record("checkpoint", 25, time=125.0, seconds=0.02)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary, png = write_report(tmp_path)
@@ -65,7 +67,7 @@ def test_report_draws_and_lists_events(tmp_path):
     assert "world size 2 -> 2" in text and "1 checkpoints written" in text and "slowest rank: 1" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # an event sits between the steps that ended around its time (the launcher's step lags)
-    assert event_step(records[-7], [r for r in records if r["kind"] == "train"]) == pytest.approx(20.5)
+    assert event_step(records[-8], [r for r in records if r["kind"] == "train"]) == pytest.approx(20.5)
 
 
 def test_smoothing_follows_the_curve_without_pulling_toward_zero():
