@@ -79,7 +79,7 @@ def data_spec(cfg: Config) -> DataSpec:
 def build(cfg: Config, spec: DataSpec) -> nn.Module:
     from shoal.models import build_model
     torch.manual_seed(cfg.train.seed)  # the same initial weights as the run's (all are overwritten)
-    return build_model(cfg.model, spec)
+    return build_model(cfg.model, spec, folder_weights=False)  # a model.hf folder's weights are replaced too
 
 
 def _chunks(keys: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:

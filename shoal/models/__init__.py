@@ -34,13 +34,16 @@ def import_callable(name: str, field: str):
         raise ConfigError(f"{field} = '{name}' cannot be imported: {err}") from None
 
 
-def build_model(cfg: ModelConfig, spec: DataSpec, *, params_on_meta: bool = False) -> nn.Module:
+def build_model(cfg: ModelConfig, spec: DataSpec, *, params_on_meta: bool = False,
+                folder_weights: bool = True) -> nn.Module:
     """Build the configured model for data described by `spec` (weights from the current seed,
     or a model.hf folder's). `params_on_meta`: a layout will shard the model, so a model.hf
-    checkpoint may be left on the meta device for each rank to read its share (models/hf.py)."""
+    checkpoint may be left on the meta device for each rank to read its share (models/hf.py).
+    `folder_weights=False`: a model.hf folder's weights are not read (a run's checkpoint follows)."""
     if cfg.hf:
         from shoal.models.hf import load_hf
-        return _fits_data(load_hf(cfg.hf, params_on_meta=params_on_meta), spec, "model.hf")
+        return _fits_data(load_hf(cfg.hf, params_on_meta=params_on_meta, folder_weights=folder_weights), spec,
+                          "model.hf")
     if cfg.factory:
         factory = import_callable(cfg.factory, "model.factory")
         model = factory(spec)

@@ -61,18 +61,20 @@ def model_class(config: Any, path: str, field: str = "model.hf") -> type:
     return cls
 
 
-def load_hf(path: str, *, params_on_meta: bool = False) -> nn.Module:
+def load_hf(path: str, *, params_on_meta: bool = False, folder_weights: bool = True) -> nn.Module:
     """The model of folder `path`: its trained weights in any layout save_pretrained writes
     (hf_weights.LAYOUTS), otherwise initialised from config.json with the current seed.
 
     `params_on_meta`: for a layout that shards the model (FSDP, TP, PP), leave the parameters on
     the meta device when the checkpoint holds every one of them; `hf_weights.load_per_rank`
     then reads each rank's share once the layout has split it. Anything else (weights missing or
-    named otherwise) loads the whole model here, through transformers' own `from_pretrained`."""
+    named otherwise) loads the whole model here, through transformers' own `from_pretrained`.
+    `folder_weights=False`: the shapes only, initialised from the seed (a run's checkpoint
+    replaces every weight next: export, predict, serve)."""
     config = read_hf_config(path)
     cls = model_class(config, path)
     # under a meta device (shoal plan sizes the model without memory) there is nothing to load into
-    if torch.get_default_device().type == "meta":
+    if torch.get_default_device().type == "meta" or not folder_weights:
         return prepare(cls._from_config(config))
     if not weight_files(path):
         say_once(f"model.hf = '{path}' holds no weights ({', '.join(LAYOUTS)}): training from scratch, "

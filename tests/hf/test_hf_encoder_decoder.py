@@ -37,12 +37,14 @@ def test_t5_learns_the_next_tokens_of_token_data_with_its_own_loss(tmp_path):
         call_model(model, inputs)  # the built-in loss has no targets to give the decoder
 
 
-def test_generate_prints_the_decoders_output(tmp_path):
+def test_generate_prints_the_decoders_output(tmp_path, caplog):
     from shoal.export.consolidate import consolidate
     from shoal.export.generate import generate
     from tests.export.conftest import saved_run
     run_dir, _ = saved_run(tmp_path, "t5", [f"model.hf={save_t5(tmp_path / 't5_model')}", "model.loss=model"])
+    caplog.clear()
     loaded = consolidate(run_dir, progress=False)
+    assert not [r for r in caplog.records if r.name == "shoal"]  # the checkpoint's weights: no word on the folder's
     text = generate(loaded, "def f", 6, temperature=0)
     ids = torch.tensor([list(b"def f")])
     expected = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
