@@ -16,9 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHOAL = str(Path(sys.executable).parent / "shoal")
 
-# Small enough that a 2-worker run takes seconds on 2 cores.
+# Small enough that a 2-worker run takes seconds on 2 cores: the debug-sized model (the
+# quickstart's own is 128 wide and 4 deep, to learn in its 3 minutes).
 TINY = ["data.seq_len=32", "data.max_bytes=400000", "train.batch_size=8", "train.warmup_steps=2",
-        "train.eval_every=0", "launch.nproc=2"]  # threads: the default, cores shared among the workers
+        "train.eval_every=0", "launch.nproc=2",  # threads: the default, cores shared among the workers
+        "model.dim=64", "model.n_layers=2"]
 
 
 def torch_threads(log_text: str) -> list[int]:

@@ -18,7 +18,8 @@ from tests.conftest import SHOAL
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
 STEPS, H = 160, 40
-JOB = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=32", "train.batch_size=24",
+JOB = ["model.name=gpt", "model.flavour=debug", "model.dim=64", "model.n_layers=2",  # not the quickstart's size
+       "data.source=stdlib", "data.seq_len=32", "train.batch_size=24",
        "train.warmup_steps=2", "train.eval_every=0", "train.lr=3e-3", f"train.steps={STEPS}", "launch.threads=1",
        "launch.nproc=3", "fault.enabled=true", "fault.step_timeout=5", "fault.max_restarts=3", "log.progress=plain",
        "sync.method=diloco", f"sync.inner_steps={H}", "sync.compression=int8", "checkpoint.every=0"]

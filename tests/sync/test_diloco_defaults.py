@@ -15,7 +15,8 @@ from tests.conftest import shoal
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 STEPS = 600  # 20 outer syncs at H = 30
-JOB = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=64", "train.batch_size=32",
+JOB = ["model.name=gpt", "model.flavour=debug", "model.dim=64", "model.n_layers=2",  # not the quickstart's size
+       "data.source=stdlib", "data.seq_len=64", "train.batch_size=32",
        f"train.steps={STEPS}", "train.warmup_steps=60", f"train.eval_every={STEPS}", "train.eval_batches=16",
        "launch.nproc=2", "checkpoint.every=0", "log.progress=plain", "log.tensorboard=false"]
 
