@@ -12,9 +12,9 @@ two levers a synchronous round does not, and both are closed here:
    tasks are handed out.
 2. Drift: a bound relative to the current model compounds (an update of 9x the model passes
    "ten times the current model" every version, and the model grows geometrically). Each update
-   is bounded instead against a reference the attacker cannot move: NORM_FACTOR times the median
-   of the last `NORM_HISTORY` accepted update norms (at most a share of which are any one site's),
-   and before any was accepted, NORM_FACTOR times max(1, the initial model's norm). Norms are
+   is bounded instead against a reference one site cannot move: NORM_FACTOR times the lower
+   median over sites of each site's latest update norm (one vote per site, however fast), and
+   before any site has sent one, NORM_FACTOR times max(1, the initial model's norm). Norms are
    staleness-weighted, 1 / sqrt(1 + staleness), as FedBuff weights the update itself.
 
 An update over the bound is dropped and its site named (log, `dropped` in metrics.jsonl); the
@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter, deque
+from collections import Counter
 
 import torch
 
@@ -38,31 +38,31 @@ from shoal.federated.strategies import ClientUpdate
 from shoal.federated.strategies.fedbuff import staleness_weight
 
 log = logging.getLogger("shoal.federated.server")
-NORM_HISTORY = 64  # accepted norms the reference median is taken over: long enough to outvote one site
 
 
 class NormReference:
-    """The running median of accepted (staleness-weighted) update norms, and the bound it sets."""
+    """Each site's latest (staleness-weighted) update norm, one vote per site, and the bound they set."""
 
     def __init__(self, max_update_norm: float, initial: torch.Tensor):
         self.fixed = max_update_norm
         self.start = NORM_FACTOR * max(1.0, float(initial.norm()))
-        self.accepted: deque[float] = deque(maxlen=NORM_HISTORY)
+        self.latest: dict[str, float] = {}
 
     def bound(self) -> float:
+        """NORM_FACTOR x the lower median over sites: a fast site has one vote however often it answers, and
+        sites that train on more data (larger honest updates) are not held to the fastest site's norm."""
         if self.fixed > 0:
             return self.fixed
-        if not self.accepted:
+        if not self.latest:
             return self.start
-        ordered = sorted(self.accepted)
+        ordered = sorted(self.latest.values())
         return NORM_FACTOR * ordered[(len(ordered) - 1) // 2]
 
-    def admit(self, weighted_norm: float) -> bool:
-        """True (and remembered) when the norm is within the bound."""
-        if not weighted_norm <= self.bound():
-            return False
-        self.accepted.append(weighted_norm)
-        return True
+    def admit(self, site: str, weighted_norm: float) -> bool:
+        """True when the norm is within the bound set by the votes so far; the site's vote becomes this norm."""
+        within = weighted_norm <= self.bound()
+        self.latest[site] = weighted_norm if math.isfinite(weighted_norm) else math.inf
+        return within
 
 
 def fair_share(buffer_size: int, per_site: int, live: int) -> int:
@@ -110,10 +110,10 @@ class AsyncRounds:
                                 staleness)
                     continue
                 norm = staleness_weight(staleness) * float(update.delta.norm())
-                if not reference.admit(norm):
+                if not reference.admit(update.client_id, norm):
                     if update.client_id not in dropped:  # once per site and version: a fast site retries at once
                         log.warning("fedbuff version %d: dropped the update of %s: staleness-weighted norm %.4g over "
-                                    "the bound %.4g (%g x the median accepted norm, federated.max_update_norm)",
+                                    "the bound %.4g (%g x the median over sites, federated.max_update_norm)",
                                     version + 1, update.client_id, norm, reference.bound(), NORM_FACTOR)
                         dropped.append(update.client_id)
                     continue
