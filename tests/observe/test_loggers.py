@@ -81,8 +81,9 @@ def test_wandb_offline_run_reads_back_from_its_run_file(tmp_path):
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     [path] = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     records = wandb_records(path)
-    history = [{item.key: json.loads(item.value_json) for item in r.history.item} for r in records
-               if r.WhichOneof("record_type") == "history"]
+    # a key with '/' travels split, in nested_key
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
     losses = {h["step"]: h["train/loss"] for h in history if "train/loss" in h}
     assert sorted(losses) == [5, 10, 15, 20]
     logged = {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
