@@ -98,9 +98,9 @@ class StepReporter:
         if straggler is None or not self.writes_metrics():
             return
         rank, slower = straggler
-        text = (f"step {record['step']}: rank {rank} is a straggler: it reaches the gradient exchange "
-                f"{slower:.0%} later than the median rank (compute {record['compute_max'] * 1000:.1f} ms "
-                f"against {record['others_compute_median'] * 1000:.1f} ms)")
+        text = (f"step {record['step']}: rank {rank} is a straggler: it reaches the gradient exchange after "
+                f"{record['compute_max'] * 1000:.1f} ms of compute, {1 + slower:.1f}x the other ranks' median "
+                f"({record['others_compute_median'] * 1000:.1f} ms)")
         self.progress.message(text)
         if self.progress.mode == "off":
             log.warning("%s", text)
