@@ -2,6 +2,7 @@
 
     python benchmarks/federated.py                        # everything measurable here
     python benchmarks/federated.py --only sim --clients 100
+    python benchmarks/federated.py --only fedbuff
     FLOWER_PYTHON=/path/to/venv/bin/python python benchmarks/federated.py --only sim
 
 * sim: `shoal fed simulate` and Flower's Ray simulation (flwr[simulation] installed in its own
@@ -12,6 +13,8 @@
 * robust: 10% of the clients send sign-flipped updates scaled x10; FedAvg vs Krum/MultiKrum,
   trimmed mean and median against the clean FedAvg run.
 * privacy: accuracy against epsilon for the hospitals example (central DP, fixed clipping).
+* fedbuff: a real FedBuff server over mutual TLS with one fast and two slow sites: the share of
+  buffered updates the fast site supplies with and without `federated.buffer_per_site`.
 
 Prints a table per part and writes benchmarks/out/federated.json.
 """
@@ -235,6 +238,89 @@ def bench_robust(work: Path) -> list[dict]:
     return rows
 
 
+FEDBUFF_CONFIG = """
+[model]
+name = "mlp"
+dim = 16
+n_layers = 1
+[train]
+optimizer = "sgd"
+lr = 0.1
+batch_size = 16
+weight_decay = 0.0
+grad_clip = 0.0
+[data]
+val_fraction = 0.25
+[federated]
+in_features = 6
+num_classes = 2
+certs_dir = "{certs}"
+address = "127.0.0.1:0"
+strategy = "fedbuff"
+rounds = {versions}
+buffer_size = 3
+buffer_per_site = {per_site}
+min_clients = 3
+round_timeout = 60
+[log]
+dir = "{runs}"
+name = "{name}"
+"""
+
+
+def bench_fedbuff(work: Path, versions: int = 12) -> list[dict]:
+    """A real FedBuff server over mutual TLS with one fast site (40 rows) and two slow ones (6,000 rows
+    each), in this process: who fills the buffers with and without the per-site share."""
+    import threading
+
+    import numpy as np
+
+    from shoal.config import load
+    from shoal.federated import certs
+    from shoal.federated.client import FederatedClient
+    from shoal.federated.rounds import RoundDriver
+    from shoal.federated.server import start_grpc
+
+    sites = {"fast": 40, "slow1": 6000, "slow2": 6000}
+    certs.make_all(work / "fedbuff-certs", list(sites))
+    rng = np.random.default_rng(0)
+    for name, rows in sites.items():
+        x = rng.normal(size=(rows, 6)).astype(np.float32)
+        (work / name).mkdir(parents=True, exist_ok=True)
+        np.save(work / name / "x.npy", x)
+        np.save(work / name / "y.npy", (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64))
+    results = []
+    for label, per_site in (("no share (buffer_per_site = 3)", 3), ("fair share (default)", 0)):
+        name = f"fedbuff{per_site}"
+        path = work / f"{name}.toml"
+        path.write_text(FEDBUFF_CONFIG.format(certs=work / "fedbuff-certs", runs=work / "runs", name=name,
+                                              versions=versions, per_site=per_site))
+        cfg = load(path)
+        run_dir = work / "runs" / name
+        run_dir.mkdir(parents=True)
+        driver = RoundDriver(cfg, run_dir)
+        server, port = start_grpc(cfg, driver, name)
+        for site in sites:
+            client = FederatedClient(cfg, str(work / site), f"127.0.0.1:{port}", site)
+            threading.Thread(target=client.run, args=(60.0,), daemon=True).start()
+        started = time.monotonic()
+        try:
+            final = driver.run()
+        finally:
+            driver.mailbox.stop()
+            server.stop(1.0)
+        seconds = time.monotonic() - started
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        buffered = sum(r["answered"] for r in rows)
+        fast = sum(r["sites"].get("fast", 0) for r in rows)
+        results.append({"setting": label, "versions": versions, "buffered": buffered, "from_fast": fast,
+                        "fast_share": fast / buffered, "max_fast_per_buffer": max(r["sites"].get("fast", 0)
+                                                                                 for r in rows),
+                        "seconds": seconds, "accuracy": final.get("accuracy", float("nan")),
+                        "accuracy_median": final.get("accuracy_median", float("nan"))})
+    return results
+
+
 def bench_privacy(work: Path) -> list[dict]:
     from shoal.config import load
     from shoal.federated.simulate import simulate
@@ -295,6 +381,13 @@ def main() -> None:
             results["robustness"] = rows
             print("\nRobustness: 10% of 50 clients send sign-flipped updates x10 (5 rounds)\n")
             print(table(rows, ["strategy", "setting", "attackers", "accuracy", "vs_clean", "seconds"]))
+        if "fedbuff" in parts:
+            rows = bench_fedbuff(work)
+            results["fedbuff"] = rows
+            print("\nFedBuff: one fast site (40 rows) and two slow ones (6,000 rows), buffer_size 3, real server "
+                  "over mutual TLS\n")
+            print(table(rows, ["setting", "versions", "buffered", "from_fast", "fast_share", "max_fast_per_buffer",
+                               "seconds", "accuracy", "accuracy_median"]))
         if "privacy" in parts:
             rows = bench_privacy(work)
             results["privacy"] = rows

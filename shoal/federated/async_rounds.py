@@ -6,10 +6,10 @@ two levers a synchronous round does not, and both are closed here:
 
 1. Volume: a site that answers ten times faster would fill most of every buffer. No site gets
    more than its share of one buffer (`federated.buffer_per_site`, by default
-   ceil(buffer_size / connected sites), not counting sites whose last update was refused, so
-   a site sending only refused updates cannot stall the buffer): a site at its share gets no
-   new task until the buffer is applied, so no work is wasted and the share is enforced where
-   tasks are handed out.
+   ceil(buffer_size / connected sites), not counting sites whose last STRIKES updates were
+   refused, so a site sending only refused updates cannot stall the buffer): a site at its share
+   gets no new task until the buffer is applied, so no work is wasted and the share is enforced
+   where tasks are handed out.
 2. Drift: a bound relative to the current model compounds (an update of 9x the model passes
    "ten times the current model" every version, and the model grows geometrically). Each update
    is bounded instead against a reference one site cannot move: NORM_FACTOR times the lower
@@ -38,6 +38,9 @@ from shoal.federated.strategies import ClientUpdate
 from shoal.federated.strategies.fedbuff import staleness_weight
 
 log = logging.getLogger("shoal.federated.server")
+# refusals in a row after which a site stops counting toward the fair share: one refusal is what an honest
+# site with more data than the others gets before its first vote is in (see NormReference)
+STRIKES = 2
 
 
 class NormReference:
@@ -82,7 +85,7 @@ class AsyncRounds:
         busy: set[str] = set()
         in_buffer: Counter[str] = Counter()
         dropped: list[str] = []
-        failing: set[str] = set()  # sites whose last update was refused: they do not shrink the others' share
+        strikes: Counter[str] = Counter()  # refusals in a row; at STRIKES a site no longer shrinks the others' share
         deadline = time.monotonic() + fed.join_timeout
         while version < fed.rounds:
             if self.mailbox.stopping:
@@ -91,7 +94,7 @@ class AsyncRounds:
                 raise RuntimeError(f"fedbuff: no acceptable update for {fed.join_timeout}s (federated.join_timeout); "
                                    f"stopping at version {version}; model.safetensors holds the last checked model")
             live = self.mailbox.live()
-            share = fair_share(fed.buffer_size, fed.buffer_per_site, len(set(live) - failing))
+            share = fair_share(fed.buffer_size, fed.buffer_per_site, sum(strikes[c] < STRIKES for c in live))
             for cid in live:
                 if cid not in busy and in_buffer[cid] < share:
                     self.mailbox.assign(cid, pb.Task(kind=pb.Task.TRAIN, round=version, model_version=version,
@@ -101,7 +104,7 @@ class AsyncRounds:
             for reply in self.mailbox.take():
                 busy.discard(reply.client_id)
                 update = reply.result
-                failing.add(reply.client_id)
+                strikes[reply.client_id] += 1
                 if not isinstance(update, ClientUpdate):
                     continue
                 staleness = version - update.base_version
@@ -117,7 +120,7 @@ class AsyncRounds:
                                     version + 1, update.client_id, norm, reference.bound(), NORM_FACTOR)
                         dropped.append(update.client_id)
                     continue
-                failing.discard(update.client_id)
+                strikes[update.client_id] = 0
                 deadline = time.monotonic() + fed.join_timeout
                 buffer.append(update)
                 in_buffer[update.client_id] += 1
