@@ -163,7 +163,7 @@ def plot(run_dir: Path, out: Path) -> Path:
 
     kinds = _kinds(read_metrics(run_dir))
     if not kinds["train"] and kinds["round"]:
-        return plot_federated(kinds["round"], out, Path(run_dir).name)
+        return plot_federated(kinds["round"], out, Path(run_dir).resolve().name)
     train, evals, ranks, events = kinds["train"], kinds["eval"], kinds["ranks"], kinds["event"]
     steps = [r["step"] for r in train]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8))
@@ -274,15 +274,14 @@ def plot_federated(rounds: list[dict], out: Path, name: str) -> Path:
 
     xs = [r["round"] for r in rounds]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
-    metric = next((m for m in ("accuracy", "acc") if f"eval_{m}" in rounds[-1] or f"{m}_median" in rounds[-1]),
-                  None)
+    metric = next((m for m in ("accuracy", "acc") if f"eval_{m}" in rounds[-1]), None)
     if metric is not None:
-        if f"eval_{metric}" in rounds[-1]:
-            ax_acc.plot(xs, [r.get(f"eval_{metric}") for r in rounds], "o-", label="weighted mean over sites")
-        if f"{metric}_min" in rounds[-1]:
-            ax_acc.fill_between(xs, [r.get(f"{metric}_min") for r in rounds], [r.get(f"{metric}_max") for r in rounds],
+        ax_acc.plot(xs, [r.get(f"eval_{metric}") for r in rounds], "o-", label="weighted mean over sites")
+        spread = _spread_prefix(rounds[-1], metric)
+        if spread is not None:
+            ax_acc.fill_between(xs, [r.get(f"{spread}_min") for r in rounds], [r.get(f"{spread}_max") for r in rounds],
                                 alpha=0.25, label="site min-max")
-            ax_acc.plot(xs, [r.get(f"{metric}_median") for r in rounds], "--", label="site median")
+            ax_acc.plot(xs, [r.get(f"{spread}_median") for r in rounds], "--", label="site median")
         ax_acc.set(xlabel="round", ylabel=metric, title="Accuracy per round, spread over sites")
         ax_acc.legend(fontsize="small", loc="lower right")
     if any("epsilon" in r for r in rounds):  # the privacy spent so far, beside what it bought
@@ -304,16 +303,22 @@ def plot_federated(rounds: list[dict], out: Path, name: str) -> Path:
     return out
 
 
+def _spread_prefix(row: dict, metric: str) -> str | None:
+    """The prefix of a metric's per-site median/min/max in a round row (`eval_accuracy_min`), or None."""
+    return next((p for p in (f"eval_{metric}", metric) if f"{p}_min" in row), None)
+
+
 def _federated_report(run_dir: Path, rounds: list[dict]) -> tuple[dict, Path]:
     png = plot(run_dir, run_dir / "report.png")
     last = rounds[-1]
-    lines = [f"# Federated run {run_dir.name}", "", f"- rounds: {last['round']}"]
+    lines = [f"# Federated run {run_dir.resolve().name}", "", f"- rounds: {last['round']}"]
     for metric in ("accuracy", "loss"):
         if f"eval_{metric}" in last:
-            spread = (f" (sites {last[f'{metric}_min']:.4f} to {last[f'{metric}_max']:.4f}, median "
-                      f"{last[f'{metric}_median']:.4f})" if f"{metric}_min" in last else "")
+            prefix = _spread_prefix(last, metric)
+            spread = (f" (sites {last[f'{prefix}_min']:.4f} to {last[f'{prefix}_max']:.4f}, median "
+                      f"{last[f'{prefix}_median']:.4f})" if prefix else "")
             lines.append(f"- final {metric}: {last[f'eval_{metric}']:.4f}{spread}")
-    if f"accuracy_min" not in last:
+    if _spread_prefix(last, "accuracy") is None and _spread_prefix(last, "loss") is None:
         lines.append("- no per-site spread: this run evaluated on the server's data only (`fed simulate`)")
     sampled = sum(r.get("sampled", 0) for r in rounds)
     if any("answered" in r for r in rounds):

@@ -77,8 +77,8 @@ def test_smoothing_follows_the_curve_without_pulling_toward_zero():
 
 def test_federated_report_shows_rounds_and_the_site_spread(tmp_path):
     rows = [{"time": 1.0 + r, "round": r, "sampled": 4, "answered": 4, "train_loss": 1.0 / r,
-             "eval_accuracy": 0.5 + r / 40, "eval_loss": 1.2 / r, "accuracy_median": 0.5 + r / 40,
-             "accuracy_min": 0.3 + r / 40, "accuracy_max": 0.7 + r / 40, "seconds": 0.5} for r in range(1, 11)]
+             "eval_accuracy": 0.5 + r / 40, "eval_loss": 1.2 / r, "eval_accuracy_median": 0.5 + r / 40,
+             "eval_accuracy_min": 0.3 + r / 40, "eval_accuracy_max": 0.7 + r / 40, "seconds": 0.5} for r in range(1, 11)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary, png = write_report(tmp_path)
     text = (tmp_path / "report.md").read_text()
