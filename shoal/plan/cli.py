@@ -58,7 +58,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sites {args.sites} must be at least 2")
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every {args.checkpoint_every} must be at least 1")
+    from shoal.plan.goodput import parse_duration, parse_rate
     from shoal.plan.report import plan_report
+    # every option checked before anything is printed
+    if args.mtbf:
+        parse_duration(args.mtbf, "--mtbf")
+    if args.link:
+        parse_rate(args.link)
+    parse_duration(args.rtt, "--rtt")
     return plan_report(args, _calibrate if args.calibrate else None)
 
 
