@@ -151,12 +151,21 @@ class SitesDiLoCo(DiLoCo):
                               "passed); training on alone", self.plane.name, source, self.join_timeout)
                 else:
                     rounds, blob = got
+        tensors: list[torch.Tensor] = []
+        if blob:
+            try:
+                tensors = self.decode_state(blob)
+            except ValueError as err:  # refused: this site's workers must not wait for it
+                log.error("site %s: refused the state from site %s: %s; training on alone", self.plane.name, source,
+                          err)
+                blob = b""
         flag = torch.tensor([rounds if blob else -1], dtype=torch.int64)
         if dist.get_world_size(self.group) > 1:
             dist.broadcast(flag, group=self.group, group_src=0)
         if int(flag) < 0:
             return
-        tensors = self.decode_state(blob) if self.plane is not None else self._empty_state()
+        if self.plane is None:
+            tensors = self._empty_state()
         if dist.get_world_size(self.group) > 1:
             for tensor in tensors:
                 dist.broadcast(tensor, group=self.group, group_src=0)
