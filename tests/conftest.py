@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from shoal.observe.metrics import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 SHOAL = str(Path(sys.executable).parent / "shoal")
 
@@ -53,15 +55,58 @@ def shoal(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) 
                           env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
 
 
-def wait_for(condition, timeout: float, what: str):
-    """Poll `condition` (files and logs written by other processes: no event to wait on)."""
+def wait_for(condition, timeout: float = 30.0, what: str = "the condition", poll: float = 0.05):
+    """Poll `condition` until it is true and return its value (files and logs written by other
+    processes, a peer's state: no event to wait on); the timeout only bounds a hang."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(poll)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def metric_records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The records of a run directory's metrics.jsonl (all, or those of one `kind`: "train", "eval",
+    "event", ...), read by the package's own reader."""
+    return [r for r in read_metrics(run_dir) if kind is None or r.get("kind") == kind]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """{step: loss} of a run's training records."""
+    return {r["step"]: r["loss"] for r in metric_records(run_dir, "train")}
+
+
+def one_process_trainer(cfg, run_dir: Path, *, master: bool = True):
+    """The real Trainer wired as a worker wires it (data, model, composition), on one rank in this
+    process: the reference a multi-process run is compared with, and the unit tests' Trainer."""
+    import torch
+
+    from shoal.data import build_dataset
+    from shoal.models import build_model
+    from shoal.parallel.compose import parallelize
+    from shoal.runtime.mesh import ParallelDims
+    from shoal.train import Placement, Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
+    model = build_model(cfg.model, spec)
+    device = torch.device("cpu")
+    composed = parallelize(model, ParallelDims.from_config(cfg.parallel, 1), None, cfg, device)
+    torch.manual_seed(cfg.train.seed)
+    where = Placement(dp_rank=0, dp_size=1, rank=0, device=device, master=master)
+    return Trainer(cfg, composed, train_set, val_set, placement=where, run_dir=run_dir)
+
+
+# A small fault-tolerant `shoal run` job: an MLP on synthetic data, a step timeout of 3 s.
+FAULT_TOLERANT_JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
+                      "train.eval_every=0", "fault.enabled=true", "fault.step_timeout=3"]
+
+
+def fault_tolerant_job(*overrides: str) -> list[str]:
+    """FAULT_TOLERANT_JOB with `overrides` after it (a later key=value wins)."""
+    return [*FAULT_TOLERANT_JOB, *overrides]
 
 
 def sigint_default() -> None:

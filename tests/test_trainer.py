@@ -3,24 +3,16 @@
 import math
 
 import pytest
-import torch
 
 from shoal import config
-from shoal.data import build_dataset
-from shoal.models import build_model
-from shoal.parallel.compose import ParallelModel
-from shoal.train import Placement, Trainer, lr_at
+from shoal.train import lr_at
+from tests.conftest import metric_records, one_process_trainer
 
 
 def make_trainer(tmp_path, *overrides):
     cfg = config.load(None, ["model.name=mlp", "data.source=synthetic", "data.num_samples=512",
                              "train.batch_size=16", "train.warmup_steps=2", "train.eval_every=0", *overrides])
-    torch.manual_seed(cfg.train.seed)
-    train, val, spec = build_dataset(cfg.data, cfg.train.seed)
-    model = build_model(cfg.model, spec)
-    where = Placement(dp_rank=0, dp_size=1, rank=0, device=torch.device("cpu"), master=True)
-    return Trainer(cfg, ParallelModel(module=model, model_parts=[model]), train, val, placement=where,
-                   run_dir=tmp_path)
+    return one_process_trainer(cfg, tmp_path)
 
 
 def test_lr_warms_up_then_decays_to_the_floor():
@@ -48,5 +40,4 @@ def test_evaluation_does_not_disturb_training(tmp_path):
     plain = make_trainer(tmp_path / "a", "train.steps=6").fit()
     with_eval = make_trainer(tmp_path / "b", "train.steps=6", "train.eval_every=2").fit()
     assert with_eval == plain
-    records = (tmp_path / "b" / "metrics.jsonl").read_text()
-    assert records.count('"kind": "eval"') == 3
+    assert len(metric_records(tmp_path / "b", "eval")) == 3

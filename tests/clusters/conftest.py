@@ -1,14 +1,13 @@
 """Shared by the cluster tests: two network namespaces as two hosts, and `shoal run`'s losses
 on the same 2-worker layout, which every cluster path must reproduce."""
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, shoal
+from tests.conftest import TINY, metric_records, shoal
 from tests.e2e.conftest import two_hosts  # noqa: F401  (a fixture, re-exported for these tests)
 
 STEPS = 3
@@ -18,8 +17,7 @@ BIN = str(Path(sys.executable).parent)
 
 
 def train_losses(run_dir: Path) -> list[float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["loss"] for r in records if r.get("kind") == "train"]
+    return [r["loss"] for r in metric_records(run_dir, "train")]
 
 
 def node_env(**variables: str) -> dict[str, str]:

@@ -11,7 +11,7 @@ from shoal import cli
 from shoal import config as config_module
 from shoal.observe import rundir
 from tests.clusters.conftest import RUN, train_losses
-from tests.conftest import free_port
+from tests.conftest import free_port, metric_records
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.train.torch")
@@ -64,8 +64,7 @@ def test_ray_workers_train_like_shoal_run(tmp_path, reference_losses, local_ray)
     # `shoal run --ray --resume`, two steps further: Ray's workers continue from that checkpoint.
     assert cli.main(["run", *RUN, "train.steps=5", "log.name=ray", f"log.dir={tmp_path / 'runs'}", "--ray",
                      "--resume"]) == 0
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "train"]
+    steps = [r["step"] for r in metric_records(run_dir, "train")]
     assert steps == [1, 2, 3, 4, 5] and train_losses(run_dir)[:3] == losses
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
 

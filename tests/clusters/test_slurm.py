@@ -1,7 +1,6 @@
 """A real SLURM cluster on this machine (slurmctld and two slurmd, as root) runs the sbatch
 script that `shoal render slurm` writes; the job trains like `shoal run`."""
 
-import json
 import os
 import shutil
 import signal
@@ -12,7 +11,7 @@ import pytest
 
 from shoal import cli
 from tests.clusters.conftest import RUN, node_env, train_losses
-from tests.conftest import TINY, free_port, wait_for
+from tests.conftest import TINY, free_port, metric_records, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -136,8 +135,7 @@ def test_a_slurm_job_signalled_like_a_preemption_stops_with_a_checkpoint_and_con
     finished(job_id, env)
     output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert "stopped by SIGTERM" in output, output[-3000:]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "train"]
+    steps = [r["step"] for r in metric_records(run, "train")]
     stopped = steps[-1]
     assert steps == list(range(1, stopped + 1)) and stopped < 100000
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "meta.json").is_file()
@@ -151,6 +149,5 @@ def test_a_slurm_job_signalled_like_a_preemption_stops_with_a_checkpoint_and_con
     state = finished(submit(again, env), env)
     output = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
     assert state == "COMPLETED", output[-3000:]
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line).get("kind") == "train"]
+    steps = [r["step"] for r in metric_records(run, "train")]
     assert steps == list(range(1, stopped + 3))  # every step once: nothing repeated, nothing lost

@@ -8,14 +8,9 @@ from pathlib import Path
 import pytest
 
 from shoal.data.prepare import prepare
-from tests.conftest import TINY, shoal
+from tests.conftest import TINY, shoal, train_losses
 
 pytestmark = pytest.mark.e2e
-
-
-def train_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
 @pytest.fixture

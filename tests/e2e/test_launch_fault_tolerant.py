@@ -15,14 +15,12 @@ from pathlib import Path
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import SHOAL, free_port, torch_threads, wait_for
+from tests.conftest import SHOAL, fault_tolerant_job, free_port, torch_threads, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 STEPS = 2000  # enough steps for the replacement to train 10 with the first host after it is admitted
-JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
-       "train.eval_every=0", f"train.steps={STEPS}", "launch.nproc=1", "fault.enabled=true",
-       "fault.step_timeout=3", "log.progress=off", "checkpoint.every=0"]
+JOB = fault_tolerant_job(f"train.steps={STEPS}", "launch.nproc=1", "log.progress=off", "checkpoint.every=0")
 
 
 class Launcher:

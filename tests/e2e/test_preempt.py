@@ -4,7 +4,6 @@ continue, and `--resume` repeats the uninterrupted run's losses bit for bit."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -13,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, shoal, wait_for
+from tests.conftest import SHOAL, TINY, shoal, train_losses, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 STEPS = 40
-
-
-def losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
 def workers_of(launcher: int) -> list[int]:
@@ -40,12 +34,12 @@ def test_sigterm_at_a_random_step_stops_with_a_checkpoint_and_resumes_exactly(tm
     stop_after = random.Random().randint(3, STEPS - 10)
     full = shoal("run", *TINY, f"train.steps={STEPS}", "log.name=full", cwd=tmp_path)
     assert full.returncode == 0, full.stderr
-    reference = losses(tmp_path / "runs" / "full")
+    reference = train_losses(tmp_path / "runs" / "full")
 
     run = tmp_path / "runs" / "pre"
     job = start("pre", f"train.steps={STEPS}", cwd=tmp_path)
     try:
-        wait_for(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= stop_after, 120,
+        wait_for(lambda: (run / "metrics.jsonl").exists() and len(train_losses(run)) >= stop_after, 120,
                  f"step {stop_after}")
         # The whole job is signalled, as a pod deletion or `scancel` does: the workers are held with
         # SIGSTOP meanwhile so the signal lands at a known step, whatever the machine's speed.
@@ -53,7 +47,7 @@ def test_sigterm_at_a_random_step_stops_with_a_checkpoint_and_resumes_exactly(tm
         assert len(workers) == 2, workers
         for pid in workers:
             os.kill(pid, signal.SIGSTOP)
-        at = max(losses(run))
+        at = max(train_losses(run))
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
         job.send_signal(signal.SIGTERM)
@@ -72,19 +66,19 @@ def test_sigterm_at_a_random_step_stops_with_a_checkpoint_and_resumes_exactly(tm
 
     resumed = shoal("run", *TINY, f"train.steps={STEPS}", "log.name=pre", "--resume", str(run), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert losses(run) == reference  # every step once, each with the uninterrupted loss
+    assert train_losses(run) == reference  # every step once, each with the uninterrupted loss
 
 
 def test_sigterm_to_one_worker_stops_them_all_with_a_checkpoint(tmp_path):
     run = tmp_path / "runs" / "one"
     job = start("one", "train.steps=100000", cwd=tmp_path)
     try:
-        wait_for(lambda: (run / "metrics.jsonl").exists() and len(losses(run)) >= 2, 120, "training")
+        wait_for(lambda: (run / "metrics.jsonl").exists() and len(train_losses(run)) >= 2, 120, "training")
         os.kill(workers_of(job.pid)[-1], signal.SIGTERM)  # rank 1 alone: the ranks agree in the next all-reduce
         _, stderr = job.communicate(timeout=120)
     finally:
         job.kill()
     assert job.returncode == 128 + signal.SIGTERM, stderr
     saved = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert len(saved) == 1 and int(saved[0].split("_")[1]) == max(losses(run)), (saved, max(losses(run)))
+    assert len(saved) == 1 and int(saved[0].split("_")[1]) == max(train_losses(run)), (saved, max(train_losses(run)))
     assert "shoal: stopped by SIGTERM" in stderr and "Traceback" not in stderr, stderr

@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import pytest
 
-from tests.conftest import SHOAL
+from tests.conftest import SHOAL, metric_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -59,6 +59,5 @@ def test_diloco_replicas_drop_out_and_rejoin_at_outer_syncs(tmp_path):
         assert "joined during the outer sync" in logs
     assert out.stderr.count("state from worker") >= 2  # each replacement received the outer state
 
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-              if r.get("kind") == "train"]
+    losses = [r["loss"] for r in metric_records(run, "train")]
     assert losses[-1] < 0.8 * losses[0], (losses[0], losses[-1])

@@ -12,13 +12,12 @@ import sys
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import ROOT, SHOAL, sigint_default, wait_for
+from tests.conftest import ROOT, SHOAL, fault_tolerant_job, sigint_default, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
 
-JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
-       "train.eval_every=0", "train.steps=1000000", "launch.threads=1", "launch.nproc=2", "fault.enabled=true",
-       "fault.max_workers=3", "fault.step_timeout=3", "log.progress=off"]
+JOB = fault_tolerant_job("train.steps=1000000", "launch.threads=1", "launch.nproc=2", "fault.max_workers=3",
+                         "log.progress=off")
 
 
 def test_two_grow_to_three_and_shrink_to_two(tmp_path):

@@ -12,13 +12,11 @@ import subprocess
 import pytest
 
 from shoal.fault.audit import audit, read_records
-from tests.conftest import SHOAL, wait_for
+from tests.conftest import SHOAL, fault_tolerant_job, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-JOB = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
-       "train.eval_every=0", "train.steps=1000000", "launch.nproc=3", "fault.enabled=true",
-       "fault.step_timeout=3", "log.progress=off", "checkpoint.every=0"]
+JOB = fault_tolerant_job("train.steps=1000000", "launch.nproc=3", "log.progress=off", "checkpoint.every=0")
 
 
 def test_sigterm_to_a_worker_is_a_clean_leave_and_to_the_launcher_a_checkpointed_stop(tmp_path):

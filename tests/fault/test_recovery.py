@@ -12,22 +12,14 @@ import os
 import subprocess
 
 import pytest
-import torch
 
 from shoal import config
-from shoal.data import build_dataset
 from shoal.fault.audit import audit
-from shoal.models import build_model
-from shoal.parallel.compose import parallelize
-from shoal.runtime.mesh import ParallelDims
-from shoal.train import Placement, Trainer
-from tests.conftest import SHOAL, threads_for, torch_threads
+from tests.conftest import SHOAL, fault_tolerant_job, one_process_trainer, threads_for, torch_threads
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
-FT = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32",
-      "train.warmup_steps=2", "train.eval_every=0", "train.lr=1e-3", "fault.enabled=true",
-      "fault.step_timeout=3", "log.progress=plain"]
+FT = fault_tolerant_job("train.lr=1e-3", "log.progress=plain")
 
 # In order; each waits for the group to be whole again (size=3) and for the one before it.
 SCENARIO = ";".join([
@@ -44,15 +36,8 @@ STEPS = 900
 
 def one_process_final_loss(overrides: list[str], tmp_path) -> tuple[float, int]:
     """The same training in this process, one rank, no failures: the reference."""
-    cfg = config.load(None, overrides)
-    torch.manual_seed(cfg.train.seed)
-    train_set, val_set, spec = build_dataset(cfg.data, cfg.train.seed)
-    model = build_model(cfg.model, spec)
-    pm = parallelize(model, ParallelDims.from_config(cfg.parallel, 1), None, cfg, torch.device("cpu"))
-    torch.manual_seed(cfg.train.seed)
-    placement = Placement(dp_rank=0, dp_size=1, rank=0, device=torch.device("cpu"), master=False)
-    trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=tmp_path)
-    return trainer.fit()[-1], len(train_set)
+    trainer = one_process_trainer(config.load(None, overrides), tmp_path, master=False)
+    return trainer.fit()[-1], len(trainer.train_set)
 
 
 def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):

@@ -14,13 +14,11 @@ import subprocess
 import pytest
 
 from shoal.launch.restarts import RestartPolicy
-from tests.conftest import ROOT, SHOAL, wait_for
+from tests.conftest import ROOT, SHOAL, fault_tolerant_job, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 
-FT = ["model.name=mlp", "data.source=synthetic", "train.batch_size=32", "train.warmup_steps=2",
-      "train.eval_every=0", "launch.nproc=2", "fault.enabled=true", "fault.step_timeout=3", "log.progress=off",
-      "checkpoint.every=0"]
+FT = fault_tolerant_job("launch.nproc=2", "log.progress=off", "checkpoint.every=0")
 
 
 def test_policy_has_no_lifetime_cap_backs_off_crashes_and_keeps_a_rate_budget():

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from shoal import config
 from shoal.data.sampler import ShardedSampler
 from shoal.fault.elastic import Replicas, StoreLost
-from tests.conftest import SHOAL, shoal, wait_for
+from tests.conftest import SHOAL, metric_records, shoal, wait_for
 from tests.fault.test_recovery import FT
 from tests.world import run_world
 
@@ -64,8 +64,9 @@ def kill_launcher(launcher: subprocess.Popen) -> None:
 
 def train_losses(run: Path) -> list[tuple[int, float]]:
     """(step, loss) of every training record in the metrics, in the order they were written."""
-    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if r.get("kind") == "train"]
+    if not (run / "metrics.jsonl").exists():
+        return []
+    return [(r["step"], r["loss"]) for r in metric_records(run, "train")]
 
 
 def exit_codes(pids: list[int], timeout: float) -> dict[int, int]:

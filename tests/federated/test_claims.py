@@ -5,7 +5,6 @@ but the per-site median and spread recorded beside it show the honest federation
 
 from __future__ import annotations
 
-import json
 import threading
 
 import pytest
@@ -16,6 +15,7 @@ from shoal.federated import federation_pb2_grpc as pb_grpc
 from shoal.federated.client import FederatedClient
 
 from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records
 
 HUGE_VAL = 10 ** 8  # within federated.max_samples: the Join is honest-looking, the weight enormous
 
@@ -56,7 +56,7 @@ def test_forged_evaluation_claims_are_refused_or_outvoted(tmp_path, certs_dir):
     assert not acks[0].accepted and "accuracy = 1000000000000000.0 is outside [0, 1]" in acks[0].reason
     assert not acks[1].accepted and "loss = -5.0 is negative" in acks[1].reason
     assert acks[2].accepted
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)
     last = rows[-1]
     assert last["eval_accuracy"] < 1e-4  # the declared count owns the weighted mean...

@@ -21,6 +21,7 @@ from shoal.federated.client import FederatedClient
 from shoal.federated.rounds import check_federated
 
 from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records
 
 
 def test_a_config_one_dropout_would_freeze_is_refused():
@@ -54,7 +55,7 @@ def test_krum_short_of_updates_falls_back_to_the_median(tmp_path, certs_dir, cap
         assert done.wait(120)
     finally:
         stop_federation(server, driver, done)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert rows[0]["answered"] == 2 and rows[0]["fallback"] == "coordinate median"
     assert "round 1: 2 updates, fewer than the 3 that krum with byzantine = 0 needs; this round takes the " \
            "coordinate-wise median instead" in caplog.text

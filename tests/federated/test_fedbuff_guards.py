@@ -7,7 +7,6 @@ keeps it."""
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
@@ -22,6 +21,7 @@ from shoal.federated import transport
 from shoal.federated.client import FederatedClient
 
 from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records
 
 VERSIONS = 5
 
@@ -56,7 +56,7 @@ def test_a_fast_scaling_site_is_capped_and_bounded(tmp_path, certs_dir, caplog):
         assert done.wait(120)
     finally:
         stop_federation(server, driver, done)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert [r["round"] for r in rows] == list(range(1, VERSIONS + 1))  # it ran to the end with the honest sites
     # three sites, three slots: one each; once gamma's updates are refused it no longer counts, so two each
     assert rows[0]["share"] == 1 and all(r["share"] <= 2 for r in rows)

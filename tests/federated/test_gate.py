@@ -5,7 +5,6 @@ that arrives while the table of unauthenticated connections is full retries with
 
 from __future__ import annotations
 
-import json
 import logging
 import select
 import socket
@@ -19,6 +18,7 @@ from shoal.federated.client import FederatedClient
 from shoal.federated.gate import check_descriptors
 
 from fed_helpers import start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records, wait_for
 
 PER_PEER, TOTAL, HANDSHAKE = 4, 24, 3.0
 FLOOD = 300  # from one address
@@ -34,13 +34,6 @@ def half_open(source: str, port: int) -> socket.socket:
     except OSError:
         pass  # refused before the connect returned: counted as closed below
     return sock
-
-
-def wait_for(condition, what: str, limit: float = 30.0) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 def closed_by_server(socks: list[socket.socket], limit: float) -> int:
@@ -78,12 +71,12 @@ def test_half_open_floods_are_capped_and_timed_out_and_honest_sites_get_in(tmp_p
     try:
         started = time.monotonic()
         flood = [half_open("127.0.0.2", port) for _ in range(FLOOD)]
-        wait_for(lambda: gate.refused + gate.admitted >= FLOOD, "the gate did not answer the flood")
+        wait_for(lambda: gate.refused + gate.admitted >= FLOOD, 30, "the gate did not answer the flood")
         # the cap holds at any speed: PER_PEER at once, renewed only as the deadline frees them
         assert gate.admitted <= PER_PEER * (1 + int((time.monotonic() - started) / HANDSHAKE))
         assert gate.refused >= FLOOD - gate.admitted > 0 and gate.pending["127.0.0.2"] <= PER_PEER
         flood += [half_open(source, port) for source in SPREAD for _ in range(PER_PEER)]
-        wait_for(lambda: gate.refused + gate.admitted >= len(flood), "the gate did not answer the spread")
+        wait_for(lambda: gate.refused + gate.admitted >= len(flood), 30, "the gate did not answer the spread")
         assert sum(gate.pending.values()) <= TOTAL
         client = FederatedClient(cfg, str(write_site(tmp_path / "alpha", 60, seed=0)), f"127.0.0.1:{port}", "alpha")
         threading.Thread(target=client.run, args=(60.0,), daemon=True).start()
@@ -94,7 +87,7 @@ def test_half_open_floods_are_capped_and_timed_out_and_honest_sites_get_in(tmp_p
         for sock in flood:
             sock.close()
         stop_federation(server, driver, done)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert rows[0]["answered"] == 1
     assert caplog.text.count("refused a connection from 127.0.0.2 before authentication") == 1  # logged once
     assert "(federated.max_pending_per_peer)" in caplog.text and "(federated.max_pending)" in caplog.text

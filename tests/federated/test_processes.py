@@ -6,12 +6,10 @@ must close with the other three and give exactly their sample-weighted mean.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 from safetensors.torch import load, load_file
 
 from fed_helpers import write_config, write_site
-from tests.conftest import free_port
+from tests.conftest import free_port, metric_records, wait_for
 
 pytestmark = pytest.mark.e2e
 ROWS = {"alpha": 200, "beta": 300, "gamma": 400, "delta": 16_000}  # delta trains long enough to be killed mid-round
@@ -30,14 +28,6 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "shoal.cli", "fed", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env=env)
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
 
 
 def read(path: Path) -> str:
@@ -93,14 +83,10 @@ def knock(port: int, certs_dir: Path) -> None:
                                                      timeout=10)
 
 
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_round_closes_without_the_killed_client_and_equals_the_weighted_mean(federations):
     root, runs, procs = federations
     assert procs["plain-server"].returncode == 0, read(root / "plain-server.out")
-    rows = metrics(runs["plain"])
+    rows = metric_records(runs["plain"])
     assert [r["round"] for r in rows] == [1, 2, 3]
     assert rows[0]["answered"] >= 3 and rows[1]["answered"] >= 3 and rows[2]["answered"] == 3
     log = read(runs["plain"] / "server.log")

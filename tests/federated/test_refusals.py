@@ -9,7 +9,6 @@ and a huge update under a bound set too loose (the new global model is refused i
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
@@ -27,6 +26,7 @@ from shoal.federated.client import FederatedClient
 from shoal.federated.strategies import ClientUpdate, build_strategy
 
 from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records
 
 ROWS = {"alpha": 80, "beta": 120}  # honest sites; 25% of rows are held out
 GAMMA_SAMPLES, GAMMA_VAL = 50, 10
@@ -134,14 +134,14 @@ def test_joins_cannot_crash_the_server_or_shape_the_model(attacked):
     assert "federated.max_samples" in refusals["samples"][1]
     log = "\n".join(records)
     assert "refused client 'gamma'" in log and "'alpha' joined" in log and "'beta' joined" in log
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]  # the federation ran with the server's shape
 
 
 def test_a_huge_update_is_dropped_and_the_round_is_the_honest_mean(attacked):
     driver, run_dir, tmp, seen, records = attacked
     assert seen["ack_huge"].accepted  # well-formed: only the aggregator's norm bound can tell
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert rows[0]["dropped"] == ["gamma"] and rows[0]["answered"] == 3
     assert any("dropped the updates of ['gamma']" in r for r in records)
     sent = {s: load((tmp / "audit" / s / "round-0001.safetensors").read_bytes()) for s in ROWS}

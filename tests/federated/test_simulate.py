@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import pytest
 
 from shoal.config import ConfigError, load
 from shoal.federated.simulate import simulate
+from tests.conftest import metric_records
 
 BASE = ["model.name=mlp", "model.dim=32", "model.n_layers=1", "train.optimizer=sgd", "train.lr=0.1",
         "train.batch_size=16", "train.weight_decay=0.0", "federated.rounds=3", "federated.local_epochs=2",
@@ -26,7 +26,7 @@ def run(tmp_path, name, *overrides, **kwargs):
 @pytest.mark.slow
 def test_fedavg_learns_on_label_skewed_clients(tmp_path):
     summary, run_dir = run(tmp_path, "skew", "federated.partition=dirichlet", "federated.dirichlet_alpha=0.5")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_records(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3] and all(r["sampled"] == 20 for r in rows)
     assert rows[-1]["eval_accuracy"] > 0.6 and rows[-1]["eval_loss"] < rows[0]["eval_loss"]
     assert summary["workers"] == 2 and (run_dir / "model.safetensors").exists()

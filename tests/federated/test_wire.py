@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 
@@ -19,6 +18,7 @@ from shoal.federated import transport
 from shoal.federated.client import FederatedClient
 
 from fed_helpers import channel, start_federation, stop_federation, write_config, write_site
+from tests.conftest import metric_records
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_secure_aggregation_with_dp_through_real_clients(tmp_path, certs_dir, ca
         for t in threads:
             t.start()
         assert done.wait(120)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_records(run_dir)
         assert [r["answered"] for r in rows] == [3, 3]
         assert 0 < rows[0]["epsilon"] < rows[1]["epsilon"] < float("inf")
         # what left a site is a masked vector of uniform 64-bit words, never a model
@@ -154,7 +154,7 @@ def test_fedbuff_applies_buffers_of_stale_updates(tmp_path, certs_dir):
         for client in clients:
             threading.Thread(target=client.run, args=(60.0,), daemon=True).start()
         assert done.wait(120)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_records(run_dir)
         assert [r["round"] for r in rows] == [1, 2, 3, 4]
         assert all(r["answered"] == 2 and len(r["staleness"]) == 2 for r in rows)
         assert all(0 <= s <= 3 for r in rows for s in r["staleness"])
@@ -182,7 +182,7 @@ def test_large_model_and_client_errors_with_traceback(tmp_path, certs_dir, caplo
         threading.Thread(target=alpha.run, args=(60.0,), daemon=True).start()
         threading.Thread(target=beta.run, args=(60.0,), daemon=True).start()
         assert done.wait(120)
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_records(run_dir)
         assert all(r["answered"] == 1 for r in rows)
         assert "client beta failed in round" in caplog.text
         assert "Traceback" in caplog.text and "FileExistsError" in caplog.text

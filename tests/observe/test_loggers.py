@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHOAL
+from tests.conftest import ROOT, SHOAL, train_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -39,8 +39,7 @@ def test_mlflow_run_reads_back_through_mlflow_client(tmp_path):
     assert run.data.params["train.steps"] == "20" and run.data.params["model.name"] == "mlp"
     loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in loss] == [5, 10, 15, 20]  # sampled every log.every steps, as TensorBoard is
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
+    by_step = train_losses(run_dir)
     assert all(abs(m.value - by_step[m.step]) < 1e-9 for m in loss)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/val_loss")] == [10, 20]
     assert client.get_metric_history(run.info.run_id, "ranks/compute_max")
@@ -86,8 +85,7 @@ def test_wandb_offline_run_reads_back_from_its_run_file(tmp_path):
                for r in records if r.WhichOneof("record_type") == "history"]
     losses = {h["step"]: h["train/loss"] for h in history if "train/loss" in h}
     assert sorted(losses) == [5, 10, 15, 20]
-    logged = {r["step"]: r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-              if r.get("kind") == "train"}
+    logged = train_losses(run_dir)
     assert all(abs(value - logged[step]) < 1e-6 for step, value in losses.items())
     assert [h["step"] for h in history if "eval/val_loss" in h] == [10, 20]
     assert [h["events/checkpoint"] for h in history if "events/checkpoint" in h] == [1, 2]

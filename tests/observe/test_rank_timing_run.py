@@ -5,13 +5,12 @@ in `shoal report`."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, SHOAL
+from tests.conftest import ROOT, SHOAL, metric_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -26,8 +25,7 @@ def shoal_run(args: list[str], cwd, slow_rank: int) -> tuple[subprocess.Complete
     out = subprocess.run([SHOAL, "run", *JOB, *args], cwd=cwd, capture_output=True, text=True, timeout=200,
                          stdin=subprocess.DEVNULL, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    path = cwd / "runs" / "quickstart" / "metrics.jsonl"
-    return out, [json.loads(line) for line in path.read_text().splitlines()]
+    return out, metric_records(cwd / "runs" / "quickstart")
 
 
 def test_ddp_slow_rank_arrives_late_and_is_named(tmp_path):

@@ -20,7 +20,7 @@ from shoal.config import ConfigError
 from shoal.sites import wire
 from shoal.sites.certs import make_site_certs, revoke_site
 from shoal.sites.plane import SitePlane
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_for
 
 LIMIT = wire.message_limit(1000)
 
@@ -58,13 +58,6 @@ def exchange_all(sites: dict[str, SitePlane], round_: int, payloads: dict[str, b
     for thread in threads:
         thread.join(30)
     return results
-
-
-def wait_for(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.02)
 
 
 def test_three_sites_exchange_every_outer_gradient(certs_dir):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shoal.sites.certs import make_site_certs
-from tests.conftest import SHOAL, TINY, free_port, shoal, wait_for
+from tests.conftest import SHOAL, TINY, free_port, shoal, train_losses, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +27,6 @@ def site_args(name: str, ports: dict[str, int], certs: Path, *extra: str) -> lis
     peers = ",".join(f"{p}=127.0.0.1:{port}" for p, port in ports.items() if p != name)
     return [*TINY, *DILOCO, f"log.name={name}", f"sites.name={name}", f"sites.listen=127.0.0.1:{ports[name]}",
             f"sites.peers={peers}", f"sites.certs={certs}", *extra]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if row.get("kind") == "train"}
 
 
 def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -54,7 +49,7 @@ def test_two_sites_over_tls_reach_the_losses_of_one_gloo_job(tmp_path):
         assert proc.wait(240) == 0, (tmp_path / f"{name}.out").read_text()[-3000:]
     out_a = (tmp_path / "a.out").read_text()
     assert out_a.count("with every site") == 4, out_a  # rounds after steps 5, 10, 15, 20
-    la, lb, lp = (losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
+    la, lb, lp = (train_losses(tmp_path / "runs" / n) for n in ("a", "b", "plain"))
     assert sorted(lp) == sorted(la) == sorted(lb) == list(range(1, 21))
     for step in lp:
         both = (la[step] + lb[step]) / 2  # float32 losses: their float64 mean is exact, as the job's
@@ -68,11 +63,11 @@ def read(path: Path) -> str:
 
 def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
     """Site a (2 workers: DDP inside, the average broadcast over its Gloo) and site b (1 worker):
-    b is killed mid-run, a goes on alone; b is started again and joins with a's outer model."""
+    b is killed mid-run, a goes on alone; b is resumed and joins with a's outer model."""
     certs = tmp_path / "certs"
     make_site_certs(certs, ["a", "b"])
     ports = {"a": free_port(), "b": free_port()}
-    long = ["train.steps=100000", "sites.grace_seconds=2"]
+    long = ["train.steps=100000", "sites.grace_seconds=2", "checkpoint.every=5", "checkpoint.keep=2"]
     a_out, b_out, b2_out = tmp_path / "a.out", tmp_path / "b.out", tmp_path / "b2.out"
     a = start(site_args("a", ports, certs, *long, "launch.nproc=2"), tmp_path, a_out)
     b = start(site_args("b", ports, certs, *long, "launch.nproc=1"), tmp_path, b_out)
@@ -84,8 +79,11 @@ def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
         wait_for(lambda: "lost the link to site b" in read(a_out), 60, "a to notice b's death")
         seen = read(a_out).index("lost the link to site b")
         wait_for(lambda: "averaged over sites a\n" in read(a_out)[seen:], 60, "a to go on alone")
-        b2 = start(site_args("b", ports, certs, *long, "launch.nproc=1", "log.name=b2"), tmp_path, b2_out)
+        # b resumes from its own checkpoint (taken after every round: its data position goes on from
+        # there, nothing it contributed is read again) and takes a's newer outer model.
+        b2 = start(site_args("b", ports, certs, *long, "launch.nproc=1", "--resume"), tmp_path, b2_out)
         wait_for(lambda: "with site a's outer model and momentum" in read(b2_out), 240, "b to join")
+        assert "resumed from" in read(b2_out)
         assert "sent site b the state after outer round" in read(a_out)
         joined = read(a_out).rindex("sent site b the state after outer round")
         wait_for(lambda: "with every site" in read(a_out)[joined:], 120, "a round of both sites again")

@@ -6,11 +6,10 @@ The defaults (H = 30, int8 outer gradients, the outer step tuned for 2 replicas)
 
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from tests.conftest import shoal
+from tests.conftest import metric_records, shoal
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -22,8 +21,7 @@ JOB = ["model.name=gpt", "model.flavour=debug", "model.dim=64", "model.n_layers=
 
 
 def final_val_loss(run_dir) -> float:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["val_loss"] for r in records if r.get("kind") == "eval"][-1]
+    return metric_records(run_dir, "eval")[-1]["val_loss"]
 
 
 def test_diloco_defaults_land_within_3_percent_of_ddp(tmp_path):
