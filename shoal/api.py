@@ -29,7 +29,6 @@ model instances are refused with a message saying so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -145,24 +144,15 @@ def _train_here(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
 
 
 def _launch(cfg: Config, resume: str | None, verbose: bool) -> TrainResult:
-    # the same steps as `shoal run` (shoal/cli.py): checks, run directory, launcher
-    from shoal import cli
-    from shoal.launch.local import Rendezvous
-    if cfg.fault.enabled:
-        from shoal.launch.supervisor import check_fault_tolerant
-        if not check_fault_tolerant(cfg, cfg.launch.nproc, None):
-            cli._check_before_launch(cfg, cfg.launch.nproc)
-    else:
-        cli._check_before_launch(cfg, cfg.launch.nproc)
-    run_dir = cli._prepare_run(cfg, resume, exact_name=False)
-    args = argparse.Namespace(resume=resume and str(run_dir), verbose=verbose, chaos=None, command="run")
-    code = cli._start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
+    # the same steps as `shoal run`: checks, run directory, launcher (shoal/launch/run.py)
+    from shoal.launch.run import Invocation, start_local
+    code, run_dir = start_local(cfg, Invocation(command="run", resume=resume, verbose=verbose))
     return _result(code, run_dir, f"worker logs in {run_dir / 'logs'}")
 
 
 def _launch_on_ray(cfg: Config, address: str | None, resume: str | None) -> TrainResult:
-    from shoal import cli
-    code, run_dir = cli._start_on_ray(cfg, address, resume)  # as `shoal run --ray` does
+    from shoal.launch.run import start_on_ray
+    code, run_dir = start_on_ray(cfg, address, resume)  # as `shoal run --ray` does
     return _result(code, run_dir, "Ray's error is printed above")
 
 

@@ -13,95 +13,17 @@ from pathlib import Path
 
 from shoal import config as config_module
 from shoal.config import USER_ERROR, ConfigError
+from shoal.launch.run import (Invocation, check_run, load_config, prepare_run_dir, start_local, start_on_ray,
+                              start_workers)
 
-QUICKSTART = Path(__file__).parent / "examples" / "quickstart.toml"
 # Commands that live with their feature; each module has register(subparsers).
 FEATURE_COMMANDS = ("shoal.plan.cli", "shoal.federated.cli", "shoal.launch.netbed", "shoal.data.cli",
                     "shoal.export.cli", "shoal.launch.render", "shoal.sites.cli")
 
 
-def _split_config(items: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] [key=value ...]`: the config is the first item that is not an override."""
-    if items and "=" not in items[0]:
-        return items[0], items[1:]
-    return None, items
-
-
-def _load(items: list[str], extra: list[str] | None = None) -> tuple[config_module.Config, str]:
-    path, overrides = _split_config(items)
-    path = path or str(QUICKSTART)
-    return config_module.load(path, overrides + (extra or [])), path
-
-
-def _check_before_launch(cfg: config_module.Config, world_size: int) -> None:
-    """Checks that need the world size, done before any worker starts."""
-    from shoal.parallel.compose import check_layout
-    check_layout(cfg, world_size)
-
-
-def _prepare_run(cfg: config_module.Config, resume: str | None, *, exact_name: bool) -> Path:
-    from shoal.data import check_data
-    from shoal.observe import rundir
-    check_data(cfg)  # shards, tokenizer, columns: before any worker starts
-    if resume:
-        run_dir, checkpoint = rundir.find_resume(cfg, resume)
-        print(f"shoal: resuming {run_dir} from {checkpoint.name}", file=sys.stderr)
-    else:
-        run_dir = rundir.new_run_dir(cfg, exact=exact_name)
-    (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
-    return run_dir
-
-
-def _start(cfg: config_module.Config, run_dir: Path, args, rendezvous) -> int:
-    from shoal.fault.preempt import PREEMPTED_CODES
-    from shoal.launch.local import Stopped, WorkerFailure, launch_workers
-    worker_args = [str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
-    if args.resume:
-        worker_args += ["--resume", str(run_dir)]
-    if args.verbose:
-        worker_args.append("--verbose")
-    if cfg.fault.enabled:  # per-step fault tolerance (shoal/launch/supervisor.py, docs/fault.md)
-        from shoal.launch.supervisor import launch_fault_tolerant, per_step_unsupported
-        if not rendezvous.is_host and not per_step_unsupported(cfg):  # a host adding workers to the job
-            from shoal.launch.remote import join_fault_tolerant
-            return join_fault_tolerant(cfg, worker_args, run_dir, rendezvous.endpoint, verbose=args.verbose)
-        code = launch_fault_tolerant(cfg, worker_args, run_dir, chaos=args.chaos, verbose=args.verbose,
-                                     rendezvous=rendezvous if args.command == "launch" else None)
-        if code is not None:
-            return code
-    try:
-        launch_workers(worker_args, nproc=cfg.launch.nproc, run_dir=run_dir, rendezvous=rendezvous,
-                       max_restarts=cfg.launch.max_restarts, verbose=args.verbose,
-                       grace_seconds=cfg.fault.grace_seconds)
-    except Stopped as stopped:  # SIGTERM/SIGINT/SIGUSR1 to the launcher, forwarded to every worker
-        return _say_stopped(cfg, stopped.signum, run_dir, args)
-    except WorkerFailure as failure:
-        if failure.exitcode == USER_ERROR:  # a user mistake found by a worker: its one-line error
-            print(failure.message, file=sys.stderr)
-            return USER_ERROR
-        if failure.exitcode in PREEMPTED_CODES:  # the signal reached the workers, not this process
-            return _say_stopped(cfg, failure.exitcode - 128, run_dir, args)
-        print(f"shoal: worker rank {failure.rank} failed:\n{failure.message}", file=sys.stderr)
-        return 1
-    print(f"shoal: run directory {run_dir}", file=sys.stderr)
-    return 0
-
-
-def _say_stopped(cfg: config_module.Config, signum: int, run_dir: Path, args) -> int:
-    """One line after a preemption: where the checkpoint is and the command that continues."""
-    import signal as signals
-    from shoal.fault.checkpoint import latest_checkpoint
-    from shoal.observe.rundir import checkpoint_folder
-    checkpoint = latest_checkpoint(checkpoint_folder(cfg, run_dir))
-    where = f"checkpoint {checkpoint.name}" if checkpoint else "no checkpoint was completed"
-    again = " ".join(["shoal", args.command, *args.items, "--resume", str(run_dir)])
-    print(f"shoal: stopped by {signals.Signals(signum).name} ({where}); continue with: {again}", file=sys.stderr)
-    return 128 + signum
-
-
 def _resolve(args) -> config_module.Config | None:
     """The config of `run`/`launch` with --nproc applied; None once --print-config has printed it."""
-    cfg, _ = _load(args.items, [f"launch.nproc={args.nproc}"] if args.nproc else [])
+    cfg, _ = load_config(args.items, [f"launch.nproc={args.nproc}"] if args.nproc else [])
     if args.print_config:
         print(config_module.to_toml(cfg), end="")
         return None
@@ -116,15 +38,6 @@ def _ray_value_is_config(args) -> None:
         args.ray = ""
 
 
-def _start_on_ray(cfg: config_module.Config, address: str | None, resume: str | None) -> tuple[int, Path]:
-    """`shoal run --ray` and `shoal.train(ray=...)`: checks, run directory, Ray Train; (exit code, run dir)."""
-    from shoal.launch.ray import check_ray, run_on_ray
-    check_ray(cfg, address)  # Ray is there and answers, before a run directory is made
-    _check_before_launch(cfg, cfg.launch.nproc)
-    run_dir = _prepare_run(cfg, resume, exact_name=False)
-    return run_on_ray(cfg, run_dir, address=address, resume=bool(resume)), run_dir
-
-
 def cmd_run(args) -> int:
     _ray_value_is_config(args)
     cfg = _resolve(args)
@@ -134,19 +47,13 @@ def cmd_run(args) -> int:
         if args.chaos:
             raise ConfigError("--chaos injects failures into Shoal's own launcher; under --ray, Ray Train owns the "
                               "workers")
-        return _start_on_ray(cfg, args.ray or None, args.resume)[0]
-    per_step = False
-    if cfg.fault.enabled or args.chaos:  # [fault] rules and the chaos spec, before anything starts
-        from shoal.launch.supervisor import check_fault_tolerant
-        per_step = check_fault_tolerant(cfg, cfg.launch.nproc, args.chaos)
-        if per_step:
-            from shoal.launch.workers import start_forkserver
-            start_forkserver()  # workers' torch imports while this process does its own
-    if not per_step:  # per-step replicas split any batch; the other layouts need it to divide
-        _check_before_launch(cfg, cfg.launch.nproc)
-    run_dir = _prepare_run(cfg, args.resume, exact_name=False)
-    from shoal.launch.local import Rendezvous
-    return _start(cfg, run_dir, args, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout))
+        return start_on_ray(cfg, args.ray or None, args.resume)[0]
+    return start_local(cfg, _invocation(args))[0]
+
+
+def _invocation(args) -> Invocation:
+    return Invocation(command=args.command, items=args.items, resume=args.resume, verbose=args.verbose,
+                      chaos=args.chaos)
 
 
 def _place_from_cluster(args) -> None:
@@ -173,16 +80,11 @@ def cmd_launch(args) -> int:
     cfg = _resolve(args)
     if cfg is None:
         return 0
-    per_step = False
-    if cfg.fault.enabled or args.chaos:
-        from shoal.launch.supervisor import check_fault_tolerant
-        if cfg.fault.enabled and not cfg.fault.max_workers:  # room for every host's workers
-            cfg.fault.max_workers = cfg.launch.nproc * args.nnodes
-        per_step = check_fault_tolerant(cfg, cfg.launch.nproc, args.chaos)
-        if args.chaos and args.node_rank:
-            raise ConfigError("--chaos is given to node rank 0's launcher, which injects into its own workers")
-    if not per_step:
-        _check_before_launch(cfg, cfg.launch.nproc * args.nnodes)
+    if cfg.fault.enabled and not cfg.fault.max_workers:  # room for every host's workers
+        cfg.fault.max_workers = cfg.launch.nproc * args.nnodes
+    if args.chaos and args.node_rank:
+        raise ConfigError("--chaos is given to node rank 0's launcher, which injects into its own workers")
+    per_step = check_run(cfg, cfg.launch.nproc * args.nnodes, args.chaos)
     from shoal.launch.nodes import node_rendezvous
     rendezvous = node_rendezvous(args.rdzv, args.nnodes, args.node_rank, cfg.launch.rdzv_timeout,
                                  args.run_id or f"shoal-{cfg.log.name}")
@@ -194,8 +96,8 @@ def cmd_launch(args) -> int:
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
     else:
-        run_dir = _prepare_run(cfg, args.resume, exact_name=True)
-    return _start(cfg, run_dir, args, rendezvous)
+        run_dir = prepare_run_dir(cfg, args.resume, exact_name=True)
+    return start_workers(cfg, run_dir, _invocation(args), rendezvous)
 
 
 def cmd_config(args) -> int:

@@ -104,7 +104,7 @@ def test_a_layout_that_does_not_fit_is_one_line(capsys, target):
 def test_a_node_resumes_once_the_run_has_a_checkpoint(tmp_path):
     """A pod restarted after preemption (or a job submitted again) must continue, not stop on
     'already holds checkpoints': the node command adds --resume when a complete one exists."""
-    from shoal.launch.render import node_command
+    from shoal.launch.render.common import node_command
     fake = tmp_path / "bin" / "shoal"
     fake.parent.mkdir()
     fake.write_text('#!/bin/sh\necho "$@"\n')

@@ -10,23 +10,11 @@ against the config's parallel degrees and batch before anything is written.
 from __future__ import annotations
 
 import argparse
-import re
-import shlex
 import sys
 from pathlib import Path
 
 # The rendezvous port on node rank 0 where the cluster does not choose one (SLURM, SkyPilot).
 DEFAULT_PORT = 29400
-def node_command(cfg) -> str:
-    """The shell command of one node: write the embedded config ($SHOAL_CONFIG) to a fresh file
-    and `exec` `shoal launch` on it (so a preemption's SIGTERM reaches the launcher itself),
-    with --resume when the run's checkpoint folder already holds a complete checkpoint: a pod
-    restarted after preemption, or a job submitted again, continues instead of stopping."""
-    from shoal.observe.rundir import checkpoint_folder
-    folder = shlex.quote(str(checkpoint_folder(cfg, Path(cfg.log.dir) / cfg.log.name)))
-    return ('config=$(mktemp) && printf "%s" "$SHOAL_CONFIG" > "$config" && '
-            f'if ls {folder}/step_*/meta.json >/dev/null 2>&1; then set -- --resume; fi && '
-            'exec shoal launch "$config" "$@"')
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -66,8 +54,8 @@ def _common(p: argparse.ArgumentParser, *, nodes_required: bool) -> None:
 
 def resolve_layout(args: argparse.Namespace):
     """The config as the nodes will run it, checked against nodes x workers per node."""
-    from shoal.cli import _check_before_launch, _load
     from shoal.config import ConfigError
+    from shoal.launch.run import check_before_launch, load_config
 
     if args.nodes < 1:
         raise ConfigError(f"--nodes {args.nodes} must be at least 1")
@@ -78,39 +66,15 @@ def resolve_layout(args: argparse.Namespace):
     extra = [f"launch.nproc={args.gpus_per_node}", "launch.device=cuda"] if args.gpus_per_node else []
     if args.log_dir:
         extra.append(f"log.dir={args.log_dir}")
-    cfg, _ = _load(args.items, extra)
+    cfg, _ = load_config(args.items, extra)
     world = args.nodes * cfg.launch.nproc
     unit = "GPUs" if args.gpus_per_node else "workers"
     try:
-        _check_before_launch(cfg, world)
+        check_before_launch(cfg, world)
     except ConfigError as err:
         raise ConfigError(f"{args.nodes} nodes x {cfg.launch.nproc} {unit} = {world} workers do not fit the "
                           f"config: {err}") from None
     return cfg
-
-
-def dump_yaml(*documents: dict) -> str:
-    """YAML documents with multi-line strings (the config, scripts) as readable `|` blocks."""
-    try:
-        import yaml
-    except ImportError:
-        from shoal.config import ConfigError
-        raise ConfigError("rendering YAML needs PyYAML, which is not installed: pip install 'shoal[k8s]'") from None
-
-    class BlockDumper(yaml.SafeDumper):
-        pass
-
-    def text(dumper, value: str):
-        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
-
-    BlockDumper.add_representer(str, text)
-    return yaml.dump_all(documents, Dumper=BlockDumper, sort_keys=False, width=120)
-
-
-def job_name(cfg) -> str:
-    """A name every target accepts (Kubernetes wants an RFC 1035 label)."""
-    name = re.sub(r"[^a-z0-9-]+", "-", cfg.log.name.lower()).strip("-") or "shoal"
-    return (name if name[0].isalpha() else f"shoal-{name}")[:50].rstrip("-")
 
 
 def run(args: argparse.Namespace) -> int:

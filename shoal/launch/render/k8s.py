@@ -8,7 +8,7 @@ manifest needs no ConfigMap; the run directory (log.dir) must be a volume all po
 
 from __future__ import annotations
 
-from shoal.launch.render import dump_yaml, node_command as shell_command, job_name
+from shoal.launch.render.common import dump_yaml, job_name, node_command as shell_command
 
 # The PyTorchJob operator takes the master's port from the container port of this name.
 PYTORCHJOB_PORT_NAME = "pytorchjob-port"

@@ -9,7 +9,7 @@ that every node mounts (`file_mounts` with mode MOUNT), as checkpoints need one 
 from __future__ import annotations
 
 from shoal.config import ConfigError
-from shoal.launch.render import dump_yaml, node_command, job_name
+from shoal.launch.render.common import dump_yaml, job_name, node_command
 
 FLAGS = """ \\
   --nnodes "$SKYPILOT_NUM_NODES" --node-rank "$SKYPILOT_NODE_RANK" \\

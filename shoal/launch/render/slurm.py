@@ -12,7 +12,7 @@ preemption signals every process of the job) and waits for srun.
 from __future__ import annotations
 
 
-from shoal.launch.render import job_name, node_command
+from shoal.launch.render.common import job_name, node_command
 
 SCRIPT = """#!/bin/bash
 #SBATCH --job-name={name}
