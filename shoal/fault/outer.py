@@ -33,13 +33,11 @@ from torch import nn
 
 from shoal.fault.elastic import GenerationBroken, Replicas
 from shoal.fault.state import TrainingHost, materialize_optimizer_state
-from shoal.sync.diloco import DiLoCo
+from shoal.sync.diloco import WIRE_DTYPE, DiLoCo
 from shoal.sync.encoding import decode_average
 from shoal.sync.outer_settings import outer_options
 
 log = logging.getLogger("shoal")
-
-_WIRE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class ElasticDiLoCo(DiLoCo):
@@ -154,7 +152,7 @@ class ElasticDiLoCo(DiLoCo):
             # The gathered payloads are averaged; scaled by the group size, the average is the sum.
             future = self._gather_encoded(fragment, pseudo * (share * replicas.size))
         else:
-            wire = (pseudo * share).to(_WIRE[self.compression])
+            wire = (pseudo * share).to(WIRE_DTYPE[self.compression])
             future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
         average = replicas.wait(future, "outer sync", step)
         replicas.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)

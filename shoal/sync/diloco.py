@@ -47,7 +47,8 @@ from shoal.sync.replica_state import load_replica_state, local_tensor, make_repl
 __all__ = ["DiLoCo", "local_tensor", "split_fragments"]
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4", *ENCODINGS)
-_WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The dtype a pseudo-gradient travels in for the casts among COMPRESSIONS (the elastic DiLoCo too).
+WIRE_DTYPE = {"none": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def outer_warmup_factor(syncs_done: int, warmup_syncs: int) -> float:
@@ -247,7 +248,7 @@ class DiLoCo(contextlib.AbstractContextManager):
             done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
             done.set_result(quantized_reduce_scatter(pseudo, bits, self.group))
             return done
-        wire = pseudo.to(_WIRE_DTYPE[self.compression])
+        wire = pseudo.to(WIRE_DTYPE[self.compression])
         # Divide before summing: fp16 would overflow on sums of large values.
         wire.div_(dist.get_world_size(self.group))
         work = dist.all_reduce(wire, group=self.group, async_op=True)
