@@ -108,6 +108,29 @@ class LayoutSync:
 
 
 class Trainer:
+    """One worker's training loop (`fit`), its checkpoints and its evaluation.
+
+    What it holds, set in `__init__` and read by the loop:
+        cfg: Config                       the whole run's config (the loop reads cfg.train, cfg.log)
+        model: ParallelModel              the composed model: its parts (pipeline stages) and its loss
+        train_set, val_set                data sources: `len()` and `get(sample ids)` (shoal/data)
+        where: Placement                  this rank, its data-parallel rank and size, its device
+        run_dir: Path                     the run directory (metrics, checkpoints, logs)
+        sync: GradientSync                how replicas agree on a step: LayoutSync, or the fault-tolerant one
+        optimizer: torch.optim.Optimizer  built from cfg.train
+        sampler: ShardedSampler           the global sample order; its position is checkpointed
+        micro_batch: int                  global samples per micro-batch (batch_size // grad_accum)
+        checkpointer: Checkpointer | None saves and loads model, optimizer and `trainer_state()`
+        outer_sync                        an entered DiLoCo / LocalSGD, or None (`attach_outer_sync`)
+        step: int                         optimizer steps taken so far
+        loss_averaged: bool               the last step's loss is already the mean over every rank
+        data_seconds, arrival_seconds, comm_seconds, step_started: float
+                                          where the last step's time went (metrics, shoal/observe/ranks.py)
+        comm_timer: CommTimer | None      times the gradient collectives
+        report: StepReporter | None       while `fit` runs: where events and records go
+        autocast                          bf16 autocast or a null context, from cfg.train.precision
+    """
+
     def __init__(self, cfg: Config, model: ParallelModel, train_set, val_set, *, placement: Placement,
                  run_dir: Path, checkpointer: Checkpointer | None = None, comm_timer: CommTimer | None = None,
                  sync: GradientSync | None = None):
