@@ -78,9 +78,10 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metric_records(run_dir, "train")}
 
 
-def one_process_trainer(cfg, run_dir: Path, *, master: bool = True):
+def one_process_trainer(cfg, run_dir: Path, *, master: bool = True, **trainer_args):
     """The real Trainer wired as a worker wires it (data, model, composition), on one rank in this
-    process: the reference a multi-process run is compared with, and the unit tests' Trainer."""
+    process: the reference a multi-process run is compared with, and the unit tests' Trainer
+    (`trainer_args`, such as sync=, go to the Trainer)."""
     import torch
 
     from shoal.data import build_dataset
@@ -96,7 +97,7 @@ def one_process_trainer(cfg, run_dir: Path, *, master: bool = True):
     composed = parallelize(model, ParallelDims.from_config(cfg.parallel, 1), None, cfg, device)
     torch.manual_seed(cfg.train.seed)
     where = Placement(dp_rank=0, dp_size=1, rank=0, device=device, master=master)
-    return Trainer(cfg, composed, train_set, val_set, placement=where, run_dir=run_dir)
+    return Trainer(cfg, composed, train_set, val_set, placement=where, run_dir=run_dir, **trainer_args)
 
 
 # A small fault-tolerant `shoal run` job: an MLP on synthetic data, a step timeout of 3 s.
