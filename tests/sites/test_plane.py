@@ -45,7 +45,8 @@ def planes(certs_dir: Path, names: list[str], grace: float = 5.0,
     for plane in made.values():
         plane.start()
     for plane in made.values():
-        plane.wait_for_links(10)
+        plane.wait_for_links(60)  # returns as soon as every link is up; the minute is for a loaded machine
+        assert len(plane.linked()) == len(names) - 1, f"site {plane.name} linked only with {plane.linked()}"
     return made
 
 
@@ -56,7 +57,7 @@ def exchange_all(sites: dict[str, SitePlane], round_: int, payloads: dict[str, b
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
+        thread.join(60)
     return results
 
 
@@ -84,7 +85,8 @@ def test_a_missing_site_is_dropped_after_the_grace_window_and_joins_with_the_sta
         assert result.payloads == {"a": b"only-a"}
         assert 1.0 <= waited < 2.0, f"waited {waited:.2f} s with a grace window of 1 s"
         assert "dropped site b from outer round 1: no outer gradient within" in caplog.text
-        # b comes back late: a told it it was left out; b takes a's state after a's next round.
+        # b comes back late (after a's word that it was left out): b takes a's state after a's next round.
+        wait_for(lambda: (wire.DROP, 1, "a") in sites["b"].inbox)
         late = sites["b"].exchange(1, b"late-b")
         assert late.resync_from == "a"
         wait_for(lambda: "b" in sites["a"].linked())  # a dialled b again (a sorts first)
@@ -113,6 +115,25 @@ def test_a_site_revoked_mid_run_is_refused_on_its_next_connection(certs_dir, tmp
         wait_for(lambda: "refused site b at 127.0.0.1" in caplog.text)
         assert "certificate revoked" in caplog.text
         assert sites["a"].linked() == [] and sites["a"].exchange(1, b"x").payloads == {"a": b"x"}
+    finally:
+        for plane in sites.values():
+            plane.close()
+
+
+def test_sites_that_ended_a_round_apart_are_not_averaged_and_the_later_name_gives_way(certs_dir, caplog):
+    caplog.set_level(logging.INFO, logger="shoal.sites")
+    sites = planes(certs_dir, ["a", "b"])
+    try:
+        sites["a"].finish_round(1, b"\x0a" * 32, lambda: b"")
+        sites["b"].finish_round(1, b"\x0b" * 32, lambda: b"")  # a link cut between two halves, say
+        wait_for(lambda: sites["b"].peers["a"].status == (1, b"\x0a" * 32))
+        wait_for(lambda: sites["a"].peers["b"].status == (1, b"\x0b" * 32))
+        started = time.monotonic()
+        assert sites["a"].exchange(2, b"a").payloads == {"a": b"a"}  # not waited for: another model
+        assert time.monotonic() - started < 1.0
+        result = sites["b"].exchange(2, b"b")
+        assert result.payloads == {"b": b"b"} and result.resync_from == "a"
+        assert "site a ended outer round 1 with another model; taking its state" in caplog.text
     finally:
         for plane in sites.values():
             plane.close()
@@ -270,14 +291,15 @@ def test_the_wire_holds_tls_1_3_and_no_run_of_a_marker_tensor(certs_dir):
     b_port = free_port()
     relay = Relay(b_port)
     a = SitePlane(name="a", listen=("127.0.0.1", free_port()), peers={"b": ("127.0.0.1", relay.port)},
-                  certs_dir=certs_dir, grace_seconds=5, limit=wire.message_limit(4096))
+                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limit(4096))
     b = SitePlane(name="b", listen=("127.0.0.1", b_port), peers={"a": ("127.0.0.1", 1)},
-                  certs_dir=certs_dir, grace_seconds=5, limit=wire.message_limit(4096))
+                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limit(4096))
     for plane in (a, b):
         plane.start()
     try:
-        a.wait_for_links(10)
-        b.wait_for_links(10)
+        a.wait_for_links(60)
+        b.wait_for_links(60)
+        assert a.linked() == ["b"] and b.linked() == ["a"]
         results = exchange_all({"a": a, "b": b}, 1, {"a": marker, "b": marker[::-1]})
         assert results["b"].payloads["a"] == marker  # it crossed, through the relay
         captured = bytes(relay.to_server) + bytes(relay.to_client)
