@@ -27,7 +27,7 @@ from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
 from shoal.fault import preempt
 from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
-from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
+from shoal.fault.elastic import STORE_ENV, GroupBroken, JobStopped, Replicas, StoreLost
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.models import build_model
 from shoal.models.hf_weights import tied_aliases
@@ -111,7 +111,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     torch.set_num_threads(thread_budget(cfg.launch.threads, loader_workers=cfg.data.loader_workers))
     device = pick_device(cfg.launch.device, worker.local_rank)
     replicas = None
-    if os.environ.get("SHOAL_FT_STORE"):  # started by the fault-tolerant supervisor: one replica of many
+    if os.environ.get(STORE_ENV):  # started by the fault-tolerant supervisor: one replica of many
         replicas = Replicas.from_env(cfg)  # a replica group's worker also joins its group's process group here
     else:
         init_distributed(worker, device, cfg.launch.backend)
