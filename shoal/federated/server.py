@@ -185,7 +185,8 @@ def start_grpc(cfg: Config, driver: RoundDriver, run_name: str) -> tuple[Federat
     limit = check_descriptors(fed)
     credentials = transport.server_credentials(certs_dir)
     options = transport.channel_options(driver.message_limit, server=True) + [
-        ("grpc.server_handshake_timeout_ms", int(fed.handshake_timeout * 1000)),
+        # a backstop a second behind the gate's own deadline, so the gate (which logs it) closes them first
+        ("grpc.server_handshake_timeout_ms", int(fed.handshake_timeout * 1000) + 1000),
         ("grpc.max_allowed_incoming_connections", fed.max_connections)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=64), options=options)
     inner = server.add_secure_port("127.0.0.1:0", credentials)  # reachable through the gate only

@@ -37,7 +37,7 @@ def test_krum_survives_poisoning_that_breaks_fedavg(tmp_path):
     attack = dict(attack_fraction=0.15, attack_scale=10.0)
     fedavg, _ = run(tmp_path, "avg", **attack)
     krum, _ = run(tmp_path, "krum", "federated.strategy=multikrum", "federated.byzantine=3",
-                  "federated.min_clients=9", **attack)
+                  "federated.min_clients=10", **attack)
     assert fedavg["eval_accuracy"] < 0.3
     assert krum["eval_accuracy"] > 0.6
 
