@@ -105,17 +105,23 @@ def _embedding_check(name: str, spec: DataSpec, field: str):
     return check
 
 
-def compute_loss(output, target: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy for integer targets (classes or next tokens), mean squared error for floats.
-    `output` is a tensor of logits or a model output holding them (`.logits`); with no target
-    the model's own `.loss` is used."""
+IGNORE_INDEX = -100
+"""A target that does not count (padding): torch's cross-entropy skips it (shoal/data/tables.py pads with it)."""
+
+
+def compute_loss(output, target: torch.Tensor | None, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy for integer targets (classes or next tokens; IGNORE_INDEX skipped), mean
+    squared error for floats. `output` is a tensor of logits or a model output holding them
+    (`.logits`); with no target the model's own `.loss` is used. `reduction = "sum"` sums the
+    cross-entropy over the targets that count (the Trainer divides by their global number)."""
     if target is None:
         return loss_of(output)
     output = logits_of(output)
     if target.dtype.is_floating_point:
         return F.mse_loss(output.float().view_as(target) if output.numel() == target.numel() else output.float(),
                           target)
-    return F.cross_entropy(output.float().flatten(0, -2), target.flatten())
+    return F.cross_entropy(output.float().flatten(0, -2), target.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 class Loss:
@@ -136,24 +142,45 @@ class Loss:
     def wants_labels(self) -> bool:
         return self.spec == "model"
 
-    def __call__(self, output, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+    def items(self, targets: torch.Tensor | None) -> torch.Tensor | None:
+        """How many items of `targets` the loss averages over (the targets that are not
+        IGNORE_INDEX) when the loss is the built-in cross-entropy; None otherwise (the model's own
+        loss, a custom one, or mean squared error: their mean is taken as it comes)."""
+        if self.spec or targets is None or targets.dtype.is_floating_point:
+            return None
+        return (targets != IGNORE_INDEX).sum()
+
+    def __call__(self, output, inputs, targets: torch.Tensor | None,
+                 items: torch.Tensor | None = None) -> torch.Tensor:
+        """The loss of one micro-batch: its mean, or with `items` (the built-in loss only) its sum
+        divided by `items`, the count of the items that count per data-parallel rank in the step."""
         if self.fn is not None:
             batch = dict(inputs) if isinstance(inputs, dict) else {"inputs": inputs}
             batch["targets"] = targets
             loss = self.fn(output, batch)
         elif self.spec == "model":
             loss = loss_of(output)
+        elif items is not None:
+            loss = compute_loss(output, targets, reduction="sum") / items
         else:
             loss = compute_loss(output, targets)
         if not self.checked:
             self._check(loss)
+        else:  # the shape on every call (the pipeline's last stage calls it on placeholders first)
+            self._check_shape(loss)
         return loss.reshape(())
 
-    def _check(self, loss) -> None:
-        what = f"model.loss = '{self.spec}'" if self.spec else "the built-in loss"
+    def _what(self) -> str:
+        return f"model.loss = '{self.spec}'" if self.spec else "the built-in loss"
+
+    def _check_shape(self, loss) -> None:
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            raise ConfigError(f"{what} returned {shape}, not a scalar tensor")
+            raise ConfigError(f"{self._what()} returned {shape}, not a scalar tensor")
+
+    def _check(self, loss) -> None:
+        what = self._what()
+        self._check_shape(loss)
         if not torch.isfinite(loss.detach()).all():
             raise ConfigError(f"{what} returned {float(loss.detach())} on the first batch")
         self.checked = True

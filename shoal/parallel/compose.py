@@ -44,20 +44,22 @@ class ParallelModel:
         for part in self.model_parts:
             yield from part.parameters()
 
-    def _loss(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
+    def _loss(self, inputs, targets: torch.Tensor | None, items: torch.Tensor | None = None) -> torch.Tensor:
         # inputs: a tensor or a dict of tensors (input_ids, attention_mask, pixel_values...)
         output = call_model(self.module, inputs, targets if self.loss.wants_labels else None)
-        return self.loss(output, inputs, targets)
+        return self.loss(output, inputs, targets, items)
 
-    def forward_backward(self, inputs, targets: torch.Tensor | None, loss_scale: float) -> torch.Tensor:
-        """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached."""
-        loss = self._loss(inputs, targets)
+    def forward_backward(self, inputs, targets: torch.Tensor | None, loss_scale: float,
+                         items: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached.
+        `items`: the loss is the sum over the targets that count divided by it (Loss.__call__)."""
+        loss = self._loss(inputs, targets, items)
         (loss * loss_scale).backward()
         return loss.detach()
 
     @torch.no_grad()
-    def evaluate(self, inputs, targets: torch.Tensor | None) -> torch.Tensor:
-        return self._loss(inputs, targets)
+    def evaluate(self, inputs, targets: torch.Tensor | None, items: torch.Tensor | None = None) -> torch.Tensor:
+        return self._loss(inputs, targets, items)
 
     def train(self, mode: bool = True) -> None:
         for part in self.model_parts:
@@ -108,6 +110,10 @@ class PipelineModel(ParallelModel):
     last_rank: int = 0
     """Global rank of the pp-group member that holds the last stage (it computes the loss)."""
     loss_scale: float = 1.0
+    microbatches: int = 1
+    """The schedule's micro-batches per step (parallel.pp_microbatches)."""
+    items: torch.Tensor | None = None
+    """This step's count of items per data-parallel rank, when the loss is a sum divided by it."""
     tied: list[list[nn.Parameter]] = field(default_factory=list)
     """Per tied-weight group (GPT-2's input and output embeddings), this rank's copies: their
     gradients are summed over the pipeline group, whose first and last stage each hold one."""
@@ -146,6 +152,10 @@ class PipelineModel(ParallelModel):
         # The schedule first calls this on placeholder tensors to infer shapes; the value is
         # checked in _run instead, on the real loss.
         self.loss.checked = True
+        if self.items is not None:
+            # a sum over this micro-batch's items / the step's count: the schedule divides the
+            # gradients by its micro-batch count, which this factor undoes
+            return self.loss(output, {}, target, self.items) * self.microbatches * self.loss_scale
         return self.loss(output, {}, target) * self.loss_scale
 
     def _run(self, step, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,19 +172,20 @@ class PipelineModel(ParallelModel):
             self.loss._check(loss)
         return loss
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_scale: float,
+                         items: torch.Tensor | None = None) -> torch.Tensor:
         if isinstance(inputs, dict):
             raise ConfigError("parallel.pp: pipeline stages take a tensor of token ids; this data gives a dict "
                               f"({', '.join(inputs)}); use parallel.pp = 1")
-        self.loss_scale = loss_scale
+        self.loss_scale, self.items = loss_scale, items
         loss = self._run(self.schedule.step, inputs, targets)
         if self.tied and self.sync_tied:
             self._sum_tied_grads()
         return loss
 
     @torch.no_grad()
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        self.loss_scale = 1.0
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+        self.loss_scale, self.items = 1.0, items
         return self._run(self.schedule.eval, inputs, targets)
 
 
@@ -279,6 +290,7 @@ def _pipeline_model(parts: list[nn.Module], pp_mesh: DeviceMesh, cfg: Config, de
     group = pp_mesh.get_group()
     pm = PipelineModel(module=parts[0], model_parts=parts, pp_group=group, has_first=0 in ids,
                        has_last=n_stages - 1 in ids, last_rank=dist.get_global_rank(group, pp - 1),
+                       microbatches=cfg.parallel.pp_microbatches,
                        **pm_fields)
     pm.schedule = build_schedule(parts, pp_mesh, cfg, device, pm.loss_fn)
     return pm

@@ -114,7 +114,8 @@ def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0,
                       master=False)
     data = GlobalBatches(batches)
     trainer = Trainer(cfg, pm, data, data, placement=where, run_dir=Path(save or resume or "."))
-    trainer.sampler = ShardedSampler(len(data), BATCH, cfg.train.seed, shuffle=False)  # the batches in order
+    # the batches in order (with train.grad_accum, each in micro-batches)
+    trainer.sampler = ShardedSampler(len(data), trainer.micro_batch, cfg.train.seed, shuffle=False)
     if resume:
         trainer.checkpointer = Checkpointer(Path(resume))
         trainer.resume(Path(resume) / f"step_{SAVE_AT:08d}")
