@@ -81,7 +81,10 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
     except SignalException as err:
         raise Stopped(int(err.sigval)) from None
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        # A user mistake one worker found (exit code 2; a pipeline's last stage checks the loss) ends
+        # its peers too, with a broken connection, perhaps first: its one line is the cause to show.
+        mistakes = sorted((rank, f) for rank, f in err.failures.items() if f.exitcode == USER_ERROR)
+        rank, failure = mistakes[0] if mistakes else err.get_first_failure()
         raise WorkerFailure(rank, failure.exitcode, _failure_text(failure, Path(run_dir))) from None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -81,14 +82,20 @@ def test_bad_hf_input_is_refused_before_workers_start(tmp_path, monkeypatch, cap
     assert not (tmp_path / "runs").exists()  # refused before a run directory (or a worker) existed
 
 
-def test_a_loss_that_is_not_a_scalar_stops_the_workers_with_one_line(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["parallel.pp=2"]])  # under PP the last stage computes the loss
+def test_a_loss_that_is_not_a_scalar_stops_the_workers_with_one_line(tmp_path, layout):
     folder = save_tiny("gpt2", tmp_path / "m")
-    (tmp_path / "badloss.py").write_text("def per_token(output, batch):\n    return output.logits.mean(-1)\n")
-    out = shoal("run", *HF, "train.steps=2", f"model.hf={folder}", "model.loss=badloss:per_token", cwd=tmp_path,
+    (tmp_path / "badloss.py").write_text("def per_token(output, batch):\n"  # a pipeline's last stage gives the logits
+                                            "    return getattr(output, 'logits', output).mean(-1)\n")
+    out = shoal("run", *HF, "train.steps=2", f"model.hf={folder}", "model.loss=badloss:per_token", *layout,
+                cwd=tmp_path,
                 timeout=120, env={"PYTHONPATH": f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}"})
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.loss = 'badloss:per_token' returned (4, 16), not a scalar tensor" in lines[0]
+    # the shape is that of a micro-batch: a pipeline splits the batch further
+    assert len(lines) == 1 and re.search(r"model.loss = 'badloss:per_token' returned \(\d, 16\), not a scalar "
+                                         r"tensor", lines[0]), out.stderr
 
 
 @pytest.mark.slow
