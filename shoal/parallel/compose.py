@@ -9,6 +9,7 @@ micro-batches. A new technique is a new file in this folder plus its line here.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -21,6 +22,8 @@ from shoal.config import COMPRESSION_HOOKS, Config, ConfigError, TrainConfig
 from shoal.models import Loss, call_model
 from shoal.runtime.mesh import ParallelDims
 from shoal.runtime.lazy import dtensor_type
+
+log = logging.getLogger("shoal")
 
 
 @dataclass
@@ -227,6 +230,10 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     #    TP-split DTensors again along the data axis; DDP needs plain tensors).
     pm_fields: dict = {}
     dp_mesh = _data_parallel_mesh(dims, mesh, replicate_gradients)
+    if dims.dp > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # torch's SyncBatchNorm runs on GPUs only; said once, at start, rather than left silent
+        log.warning("BatchNorm: each of the %d data-parallel ranks normalises with the statistics of its own "
+                    "share of the batch, so the loss differs from one process on the same global batch", dims.dp)
     if dp_mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
         from shoal.parallel.shard import apply_fsdp
         for part in parts:
