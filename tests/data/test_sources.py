@@ -5,6 +5,7 @@ import torch
 from shoal import config
 from shoal.config import ConfigError
 from shoal.data import ShardedSampler, build_dataset
+from shoal.data.datasets import stdlib_split
 
 
 def test_ranks_see_disjoint_shards_and_the_same_global_order():
@@ -38,10 +39,14 @@ def test_stdlib_corpus_is_cached_and_shifted_by_one(tmp_path):
     cfg = config.load(None, [f"data.cache_dir={tmp_path}", "data.max_bytes=20000", "data.seq_len=16"])
     train, val, spec = build_dataset(cfg.data)
     assert spec.kind == "tokens" and spec.vocab_size == 256 and spec.seq_len == 16
-    assert len(list(tmp_path.glob("stdlib-*.npy"))) == 1
+    cached = sorted(p.name.rsplit("-", 1)[1] for p in tmp_path.glob("stdlib-*.npy"))
+    assert cached == ["train.npy", "val.npy"]  # one tokenised file per split
+    build_dataset(cfg.data)
+    assert len(list(tmp_path.glob("stdlib-*.npy"))) == 2  # the second build reads the cache
     x, y = train.get(torch.tensor([0, 5]))
     assert x.shape == (2, 16) and torch.equal(x[:, 1:], y[:, :-1])
-    assert len(train) + len(val) == (20000 - 1) // 16
+    train_bytes, val_bytes = stdlib_split(20000, tmp_path, cfg.data.val_fraction)
+    assert len(train) == (len(train_bytes) - 1) // 16 and len(val) == (len(val_bytes) - 1) // 16 > 0
 
 
 def test_text_files_and_npy_arrays(tmp_path):
