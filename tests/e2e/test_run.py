@@ -33,7 +33,7 @@ def test_run_leaves_a_complete_run_directory_and_report(tmp_path):
     assert "rank 1" not in out.stdout  # other ranks stay quiet
     report = shoal("report", str(run), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    assert "steps: 6" in report.stdout and "tokens/s" in report.stdout and "all-reduce" in report.stdout
+    assert "steps: 6" in report.stdout and "tokens/s" in report.stdout and "gradient exchange" in report.stdout
     assert (run / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = shoal("run", *TINY, "train.steps=2", cwd=tmp_path)  # a second run never reuses the first's folder
     assert again.returncode == 0 and (tmp_path / "runs" / "quickstart-1" / "metrics.jsonl").is_file()
