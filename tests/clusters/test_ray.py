@@ -9,6 +9,7 @@ import pytest
 
 from shoal import cli
 from shoal import config as config_module
+from shoal.launch.run import load_config
 from shoal.observe import rundir
 from tests.clusters.conftest import RUN, train_losses
 from tests.conftest import free_port, metric_records
@@ -48,7 +49,8 @@ def local_ray():
 def test_ray_workers_train_like_shoal_run(tmp_path, reference_losses, local_ray):
     from shoal.launch.ray import run_on_ray
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the controller cannot import tests/
-    cfg = config_module.load(None, [*RUN, "log.name=ray", "log.every=1", f"log.dir={tmp_path / 'runs'}"])
+    # The config `shoal run` builds from the same arguments (the quickstart file under the overrides).
+    cfg, _ = load_config([*RUN, "log.name=ray", "log.every=1", f"log.dir={tmp_path / 'runs'}"])
     run_dir = rundir.new_run_dir(cfg)
     (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
     reported = tmp_path / "reported.jsonl"
