@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from shoal import config
+from shoal.launch.run import load_config
 from shoal.fault.audit import audit
 from tests.conftest import SHOAL, fault_tolerant_job, one_process_trainer, threads_for, torch_threads
 
@@ -35,8 +35,10 @@ STEPS = 900
 
 
 def one_process_final_loss(overrides: list[str], tmp_path) -> tuple[float, int]:
-    """The same training in this process, one rank, no failures: the reference."""
-    trainer = one_process_trainer(config.load(None, overrides), tmp_path, master=False)
+    """The same training in this process, one rank, no failures: the reference. Its config is
+    built as `shoal run` builds it (the quickstart file under the overrides)."""
+    cfg, _ = load_config(overrides)
+    trainer = one_process_trainer(cfg, tmp_path, master=False)
     return trainer.fit()[-1], len(trainer.train_set)
 
 
