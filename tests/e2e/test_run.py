@@ -84,7 +84,7 @@ def test_resume_refuses_an_incompatible_checkpoint_and_leaves_it_untouched(tmp_p
     before = {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()}
     out = shoal("run", *TINY, "train.steps=6", "model.dim=32", "--resume", cwd=tmp_path)
     assert out.returncode == 2
-    assert "was saved with model.dim = 0, but the config now says 32" in out.stderr
+    assert "was saved with model.dim = 64, but the config now says 32" in out.stderr
     assert {p.name: p.stat().st_mtime_ns for p in checkpoint.iterdir()} == before
 
 
