@@ -61,7 +61,11 @@ def test_killed_worker_and_slow_rank_under_fault_tolerance(tmp_path):
     train = [r for r in records if r.get("kind") == "train"]
     assert {r["world_size"] for r in train} >= {2, 3}
     ranks = [r for r in records if r.get("kind") == "ranks"]
-    assert ranks and all(r["slowest_rank"] == "1" for r in ranks)  # members are named by number
+    # Members are named by number. The slow rank is the slowest in most windows; a replacement's
+    # first steps after it joins (caches still cold) may be slower still, but no other member's are.
+    joiners = {str(e["member"]) for e in events if e["event"] == "joined" and e["time"] > died[0]["time"]}
+    named = [r["slowest_rank"] for r in ranks]
+    assert named.count("1") > len(named) / 2 and set(named) <= {"1"} | joiners, (named, joiners)
     assert [e["rank"] for e in events if e["event"] == "straggler"] == ["1"]
 
     report = subprocess.run([SHOAL, "report", "runs/quickstart"], cwd=tmp_path, capture_output=True, text=True,
