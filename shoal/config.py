@@ -345,6 +345,45 @@ class SitesConfig:
 
 
 @dataclass(kw_only=True)
+class SelfplayConfig:
+    game: str = option("", "Self-play (AlphaZero): the game, a module of shoal/selfplay/games/ ('tictactoe', "
+                           "'connect4'). Empty means no self-play: the workers train [model] on [data]. See "
+                           "docs/selfplay.md.")
+    actors: int = option(2, "Actor processes on this host that play games against themselves with the newest "
+                            "weights; the learner is launch.nproc workers beside them.", min=1, max=512)
+    games_per_batch: int = option(8, "Games an actor plays at once (their searches' leaves share one network "
+                                     "batch) and writes as one file: a batch is ingested whole or not at all.",
+                                  min=1)
+    simulations: int = option(64, "MCTS simulations per self-play move.", min=1)
+    c_puct: float = option(1.5, "PUCT exploration constant: larger trusts the network's prior over the "
+                                "values found so far.", min=0.0)
+    dirichlet_alpha: float = option(0.3, "Dirichlet noise concentration at the root of self-play searches "
+                                         "(AlphaZero: about 10 / legal moves).", min=1e-3)
+    dirichlet_fraction: float = option(0.25, "Share of the root prior replaced by Dirichlet noise. 0 means no "
+                                             "noise.", min=0.0, max=1.0)
+    temperature_moves: int = option(8, "Opening moves of a self-play game sampled in proportion to visit "
+                                       "counts; later moves take the most visited. 0 means always the most "
+                                       "visited.", min=0)
+    replay_size: int = option(50_000, "Positions the learner's replay buffer holds; the oldest leave first.",
+                              min=1)
+    games_per_version: int = option(64, "New games the learner ingests before each weight version.", min=1)
+    train_steps_per_version: int = option(40, "Optimizer steps per weight version.", min=1)
+    batch_size: int = option(256, "Positions per optimizer step over all learner ranks.", min=1)
+    versions: int = option(100, "Weight versions to train; the run ends after the last one.", min=1)
+    minutes: float = option(0.0, "Stop after the version in flight once this many minutes of training have "
+                                 "passed (a checkpoint is saved). 0 means no time limit.", min=0.0)
+    channels: int = option(64, "Width of the policy-value network's convolutions.", min=1)
+    blocks: int = option(4, "Residual blocks of the policy-value network.", min=0)
+    eval_every: int = option(5, "Evaluate every N weight versions (an evaluator process beside the actors). "
+                                "0 disables evaluation.", min=0)
+    eval_games: int = option(20, "Games per evaluation opponent, half with each colour.", min=2)
+    eval_simulations: int = option(32, "Simulations of the network player's search in evaluation (no noise).",
+                                   min=1)
+    eval_mcts_simulations: list = option([200, 1000], "Plain MCTS opponents (random rollouts) by their "
+                                                      "simulations per move, e.g. [200, 1000]. Empty means none.")
+
+
+@dataclass(kw_only=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -357,6 +396,7 @@ class Config:
     sync: SyncConfig = field(default_factory=SyncConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     sites: SitesConfig = field(default_factory=SitesConfig)
+    selfplay: SelfplayConfig = field(default_factory=SelfplayConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
@@ -500,9 +540,36 @@ def validate(cfg: Config) -> None:
     elif outer and cfg.parallel.dp_replicate == 1:
         raise ConfigError(f"sync.method = '{sync.method}' averages over the parallel.dp_replicate axis, "
                           f"but parallel.dp_replicate = 1 leaves nothing to average over")
+    if cfg.selfplay.game:
+        validate_selfplay(cfg)
     if sync.method in COMPRESSION_HOOKS and cfg.parallel.dp_shard != 1:
         raise ConfigError(f"sync.method = '{sync.method}' is a DDP comm hook and needs parallel.dp_shard = 1 "
                           f"(FSDP has no comm hooks)")
+
+
+def validate_selfplay(cfg: Config) -> None:
+    """The [selfplay] rules that span fields (the game's name is checked against shoal/selfplay/games/ when a
+    run starts, since this module imports nothing of the package)."""
+    sp = cfg.selfplay
+    if not re.match(r"^[a-z][a-z0-9_]*$", sp.game):
+        raise ConfigError(f"selfplay.game = '{sp.game}' must be a module name of shoal/selfplay/games/, "
+                          f"e.g. 'connect4'")
+    sims = [int(n) if isinstance(n, str) and n.strip().isdigit() else n for n in sp.eval_mcts_simulations]
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sims):
+        raise ConfigError(f"selfplay.eval_mcts_simulations = {sims!r} must be a list of positive simulation "
+                          f"counts, e.g. [200, 1000]")
+    sp.eval_mcts_simulations = sims  # `key=200,1000` on the command line arrives as strings
+    if sp.eval_games % 2:
+        raise ConfigError(f"selfplay.eval_games = {sp.eval_games} must be even: half the games with each colour")
+    if sp.batch_size % cfg.launch.nproc:
+        raise ConfigError(f"selfplay.batch_size = {sp.batch_size} must divide among the launch.nproc = "
+                          f"{cfg.launch.nproc} learner ranks")
+    if cfg.parallel.tp != 1 or cfg.parallel.pp != 1 or cfg.parallel.dp_shard != 1:
+        raise ConfigError("parallel: the self-play learner is data parallel only (DDP over launch.nproc ranks); "
+                          "leave parallel.tp, parallel.pp and parallel.dp_shard at 1")
+    if cfg.sync.method != "allreduce" or cfg.sites.name:
+        raise ConfigError(f"sync.method = '{cfg.sync.method}': the self-play learner averages gradients every "
+                          f"step (sync.method = 'allreduce', no sites)")
 
 
 SITE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
