@@ -307,11 +307,11 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     """Resolve the parallel degrees for `world_size` ranks and refuse, with a ConfigError
     naming the field and what would be valid, any layout the model cannot take. Called by
     the launcher before any worker starts, and by `shoal plan` for every candidate."""
-    from shoal.parallel.pipeline import SCHEDULES, STAGES_PER_RANK
+    from shoal.parallel.stages import STAGES_PER_RANK
     par = cfg.parallel
     dims = ParallelDims.from_config(par, world_size)
-    if par.pp_schedule not in SCHEDULES:
-        raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(SCHEDULES)}")
+    if par.pp_schedule not in STAGES_PER_RANK:
+        raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(STAGES_PER_RANK)}")
     model = "hf" if cfg.model.hf else "factory" if cfg.model.factory else cfg.model.name
     if model == "hf":
         from shoal.models.hf import check_hf_layout

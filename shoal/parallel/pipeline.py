@@ -22,26 +22,9 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from shoal.config import Config
+from shoal.parallel.stages import STAGES_PER_RANK, stage_ids, stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
-STAGES_PER_RANK = {"gpipe": 1, "1f1b": 1, "interleaved_1f1b": 2}
-
-
-def stage_layers(n_layers: int, n_stages: int) -> list[range]:
-    """Layer indices of each stage, as even as the count allows; the remainder goes to the
-    later stages because stage 0 also runs the embeddings."""
-    base, extra = divmod(n_layers, n_stages)
-    out, start = [], 0
-    for s in range(n_stages):
-        size = base + (1 if s >= n_stages - extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
-
-
-def stage_ids(pp_rank: int, pp: int, schedule: str) -> list[int]:
-    """Stages this rank holds; interleaved schedules place stage s on rank s % pp (loop order)."""
-    return [pp_rank + k * pp for k in range(STAGES_PER_RANK[schedule])]
 
 
 def apply_pp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> list[nn.Module]:

@@ -66,7 +66,7 @@ def _tp_gpt(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     # the previous stage, which sends full activations) and leaves its last block whole.
     # TP runs before the pipeline split, so the stage boundaries come from the same rule
     # pipeline.py uses.
-    from shoal.parallel.pipeline import STAGES_PER_RANK, stage_layers
+    from shoal.parallel.stages import STAGES_PER_RANK, stage_layers
     names = list(model.layers.keys())
     n_stages = cfg.parallel.pp * STAGES_PER_RANK[cfg.parallel.pp_schedule]
     for s, layers in enumerate(stage_layers(len(names), n_stages)):

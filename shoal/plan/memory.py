@@ -92,16 +92,18 @@ def _tp_split_dim(model: nn.Module, name: str) -> int | None:
 
 
 def _stage_of(name: str, n_layers: int, n_stages: int) -> int:
-    from shoal.parallel.pipeline import stage_layers
+    from shoal.parallel.stages import stage_layers
     if name.startswith("layers."):
         layer = int(name.split(".")[1])
         return next(s for s, r in enumerate(stage_layers(n_layers, n_stages)) if layer in r)
     return n_stages - 1 if name.startswith(("norm.", "output.")) else 0
 
 
-def estimate_memory(cfg: Config, dims: ParallelDims, model: nn.Module | None = None) -> MemoryEstimate:
-    """Per-rank memory of training `cfg`'s model under `dims`, for the busiest rank."""
-    from shoal.parallel.pipeline import STAGES_PER_RANK
+def estimate_memory(cfg: Config, dims: ParallelDims, model: nn.Module | None = None,
+                    pp_rank: int | None = None) -> MemoryEstimate:
+    """Per-rank memory of training `cfg`'s model under `dims`, for the busiest rank (the one
+    with the most bytes in all), or for the ranks of pipeline stage group `pp_rank`."""
+    from shoal.parallel.stages import STAGES_PER_RANK
     model = model if model is not None else meta_model(cfg)
     per_rank = STAGES_PER_RANK[cfg.parallel.pp_schedule] if dims.pp > 1 else 1
     n_stages = dims.pp * per_rank
@@ -119,7 +121,7 @@ def estimate_memory(cfg: Config, dims: ParallelDims, model: nn.Module | None = N
     opt_bytes = {"adamw": 2 * FP32, "sgd": FP32 if cfg.train.momentum else 0}[cfg.train.optimizer]
     # the busiest pipeline rank: stage 0 holds the most micro-batches in flight, the last the head
     totals = [n * (2 * FP32 + opt_bytes) + _activations(cfg, dims, model, r) for r, n in enumerate(ranks)]
-    busiest = totals.index(max(totals))
+    busiest = totals.index(max(totals)) if pp_rank is None else pp_rank
     numel, acts = ranks[busiest], _activations(cfg, dims, model, busiest)
     buffers = 0
     if dims.dp > 1 and not fsdp:
@@ -142,7 +144,7 @@ def _activations(cfg: Config, dims: ParallelDims, model: nn.Module, pp_rank: int
 
 
 def _gpt_activations(cfg: Config, dims: ParallelDims, model: nn.Module, batch: int, pp_rank: int) -> int:
-    from shoal.parallel.pipeline import STAGES_PER_RANK, stage_ids, stage_layers
+    from shoal.parallel.stages import STAGES_PER_RANK, stage_ids, stage_layers
     args, tp = model.args, dims.tp
     s, d, v = args.seq_len, args.dim, args.vocab_size
     # Saved for backward per block, in units of (tokens x dim): the norm inputs and outputs

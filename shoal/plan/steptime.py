@@ -145,7 +145,7 @@ def count_compression(method: str, numel: int, dp: int) -> OpCount:
 def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter: WorkCounter | None = None,
                  param_bytes_per_rank: int | None = None) -> StepTime:
     """Seconds of one optimizer step of `cfg` under `dims` on hardware `hw` (LocalHost or Accelerators)."""
-    from shoal.parallel.pipeline import STAGES_PER_RANK
+    from shoal.parallel.stages import STAGES_PER_RANK
     counter = counter or WorkCounter(cfg, model)
     notes: list[str] = []
     dp, tp, pp = dims.dp, dims.tp, dims.pp
