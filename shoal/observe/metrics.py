@@ -52,7 +52,7 @@ class MetricsLog:
             self.writer.close()
 
 
-REPEATED_KINDS = ("train", "eval", "ranks")
+REPEATED_KINDS = ("train", "eval", "ranks", "selfplay")
 """Records a resumed run writes again for the steps it repeats (events stay: they happened)."""
 
 

@@ -339,6 +339,10 @@ def write_report(run_dir: Path) -> tuple[dict, Path]:
     kinds = _kinds(read_metrics(run_dir))
     if not kinds["train"] and kinds["round"]:
         return _federated_report(run_dir, kinds["round"])
+    if not kinds["train"] and kinds.get("selfplay"):  # a self-play run (shoal/observe/selfplay_report.py)
+        from shoal.observe.selfplay_report import write_selfplay_report
+        return write_selfplay_report(run_dir, kinds["selfplay"], kinds.get("selfplay_eval", []), kinds["event"],
+                                     event_summary(kinds["event"]))
     summary = summarize(run_dir)
     png = plot(run_dir, run_dir / "report.png")
     lines = [f"# Run {run_dir.name}", "",
