@@ -37,7 +37,7 @@ from shoal import config as config_module
 from shoal.export.consolidate import build, consolidate, data_spec
 from shoal.export.formats import export
 from shoal.export.predict import predict
-from shoal.fault.checkpoint import Checkpointer
+from shoal.runtime.checkpoint import Checkpointer
 
 SIZES = {"full": {"rows": 400_000, "features": 64, "flavour": "medium", "batch": 1024, "requests": 4000},
          "quick": {"rows": 20_000, "features": 16, "flavour": "debug", "batch": 512, "requests": 400}}

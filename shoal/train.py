@@ -26,14 +26,14 @@ import torch.distributed as dist
 
 from shoal.config import Config, rank_seed
 from shoal.data import ShardedSampler
-from shoal.fault import preempt
-from shoal.fault.checkpoint import PREFIX, Checkpointer
 from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
 from shoal.models import to_device
 from shoal.observe.loggers import open_loggers
 from shoal.observe.ranks import RankTiming, gather_over_group
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
+from shoal.runtime import preempt
+from shoal.runtime.checkpoint import PREFIX, Checkpointer
 from shoal.parallel.compose import ParallelModel, check_batch_split
 
 log = logging.getLogger("shoal")
@@ -325,7 +325,7 @@ class Trainer:
 
     def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
-        (SIGTERM and the like, shoal/fault/preempt.py), in the one all-reduce the loss needs anyway."""
+        (SIGTERM and the like, shoal/runtime/preempt.py), in the one all-reduce the loss needs anyway."""
         # Under fault tolerance the replicas agree on a stop themselves (a worker leaves, shoal/fault/elastic.py).
         asked = preempt.requested() > 0 and not self.sync.elastic
         flag = torch.tensor([float(asked)], dtype=values.dtype, device=values.device)

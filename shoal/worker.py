@@ -25,8 +25,6 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
-from shoal.fault import preempt
-from shoal.fault.checkpoint import Checkpointer, latest_checkpoint
 from shoal.fault.elastic import STORE_ENV, GroupBroken, JobStopped, Replicas, StoreLost
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.models import build_model
@@ -34,6 +32,8 @@ from shoal.models.hf_weights import tied_aliases
 from shoal.observe import rundir
 from shoal.observe.metrics import drop_records_after
 from shoal.observe.timing import CommTimer
+from shoal.runtime import preempt
+from shoal.runtime.checkpoint import Checkpointer, latest_checkpoint
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
                                read_env, thread_budget)

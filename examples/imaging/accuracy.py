@@ -14,7 +14,7 @@ import torch.distributed.checkpoint as dcp
 
 from shoal import load
 from shoal.data import build_dataset
-from shoal.fault.checkpoint import latest_checkpoint
+from shoal.runtime.checkpoint import latest_checkpoint
 from shoal.models import build_model
 
 

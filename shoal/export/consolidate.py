@@ -1,6 +1,6 @@
 """One model on one process from a run directory, whatever layout trained it.
 
-A run's Distributed Checkpoint (shoal/fault/checkpoint.py) holds the model under the
+A run's Distributed Checkpoint (shoal/runtime/checkpoint.py) holds the model under the
 state-dict key `model.<fqn>`, where `<fqn>` is the plain model's parameter name under every
 layout: DDP's `module.` prefix, FSDP's and TP's DTensor shards and a pipeline stage's pruned
 copy all save under the unwrapped names, each rank writing the pieces it holds. DCP
@@ -26,7 +26,7 @@ from torch import nn
 from shoal import config as config_module
 from shoal.config import Config, ConfigError
 from shoal.data.spec import DataSpec
-from shoal.fault.checkpoint import checkpoint_steps
+from shoal.runtime.checkpoint import checkpoint_steps
 from shoal.observe.rundir import checkpoint_folder
 
 CHUNK_BYTES = 256 << 20

@@ -38,12 +38,13 @@ import torch
 import torch.distributed as dist
 
 from shoal.config import Config
-from shoal.fault import chaos, preempt
+from shoal.fault import chaos
 from shoal.fault import keys
 from shoal.fault.audit import write_record
 from shoal.fault.groups import Collective, GenerationGroups, finished
 from shoal.fault.state import TrainingHost, pack_state, unpack_state
 from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime import preempt
 from shoal.sync.replica_state import local_tensor
 
 log = logging.getLogger("shoal")

@@ -20,7 +20,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, elastic_launch
 
 from shoal.config import USER_ERROR
-from shoal.fault.preempt import ELASTIC_SIGNALS
+from shoal.runtime.preempt import ELASTIC_SIGNALS
 from shoal.runtime.env import launcher_environment
 
 
@@ -60,7 +60,7 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
     """Run `python -m shoal.worker <worker_args>` on `nproc` local processes until they finish.
 
     A stop signal (SIGTERM, SIGINT, SIGUSR1, ...) to this process is forwarded to the workers, which
-    stop at the next step with a checkpoint (shoal/fault/preempt.py); after `grace_seconds` the
+    stop at the next step with a checkpoint (shoal/runtime/preempt.py); after `grace_seconds` the
     agent kills them. It then raises `Stopped`."""
     logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     quiet = {local_rank: Std.ALL if local_rank else Std.ERR for local_rank in range(nproc)}

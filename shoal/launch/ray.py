@@ -33,7 +33,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from shoal.config import Config, ConfigError
-from shoal.fault.checkpoint import latest_checkpoint
+from shoal.runtime.checkpoint import latest_checkpoint
 from shoal.observe import rundir
 
 # The follower's pause between looks at metrics.jsonl when nothing new is there.

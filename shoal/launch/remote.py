@@ -31,7 +31,7 @@ from pathlib import Path
 
 from shoal.config import Config
 from shoal.config import USER_ERROR
-from shoal.fault import preempt
+from shoal.runtime import preempt
 from shoal.fault import keys
 from shoal.fault.membership import STORE_LOST_EXIT
 from shoal.launch.restarts import RestartPolicy

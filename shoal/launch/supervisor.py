@@ -26,8 +26,8 @@ from pathlib import Path
 from shoal.config import USER_ERROR, Config
 from shoal.fault import chaos as chaos_module
 from shoal.fault import keys
-from shoal.fault import preempt
-from shoal.fault.preempt import PREEMPTED_CODES
+from shoal.runtime import preempt
+from shoal.runtime.preempt import PREEMPTED_CODES
 from shoal.launch import workers
 from shoal.launch.restarts import RestartPolicy
 from shoal.launch.workers import worker_failure_text
@@ -307,7 +307,7 @@ class Supervisor:
 
 def _latest_step(cfg: Config, run_dir: Path) -> int:
     """The step of the job's latest complete checkpoint, or -1."""
-    from shoal.fault.checkpoint import checkpoint_steps
+    from shoal.runtime.checkpoint import checkpoint_steps
     from shoal.observe.rundir import checkpoint_folder
     steps = checkpoint_steps(checkpoint_folder(cfg, run_dir))
     return steps[-1][0] if steps else -1

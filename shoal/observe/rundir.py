@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from shoal.config import Config, ConfigError, to_dict
-from shoal.fault.checkpoint import latest_checkpoint, read_meta
+from shoal.runtime.checkpoint import latest_checkpoint, read_meta
 
 # Sections whose change makes a checkpoint unusable; [parallel] may change (checkpoints reshard).
 COMPATIBLE_SECTIONS = ("model",)

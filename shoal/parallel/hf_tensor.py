@@ -29,7 +29,7 @@ below gives it one. The fused projection is split "fused_colwise": each third (q
 by columns and a rank holds its part of each, [q_r | k_r | v_r] (the placement is torch's
 `_StridedShard(dim, split_factor=3)`), so it computes whole heads of q, k and v; the attention
 module's `split_size` becomes hidden / tp. Checkpoints hold such weights as plain `Shard`
-(shoal/fault/checkpoint.py converts), so they load under any layout.
+(shoal/runtime/checkpoint.py converts), so they load under any layout.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from shoal import config as config_module
 from shoal.cli import main
 from shoal.export.consolidate import build, data_spec
-from shoal.fault.checkpoint import Checkpointer
+from shoal.runtime.checkpoint import Checkpointer
 
 TINY_DATA = ["data.seq_len=32", "data.max_bytes=400000"]
 ROWS, FEATURES, CLASSES = 1200, 6, 3

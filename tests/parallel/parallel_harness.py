@@ -103,7 +103,7 @@ def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0,
     params, pm, dims, mesh). `save`: a checkpoint folder written after SAVE_AT steps; `resume`: one
     to load first, then train on the batches after SAVE_AT (the losses returned are those steps')."""
     from shoal.data import ShardedSampler
-    from shoal.fault.checkpoint import Checkpointer
+    from shoal.runtime.checkpoint import Checkpointer
     from shoal.train import Placement, Trainer
     cfg.train.grad_clip = clip
     dims = check_layout(cfg, world)

@@ -2,7 +2,7 @@
 
 import torch
 
-from shoal.fault.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint
+from shoal.runtime.checkpoint import Checkpointer, checkpoint_steps, latest_checkpoint
 
 
 def model_and_optimizer():
