@@ -8,6 +8,7 @@ Measured, each as a physical quantity the step-time model multiplies by a count:
   and added to the cache);
 - the process group's all-reduce, all-gather, reduce-scatter and send/recv as
   latency + size/bandwidth, fitted over a few sizes on 2 and 4 Gloo ranks of this host;
+- a pipeline schedule's own cost per slot, on stages of no arithmetic;
 - disk write bandwidth (fsync'd), for the cost of a checkpoint.
 
 The cache file is keyed by host name, torch version and thread count, under the Shoal
@@ -60,6 +61,11 @@ class Calibration:
     its arithmetic and its collectives (DTensor dispatch, sharding propagation)."""
     concurrent: dict[str, list[float]] = field(default_factory=dict)
     """Workers at once -> [seconds per operator, bandwidth bytes/s] of each, 1 thread each."""
+    pp_slot: dict[str, float] = field(default_factory=dict)
+    """Workers -> seconds a pipeline schedule adds per slot beyond its stages' work and messages."""
+    blocks: dict[str, list[float]] = field(default_factory=dict)
+    """Profile key -> [seconds of one block, seconds of the rest of the model], forward+backward
+    (shoal/plan/profile.py); measured when a plan first needs a shape."""
     disk_write: float = 0.0
     """Bytes/s written and fsync'd to the cache folder's disk."""
     seconds: float = 0.0
@@ -217,6 +223,7 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
             results[op].append(seconds / 2 if op == "send_recv" else seconds)
     results["dtensor_op"] = [_dtensor_overhead(world)]
     results["tp_linear"] = [_tp_linear_overhead(world, results)]
+    results["pp_slot"] = [_pipeline_slot_overhead(world, results)]
     dist.barrier()  # every worker computes at once, as in training
     results["concurrent"] = [measure_op_overhead(), measure_bandwidth()]
     gathered = [None] * world
@@ -266,6 +273,28 @@ def _tp_linear_overhead(world: int, seconds: dict[str, list[float]]) -> float:
     return max(0.0, (extra - 2 * seconds["all_reduce"][0]) / 2)
 
 
+def _pipeline_slot_overhead(world: int, seconds: dict[str, list[float]]) -> float:
+    """Seconds a pipeline schedule (torch.distributed.pipelining, 1F1B) spends per slot beyond
+    its stages' arithmetic and its messages' latency: `world` stages of one tiny Linear, 4
+    micro-batches, (m + p - 1) slots each a forward and a backward."""
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+    rank, micro = dist.get_rank(), 4
+    stage = PipelineStage(nn.Linear(8, 8), rank, world, torch.device("cpu"))
+    schedule = Schedule1F1B(stage, micro, loss_fn=lambda out, target: (out - target).pow(2).mean())
+    x, y = torch.randn(2 * micro, 8), torch.randn(2 * micro, 8)
+
+    def step():
+        if rank == 0:
+            schedule.step(x)
+        elif rank == world - 1:
+            schedule.step(target=y, losses=[])
+        else:
+            schedule.step()
+    slots = micro + world - 1
+    return max(0.0, _fixed_median(step, 12) / slots - 2 * seconds["send_recv"][0])
+
+
 def measure_collectives(world: int) -> tuple[dict[str, list[float]], float]:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
@@ -294,6 +323,7 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
         fits, seconds = measure_collectives(world)
         cal.collectives[str(world)] = fits
         cal.dtensor_op[str(world)], cal.tp_linear[str(world)] = seconds["dtensor_op"][0], seconds["tp_linear"][0]
+        cal.pp_slot[str(world)] = seconds["pp_slot"][0]
         cal.concurrent[str(world)] = seconds["concurrent"]
     say("calibrating disk write bandwidth")
     cal.disk_write = measure_disk_write(cache_path().parent)

@@ -31,6 +31,7 @@ class LocalHost:
         self.threads = max(1, self.cal.cores // self.world)
         self.oversubscribed = max(1.0, self.world * self.threads / self.cal.cores)
         self.measured_shapes = []
+        self.measured_blocks: list[str] = []
 
     overlaps_backward = False
     spec_only = False
@@ -58,6 +59,29 @@ class LocalHost:
         if self.world > 1:
             seconds += dtensor_ops * self._nearest(self.cal.dtensor_op) + tp_linears * self._nearest(self.cal.tp_linear)
         return seconds
+
+    def profile_blocks(self, cfg, model, shapes: set[tuple[int, int]]) -> None:
+        """Profile, in one start of `world` workers, every (micro-batch, tp) not yet cached."""
+        from shoal.plan.profile import can_profile, profile_blocks, profile_key
+        missing = sorted(s for s in shapes if profile_key(cfg, *s, self.world) not in self.cal.blocks)
+        if not missing or not can_profile(model):
+            return
+        for (micro, tp), times in profile_blocks(cfg, self.world, missing).items():
+            key = profile_key(cfg, micro, tp, self.world)
+            self.cal.blocks[key] = list(times)
+            self.measured_blocks.append(key)
+        save_calibration(self.cal)
+
+    def block_seconds(self, cfg, model, micro: int, tp: int) -> tuple[float, float]:
+        """(one block, the rest of the model) forward+backward at this micro-batch and tp, with
+        `world` workers at once, profiled on first use and cached (shoal/plan/profile.py)."""
+        from shoal.plan.profile import profile_key
+        self.profile_blocks(cfg, model, {(micro, tp)})
+        return tuple(self.cal.blocks[profile_key(cfg, micro, tp, self.world)])
+
+    def pipeline_slot(self) -> float:
+        """Seconds the pipeline schedule itself adds per slot (calibrated with this many workers)."""
+        return self._nearest(self.cal.pp_slot) if self.cal.pp_slot else 0.0
 
     def collective(self, op: str, k: int, stride: int = 1) -> CollectiveCost:
         return self.cal.collective(op, k)

@@ -26,7 +26,7 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
     from shoal.parallel.compose import check_layout
     from shoal.plan.layouts import format_size, parse_size, plan_layouts, recommend, with_degrees
     from shoal.plan.memory import data_spec, meta_model
-    from shoal.plan.steptime import WorkCounter, predict_step
+    from shoal.plan.steptime import WorkCounter, block_shape, predict_step
 
     cfg = config.load(args.config, args.overrides)
     cluster = None
@@ -58,14 +58,18 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
 
     counter = WorkCounter(cfg, model)
     times = {}
+    if hw is not None and not cluster:  # every layout's block shapes profiled in one start of the workers
+        hw.profile_blocks(cfg, model, {block_shape(cfg_, check_layout(cfg_, args.world)) for cfg_ in
+                                       (with_degrees(cfg, p.degrees) for p in plans if p.estimate is not None)})
     if hw is not None:
         for p in plans:
             if p.estimate is not None:
                 layout_cfg = with_degrees(cfg, p.degrees)
                 times[p.name] = predict_step(layout_cfg, check_layout(layout_cfg, args.world), model, hw, counter,
                                              param_bytes_per_rank=p.estimate.params)
-    if hw is not None and not cluster and hw.measured_shapes:
-        print(f"(measured {len(hw.measured_shapes)} new matrix-multiply shapes of this model; cached)")
+    if hw is not None and not cluster and (hw.measured_shapes or hw.measured_blocks):
+        print(f"(measured {len(hw.measured_shapes)} new matrix-multiply shapes and {len(hw.measured_blocks)} block "
+              "profiles of this model; cached)")
 
     valid = [p for p in plans if p.estimate]
     valid.sort(key=lambda p: (times[p.name].total if times else p.estimate.total))

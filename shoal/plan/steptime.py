@@ -142,6 +142,12 @@ def count_compression(method: str, numel: int, dp: int) -> OpCount:
     return count
 
 
+def block_shape(cfg: Config, dims: ParallelDims) -> tuple[int, int]:
+    """(micro-batch of one block's forward+backward, tp degree) a layout runs its blocks at."""
+    micro = max(1, cfg.train.batch_size // dims.dp // cfg.train.grad_accum)
+    return (max(1, micro // cfg.parallel.pp_microbatches) if dims.pp > 1 else micro), dims.tp
+
+
 def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter: WorkCounter | None = None,
                  param_bytes_per_rank: int | None = None) -> StepTime:
     """Seconds of one optimizer step of `cfg` under `dims` on hardware `hw` (LocalHost or Accelerators)."""
@@ -157,6 +163,13 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
     total_param_bytes = sum(p.numel() for p in model.parameters()) * 4
     comm = exposed = 0.0
 
+    def recomputed(batch: int) -> OpCount:
+        """One block's forward again (activation checkpointing), or its non-matmul part (selective)."""
+        fwd = counter.block(batch, forward_only=True)
+        if ac == "selective":  # matmul outputs kept: the rest of the forward runs again
+            fwd = OpCount(0.0, {}, fwd.ops - sum(fwd.matmuls.values()), fwd.bytes)
+        return _tp_split(fwd, tp)
+
     def model_work(batch: int, blocks: float, with_rest: bool) -> OpCount:
         if not n_blocks:
             return counter.whole(batch)
@@ -164,28 +177,36 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         rest = _minus(whole, block, n_blocks)
         parts = [(_tp_split(block, tp), blocks)] + ([(rest, 1.0)] if with_rest else [])
         if ac != "none":
-            fwd = counter.block(batch, forward_only=True)
-            if ac == "selective":  # matmul outputs kept: the rest of the forward runs again
-                fwd = OpCount(0.0, {}, fwd.ops - sum(fwd.matmuls.values()), fwd.bytes)
-            parts.append((_tp_split(fwd, tp), blocks))
+            parts.append((recomputed(batch), blocks))
         return _plus(*parts)
 
     # tensor parallel: each Linear in a block is a DTensor module (colwise or rowwise)
     linears = sum(1 for mod in next(iter(model.layers.values())).modules() if isinstance(mod, nn.Linear)) \
         if (tp > 1 and n_blocks) else 0
 
+    def stage_seconds(batch: int, blocks: float) -> float:
+        """Forward+backward of `blocks` blocks and the rest of the model on `batch` samples: from the
+        block's profile where the hardware has one (this host), else from counted work."""
+        if not profiled:
+            return hw.compute_seconds(model_work(batch, blocks, True), tp_linears=linears * blocks)
+        block_s, rest_s = hw.block_seconds(cfg, model, batch, tp)
+        extra = hw.compute_seconds(_plus((recomputed(batch), blocks))) if ac != "none" else 0.0
+        return blocks * block_s + rest_s + extra
+
+    from shoal.plan.profile import can_profile
+    profiled = bool(n_blocks) and hasattr(hw, "block_seconds") and can_profile(model)
     if pp == 1:
-        work = model_work(micro, n_blocks, True)
-        compute = accum * hw.compute_seconds(work, tp_linears=linears * n_blocks)
+        compute = accum * stage_seconds(block_shape(cfg, dims)[0], n_blocks)
         backward = compute * 2 / 3
     else:
         v = STAGES_PER_RANK[cfg.parallel.pp_schedule]
         m = cfg.parallel.pp_microbatches
-        stage_micro = max(1, micro // m)
+        stage_micro = block_shape(cfg, dims)[0]
         per_rank_blocks = n_blocks / pp
         # the last rank holds the head and loss as well as its blocks: the slowest slot
-        slot = hw.compute_seconds(model_work(stage_micro, per_rank_blocks / v, True),
-                                  tp_linears=linears * per_rank_blocks / v)
+        slot = stage_seconds(stage_micro, per_rank_blocks / v)
+        if hasattr(hw, "pipeline_slot"):  # the schedule's own bookkeeping per slot (calibrated)
+            slot += hw.pipeline_slot()
         slots = m * v + pp - 1
         compute = accum * slots * slot
         send = hw.collective("send_recv", 2).seconds(stage_micro * cfg.data.seq_len * model.args.dim * 4)
@@ -204,7 +225,8 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         tp_bytes = tp_micro * cfg.data.seq_len * model.args.dim * 4
         tp_comm = accum * rounds * (n_blocks / pp) * 4 * (ag.seconds(tp_bytes) + rs.seconds(tp_bytes))
         comm += tp_comm
-        exposed += tp_comm  # on the critical path: each block waits for its inputs
+        if not profiled:  # a profiled block's time holds its own collectives
+            exposed += tp_comm  # on the critical path: each block waits for its inputs
 
     method = cfg.sync.method
     local_bytes = param_bytes_per_rank if param_bytes_per_rank is not None else total_param_bytes // (tp * pp)
@@ -269,4 +291,17 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         opt = _plus((opt, 1.0), (OpCount(0.0, {}, 2 * len(params) // pp, local_bytes), 1.0))
     # FSDP and tensor-parallel parameters are DTensors: every optimizer operator goes through DTensor dispatch
     optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0)
+    if cfg.train.grad_clip:
+        # the global norm (ParallelModel.clip_grad_norm_): one scalar all-reduce per kind of sharded
+        # gradient (FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1)), and one across stages
+        scalar = 8
+        clip = 0.0
+        if fsdp:
+            clip += hw.collective("all_reduce", dims.dp_shard * tp, stride=1).seconds(scalar)
+        if tp > 1:
+            clip += 2 * hw.collective("all_reduce", tp).seconds(scalar)
+        if pp > 1:
+            clip += hw.collective("all_reduce", pp, stride=dims.world_size // pp).seconds(scalar)
+        comm += clip
+        exposed += clip
     return StepTime(compute=compute, optimizer=optimizer, comm=comm, exposed=exposed, notes=notes)

@@ -1,0 +1,123 @@
+"""Profiles of the model's own transformer block on this host, at the shapes a layout gives it.
+
+Counting operators and FLOPs (shoal/plan/opcount.py) and pricing each from a microbenchmark
+misses what only the real block shows on a CPU: the DTensor dispatch, sharding propagation
+and redistributions of a tensor-parallel block (several times a plain Linear pair's), the
+caches and cores that several workers share (four workers on two cores run each operator
+slower than one alone, and not by a fixed factor), and the allocator. So, as layer-level
+profilers do (vTrain, Bang et al., arXiv 2312.12391: each layer profiled once at its shapes,
+the iteration composed from the profiles), the block is run here at the micro-batch, the
+tensor-parallel degree and the number of workers a layout gives it, and its time is cached
+beside the rest of the calibration.
+
+One profile is two numbers, each the median forward+backward of the slowest worker while
+all `world` workers run it at once (one thread each beyond the cores, as `shoal run` gives
+them):
+- `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
+  it, its all-gathers and reduce-scatters included);
+- `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`.
+
+Nothing of the layout itself is run: no data parallel exchange, no sharding, no pipeline,
+no optimizer. The step-time model (shoal/plan/steptime.py) composes those from the
+collectives' and operators' own calibration.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+WARMUP, REPS = 3, 12
+
+
+def profile_key(cfg, micro: int, tp: int, world: int) -> str:
+    """What a block's time depends on: the model's shapes, the micro-batch, tp and the workers at once."""
+    m = cfg.model
+    return (f"{m.name}/{m.flavour}/dim{m.dim}/heads{m.n_heads}/seq{cfg.data.seq_len}/src{cfg.data.source}"
+            f"/b{micro}/tp{tp}/w{world}")
+
+
+def can_profile(model) -> bool:
+    """The reference GPT: its block and its tensor-parallel plan are Shoal's own."""
+    return type(model).__name__ == "GPT"
+
+
+def _one_block_config(cfg, tp: int):
+    one = copy.deepcopy(cfg)
+    one.model.n_layers = 1
+    one.parallel.tp, one.parallel.pp, one.parallel.dp_shard, one.parallel.dp_replicate = tp, 1, 1, 1
+    one.parallel.pp_schedule = "1f1b"
+    return one
+
+
+def _timed(fn) -> float:
+    import torch.distributed as dist
+    for _ in range(WARMUP):
+        fn()
+    times = []
+    for _ in range(REPS):  # the same count on every rank: tensor-parallel blocks hold collectives
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], store: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from shoal.models import build_model, compute_loss
+    from shoal.plan.memory import data_spec
+    from shoal.runtime.env import end_distributed
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cores // world))
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
+    results = {}
+    for micro, tp in requests:
+        one = _one_block_config(cfg, tp)
+        spec = data_spec(one)
+        torch.manual_seed(0)
+        model = build_model(one.model, spec)
+        if tp > 1:
+            from shoal.parallel.tensor import apply_tp
+            mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            model = apply_tp(model, mesh["tp"], one)
+        seq, dim = one.data.seq_len, model.args.dim
+        tokens = torch.randint(0, spec.vocab_size, (micro, seq + 1))
+        hidden = torch.randn(micro, seq, dim, requires_grad=True)
+        block = model.layers["0"]
+
+        def block_step():
+            block(hidden).sum().backward()
+
+        def model_step():
+            compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if rank == 0:  # the slowest worker decides
+        Path(out).write_text(json.dumps({k: [max(r[k][i] for r in gathered) for i in range(2)] for k in results}))
+    dist.barrier()
+    end_distributed()
+    # as in calibrate.py: DeviceMesh's registry holds a group into interpreter shutdown, which can abort
+    os._exit(0)
+
+
+def profile_blocks(cfg, world: int, requests: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
+    """(micro-batch, tp) -> (block seconds, rest seconds) with `world` workers at once."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "profile.json")
+        mp.spawn(_profile_worker, args=(world, cfg, requests, os.path.join(tmp, "store"), out), nprocs=world)
+        raw = json.loads(Path(out).read_text())
+    return {(int(k.split(",")[0]), int(k.split(",")[1])): (block, max(0.0, whole - block))
+            for k, (block, whole) in raw.items()}
