@@ -88,4 +88,16 @@ def link_rows(compute_s: float, grad_bytes: float, sites: int, rate: float, rtt_
         outer = ring_all_reduce_seconds(sent, sites, rate, rtt_s)
         rows.append(LinkRow(f"diloco H={inner_steps} {encoding}", compute_s + outer / inner_steps,
                             2 * (sites - 1) / sites * sent / inner_steps))
+    for bits in (8, 4):  # DiLoCo's default int8 (and int4): every site's codes and scales all-gathered
+        from shoal.sync.compress import BLOCK
+        payload = grad_bytes * (bits / 32 + 1 / BLOCK)
+        outer = all_gather_seconds(payload, sites, rate, rtt_s)
+        rows.append(LinkRow(f"diloco H={inner_steps} int{bits}", compute_s + outer / inner_steps,
+                            (sites - 1) * payload / inner_steps))
     return rows
+
+
+def all_gather_seconds(payload: float, sites: int, rate: float, rtt_s: float) -> float:
+    """Each of `sites` sites' `payload` bytes to every other (shoal/sync/compress.py's
+    quantized all-reduce): a ring passes s-1 payloads through each link, in s-1 steps."""
+    return (sites - 1) * (payload / rate + rtt_s / 2)

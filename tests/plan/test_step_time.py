@@ -132,6 +132,10 @@ def test_links_diloco_sends_h_times_less():
     assert diloco.bytes_per_step == pytest.approx(ddp.bytes_per_step / 50)
     assert ddp.step_s == pytest.approx(0.1 + 2 * 2 / 3 * 40e6 / 2.5e6 + 4 * 0.05)
     assert rows["diloco H=50 fp4"].bytes_per_step < diloco.bytes_per_step
+    # DiLoCo's default int8: each of the 3 sites' codes (1 byte a value) and scales go to the 2 others
+    int8 = rows["diloco H=50 int8"]
+    assert int8.bytes_per_step == pytest.approx(2 * 40e6 * (1 / 4 + 1 / 256) / 50)
+    assert rows["diloco H=50 int4"].bytes_per_step < int8.bytes_per_step
     with pytest.raises(ConfigError, match="--link 'fast'"):
         parse_rate("fast")
     with pytest.raises(ConfigError, match="--mtbf"):
