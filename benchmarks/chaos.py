@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from shoal import config as config_module  # noqa: E402
 from shoal.fault.audit import audit, read_records  # noqa: E402
+from shoal.runtime.protocol import SAMPLE_LOG_ENV  # noqa: E402
 
 BATCH = 32
 WORKLOAD = ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=64",
@@ -60,7 +61,7 @@ def run_shoal(workdir: Path, workers: int, duration: float, chaos: str | None) -
     args = [SHOAL, "run", *WORKLOAD, f"launch.nproc={workers}", "log.name=bench"] + (["--chaos", chaos] if chaos else [])
     # Ctrl-C (SIGINT) ends the run as a user would; a shell's background job starts with SIGINT ignored,
     # which the launcher would inherit, so it is given back its default.
-    proc = subprocess.Popen(args, cwd=workdir, env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)},
+    proc = subprocess.Popen(args, cwd=workdir, env={**os.environ, SAMPLE_LOG_ENV: str(samples)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal import config as config_module
-from shoal.config import Config, ConfigError
+from shoal.config import USER_ERROR, Config, ConfigError
 
 __all__ = ["TrainResult", "train"]
 
@@ -157,7 +157,7 @@ def _launch_on_ray(cfg: Config, address: str | None, resume: str | None) -> Trai
 
 
 def _result(code: int, run_dir: Path, where: str) -> TrainResult:
-    if code == 2:
+    if code == USER_ERROR:
         raise ConfigError(f"a worker refused the config; {where}")
     if code:
         raise RuntimeError(f"training failed (exit code {code}); {where}")

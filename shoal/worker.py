@@ -25,8 +25,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
-from shoal.fault.elastic import STORE_ENV, GroupBroken, JobStopped, Replicas, StoreLost
-from shoal.fault.membership import STORE_LOST_EXIT
+from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
 from shoal.models import build_model
 from shoal.models.hf_weights import tied_aliases
 from shoal.observe import rundir
@@ -34,6 +33,7 @@ from shoal.observe.metrics import drop_records_after
 from shoal.observe.timing import CommTimer
 from shoal.runtime import preempt
 from shoal.runtime.checkpoint import Checkpointer, latest_checkpoint
+from shoal.runtime.protocol import STORE_ENV, STORE_LOST_EXIT, preempted_exit_code
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
                                read_env, thread_budget)
@@ -218,7 +218,7 @@ def run(built: Worker) -> list[float]:
                     "left the job, which goes on without this worker")
         if replicas is None:  # every rank stopped after the same step: no collective is pending
             end_distributed(trainer.model.ddp)
-        raise SystemExit(preempt.exit_code(stopped.signum)) from None
+        raise SystemExit(preempted_exit_code(stopped.signum)) from None
     finally:
         close = getattr(trainer.train_set, "close", None)  # a Loader's receiving thread (shoal/data/loader.py)
         if close is not None:

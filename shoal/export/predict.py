@@ -27,10 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shoal.config import ConfigError
+from shoal.config import USER_ERROR, ConfigError
 from shoal.export.consolidate import Located, consolidate, locate
 from shoal.export.rows import check_rows, classifies_text, open_rows, score_rows
-from shoal.runtime.env import LOCAL_WORKERS_ENV, launcher_environment, thread_budget
+from shoal.runtime.env import launcher_environment, thread_budget
+from shoal.runtime.protocol import LAUNCHER_PID_ENV, LOCAL_WORKERS_ENV
 
 JOB_FILE = "job.json"
 INDEX_FILE = "index.json"
@@ -119,7 +120,7 @@ def _worker(found: Located, job: Job, parts: list[int], out: str, batch_size: in
         score_parts(found, job, parts, Path(out), batch_size, progress.put)
     except ConfigError as err:
         print(f"shoal: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(USER_ERROR) from None
 
 
 def _prepare(out: Path, job: Job) -> None:
@@ -180,7 +181,7 @@ def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc:
     workers = [ctx.Process(target=_worker, args=(found, job, pending[w::nproc], str(out), batch_size, threads,
                                                  progress), daemon=True)
                for w in range(nproc) if pending[w::nproc]]
-    with launcher_environment(SHOAL_LAUNCHER_PID=str(os.getpid())):  # read by die_with_launcher in each worker
+    with launcher_environment(**{LAUNCHER_PID_ENV: str(os.getpid())}):  # read by die_with_launcher in each worker
         for worker in workers:
             worker.start()
     try:
@@ -197,8 +198,8 @@ def _run_workers(found: Located, job: Job, pending: list[int], out: Path, nproc:
             worker.join()
     failed = [w for w in workers if w.exitcode != 0]
     if failed:
-        if failed[0].exitcode == 2:
-            raise SystemExit(2)  # the worker printed its one-line error
+        if failed[0].exitcode == USER_ERROR:
+            raise SystemExit(USER_ERROR)  # the worker printed its one-line error
         raise RuntimeError(f"a predict worker exited with code {failed[0].exitcode}; finished parts are kept, "
                            f"rerun the same command to continue")
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from shoal.config import rank_seed
-from shoal.fault import keys
+from shoal.runtime import protocol
 
 ACTIONS = ("kill", "hang", "slow")
 POINTS = ("before", "during", "after", "transfer")
@@ -135,15 +135,15 @@ def parse(spec: str) -> list[Injection]:
 def claim(store, injection: int, gen: int) -> bool:
     """Record in the job's store that step injection `injection` fires now, in generation `gen`;
     False if it already fired (each fires once per job, whoever holds its slot now)."""
-    if store.add(keys.chaos_claimed(injection), 1) != 1:
+    if store.add(protocol.chaos_claimed(injection), 1) != 1:
         return False
-    store.set(keys.chaos_fired(injection), str(gen))
+    store.set(protocol.chaos_fired(injection), str(gen))
     return True
 
 
 def fired_in(store, injection: int) -> int:
     """The generation in which step injection `injection` fired, or -1."""
-    key = keys.chaos_fired(injection)
+    key = protocol.chaos_fired(injection)
     return int(store.get(key)) if store.check([key]) else -1
 
 

@@ -39,19 +39,17 @@ import torch.distributed as dist
 
 from shoal.config import Config
 from shoal.fault import chaos
-from shoal.fault import keys
 from shoal.fault.audit import write_record
 from shoal.fault.groups import Collective, GenerationGroups, finished
 from shoal.fault.state import TrainingHost, pack_state, unpack_state
 from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
 from shoal.runtime import preempt
+from shoal.runtime import protocol as keys
+from shoal.runtime.protocol import CHAOS_ENV, INCARNATION_ENV, MEMBER_ENV, SAMPLE_LOG_ENV, SLOT_ENV, STORE_ENV
 from shoal.sync.replica_state import local_tensor
 
 log = logging.getLogger("shoal")
 
-STORE_ENV, MEMBER_ENV, SLOT_ENV, INCARNATION_ENV = "SHOAL_FT_STORE", "SHOAL_FT_MEMBER", "SHOAL_FT_SLOT", "SHOAL_FT_INCARNATION"
-CHAOS_ENV = "SHOAL_CHAOS"
-SAMPLE_LOG_ENV = "SHOAL_SAMPLE_LOG"
 """A folder: each worker appends the global sample ids of every step it commits (tests, benchmark)."""
 POLL = timedelta(milliseconds=20)
 PUBLISH_EVERY = 0.1

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from shoal.config import Config, ConfigError
-from shoal.fault import keys
+from shoal.runtime import protocol
 
 if TYPE_CHECKING:  # the launcher validates [fault] before it spends seconds importing torch
     import torch.distributed as dist
@@ -60,10 +60,6 @@ def validate_fault(cfg: Config, nproc: int, group_size: int = 1) -> None:
     if f.step_timeout < 1.0:
         raise ConfigError(f"fault.step_timeout = {f.step_timeout}s is too small to ever succeed: a worker cannot "
                           f"even connect a process group that fast; use 1s or more (the default is 30s)")
-
-
-STORE_LOST_EXIT = 3
-"""Exit code of a worker that stopped with a checkpoint because the launcher's store is gone."""
 
 
 @dataclass
@@ -116,7 +112,7 @@ class Coordinator:
         together (rank 0 of the last generation saves a checkpoint)."""
         self.preempting = signum
         if not self.forming:
-            self.store.set(keys.reconfigure(self.gen), "1")
+            self.store.set(protocol.reconfigure(self.gen), "1")
 
     def take_left_out(self) -> list[int]:
         taken, self.left_out = self.left_out, []
@@ -135,21 +131,21 @@ class Coordinator:
         if not self.forming:
             leaving = [m for m in self.members if m in self.exited or m in self.pending]
             if leaving:
-                self.store.set(keys.abort(self.gen), "1")
+                self.store.set(protocol.abort(self.gen), "1")
                 self.forming, self.broken_since = True, now
             elif (self.gen != self._asked_reconfigure and len(self.members) < self.max_workers
                   and any(m not in self.members for m in self.pending)):
-                self.store.set(keys.reconfigure(self.gen), "1")
+                self.store.set(protocol.reconfigure(self.gen), "1")
                 self._asked_reconfigure = self.gen
         if self.forming:
             self._form(now)
 
     def _collect(self) -> None:
         # Members are numbered by one counter in the store, so workers started elsewhere are seen too.
-        for member in range(self.store.add(keys.NEXT_MEMBER, 0)):
+        for member in range(self.store.add(protocol.NEXT_MEMBER, 0)):
             if member in self.exited:
                 continue
-            key = keys.ready(member)
+            key = protocol.ready(member)
             if not self.store.check([key]):
                 continue
             raw = json.loads(self.store.get(key))
@@ -196,12 +192,12 @@ class Coordinator:
         self.gen += 1
         self.members = candidates
         # holders: members that hold the state before this generation; one alone saves a checkpoint
-        self.store.set(keys.generation(self.gen), json.dumps({"members": candidates, "source": source, "sync": sync,
+        self.store.set(protocol.generation(self.gen), json.dumps({"members": candidates, "source": source, "sync": sync,
                                                          "step": step, "holders": len(stateful),
                                                          "restore": restore}))
         for member in candidates + leavers:  # a leaver sees it is not a member, and exits (no restart)
             request = self.pending.pop(member)
-            self.store.set(keys.assignment(member, request.seq), str(self.gen))
+            self.store.set(protocol.assignment(member, request.seq), str(self.gen))
             self.handled[member] = request.seq
         self.forming = False
         self.history.append({"t": time.time(), "gen": self.gen, "members": candidates, "source": source,
@@ -215,13 +211,13 @@ class Coordinator:
         self.stopped = "" if preempt else reason
         self.preempting = self.preempting or preempt
         self.gen += 1
-        self.store.set(keys.generation(self.gen), json.dumps({"stop": reason, "preempt": preempt}))
+        self.store.set(protocol.generation(self.gen), json.dumps({"stop": reason, "preempt": preempt}))
         self.ended = True
         self._tell_pending_to_stop()
         self.log(f"stopping: {reason}")
 
     def _tell_pending_to_stop(self) -> None:
         for member, request in list(self.pending.items()):
-            self.store.set(keys.assignment(member, request.seq), str(self.gen))
+            self.store.set(protocol.assignment(member, request.seq), str(self.gen))
             self.handled[member] = request.seq
             del self.pending[member]

@@ -20,8 +20,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, elastic_launch
 
 from shoal.config import USER_ERROR
-from shoal.runtime.preempt import ELASTIC_SIGNALS
 from shoal.runtime.env import launcher_environment
+from shoal.runtime.protocol import ELASTIC_SIGNALS, LAUNCHER_PID_ENV
 
 
 @dataclass(kw_only=True)
@@ -76,7 +76,7 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
         shutdown_timeout=max(1, int(grace_seconds)))
     # Workers end with this process; SLURM's --signal sends SIGUSR1, which the agent must forward too.
     try:
-        with launcher_environment(SHOAL_LAUNCHER_PID=str(os.getpid()), TORCHELASTIC_SIGNALS_TO_HANDLE=ELASTIC_SIGNALS):
+        with launcher_environment(**{LAUNCHER_PID_ENV: str(os.getpid()), "TORCHELASTIC_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS}):
             elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
     except SignalException as err:
         raise Stopped(int(err.sigval)) from None

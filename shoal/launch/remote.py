@@ -31,13 +31,12 @@ from pathlib import Path
 
 from shoal.config import Config
 from shoal.config import USER_ERROR
-from shoal.runtime import preempt
-from shoal.fault import keys
-from shoal.fault.membership import STORE_LOST_EXIT
+from shoal.runtime import protocol
 from shoal.launch.restarts import RestartPolicy
 from shoal.launch import workers
 from shoal.launch.supervisor import TICK
 from shoal.launch.workers import worker_failure_text
+from shoal.runtime.protocol import STORE_LOST_EXIT
 
 
 @dataclass
@@ -71,7 +70,7 @@ class RemoteHost:
         print(f"shoal: {text}", file=sys.stderr, flush=True)
 
     def _start(self, slot: int, incarnation: int) -> _Worker:
-        member = self.store.add(keys.NEXT_MEMBER, 1) - 1  # one numbering for the whole job
+        member = self.store.add(protocol.NEXT_MEMBER, 1) - 1  # one numbering for the whole job
         # Slots are negative (launcher chaos addresses node rank 0's slots only), and no worker here
         # starts with the job's state (incarnation >= 1): each receives it from a live peer.
         env = workers.worker_env(store=self.endpoint, member=member, slot=-1 - slot, incarnation=incarnation + 1,
@@ -83,12 +82,12 @@ class RemoteHost:
 
     def _finished(self) -> bool:
         try:
-            return self.store.check([keys.FINISHED])
+            return self.store.check([protocol.FINISHED])
         except Exception:  # noqa: BLE001 - the store is gone: the job ended one way or another
             return True
 
     def run(self) -> int:
-        previous = {signum: signal.signal(signum, self._stop) for signum in preempt.SIGNALS}
+        previous = {signum: signal.signal(signum, self._stop) for signum in protocol.STOP_SIGNALS}
         try:
             while True:
                 code = self._poll()
@@ -124,10 +123,10 @@ class RemoteHost:
             if code == USER_ERROR:
                 self.failures.append(worker_failure_text(worker.log))
                 return USER_ERROR
-            if code in (STORE_LOST_EXIT, *preempt.PREEMPTED_CODES) or self._finished() or self.stop_signal:
+            if code in (STORE_LOST_EXIT, *protocol.PREEMPTED_CODES) or self._finished() or self.stop_signal:
                 worker.incarnation = -1  # done: the job ended or finished without it, or it left
                 continue
-            committed = self.store.check([keys.committed(worker.member)])
+            committed = self.store.check([protocol.committed(worker.member)])
             decision = self.restarts.after_exit(worker.slot, code, committed, now)
             incarnation, worker.incarnation = worker.incarnation + 1, -1
             if decision.restart:
@@ -155,7 +154,7 @@ class RemoteHost:
         if all(code == 0 for code in codes) or self._finished():
             return 0
         if self.stop_signal:
-            return preempt.exit_code(self.stop_signal)
+            return protocol.preempted_exit_code(self.stop_signal)
         if any(code == STORE_LOST_EXIT for code in codes):
             self.failures.append(f"the job's launcher at {self.endpoint} is gone (its store does not answer); "
                                  f"continue with `shoal run ... --resume` where its checkpoints are")

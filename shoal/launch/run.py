@@ -82,7 +82,7 @@ def prepare_run_dir(cfg: Config, resume: str | None, *, exact_name: bool) -> Pat
 def start_workers(cfg: Config, run_dir: Path, invocation: Invocation, rendezvous) -> int:
     """Start this host's workers with the launcher the config asks for (per-step fault tolerant,
     joining a running fault-tolerant job, or torch's elastic agent) and wait; the exit code."""
-    from shoal.runtime.preempt import PREEMPTED_CODES
+    from shoal.runtime.protocol import PREEMPTED_CODES
     from shoal.launch.local import Stopped, WorkerFailure, launch_workers
     worker_args = [str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
     if invocation.resume:

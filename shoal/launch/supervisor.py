@@ -25,13 +25,12 @@ from pathlib import Path
 
 from shoal.config import USER_ERROR, Config
 from shoal.fault import chaos as chaos_module
-from shoal.fault import keys
-from shoal.runtime import preempt
-from shoal.runtime.preempt import PREEMPTED_CODES
+from shoal.runtime import protocol
 from shoal.launch import workers
 from shoal.launch.restarts import RestartPolicy
 from shoal.launch.workers import worker_failure_text
 from shoal.observe.events import append_event
+from shoal.runtime.protocol import PREEMPTED_CODES
 
 # torch is imported inside functions: `start_forkserver` should begin importing it in the
 # forkserver before this process spends its own seconds doing the same.
@@ -132,18 +131,17 @@ class Supervisor:
 
     def _start_group(self, first: int, incarnation: int) -> list[Slot]:
         """Start the replica whose first worker slot is `first`: one worker, or a replica group."""
-        member = self.store.add(keys.NEXT_MEMBER, 1) - 1  # shared with workers that join from elsewhere
+        member = self.store.add(protocol.NEXT_MEMBER, 1) - 1  # shared with workers that join from elsewhere
         return [self._start(first + lane, lane, member, incarnation) for lane in range(self.group_size)]
 
     def _start(self, index: int, lane: int, member: int, incarnation: int) -> Slot:
-        from shoal.fault import elastic
         env = workers.worker_env(store=f"127.0.0.1:{self.store.port}", member=member, slot=index,
                                  incarnation=incarnation, local_workers=self.cfg.launch.nproc, extra=self.extra_env)
         if self.group_size > 1:  # its place in its replica group, which builds its own process group
             env.update(RANK=str(lane), WORLD_SIZE=str(self.group_size), LOCAL_RANK=str(lane),
                        LOCAL_WORLD_SIZE=str(self.group_size))
         if self.chaos_spec:
-            env[elastic.CHAOS_ENV] = self.chaos_spec
+            env[protocol.CHAOS_ENV] = self.chaos_spec
         name = f"worker{member}.log" if self.group_size == 1 else f"worker{member}.lane{lane}.log"
         out = None if self.verbose else self.log_dir / name
         proc = workers.spawn(self.ctx, self.worker_args, env, out)
@@ -155,7 +153,7 @@ class Supervisor:
         cannot go on (1) or a stop signal ended it with a checkpoint (128 + the signal)."""
         received: list[int] = []
         previous = {signum: signal.signal(signum, lambda signum, _: received.append(signum))
-                    for signum in preempt.SIGNALS}
+                    for signum in protocol.STOP_SIGNALS}
         deadline = float("inf")
         try:
             while True:
@@ -167,7 +165,7 @@ class Supervisor:
                     deadline = time.monotonic() + self.cfg.fault.grace_seconds
                 code = self._poll()
                 if self.coordinator.preempting and (not self._live() or time.monotonic() > deadline):
-                    return preempt.exit_code(self.coordinator.preempting)
+                    return protocol.preempted_exit_code(self.coordinator.preempting)
                 if code is not None:
                     return code
                 self.coordinator.tick()
@@ -241,7 +239,7 @@ class Supervisor:
                 self.broken_at = self.broken_at or time.time()
             if code == 0:
                 if not self.finished:
-                    self.store.set(keys.FINISHED, "1")  # other hosts' workers still waiting to join stop
+                    self.store.set(protocol.FINISHED, "1")  # other hosts' workers still waiting to join stop
                 slot.done = self.finished = True
                 continue
             self._stop_rest_of_group(slot)
@@ -293,7 +291,7 @@ class Supervisor:
 
     def _committed(self, member: int) -> bool:
         """Whether `member` took part in a committed step (it says so once, through the store)."""
-        return self.store.check([keys.committed(member)])
+        return self.store.check([protocol.committed(member)])
 
     def _wait_exit(self, grace: float) -> None:
         deadline = time.monotonic() + grace

@@ -15,8 +15,11 @@ import signal
 import sys
 from pathlib import Path
 
+from shoal.runtime.protocol import (INCARNATION_ENV, LAUNCHER_PID_ENV, LOCAL_WORKERS_ENV, MEMBER_ENV, SLOT_ENV,
+                                     STORE_ENV)
+
 RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "SHOAL_LAUNCHER_PID")
+                        LAUNCHER_PID_ENV)
 """A launcher's own rendezvous variables: a fault-tolerant worker's peers come from the store instead."""
 
 
@@ -25,12 +28,10 @@ def worker_env(*, store: str, member: int, slot: int, incarnation: int, local_wo
     """The environment of a fault-tolerant worker: this launcher's, less its rendezvous variables,
     plus where the job's store is, which member and slot the worker is, and how many workers
     share this host's cores (shoal/runtime/env.py's thread budget)."""
-    from shoal.fault import elastic
-    from shoal.runtime.env import LOCAL_WORKERS_ENV
     env = {name: value for name, value in os.environ.items() if name not in RENDEZVOUS_VARIABLES}
     env.update(extra or {})
-    env.update({elastic.STORE_ENV: store, elastic.MEMBER_ENV: str(member), elastic.SLOT_ENV: str(slot),
-                elastic.INCARNATION_ENV: str(incarnation), LOCAL_WORKERS_ENV: str(local_workers)})
+    env.update({STORE_ENV: store, MEMBER_ENV: str(member), SLOT_ENV: str(slot),
+                INCARNATION_ENV: str(incarnation), LOCAL_WORKERS_ENV: str(local_workers)})
     return env
 
 

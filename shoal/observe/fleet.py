@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from shoal.fault.keys import PROGRESS as PROGRESS_KEY
+from shoal.runtime.protocol import PROGRESS as PROGRESS_KEY
 from shoal.observe.progress import Progress
 
 

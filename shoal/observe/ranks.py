@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from shoal.fault import keys
+from shoal.runtime import protocol
 
 FIELDS = ("data", "compute", "arrival")
 STRAGGLER_FRACTION = 0.2
@@ -62,14 +62,14 @@ def gather_over_store(store, *, label: str, members: Callable[[], list[str]], lo
     the logging member reads the previous window's from every current member that wrote one."""
 
     def gather(window: int, values: list[float]) -> tuple[list[str], list[list[float]]] | None:
-        store.set(keys.timing(window, label), json.dumps(values))
+        store.set(protocol.timing(window, label), json.dumps(values))
         if window >= 2:
-            store.delete_key(keys.timing(window - 2, label))
+            store.delete_key(protocol.timing(window - 2, label))
         if not logs() or window < 1:
             return None
         labels, rows = [], []
         for other in members():
-            key = keys.timing(window - 1, other)
+            key = protocol.timing(window - 1, other)
             if store.check([key]):
                 labels.append(other)
                 rows.append(json.loads(store.get(key)))

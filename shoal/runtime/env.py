@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from shoal.config import ConfigError
 from shoal.runtime import before_init  # noqa: F401  (before any init_process_group)
+from shoal.runtime.protocol import LAUNCHER_PID_ENV, LOCAL_WORKERS_ENV
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,10 +143,6 @@ def read_env(environ: dict[str, str] | None = None) -> WorkerEnv:
                      master_port=0, restart_count=0, agent_hosts_store=False)
 
 
-LOCAL_WORKERS_ENV = "SHOAL_LOCAL_WORKERS"
-"""Workers that Shoal's own launchers (fault-tolerant supervisor, a joining host) run on this host."""
-
-
 def thread_budget(configured: int = 0, environ: dict[str, str] | None = None, loader_workers: int = 0) -> int:
     """Torch threads for this worker: `launch.threads` when set, else this host's usable cores
     shared among the workers on it, however the worker was started, less one core for each of
@@ -193,7 +190,7 @@ def die_with_launcher() -> None:
     The elastic engine starts workers in sessions of their own, so a killed launcher would
     otherwise leave them training as orphans beside the run that replaces it.
     """
-    launcher = os.environ.get("SHOAL_LAUNCHER_PID")
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
     if not launcher or not sys.platform.startswith("linux"):
         return
     pr_set_pdeathsig = 1

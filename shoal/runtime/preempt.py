@@ -4,7 +4,8 @@ Kubernetes, SLURM and spot reclaim send SIGTERM (SLURM's `--signal=B:USR1@60` se
 of time; Ctrl-C is SIGINT). A worker that receives one only records it here; the Trainer asks
 `requested()` at each step boundary and the ranks agree on it inside a collective they run anyway,
 so every rank stops after the same step, writes the same checkpoint and exits with
-`exit_code(signal)`: 128 + the signal's number, what a process ended by that signal returns.
+`protocol.preempted_exit_code(signal)`: 128 + the signal's number, what a process ended by that
+signal returns.
 
 The launcher forwards the signal it receives to its workers (the elastic agent does it for
 `shoal run`/`shoal launch`, giving them `fault.grace_seconds` before SIGKILL), so it does not
@@ -16,11 +17,7 @@ from __future__ import annotations
 import signal
 import threading
 
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-PREEMPTED_CODES = tuple(128 + s for s in SIGNALS)
-"""Exit codes of a worker or run that stopped with a checkpoint because of one of SIGNALS."""
-ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-"""Signals torch's elastic agent catches and forwards to the workers (TORCHELASTIC_SIGNALS_TO_HANDLE)."""
+from shoal.runtime.protocol import STOP_SIGNALS
 
 _received = 0
 
@@ -43,7 +40,7 @@ def _record(signum: int, frame) -> None:
 def install() -> None:
     """Record the stop signals instead of dying at once (main thread only: Python's rule)."""
     if threading.current_thread() is threading.main_thread():
-        for signum in SIGNALS:
+        for signum in STOP_SIGNALS:
             signal.signal(signum, _record)
 
 
@@ -51,6 +48,3 @@ def requested() -> int:
     """The first stop signal this process received, or 0."""
     return _received
 
-
-def exit_code(signum: int) -> int:
-    return 128 + signum

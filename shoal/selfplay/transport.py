@@ -26,11 +26,8 @@ from typing import Any
 
 import torch
 
-ROLE_ENV = "SHOAL_SELFPLAY_ROLE"
-"""'actor' or 'evaluator': the process `shoal.worker` runs instead of a learner rank."""
-SLOT_ENV = "SHOAL_SELFPLAY_SLOT"
-INCARNATION_ENV = "SHOAL_SELFPLAY_INCARNATION"
-"""Processes that held this slot before: a replacement's batch ids never repeat its predecessor's."""
+from shoal.runtime.protocol import SELFPLAY_INCARNATION_ENV as INCARNATION_ENV, SELFPLAY_ROLE_ENV as ROLE_ENV, \
+    SELFPLAY_SLOT_ENV as SLOT_ENV  # the names shoal/launch/actors.py sets and selfplay/process.py reads
 
 WEIGHTS_KEPT = 4  # older weight files are deleted; an actor reading one that just went retries
 _VERSION = re.compile(r"^v(\d{6,})\.safetensors$")

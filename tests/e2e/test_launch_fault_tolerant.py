@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from shoal.fault.audit import audit, read_records
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from tests.conftest import SHOAL, fault_tolerant_job, free_port, torch_threads, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
@@ -71,7 +72,7 @@ def test_a_second_host_joins_loses_its_worker_and_rejoins(tmp_path, two_hosts):
     hung: the coordinator waits for old members to report before it forms a generation."""
     samples = tmp_path / "samples"
     samples.mkdir()
-    env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples)}
+    env = {**os.environ, SAMPLE_LOG_ENV: str(samples)}
     (host_a, link_a), (host_b, link_b) = two_hosts
     endpoint = f"10.77.0.1:{free_port()}"
     run_dir = tmp_path / "runs" / "quickstart"

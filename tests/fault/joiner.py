@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import shoal.worker  # the slow import, done before the job is looked up
+from shoal.runtime.protocol import STORE_ENV
 
 
 def main(runs: Path, timeout: float = 120.0) -> int:
@@ -22,7 +23,7 @@ def main(runs: Path, timeout: float = 120.0) -> int:
         lines = events.read_text().splitlines() if events.is_file() else []
         ports = [json.loads(line)["port"] for line in lines if '"store"' in line]
         if ports and any("generation 1:" in line for line in lines):
-            os.environ["SHOAL_FT_STORE"] = f"127.0.0.1:{ports[-1]}"
+            os.environ[STORE_ENV] = f"127.0.0.1:{ports[-1]}"
             run_dir = events.parents[1]
             return shoal.worker.main([str(run_dir / "config.toml"), "--run-dir", str(run_dir)])
         time.sleep(0.2)

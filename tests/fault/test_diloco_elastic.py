@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import pytest
 
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from tests.conftest import SHOAL, metric_records
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -31,7 +32,7 @@ def test_diloco_replicas_drop_out_and_rejoin_at_outer_syncs(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
     out = subprocess.run([SHOAL, "run", *JOB, "--chaos", SCENARIO], cwd=tmp_path, text=True, capture_output=True,
-                         stdin=subprocess.DEVNULL, env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)}, timeout=220)
+                         stdin=subprocess.DEVNULL, env={**os.environ, SAMPLE_LOG_ENV: str(samples)}, timeout=220)
     assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "quickstart"
     events = [json.loads(line) for line in (run / "logs" / "fault_events.jsonl").read_text().splitlines()]

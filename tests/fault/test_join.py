@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from shoal.fault.audit import audit, read_records
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from tests.conftest import ROOT, SHOAL, fault_tolerant_job, sigint_default, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(200)]
@@ -23,7 +24,7 @@ JOB = fault_tolerant_job("train.steps=1000000", "launch.threads=1", "launch.npro
 def test_two_grow_to_three_and_shrink_to_two(tmp_path):
     samples = tmp_path / "samples"
     samples.mkdir()
-    env = {**os.environ, "SHOAL_SAMPLE_LOG": str(samples), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, SAMPLE_LOG_ENV: str(samples), "PYTHONPATH": str(ROOT)}
     job = subprocess.Popen([SHOAL, "run", *JOB], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
                            preexec_fn=sigint_default)

@@ -12,6 +12,7 @@ import subprocess
 import pytest
 
 from shoal.fault.audit import audit, read_records
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from tests.conftest import SHOAL, fault_tolerant_job, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -24,7 +25,7 @@ def test_sigterm_to_a_worker_is_a_clean_leave_and_to_the_launcher_a_checkpointed
     samples.mkdir()
     run = tmp_path / "runs" / "quickstart"
     job = subprocess.Popen([SHOAL, "run", *JOB], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                           text=True, stdin=subprocess.DEVNULL, env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)})
+                           text=True, stdin=subprocess.DEVNULL, env={**os.environ, SAMPLE_LOG_ENV: str(samples)})
     try:
         def sizes() -> list[int]:
             return [r[0]["size"] for _, r in sorted(read_records(samples).items())]

@@ -15,6 +15,7 @@ import pytest
 
 from shoal.launch.run import load_config
 from shoal.fault.audit import audit
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from tests.conftest import SHOAL, fault_tolerant_job, one_process_trainer, threads_for, torch_threads
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -48,7 +49,7 @@ def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):
     overrides = [*FT, f"train.steps={STEPS}", "launch.nproc=3"]
     proc = subprocess.Popen([SHOAL, "run", *overrides, "--chaos", SCENARIO], cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)})
+                            env={**os.environ, SAMPLE_LOG_ENV: str(samples)})
     try:  # the one-process reference trains here meanwhile
         reference, num_samples = one_process_final_loss([*FT, f"train.steps={STEPS}"], tmp_path)
         _, stderr = proc.communicate(timeout=200)

@@ -23,6 +23,7 @@ from shoal import config
 from shoal.config import ConfigError
 from shoal.data.sampler import ShardedSampler
 from shoal.fault.audit import audit, read_records
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from shoal.launch.supervisor import check_fault_tolerant
 from tests.conftest import SHOAL, shoal
 from tests.fault.test_recovery import FT, one_process_final_loss
@@ -47,7 +48,7 @@ def test_replica_groups_survive_kills_and_a_hang(tmp_path):
     samples.mkdir()
     proc = subprocess.Popen([SHOAL, "run", *FT, *GROUPS, f"train.steps={STEPS}", "--chaos", SCENARIO],
                             cwd=tmp_path, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env={**os.environ, "SHOAL_SAMPLE_LOG": str(samples)})
+                            stdin=subprocess.DEVNULL, env={**os.environ, SAMPLE_LOG_ENV: str(samples)})
     try:  # the one-process reference trains here meanwhile
         reference, num_samples = one_process_final_loss([*FT, f"train.steps={STEPS}"], tmp_path)
         _, stderr = proc.communicate(timeout=150)

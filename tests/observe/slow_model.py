@@ -8,6 +8,7 @@ import time
 import torch
 
 from shoal.models.mlp import build_mlp
+from shoal.runtime.protocol import SLOT_ENV
 
 
 class Slow(torch.nn.Module):
@@ -23,7 +24,7 @@ class Slow(torch.nn.Module):
 
 def build(spec):
     model = build_mlp(spec.in_features, spec.num_classes, "debug")
-    me = os.environ.get("SHOAL_FT_SLOT", os.environ.get("RANK", "0"))
+    me = os.environ.get(SLOT_ENV, os.environ.get("RANK", "0"))
     if me == os.environ.get("SHOAL_TEST_SLOW_RANK"):
         return Slow(model, float(os.environ.get("SHOAL_TEST_SLOW_SECONDS", "0.05")))
     return model

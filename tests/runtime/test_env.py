@@ -8,6 +8,7 @@ from shoal import config
 from shoal.config import ConfigError
 from shoal.runtime.env import _first_slurm_host, read_env, thread_budget
 from shoal.runtime.mesh import ParallelDims
+from shoal.runtime.protocol import LAUNCHER_PID_ENV, LOCAL_WORKERS_ENV
 
 
 def test_parallel_dims_fill_and_refuse():
@@ -37,7 +38,7 @@ def test_env_from_torchrun_and_slurm():
 @pytest.mark.parametrize("env, workers", [
     ({}, 1),  # a single process takes every core
     ({"LOCAL_WORLD_SIZE": "2"}, 2),  # torchrun, shoal run
-    ({"SHOAL_LOCAL_WORKERS": "4", "LOCAL_WORLD_SIZE": "2"}, 4),  # a fault-tolerant launcher's workers
+    ({LOCAL_WORKERS_ENV: "4", "LOCAL_WORLD_SIZE": "2"}, 4),  # a fault-tolerant launcher's workers
     ({"SLURM_NTASKS_PER_NODE": "2(x3)"}, 2),  # srun: 2 tasks on each of 3 nodes
 ])
 def test_thread_budget_shares_the_cores_among_the_workers_of_a_host(env, workers):
@@ -56,7 +57,7 @@ def test_a_launcher_environment_is_given_back(monkeypatch):
     to a job it starts later: that job's workers would exit at once, their parent not being it."""
     from shoal.runtime.env import launcher_environment
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM")
-    monkeypatch.delenv("SHOAL_LAUNCHER_PID", raising=False)
-    with launcher_environment(SHOAL_LAUNCHER_PID="123", TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGUSR1"):
-        assert os.environ["SHOAL_LAUNCHER_PID"] == "123"
-    assert "SHOAL_LAUNCHER_PID" not in os.environ and os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM"
+    monkeypatch.delenv(LAUNCHER_PID_ENV, raising=False)
+    with launcher_environment(**{LAUNCHER_PID_ENV: "123", "TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR1"}):
+        assert os.environ[LAUNCHER_PID_ENV] == "123"
+    assert LAUNCHER_PID_ENV not in os.environ and os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM"
