@@ -102,25 +102,32 @@ def save_calibration(cal: Calibration, path: Path | None = None) -> Path:
     return path
 
 
-def _median_seconds(fn, min_total: float = 0.02, max_reps: int = 50) -> float:
+def quiet_seconds(times: list[float]) -> float:
+    """The lower quartile of repeated timings: on a machine shared with other jobs, interference
+    only ever adds time, so the quiet runs are the machine's own speed (the median of a busy
+    minute here was seen 4x the quiet one)."""
+    return statistics.quantiles(times, n=4)[0] if len(times) >= 4 else min(times)
+
+
+def _quiet_seconds(fn, min_total: float = 0.02, max_reps: int = 50) -> float:
     fn()  # warm-up: first-call allocations and thread pools
     times, start = [], time.perf_counter()
     while len(times) < 3 or (time.perf_counter() - start < min_total and len(times) < max_reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return quiet_seconds(times)
 
 
-def _fixed_median(fn, reps: int) -> float:
-    """Median of a fixed number of runs: every rank must run a collective the same number of times."""
+def _fixed_quiet(fn, reps: int) -> float:
+    """The quiet timing of a fixed number of runs: every rank must run a collective the same number of times."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return quiet_seconds(times)
 
 
 def _with_threads(threads: int, fn):
@@ -144,7 +151,7 @@ def measure_op_overhead() -> float:
 
     def step():
         nn.functional.cross_entropy(model(x), y).backward()
-    return _median_seconds(step, 0.2) / ops
+    return _quiet_seconds(step, 0.2) / ops
 
 
 def measure_bandwidth() -> float:
@@ -152,7 +159,7 @@ def measure_bandwidth() -> float:
     sizes, seconds = [], []
     for numel in (1 << 18, 1 << 20, 1 << 22, 1 << 24):
         a, b = torch.ones(numel), torch.ones(numel)
-        seconds.append(_median_seconds(lambda: a.add_(b), 0.05))
+        seconds.append(_quiet_seconds(lambda: a.add_(b), 0.05))
         sizes.append(3 * numel * 4)
     return fit_cost(sizes, seconds).bandwidth
 
@@ -160,7 +167,7 @@ def measure_bandwidth() -> float:
 def measure_matmul(shape: tuple[int, int, int]) -> float:
     m, k, n = shape
     a, b = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / _median_seconds(lambda: torch.mm(a, b), 0.02)
+    return 2 * m * k * n / _quiet_seconds(lambda: torch.mm(a, b), 0.02)
 
 
 def measure_disk_write(folder: Path, nbytes: int = 64 << 20) -> float:
@@ -219,7 +226,7 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
-            seconds = statistics.median(times[1:])
+            seconds = quiet_seconds(times[1:])
             results[op].append(seconds / 2 if op == "send_recv" else seconds)
     results["dtensor_op"] = [_dtensor_overhead(world)]
     results["tp_linear"] = [_tp_linear_overhead(world, results)]
@@ -252,7 +259,7 @@ def _dtensor_overhead(world: int) -> float:
 
     def hundred(t):
         return lambda: [t.mul_(1.0) for _ in range(100)]
-    return max(0.0, (_median_seconds(hundred(sharded), 0.1) - _median_seconds(hundred(plain), 0.1)) / 100)
+    return max(0.0, (_quiet_seconds(hundred(sharded), 0.1) - _quiet_seconds(hundred(plain), 0.1)) / 100)
 
 
 def _tp_linear_overhead(world: int, seconds: dict[str, list[float]]) -> float:
@@ -269,7 +276,7 @@ def _tp_linear_overhead(world: int, seconds: dict[str, list[float]]) -> float:
 
     def step(model):
         return lambda: model(x).sum().backward()
-    extra = _fixed_median(step(parallel), 30) - _fixed_median(step(plain), 30)
+    extra = _fixed_quiet(step(parallel), 30) - _fixed_quiet(step(plain), 30)
     return max(0.0, (extra - 2 * seconds["all_reduce"][0]) / 2)
 
 
@@ -292,7 +299,7 @@ def _pipeline_slot_overhead(world: int, seconds: dict[str, list[float]]) -> floa
         else:
             schedule.step()
     slots = micro + world - 1
-    return max(0.0, _fixed_median(step, 12) / slots - 2 * seconds["send_recv"][0])
+    return max(0.0, _fixed_quiet(step, 12) / slots - 2 * seconds["send_recv"][0])
 
 
 def measure_collectives(world: int) -> tuple[dict[str, list[float]], float]:

@@ -10,7 +10,7 @@ the iteration composed from the profiles), the block is run here at the micro-ba
 tensor-parallel degree and the number of workers a layout gives it, and its time is cached
 beside the rest of the calibration.
 
-One profile is two numbers, each the median forward+backward of the slowest worker while
+One profile is two numbers, each the lower-quartile forward+backward of the slowest worker while
 all `world` workers run it at once (one thread each beyond the cores, as `shoal run` gives
 them):
 - `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
@@ -27,13 +27,14 @@ from __future__ import annotations
 import copy
 import json
 import os
-import statistics
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+from shoal.plan.calibrate import quiet_seconds
 
 WARMUP, REPS = 3, 12
 
@@ -68,7 +69,7 @@ def _timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return quiet_seconds(times)
 
 
 def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], store: str, out: str) -> None:
