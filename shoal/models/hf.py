@@ -196,27 +196,3 @@ def meta_model(path: str) -> nn.Module:
     with torch.device("meta"):
         return cls._from_config(config)
 
-
-def check_hf_layout(cfg: Any, tp: int, stages: int) -> None:
-    """What a layout needs from a model.hf model, checked from its config before workers start."""
-    from shoal.parallel.blocks import named_blocks
-    from shoal.parallel.hf_tensor import plan_styles, tp_plan
-    config = read_hf_config(cfg.model.hf)
-    model_class(config, cfg.model.hf)
-    if cfg.parallel.shard_modules:
-        named_blocks(meta_model(cfg.model.hf), cfg.parallel.shard_modules)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if tp > 1:
-        if not tp_plan(text):
-            raise ConfigError(f"parallel.tp = {tp}: model.hf = '{cfg.model.hf}' ({text.model_type}) has no "
-                              f"tensor-parallel plan (config.base_model_tp_plan); use parallel.tp = 1 and "
-                              f"parallel.dp_shard to shard it")
-        for key in ("num_attention_heads", "num_key_value_heads"):
-            heads = getattr(text, key, None)
-            if heads and heads % tp:
-                raise ConfigError(f"parallel.tp = {tp} must divide the model's {key} = {heads} (each rank holds "
-                                  f"whole heads)")
-        plan_styles(meta_model(cfg.model.hf), tp)  # every style of the plan is one Shoal can apply
-    layers = getattr(text, "num_hidden_layers", 0)
-    if stages > 1 and layers and stages > layers:
-        raise ConfigError(f"parallel.pp: {stages} pipeline stages but model.hf has num_hidden_layers = {layers}")

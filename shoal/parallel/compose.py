@@ -314,8 +314,8 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(STAGES_PER_RANK)}")
     model = "hf" if cfg.model.hf else "factory" if cfg.model.factory else cfg.model.name
     if model == "hf":
-        from shoal.models.hf import check_hf_layout
-        check_hf_layout(cfg, dims.tp, dims.pp * STAGES_PER_RANK[par.pp_schedule])
+        from shoal.parallel.hf_layout import check_hf_layout
+        check_hf_layout(cfg.model.hf, par.shard_modules, dims.tp, dims.pp * STAGES_PER_RANK[par.pp_schedule])
     # a factory's model is known only once a worker builds it: TP and PP then need a Hugging
     # Face model (shoal/parallel/tensor.py and pipeline.py refuse others with a ConfigError)
     if dims.tp > 1 and model not in ("gpt", "mlp", "dlrm", "hf", "factory"):
