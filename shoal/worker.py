@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         args.config = None
     try:
         cfg = config_module.load(args.config, overrides)
+        if cfg.selfplay.game:  # a learner rank, actor or evaluator of self-play (shoal/selfplay/process.py)
+            from shoal.selfplay.process import run_process
+            return run_process(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
         train(cfg, run_dir=args.run_dir, resume=args.resume, verbose=args.verbose)
     except ConfigError as err:
         print(f"shoal: error: {err}", file=sys.stderr)

@@ -56,12 +56,25 @@ def check_run(cfg: Config, world_size: int, chaos: str | None = None) -> bool:
     the run is per-step fault tolerant (its replicas split any batch, so the layout's
     divisibility is not asked of them)."""
     per_step = False
+    if cfg.selfplay.game:  # a learner beside actor processes (shoal/launch/actors.py)
+        check_selfplay(cfg, chaos)
+        return False
     if cfg.fault.enabled or chaos:
         from shoal.launch.supervisor import check_fault_tolerant
         per_step = check_fault_tolerant(cfg, cfg.launch.nproc, chaos)
     if not per_step:
         check_before_launch(cfg, world_size)
     return per_step
+
+
+def check_selfplay(cfg: Config, chaos: str | None) -> None:
+    """A self-play run's checks before it starts: the game exists; chaos is not for it."""
+    from shoal.config import ConfigError
+    from shoal.selfplay.setup import load_game
+    if chaos:
+        raise ConfigError("--chaos injects failures into per-step fault tolerance's workers; a self-play run's "
+                          "actors are replaced under fault.enabled = true (kill one to see it)")
+    load_game(cfg.selfplay.game)
 
 
 def prepare_run_dir(cfg: Config, resume: str | None, *, exact_name: bool) -> Path:
@@ -82,14 +95,29 @@ def prepare_run_dir(cfg: Config, resume: str | None, *, exact_name: bool) -> Pat
 def start_workers(cfg: Config, run_dir: Path, invocation: Invocation, rendezvous) -> int:
     """Start this host's workers with the launcher the config asks for (per-step fault tolerant,
     joining a running fault-tolerant job, or torch's elastic agent) and wait; the exit code."""
-    from shoal.runtime.protocol import PREEMPTED_CODES
-    from shoal.launch.local import Stopped, WorkerFailure, launch_workers
     worker_args = [str(run_dir / "config.toml"), "--run-dir", str(run_dir)]
     if invocation.resume:
         worker_args += ["--resume", str(run_dir)]
     if invocation.verbose:
         worker_args.append("--verbose")
-    if cfg.fault.enabled:  # per-step fault tolerance (shoal/launch/supervisor.py, docs/fault.md)
+    if not cfg.selfplay.game:
+        return _launch(cfg, worker_args, run_dir, invocation, rendezvous)
+    from shoal.launch.actors import start_actors
+    from shoal.runtime.env import launcher_environment
+    from shoal.runtime.protocol import LOCAL_WORKERS_ENV
+    # actors and an evaluator beside the learner ranks (shoal/launch/actors.py)
+    pool = start_actors(cfg, worker_args, run_dir, nnodes=rendezvous.nnodes, verbose=invocation.verbose)
+    try:
+        with launcher_environment(**{LOCAL_WORKERS_ENV: str(pool.processes)}):  # the learner's share of the cores
+            return _launch(cfg, worker_args, run_dir, invocation, rendezvous)
+    finally:
+        pool.stop()
+
+
+def _launch(cfg: Config, worker_args: list[str], run_dir: Path, invocation: Invocation, rendezvous) -> int:
+    from shoal.runtime.protocol import PREEMPTED_CODES
+    from shoal.launch.local import Stopped, WorkerFailure, launch_workers
+    if cfg.fault.enabled and not cfg.selfplay.game:  # per-step fault tolerance (shoal/launch/supervisor.py)
         from shoal.launch.supervisor import launch_fault_tolerant, per_step_unsupported
         if not rendezvous.is_host and not per_step_unsupported(cfg):  # a host adding workers to the job
             from shoal.launch.remote import join_fault_tolerant
@@ -99,8 +127,10 @@ def start_workers(cfg: Config, run_dir: Path, invocation: Invocation, rendezvous
         if code is not None:
             return code
     try:
+        # a self-play learner under fault.enabled is restarted from its checkpoint (shoal/selfplay/learner.py)
+        restarts = cfg.fault.max_restarts if cfg.selfplay.game and cfg.fault.enabled else cfg.launch.max_restarts
         launch_workers(worker_args, nproc=cfg.launch.nproc, run_dir=run_dir, rendezvous=rendezvous,
-                       max_restarts=cfg.launch.max_restarts, verbose=invocation.verbose,
+                       max_restarts=restarts, verbose=invocation.verbose,
                        grace_seconds=cfg.fault.grace_seconds)
     except Stopped as stopped:  # SIGTERM/SIGINT/SIGUSR1 to the launcher, forwarded to every worker
         return say_stopped(cfg, stopped.signum, run_dir, invocation)
