@@ -1,0 +1,158 @@
+"""Self-play: actor throughput, and a Connect Four player trained on this machine measured against
+search and a perfect solver.
+
+Two parts, each runnable alone (`--part throughput`, `--part train`):
+
+- throughput: positions per second of one actor's self-play with batched leaf evaluation (the
+  searches of `--games` games share one network batch per simulation step) against the same
+  actor playing one game at a time; then 1 against 2 actor processes (one torch thread each,
+  the learner idle), each playing batched games for `--seconds`. Goals: batched >= 3x
+  unbatched, 2 processes >= 1.7x one.
+- train: `shoal run examples/selfplay/connect4.toml` for `--minutes` of training (selfplay.minutes),
+  then its evaluations: win rate against plain MCTS with 200 and 1,000 random-rollout
+  simulations (both colours) and agreement with the solver, per evaluated weight version and
+  training minute. Goals: >= 90% against MCTS-200 and >= 70% against MCTS-1000 within 60 minutes.
+
+Prints a table and writes benchmarks/out/selfplay.json (merging the parts run so far).
+
+    .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games 16] [--seconds 60]
+    .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOAL = [sys.executable, "-m", "shoal.cli"]  # the `shoal` command, wherever this Python is
+OUT = ROOT / "benchmarks" / "out" / "selfplay.json"
+sys.path.insert(0, str(ROOT))
+
+from shoal import config as config_module  # noqa: E402
+
+
+def _actor_pieces(cfg):
+    import torch
+    from shoal.selfplay.setup import build_network, load_game, make_evaluate, selfplay_settings
+    torch.set_num_threads(1)  # an actor's share of a 2-core machine, as the launcher gives it
+    game = load_game(cfg.selfplay.game)
+    torch.manual_seed(cfg.train.seed)
+    net = build_network(game, cfg)
+    net.eval()
+    return game, make_evaluate(net), selfplay_settings(cfg)
+
+
+def positions_per_second(cfg, games_at_once: int, seconds: float, seed: int) -> tuple[float, int]:
+    """(positions/s, positions) of one actor playing `games_at_once` games per call for about `seconds`."""
+    from shoal.selfplay.play import play_games
+    from shoal.selfplay.setup import actor_rng, record_length
+    game, evaluate, settings = _actor_pieces(cfg)
+    rng = actor_rng(seed, 0, 0)
+    positions, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        records = play_games(game, evaluate, games_at_once, settings, rng, 0)
+        positions += sum(record_length(r) for r in records)
+    return positions / (time.perf_counter() - started), positions
+
+
+def _process_rate(cfg, games_at_once: int, seconds: float, seed: int, out) -> None:
+    out.put(positions_per_second(cfg, games_at_once, seconds, seed))
+
+
+def processes_rate(cfg, processes: int, games_at_once: int, seconds: float) -> float:
+    """Total positions/s of `processes` actor processes running at once."""
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_process_rate, args=(cfg, games_at_once, seconds, 100 + i, out))
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [out.get()[0] for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+def throughput(args) -> dict:
+    cfg = config_module.load(ROOT / "examples" / "selfplay" / f"{args.game}.toml", args.overrides)
+    unbatched, n1 = positions_per_second(cfg, 1, args.seconds, 1)
+    batched, n2 = positions_per_second(cfg, args.games, args.seconds, 1)
+    one = processes_rate(cfg, 1, args.games, args.seconds)
+    two = processes_rate(cfg, 2, args.games, args.seconds)
+    result = {"game": args.game, "simulations": cfg.selfplay.simulations, "channels": cfg.selfplay.channels,
+              "blocks": cfg.selfplay.blocks, "games_at_once": args.games, "seconds_each": args.seconds,
+              "unbatched_positions_per_s": unbatched, "batched_positions_per_s": batched,
+              "batched_speedup": batched / unbatched, "one_process_positions_per_s": one,
+              "two_processes_positions_per_s": two, "two_process_scaling": two / one}
+    rows = [("unbatched search, 1 actor", f"{unbatched:.1f}", ""),
+            (f"batched search ({args.games} games at once), 1 actor", f"{batched:.1f}",
+             f"{batched / unbatched:.2f}x (goal 3x)"),
+            ("1 actor process", f"{one:.1f}", ""),
+            ("2 actor processes", f"{two:.1f}", f"{two / one:.2f}x (goal 1.7x)")]
+    print(f"\n{args.game}, {cfg.selfplay.simulations} simulations per move, net {cfg.selfplay.channels}x"
+          f"{cfg.selfplay.blocks}, {args.seconds:.0f} s each, 1 torch thread per actor")
+    print(f"{'':52} {'positions/s':>12}  ratio")
+    for name, rate, ratio in rows:
+        print(f"{name:52} {rate:>12}  {ratio}")
+    return result
+
+
+def train(args) -> dict:
+    log_dir = ROOT / "benchmarks" / "out" / "selfplay_runs"
+    name = f"connect4_{int(time.time())}"
+    command = [*SHOAL, "run", str(ROOT / "examples" / "selfplay" / "connect4.toml"),
+               f"selfplay.minutes={args.minutes}", f"log.dir={log_dir}", f"log.name={name}", "log.progress=plain",
+               *args.overrides]
+    print("$ " + " ".join(command), flush=True)
+    started = time.monotonic()
+    code = subprocess.run(command, cwd=ROOT).returncode
+    wall = time.monotonic() - started
+    run = log_dir / name
+    from shoal.observe.metrics import read_metrics
+    from shoal.observe.selfplay_report import opponents, training_minutes
+    records = read_metrics(run)
+    selfplay = [r for r in records if r.get("kind") == "selfplay"]
+    evals = sorted((r for r in records if r.get("kind") == "selfplay_eval"), key=lambda r: r["version"])
+    minutes = training_minutes(selfplay)
+    names = opponents(evals)
+    print(f"\nConnect Four, {args.minutes} min budget: exit {code}, {wall / 60:.1f} min wall, "
+          f"{selfplay[-1]['version'] if selfplay else 0} versions, {sum(r['games'] for r in selfplay)} games")
+    print(f"{'version':>8} {'minute':>7} " + " ".join(f"{'win ' + n:>14}" for n in names) + f" {'solver agree':>13}")
+    for r in evals:
+        print(f"{r['version']:>8} {minutes.get(r['version'], 0.0):>7.1f} "
+              + " ".join(f"{r.get('win_rate_' + n, float('nan')):>14.2f}" for n in names)
+              + f" {r.get('solver_agreement', float('nan')):>13.2f}")
+    subprocess.run([*SHOAL, "report", str(run)], cwd=ROOT, capture_output=True)
+    return {"command": "shoal " + " ".join(command[3:]), "exit_code": code, "wall_minutes": wall / 60, "run_dir": str(run),
+            "versions": selfplay[-1]["version"] if selfplay else 0, "games": sum(r["games"] for r in selfplay),
+            "evaluations": [{**r, "training_minutes": minutes.get(r["version"])} for r in evals]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("throughput", "train", "all"), default="all")
+    parser.add_argument("--game", default="connect4", help="throughput: the example config's game")
+    parser.add_argument("--games", type=int, default=16, help="throughput: games one actor plays at once")
+    parser.add_argument("--seconds", type=float, default=60.0, help="throughput: seconds per measurement")
+    parser.add_argument("--minutes", type=float, default=60.0, help="train: the training budget (selfplay.minutes)")
+    parser.add_argument("overrides", nargs="*", help="key=value for the example config")
+    args = parser.parse_args()
+    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    if args.part in ("throughput", "all"):
+        results["throughput"] = throughput(args)
+    if args.part in ("train", "all"):
+        results["train"] = train(args)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
