@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from shoal.config import Config
 from shoal.parallel.blocks import model_blocks
 
 _SAVED_OPS = {
@@ -31,14 +30,14 @@ def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_ac(model: nn.Module, mesh: object, cfg: Config) -> nn.Module:
-    """Checkpoint every block of `model` in place (`mesh` is unused: recomputation is local)."""
-    mode = cfg.parallel.activation_checkpointing
+def apply_ac(model: nn.Module, mode: str, shard_modules: list[str]) -> nn.Module:
+    """Checkpoint every block of `model` in place (the blocks `shard_modules` names, else the
+    model's own), by `mode`: "none", "selective" or "full". No mesh: recomputation is local."""
     if mode == "none":
         return model
     context_fn = (functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)
                   if mode == "selective" else None)
-    for block in model_blocks(model, cfg.parallel.shard_modules):
+    for block in model_blocks(model, shard_modules):
         # Replacing the instance's forward, not wrapping the module, keeps parameter names
         # unchanged, so checkpoints stay loadable with checkpointing on or off.
         block.forward = functools.partial(_checkpointed, block.forward, context_fn)

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from shoal.config import Config
 from shoal.parallel.blocks import model_blocks
 
 
-def apply_compile(model: nn.Module, mesh: object, cfg: Config) -> nn.Module:
-    """Compile every block of `model` in place (`mesh` is unused)."""
-    if not cfg.parallel.compile:
-        return model
-    for block in model_blocks(model, cfg.parallel.shard_modules):
+def apply_compile(model: nn.Module, shard_modules: list[str]) -> nn.Module:
+    """Compile every block of `model` in place (the blocks `shard_modules` names, else the
+    model's own). No mesh: each rank compiles its own modules."""
+    for block in model_blocks(model, shard_modules):
         block.compile()  # in place: the parameter names do not gain an `_orig_mod.` prefix
     return model

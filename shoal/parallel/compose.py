@@ -201,16 +201,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
     if not any(p.is_meta for p in model.parameters()):  # meta parameters get their memory after the split
         model.to(device)
     loss = Loss(cfg.model.loss)
+    par = cfg.parallel
     if dims.world_size == 1 or mesh is None:
-        apply_ac(model, None, cfg)
-        apply_compile(model, None, cfg)
+        apply_ac(model, par.activation_checkpointing, par.shard_modules)
+        if par.compile:
+            apply_compile(model, par.shard_modules)
         return ParallelModel(module=model, model_parts=[model], loss=loss)
 
     # 1. Tensor parallel first: it swaps weights for DTensors on the "tp" axis, and every
     #    later step (stage split, checkpointing, compile, FSDP) then wraps those as they are.
     if dims.tp > 1:
+        from shoal.parallel.stages import STAGES_PER_RANK
         from shoal.parallel.tensor import apply_tp
-        apply_tp(model, mesh["tp"], cfg)
+        apply_tp(model, mesh["tp"], pipeline_stages=dims.pp * STAGES_PER_RANK[par.pp_schedule])
     # 2. Pipeline split: each rank keeps its stages; what follows is applied per stage.
     parts = [model]
     tied: list[tuple[list[str], tuple[int, ...]]] = []
@@ -219,13 +222,14 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
         from shoal.parallel.pipeline import apply_pp
         params = dict(model.named_parameters(remove_duplicate=False))
         tied = [(names, tuple(params[names[0]].shape)) for names in tied_names(model)]
-        parts = apply_pp(model, mesh["pp"], cfg)
+        parts = apply_pp(model, mesh["pp"], par.pp_schedule)
     # 3. Activation checkpointing, then 4. compile: compile after checkpointing so the
     #    recomputation is traced into the compiled graph, and before FSDP so FSDP's
     #    all-gather hooks stay outside the graphs.
     for part in parts:
-        apply_ac(part, None, cfg)
-        apply_compile(part, None, cfg)
+        apply_ac(part, par.activation_checkpointing, par.shard_modules)
+        if par.compile:
+            apply_compile(part, par.shard_modules)
     # 5. Data parallel last: it must see the final modules and parameters (FSDP shards the
     #    TP-split DTensors again along the data axis; DDP needs plain tensors).
     pm_fields: dict = {}
@@ -236,8 +240,12 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None, c
                     "share of the batch, so the loss differs from one process on the same global batch", dims.dp)
     if dp_mesh is not None and (dims.dp_shard > 1 or dims.tp > 1 or dims.pp > 1):
         from shoal.parallel.shard import apply_fsdp
+        bf16 = cfg.train.precision == "bf16"
         for part in parts:
-            apply_fsdp(part, dp_mesh, cfg)
+            # reduce in fp32 even with bf16 compute: summing N bf16 gradients loses the low bits
+            apply_fsdp(part, dp_mesh, param_dtype=torch.bfloat16 if bf16 else None,
+                       reduce_dtype=torch.float32 if bf16 else None, cpu_offload=par.cpu_offload,
+                       shard_modules=par.shard_modules)
         if dims.pp == 1:  # pipeline stages switch FSDP's gradient sync themselves, per schedule step
             pm_fields["no_sync"] = lambda: _fsdp_no_sync(parts)
     elif dp_mesh is not None:
@@ -299,7 +307,8 @@ def _pipeline_model(parts: list[nn.Module], pp_mesh: DeviceMesh, cfg: Config, de
                        has_last=n_stages - 1 in ids, last_rank=dist.get_global_rank(group, pp - 1),
                        microbatches=cfg.parallel.pp_microbatches,
                        **pm_fields)
-    pm.schedule = build_schedule(parts, pp_mesh, cfg, device, pm.loss_fn)
+    pm.schedule = build_schedule(parts, pp_mesh, cfg.parallel.pp_schedule, cfg.parallel.pp_microbatches,
+                                 device, pm.loss_fn)
     return pm
 
 

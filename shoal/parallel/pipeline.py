@@ -21,16 +21,15 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from shoal.config import Config
 from shoal.parallel.stages import STAGES_PER_RANK, stage_ids, stage_layers
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
 
-def apply_pp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> list[nn.Module]:
-    """The stages of `model` this rank of the 1-D "pp" `mesh` holds, as pruned copies that keep
-    the full model's parameter names (so checkpoints load under any pipeline degree)."""
-    schedule = cfg.parallel.pp_schedule
+def apply_pp(model: nn.Module, mesh: DeviceMesh, schedule: str) -> list[nn.Module]:
+    """The stages of `model` this rank of the 1-D "pp" `mesh` holds under `schedule` (a key of
+    SCHEDULES), as pruned copies that keep the full model's parameter names (so checkpoints load
+    under any pipeline degree)."""
     n_stages = mesh.size() * STAGES_PER_RANK[schedule]
     from shoal.models.hf import is_hf
     if is_hf(model):
@@ -63,15 +62,16 @@ def apply_pp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> list[nn.Module]
     return parts
 
 
-def build_schedule(parts: list[nn.Module], mesh: DeviceMesh, cfg: Config, device: torch.device,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> _PipelineSchedule:
-    """The schedule that runs `parts` (after TP, AC, compile and FSDP were applied to them)."""
-    schedule = cfg.parallel.pp_schedule
+def build_schedule(parts: list[nn.Module], mesh: DeviceMesh, schedule: str, microbatches: int,
+                   device: torch.device, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> _PipelineSchedule:
+    """The `schedule` that runs `parts` (after TP, AC, compile and FSDP were applied to them) on
+    `microbatches` micro-batches per step."""
     n_stages = mesh.size() * STAGES_PER_RANK[schedule]
     ids = stage_ids(mesh.get_local_rank(), mesh.size(), schedule)
     stages = [PipelineStage(part, sid, n_stages, device, group=mesh.get_group()) for part, sid in zip(parts, ids)]
     cls = SCHEDULES[schedule]
     # scale_grads (default) divides by the micro-batch count: the loss is a mean over the batch
     if STAGES_PER_RANK[schedule] > 1:
-        return cls(stages, cfg.parallel.pp_microbatches, loss_fn=loss_fn)
-    return cls(stages[0], cfg.parallel.pp_microbatches, loss_fn=loss_fn)
+        return cls(stages, microbatches, loss_fn=loss_fn)
+    return cls(stages[0], microbatches, loss_fn=loss_fn)

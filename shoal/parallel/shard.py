@@ -15,24 +15,23 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-from shoal.config import Config
 from shoal.parallel.blocks import model_blocks
 
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None,
+               reduce_dtype: torch.dtype | None, cpu_offload: bool, shard_modules: list[str]) -> nn.Module:
     """Shard `model` over `mesh` (1-D: FSDP; 2-D (replicate, shard): HSDP) in place.
 
-    Each block is its own FSDP unit, so only one block's full parameters exist at a time;
-    the root is sharded last and holds what is left (embeddings, final norm, head).
+    Each block (those `shard_modules` names, else the model's own) is its own FSDP unit, so
+    only one block's full parameters exist at a time; the root is sharded last and holds what
+    is left (embeddings, final norm, head). `param_dtype`/`reduce_dtype`: the dtypes of
+    compute and of the gradient reduction (None: the parameters' own); `cpu_offload` keeps
+    the shards and the optimizer step on the CPU.
     """
-    bf16 = cfg.train.precision == "bf16"
-    # reduce in fp32 even with bf16 compute: summing N bf16 gradients loses the low bits
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32 if bf16 else None)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     # pin_memory=False: pinning needs an accelerator, and on CPU there is nothing to pin for
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cfg.parallel.cpu_offload \
-        else OffloadPolicy()
-    blocks = _untied(model, model_blocks(model, cfg.parallel.shard_modules))
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    blocks = _untied(model, model_blocks(model, shard_modules))
     for i, block in enumerate(blocks):
         # the last block's parameters are needed first in backward: keeping them gathered
         # after forward saves one all-gather per step

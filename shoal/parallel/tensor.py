@@ -18,11 +18,11 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from shoal.config import Config
 
-
-def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
-    """Split `model`'s weights over the 1-D "tp" `mesh` in place (gpt, mlp or dlrm)."""
+def apply_tp(model: nn.Module, mesh: DeviceMesh, *, pipeline_stages: int = 1) -> nn.Module:
+    """Split `model`'s weights over the 1-D "tp" `mesh` in place (gpt, mlp, dlrm or Hugging Face).
+    `pipeline_stages`: the stages the model is split into afterwards, in all (the gpt's stream
+    enters and leaves each stage whole)."""
     from shoal.models.gpt import GPT
     from shoal.models.hf import is_hf
     from shoal.models.mlp import MLP
@@ -30,7 +30,7 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
         from shoal.parallel.hf_tensor import apply_hf_tp
         return apply_hf_tp(model, mesh)
     if isinstance(model, GPT):
-        return _tp_gpt(model, mesh, cfg)
+        return _tp_gpt(model, mesh, pipeline_stages)
     if isinstance(model, MLP):
         return _tp_mlp(model, mesh)
     from shoal.models.dlrm import DLRM
@@ -42,7 +42,7 @@ def apply_tp(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
                       f"parallel.tp = 1 and parallel.dp_shard to shard it")
 
 
-def _tp_gpt(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
+def _tp_gpt(model: nn.Module, mesh: DeviceMesh, n_stages: int) -> nn.Module:
     # Between blocks the residual stream is split along the sequence (Shard(1)); each block
     # gathers it before attention and the MLP (PrepareModuleInput) and scatters it again
     # after the row-parallel projections, so the norms run on 1/tp of the tokens.
@@ -66,9 +66,8 @@ def _tp_gpt(model: nn.Module, mesh: DeviceMesh, cfg: Config) -> nn.Module:
     # the previous stage, which sends full activations) and leaves its last block whole.
     # TP runs before the pipeline split, so the stage boundaries come from the same rule
     # pipeline.py uses.
-    from shoal.parallel.stages import STAGES_PER_RANK, stage_layers
+    from shoal.parallel.stages import stage_layers
     names = list(model.layers.keys())
-    n_stages = cfg.parallel.pp * STAGES_PER_RANK[cfg.parallel.pp_schedule]
     for s, layers in enumerate(stage_layers(len(names), n_stages)):
         first, last = model.layers[names[layers[0]]], model.layers[names[layers[-1]]]
         # the residual stream is kept as plain local tensors: adding a DTensor to one fails

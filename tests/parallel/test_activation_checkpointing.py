@@ -17,7 +17,7 @@ def _run(mode: str):
     cfg = Config()
     cfg.model.dim, cfg.model.n_layers, cfg.parallel.activation_checkpointing = 64, 4, mode
     torch.manual_seed(0)
-    model = apply_ac(build_model(cfg.model, DataSpec(kind="tokens", vocab_size=64, seq_len=32)), None, cfg)
+    model = apply_ac(build_model(cfg.model, DataSpec(kind="tokens", vocab_size=64, seq_len=32)), mode, [])
     tokens = torch.randint(0, 64, (4, 33), generator=torch.Generator().manual_seed(1))
     with SavedActivations([model]) as saved:
         loss = compute_loss(model(tokens[:, :-1]), tokens[:, 1:])
