@@ -1,7 +1,8 @@
-"""The package's layers, read from the source: nothing imports the CLI, the techniques never import
-the launchers, and no module reaches itself through imports. Every import counts: at the top of a
-module or inside a function, and a module named by a string (importlib.import_module, a table of
-command modules), since each of those is an arrow a reader has to follow."""
+"""The package's layers, read from the source: every import runs from a higher layer to a lower one
+(LAYERS), nothing imports the CLI, the techniques never import the launchers, and no module reaches
+itself through imports. Every import counts: at the top of a module or inside a function, and a
+module named by a string (importlib.import_module, a table of command modules), since each of those
+is an arrow a reader has to follow."""
 
 from __future__ import annotations
 
@@ -11,6 +12,26 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "shoal"
 # Lower layers that must not know how a run is started (DESIGN.md, "Contracts every part keeps").
 BELOW_LAUNCH = ("parallel", "sync", "fault", "sites", "data")
+# The layers from the bottom up (DESIGN.md's layout): a module may import its own package and the
+# packages of lower layers, never a higher layer nor another package of its own layer. "" is the
+# package's public face (shoal/__init__.py); an entry point (`python -m`, a __main__ module) is the top.
+LAYERS = (
+    ("config",),                        # the settings, read by everything
+    ("runtime",),                       # who am I: env, mesh, the launcher-worker protocol, checkpoints, preemption
+    ("data",),                          # sources, samplers, loaders
+    ("observe",),                       # metrics, events, run directories, reports
+    ("models",),                        # reference models and Hugging Face models as they are
+    ("parallel", "sync"),               # how one model is split; how replicas agree
+    ("fault", "federated", "plan"),     # per-step fault tolerance; federated rounds; the planner
+    ("sites", "export", "selfplay"),    # the cross-site plane; using a trained model; self-play's processes
+    ("train",),                         # the Trainer
+    ("worker",),                        # one worker process
+    ("launch",),                        # starting a run
+    ("api",),                           # shoal.train() for Python callers
+    ("",),                              # shoal/__init__.py
+    ("cli",),                           # the `shoal` command
+)
+RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 
 
 def module_name(path: Path) -> str:
@@ -63,6 +84,35 @@ def layer(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+def rank(module: str) -> int:
+    return len(LAYERS) if module.endswith(".__main__") else RANK[layer(module)]
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The imports that run up, or sideways into another package of the same layer."""
+    return sorted((m, t) for m, targets in graph.items() for t in targets
+                  if layer(m) != layer(t) and rank(m) <= rank(t))
+
+
+def test_every_package_has_a_layer():
+    unplaced = sorted({layer(m) for m in MODULES} - set(RANK))
+    assert unplaced == [], f"packages in no layer of LAYERS (place each where its imports allow): {unplaced}"
+
+
+def test_imports_run_only_down_the_layers():
+    upward = upward_arrows(GRAPH)
+    assert upward == [], f"imports from a lower layer to a higher one (or sideways), importer -> imported: {upward}"
+
+
+def test_the_layer_check_sees_an_upward_arrow():
+    # the check above would have caught the last two that were fixed: a model reaching up into
+    # parallel/ for a layout check, and observe/ importing fault/'s store keys
+    assert upward_arrows({"shoal.models.hf": {"shoal.parallel.blocks"}}) == [("shoal.models.hf", "shoal.parallel.blocks")]
+    assert upward_arrows({"shoal.observe.fleet": {"shoal.fault.keys"}}) != []
+    assert upward_arrows({"shoal.sync.diloco": {"shoal.parallel.shard"}}) != []  # sideways, same layer
+    assert upward_arrows({"shoal.parallel.compose": {"shoal.models.hf"}}) == []
+
+
 def test_nothing_imports_the_cli():
     # a `python -m` entry point (shoal/federated/__main__.py) is the top too, beside the CLI
     importers = sorted(m for m, targets in GRAPH.items() if "shoal.cli" in targets and not m.endswith("__main__"))
@@ -110,3 +160,4 @@ def test_the_graph_sees_lazy_and_named_imports():
     # in a string (the CLI's table of feature commands) are both arrows in it
     assert "shoal.launch.run" in GRAPH["shoal.api"]
     assert "shoal.plan.cli" in GRAPH["shoal.cli"]
+    assert "shoal.parallel.hf_layout" in GRAPH["shoal.parallel.compose"]  # inside check_layout
