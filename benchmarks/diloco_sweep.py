@@ -13,6 +13,14 @@ default (tests/sync/test_diloco_defaults.py, benchmarks/slow_links.py) confirms 
     .venv/bin/python benchmarks/diloco_sweep.py --replicas 2 --inner-steps 10,30 --outer-lr 0.5,0.7,1.0 \
         --outer-momentum 0.9 --steps 600
     .venv/bin/python benchmarks/diloco_sweep.py --ddp-only --steps 600
+    # issue 28's size (1.3M parameters, 3000 steps, 6.1M tokens, under one epoch of a 12 MB corpus):
+    .venv/bin/python benchmarks/diloco_sweep.py --dim 160 --layers 4 --steps 3000 --batch-size 32 \
+        --max-bytes 12000000 --replicas 4 --inner-steps 30 --outer-lr 0.6,1.0 --outer-momentum 0.9
+
+The corpus is the Python standard library of the interpreter that runs the script, so another
+Python reads other bytes: `--save-tokens DIR` writes this machine's training and validation
+bytes, and `--tokens DIR` trains on them elsewhere (a GPU machine with another Python:
+`--device cuda`), so that every row of the sweep sees the same tokens wherever it ran.
 
 Each setting appends one JSON line to --out (default benchmarks/out/diloco_sweep.jsonl) and a
 row to the printed table: final validation loss, gap to DDP's (from the same file), bytes
@@ -29,12 +37,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shoal.config import load  # noqa: E402
-from shoal.data import build_dataset  # noqa: E402
+from shoal.data import DataSpec, build_dataset, datasets  # noqa: E402
 from shoal.models import build_model, compute_loss  # noqa: E402
 from shoal.sync.compress import dequantize, quantize  # noqa: E402
 from shoal.sync.diloco import outer_warmup_factor  # noqa: E402
@@ -48,14 +57,30 @@ def setup(args):
                  f"train.warmup_steps={args.warmup}", f"train.batch_size={args.batch_size}", f"train.seed={args.seed}"]
     if args.dim:
         overrides += [f"model.dim={args.dim}", f"model.n_layers={args.layers}"]
+    overrides.append(f"data.max_bytes={args.max_bytes}")
     cfg = load(None, overrides)
+    if args.tokens:  # the bytes saved by --save-tokens on another machine, windows built as build_dataset does
+        train_tokens, val_tokens = (torch.from_numpy(np.load(Path(args.tokens) / f"{part}.npy"))
+                                    for part in ("train", "val"))
+        spec = DataSpec(kind="tokens", vocab_size=datasets.VOCAB_SIZE, seq_len=cfg.data.seq_len)
+        return cfg, datasets.TokenWindows(train_tokens, cfg.data.seq_len), \
+            datasets.TokenWindows(val_tokens, cfg.data.seq_len), spec
     train, val, spec = build_dataset(cfg.data, 0)
+    if args.save_tokens:
+        Path(args.save_tokens).mkdir(parents=True, exist_ok=True)
+        parts = datasets.stdlib_split(cfg.data.max_bytes, datasets.cache_dir(cfg.data.cache_dir),
+                                      cfg.data.val_fraction)
+        for part, tokens in zip(("train", "val"), parts):
+            np.save(Path(args.save_tokens) / f"{part}.npy", tokens.numpy())
     return cfg, train, val, spec
 
 
+DEVICE = torch.device("cpu")
+
+
 def fresh_model(cfg, spec):
-    torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model, spec)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every device: built on the CPU, then moved
+    return build_model(cfg.model, spec).to(DEVICE)
 
 
 def batches(train, cfg, steps):
@@ -68,7 +93,7 @@ def batches(train, cfg, steps):
 def inner_step(model, optimizer, x, y, cfg, step):
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
-    loss = compute_loss(model(x), y)
+    loss = compute_loss(model(x.to(DEVICE)), y.to(DEVICE))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
     optimizer.step()
@@ -77,13 +102,13 @@ def inner_step(model, optimizer, x, y, cfg, step):
 
 
 @torch.no_grad()
-def evaluate(model, val, n_batches=16, batch=32):
+def evaluate(model, val, n_batches=32, batch=32):
     model.eval()
     losses = []
     for b in range(n_batches):
         ids = torch.arange(b * batch, (b + 1) * batch) % len(val)
         x, y = val.get(ids)
-        losses.append(compute_loss(model(x), y).item())
+        losses.append(compute_loss(model(x.to(DEVICE)), y.to(DEVICE)).item())
     model.train()
     return sum(losses) / len(losses)
 
@@ -134,8 +159,8 @@ def run_diloco(cfg, train, val, spec, order, *, replicas, inner_steps, outer_lr,
             sent = []
             for r in range(replicas):
                 pseudo = torch.cat([(o - p.float()).reshape(-1) for p, o in zip(params[r], outer)])
-                decoded, n_bytes = wires[r].sent(pseudo)
-                sent.append(decoded)
+                decoded, n_bytes = wires[r].sent(pseudo.cpu())  # the encodings as on the wire: CPU tensors
+                sent.append(decoded.to(DEVICE))
             average = decode_average_rows(sent)
             for group in outer_opt.param_groups:
                 group["lr"] = outer_lr * outer_warmup_factor(syncs, outer_warmup)
@@ -191,17 +216,23 @@ def main() -> int:
                         "R:H:outer_lr:momentum[:warmup[:inner_lr_scale[:compression]]]")
     parser.add_argument("--ddp-only", action="store_true")
     parser.add_argument("--skip-ddp", action="store_true", help="take DDP's loss from --out when it is there")
+    parser.add_argument("--max-bytes", type=int, default=4_000_000, help="data.max_bytes: the corpus's size")
+    parser.add_argument("--save-tokens", default="", help="write the corpus's train/val bytes to this folder")
+    parser.add_argument("--tokens", default="", help="train on the bytes --save-tokens wrote (another machine's)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the replicas train")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234, help="weights and data order (train.seed)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "diloco_sweep.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     cfg, train, val, spec = setup(args)
     n_params = sum(p.numel() for p in fresh_model(cfg, spec).parameters())
     order = batches(train, cfg, args.steps)
     shape = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
              "warmup": args.warmup, "flavour": args.flavour, "dim": args.dim, "layers": args.layers,
-             "params": n_params, "seed": args.seed}
+             "params": n_params, "seed": args.seed, "max_bytes": args.max_bytes}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
