@@ -7,7 +7,9 @@ replicas and with H and does not depend on model size. At the budgets Shoal's be
 afford (tens of outer steps, per-replica batches of 8-16 sequences) momentum 0.9 overshoots:
 it needs ~10 outer steps to build and then carries stale directions. The table below is the
 outcome of benchmarks/diloco_sweep.py (docs/sync.md has the sweep); `tuned_outer_settings`
-takes the nearest swept replica count and H (in log H).
+takes the nearest swept replica count and H (in log H). Swept at 137k parameters x 800 steps,
+then checked at 1.3M x 3000 steps: at 2 replicas and H = 30 the entry was again the best row
+(+2.7% against DDP; momentum 0.9 at outer lr 0.4-1.2: +5.6% to +26.8%).
 """
 
 from __future__ import annotations
