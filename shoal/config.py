@@ -140,6 +140,9 @@ class ParallelConfig:
     dp_shard: int = option(1, "Fully sharded (FSDP) degree. 1 means disabled; -1 fills the world.", min=-1)
     tp: int = option(1, "Tensor parallel degree. 1 means disabled.", min=1)
     pp: int = option(1, "Pipeline parallel degree. 1 means disabled.", min=1)
+    auto: bool = option(False, "Take the layout `shoal plan` recommends for the world being started (fastest "
+                               "predicted that fits, from this host's cached calibration); it replaces "
+                               "dp_replicate, dp_shard, tp and pp, and the log says why. false keeps them.")
     pp_schedule: str = option("1f1b", "Pipeline schedule.", choices=("gpipe", "1f1b", "interleaved_1f1b"))
     pp_microbatches: int = option(4, "Micro-batches per pipeline step.", min=1)
     activation_checkpointing: str = option("none", "Recompute activations in backward to save memory.",
