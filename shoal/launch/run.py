@@ -45,8 +45,15 @@ def load_config(items: list[str], extra: list[str] | None = None) -> tuple[Confi
 
 
 def check_before_launch(cfg: Config, world_size: int) -> None:
-    """Checks that need the world size, done before any worker starts."""
+    """Checks that need the world size, done before any worker starts; under `parallel.auto` the
+    planner's layout replaces the configured degrees first (shoal/plan/auto.py)."""
     from shoal.parallel.compose import check_layout
+    if cfg.parallel.auto:
+        from shoal.plan.auto import choose_layout
+        choice = choose_layout(cfg, world_size)
+        for axis, degree in choice.degrees.items():
+            setattr(cfg.parallel, axis, degree)
+        print(f"shoal: parallel.auto chose {choice.row}; {choice.reason}", file=sys.stderr)
     check_layout(cfg, world_size)
 
 
@@ -64,6 +71,10 @@ def check_run(cfg: Config, world_size: int, chaos: str | None = None) -> bool:
         per_step = check_fault_tolerant(cfg, cfg.launch.nproc, chaos)
     if not per_step:
         check_before_launch(cfg, world_size)
+    elif cfg.parallel.auto:
+        from shoal.config import ConfigError
+        raise ConfigError("parallel.auto = true: per-step fault tolerance trains data-parallel replicas only; "
+                          "set parallel.auto = false (or fault.enabled = false)")
     return per_step
 
 
