@@ -91,7 +91,7 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
         if tp > 1:
             from shoal.parallel.tensor import apply_tp
             mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-            model = apply_tp(model, mesh["tp"], one)
+            model = apply_tp(model, mesh["tp"])  # one block, one stage
         seq, dim = one.data.seq_len, model.args.dim
         tokens = torch.randint(0, spec.vocab_size, (micro, seq + 1))
         hidden = torch.randn(micro, seq, dim, requires_grad=True)
