@@ -4,8 +4,9 @@ It knows the parallel techniques only through `ParallelModel` (compose.py), data
 through sample ids from the `ShardedSampler`, checkpoints only through `Checkpointer`, and
 how the replicas of a step agree on its gradients only through a `GradientSync`: the
 layout's own DDP/FSDP (`LayoutSync`, nothing to do), or per-step fault tolerance's changing
-replicas (shoal/fault/elastic.py), which talk back only through the `TrainingHost` methods
-below (shoal/fault/state.py).
+replicas (shoal/fault/elastic.py), whose `reduce` says whether the step was committed or
+abandoned (shoal/fault/agreement.py). What fault tolerance needs of the run, it reads through an
+adapter the worker builds over this class's public face (shoal/fault/host.py).
 Everything a step depends on (weights, optimizer moments, data position, RNG) is saved, so
 a resumed run repeats the uninterrupted one bit for bit.
 """
@@ -26,14 +27,14 @@ import torch.distributed as dist
 
 from shoal.config import Config, rank_seed
 from shoal.data import ShardedSampler
-from shoal.fault.state import TrainingHost, materialize_optimizer_state, state_tensors
+from shoal.fault.agreement import StepOutcome
 from shoal.models import to_device
 from shoal.observe.loggers import open_loggers
 from shoal.observe.ranks import RankTiming, gather_over_group
 from shoal.observe.reporter import StepReporter
 from shoal.observe.timing import CommTimer
 from shoal.runtime import preempt
-from shoal.runtime.checkpoint import PREFIX, Checkpointer
+from shoal.runtime.checkpoint import Checkpointer
 from shoal.parallel.compose import ParallelModel, check_batch_split
 
 log = logging.getLogger("shoal")
@@ -61,12 +62,12 @@ class GradientSync(Protocol):
     """Replicas come and go (per-step fault tolerance): the launcher shows progress, and a stop signal
     is agreed among the replicas themselves (a worker that gets one leaves)."""
 
-    def begin_step(self, host: TrainingHost) -> tuple[int, int] | None:
+    def begin_step(self) -> tuple[int, int] | None:
         """This step's (dp_rank, dp_size); None when there is no step to train now (skip it)."""
 
-    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-        """Average the gradients of `samples` samples; (the step's loss, whether it is already the mean
-        over every rank), or None when the step was abandoned and nothing may be applied."""
+    def reduce(self, samples: int, loss: torch.Tensor) -> StepOutcome:
+        """Average the gradients of `samples` samples: committed (with the loss to report, and whether
+        it is already the mean over every rank), or abandoned, when nothing may be applied."""
 
     def writes_metrics(self) -> bool:
         """This process writes metrics.jsonl now."""
@@ -94,11 +95,11 @@ class LayoutSync:
     def __init__(self, where: Placement):
         self.where = where
 
-    def begin_step(self, host: TrainingHost) -> tuple[int, int]:
+    def begin_step(self) -> tuple[int, int]:
         return self.where.dp_rank, self.where.dp_size
 
-    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        return loss, False
+    def reduce(self, samples: int, loss: torch.Tensor) -> StepOutcome:
+        return StepOutcome.committed(loss)
 
     def writes_metrics(self) -> bool:
         return self.where.master
@@ -123,7 +124,6 @@ class Trainer:
         checkpointer: Checkpointer | None saves and loads model, optimizer and `trainer_state()`
         outer_sync                        an entered DiLoCo / LocalSGD, or None (`attach_outer_sync`)
         step: int                         optimizer steps taken so far
-        loss_averaged: bool               the last step's loss is already the mean over every rank
         data_seconds, arrival_seconds, comm_seconds, step_started: float
                                           where the last step's time went (metrics, shoal/observe/ranks.py)
         comm_timer: CommTimer | None      times the gradient collectives
@@ -150,7 +150,6 @@ class Trainer:
         self.outer_sync = None
         self._saved_outer_sync: dict | None = None  # read by resume(), loaded by attach_outer_sync()
         self.step = 0
-        self.loss_averaged = False  # the last step's loss is already the mean over every rank (fault tolerance)
         self.data_seconds = 0.0  # time this step waited for its batches (the loader's cost, in metrics)
         self.comm_timer = comm_timer
         # Where the last step's time went (seconds since its start): arrival at the gradient
@@ -195,64 +194,28 @@ class Trainer:
             log.warning("the checkpoint holds no outer-sync state: the outer optimizer starts afresh at step %d",
                         self.step)
 
-    def save(self, *, alone: bool = False) -> None:
-        """Write a checkpoint of the current step. `alone`: this fault-tolerant worker is the only
-        one holding the training state, and saves it in the background whatever its rank."""
-        if self.checkpointer is not None and (alone or self.sync.saves_checkpoints()):
-            started = time.perf_counter()
-            self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state(),
-                                   asynchronous=True if alone else None)
-            if self.report is not None:
-                self.report.event("checkpoint", self.step, seconds=round(time.perf_counter() - started, 4))
+    def save(self) -> None:
+        """Write a checkpoint of the current step, if this process takes part in saving now."""
+        if self.checkpointer is not None and self.sync.saves_checkpoints():
+            self.write_checkpoint()
 
-    # -- what per-step fault tolerance may ask (shoal/fault/state.py's TrainingHost) -----
-    def set_step(self, step: int) -> None:
-        self.step = step
-
-    def place(self, dp_rank: int, dp_size: int) -> None:
-        self.where.dp_rank, self.where.dp_size = dp_rank, dp_size
-
-    def parameters(self):
-        return self.model.parameters()
-
-    def data_position(self) -> dict[str, int]:
-        return self.sampler.state_dict()
-
-    def set_data_position(self, position: dict[str, int]) -> None:
-        self.sampler.load_state_dict(position)
-
-    def global_batch_ids(self, position: dict[str, int]) -> torch.Tensor:
-        replay = ShardedSampler(self.sampler.num_samples, self.sampler.global_batch, self.sampler.seed)
-        replay.load_state_dict(position)
-        return torch.cat([replay.next_batch(0, 1) for _ in range(self.cfg.train.grad_accum)])
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        materialize_optimizer_state(self.optimizer)
-        outer = self.outer_sync.state_tensors() if hasattr(self.outer_sync, "state_tensors") else []
-        return state_tensors(self.model, self.optimizer) + outer
-
-    def state_received(self) -> None:
-        if hasattr(self.outer_sync, "state_received"):
-            self.outer_sync.state_received()
-
-    def save_checkpoint(self, *, alone: bool = False) -> None:
-        self.save(alone=alone)
-
-    def finish_saves(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.wait()
-
-    def load_checkpoint(self, step: int) -> None:
-        self.resume(self.checkpointer.folder / f"{PREFIX}{step:08d}")
+    def write_checkpoint(self, *, asynchronous: bool | None = None) -> None:
+        """Write a checkpoint of the current step from this process (`asynchronous`: None follows
+        checkpoint.async_save)."""
+        started = time.perf_counter()
+        self.checkpointer.save(self.step, self.model.model_parts, self.optimizer, self.trainer_state(),
+                               asynchronous=asynchronous)
+        if self.report is not None:
+            self.report.event("checkpoint", self.step, seconds=round(time.perf_counter() - started, 4))
 
     # -- one step ----------------------------------------------------------------------
-    def train_step(self) -> torch.Tensor | None:
-        """Forward and backward over `grad_accum` micro-batches, then one optimizer step.
-        Returns None when a failure made the replicas abandon the step (nothing applied)."""
+    def train_step(self) -> StepOutcome:
+        """Forward and backward over `grad_accum` micro-batches, then one optimizer step, unless the
+        replicas abandoned the step (a failure: nothing applied) or had none to train (skipped)."""
         t, where = self.cfg.train, self.where
-        placement = self.sync.begin_step(self)  # fault tolerance may regroup and receive state here
+        placement = self.sync.begin_step()  # fault tolerance may regroup and receive state here
         if placement is None:
-            return None
+            return StepOutcome.skipped()
         where.dp_rank, where.dp_size = placement
         start, samples = self.sampler.state_dict(), 0
         for group in self.optimizer.param_groups:
@@ -274,7 +237,7 @@ class Trainer:
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
                 loss_sum += self.model.forward_backward(inputs, targets, scale, items) * scale
         reduce_started = time.perf_counter()
-        reduced = self.sync.reduce(self, samples, loss_sum)
+        reduced = self.sync.reduce(samples, loss_sum)
         reduced_at = time.perf_counter()
         # Under DDP this rank arrived when its last gradient bucket went to the hook (the rest of
         # backward then waited for the slowest rank); otherwise when it called the reduce.
@@ -282,11 +245,10 @@ class Trainer:
         arrived = timer.arrived if timer is not None and timer.arrived > self.step_started else reduce_started
         self.arrival_seconds = arrived - self.step_started
         self.comm_seconds = reduced_at - arrived
-        if reduced is None:  # abandoned: the next group retries the same global batch
+        if not reduced.applied:  # abandoned: the next group retries the same global batch
             self.optimizer.zero_grad(set_to_none=True)
             self.sampler.load_state_dict(start)
-            return None
-        loss, self.loss_averaged = reduced
+            return reduced
         if t.grad_clip > 0:
             clip = getattr(self.model, "clip_grad_norm_", None)
             if clip is not None:
@@ -304,7 +266,7 @@ class Trainer:
                                   syncs=self.outer_sync.outer_syncs)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return loss
+        return reduced
 
     def items_per_rank(self, targets: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The step's count of targets that count (not padding, not IGNORE_INDEX), averaged over
@@ -396,11 +358,11 @@ class Trainer:
                     self.checkpointer.poll()
                 self.data_seconds = 0.0
                 started = self.step_started = time.perf_counter()
-                loss = self.train_step()
-                if loss is None:
+                outcome = self.train_step()
+                if not outcome.applied:
                     continue
-                stop = False
-                if every_step and not self.loss_averaged:  # gradients travel every step; so do the loss and a stop
+                loss, stop = outcome.loss, False
+                if every_step and not outcome.loss_is_mean:  # gradients travel every step; so do the loss and a stop
                     loss, stop = self.means_and_stop(loss)
                 seconds = time.perf_counter() - started
                 compute = max(0.0, self.arrival_seconds - self.data_seconds)

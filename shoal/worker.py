@@ -26,6 +26,7 @@ from shoal import config as config_module
 from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
 from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
+from shoal.fault.host import TrainerHost
 from shoal.models import build_model
 from shoal.models.hf_weights import tied_aliases
 from shoal.observe import rundir
@@ -159,6 +160,8 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
                                 replicas_differ=outer_sync)
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
                       comm_timer=timer, sync=replicas)
+    if replicas is not None:  # what fault tolerance needs of the run, adapted from the Trainer's public face
+        replicas.attach(TrainerHost(trainer))
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
         resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:
@@ -182,7 +185,7 @@ def run(built: Worker) -> list[float]:
     try:
         if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
             from shoal.fault.outer import elastic_outer_sync
-            sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, trainer)
+            sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, replicas.host)
         elif cfg.sites.name:  # DiLoCo whose replicas are sites, over the cross-site plane (shoal/sites)
             sync_context = sites_outer_sync(cfg, model, trainer.optimizer, built.run_dir, resumed=trainer.step > 0)
         else:
@@ -191,7 +194,7 @@ def run(built: Worker) -> list[float]:
             trainer.attach_outer_sync(synced)  # checkpoints hold its state; a resumed run gets it back
             losses = trainer.fit()
     except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
-        replicas.rollback(trainer)
+        replicas.rollback()
         # The lanes of a replica group agree on the loss and stop at the same point of the step
         # (Replicas.reduce, Replicas._join), so the master group's lanes save together here.
         saving = replicas.is_master

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from shoal import config
+from shoal.fault.agreement import Outcome, StepOutcome
 from tests.conftest import one_process_trainer
 
 STEPS, BATCH = 6, 16
@@ -21,16 +22,19 @@ ARGS = ["model.name=mlp", "data.source=synthetic", "data.num_samples=512", f"tra
 
 class ScriptedAgreement:
     """Agrees on every step except where `script` says otherwise, by attempt number (from 1):
-    "abandon" (a peer died during the reduce), "skip" (no step to train now), or a (dp_rank,
-    dp_size) this replica holds from that attempt on (the group regrouped)."""
+    "abandon" (a peer died during the reduce), "skip" (no step to train now), "regroup" (committed,
+    and the group regroups before the next step), or a (dp_rank, dp_size) this replica holds from
+    that attempt on (the group regrouped)."""
 
     elastic = False
 
     def __init__(self, script: dict):
         self.script, self.attempts, self.placement = script, 0, (0, 1)
         self.reduced: list[tuple[int, int, float]] = []  # (step, samples, loss) of every reduce
+        self.trainer = None  # set once the Trainer exists: the step a reduce belongs to
+        self.outcomes: list[Outcome] = []
 
-    def begin_step(self, host):
+    def begin_step(self):
         self.attempts += 1
         self.action = self.script.get(self.attempts)
         if self.action == "skip":
@@ -39,11 +43,13 @@ class ScriptedAgreement:
             self.placement = self.action
         return self.placement
 
-    def reduce(self, host, samples: int, loss: torch.Tensor):
-        self.reduced.append((host.step, samples, float(loss)))
-        if self.action == "abandon":
-            return None
-        return loss, True  # the loss as the group's mean: no all-reduce in this process
+    def reduce(self, samples: int, loss: torch.Tensor) -> StepOutcome:
+        self.reduced.append((self.trainer.step, samples, float(loss)))
+        outcome = (StepOutcome.abandoned() if self.action == "abandon" else
+                   # the loss as the group's mean: no all-reduce in this process
+                   StepOutcome.committed(loss, loss_is_mean=True, regroup=self.action == "regroup"))
+        self.outcomes.append(outcome.outcome)
+        return outcome
 
     def writes_metrics(self) -> bool:
         return True
@@ -55,6 +61,7 @@ class ScriptedAgreement:
 def train(tmp_path, name: str, script: dict):
     agreement = ScriptedAgreement(script)
     trainer = one_process_trainer(config.load(None, ARGS), tmp_path / name, sync=agreement)
+    agreement.trainer = trainer
     losses = trainer.fit()
     return trainer, agreement, losses
 
@@ -66,7 +73,7 @@ def test_an_abandoned_step_applies_nothing_and_is_retried_on_the_same_batch(tmp_
     (step_a, samples_a, loss_a), (step_b, samples_b, loss_b) = agreement.reduced[2:4]
     assert step_a == step_b == 2 and samples_a == samples_b == BATCH
     assert loss_a == loss_b  # the retry saw the same samples with the same weights
-    assert losses == clean_losses
+    assert agreement.outcomes.count(Outcome.ABANDONED) == 1 and losses == clean_losses
     for (name, mine), theirs in zip(trainer.model.module.state_dict().items(),
                                     clean.model.module.state_dict().values()):
         assert torch.equal(mine, theirs), name  # nothing of the abandoned attempt was applied
@@ -80,3 +87,10 @@ def test_a_skipped_attempt_trains_nothing_and_a_regrouped_replica_trains_its_sha
     samples = [count for _, count, _ in agreement.reduced]
     assert samples == [BATCH, BATCH] + [BATCH // 2] * (STEPS - 2)  # rank 1 of 2 from the third step
     assert (trainer.where.dp_rank, trainer.where.dp_size) == (1, 2)
+
+
+def test_a_step_committed_before_a_regroup_is_applied(tmp_path):
+    _, _, clean_losses = train(tmp_path, "clean", {})
+    trainer, agreement, losses = train(tmp_path, "regroup", {3: "regroup"})
+    assert agreement.outcomes[2] is Outcome.REGROUPED and agreement.attempts == STEPS
+    assert losses == clean_losses and trainer.step == STEPS  # applied like any committed step

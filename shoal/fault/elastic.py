@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from shoal.config import Config
 from shoal.fault import chaos
+from shoal.fault.agreement import StepOutcome
 from shoal.fault.audit import write_record
 from shoal.fault.groups import Collective, GenerationGroups, finished
 from shoal.fault.state import TrainingHost, pack_state, unpack_state
@@ -111,15 +112,21 @@ class Replicas:
         self.step_started = -1
         self.regroup_on_abort = True
         """False under an outer sync (DiLoCo): replicas then regroup only at syncs, where they meet."""
+        self.host: TrainingHost | None = None
+        """The training run this replica belongs to (`attach`)."""
         self.store_lost: StoreLost | None = None
         """In a replica group, the store failure a lane saw mid-step: it skips its other store calls
         and the lanes stop together where they next agree (`reduce`, `_join`)."""
 
-    def rollback(self, host: TrainingHost) -> None:
+    def attach(self, host: TrainingHost) -> None:
+        """Train `host` (shoal/fault/host.py adapts the Trainer) from now on."""
+        self.host = host
+
+    def rollback(self) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
         was lost mid-step), so a checkpoint saved now resumes at that step's batch."""
-        if self.step_start is not None and self.step_started == host.step:
-            host.set_data_position(self.step_start)
+        if self.step_start is not None and self.step_started == self.host.step:
+            self.host.set_data_position(self.step_start)
 
     @classmethod
     def from_env(cls, cfg: Config) -> "Replicas":
@@ -220,10 +227,11 @@ class Replicas:
             raise self.store_lost or StoreLost("another lane of this replica group lost the membership store")
 
     # -- the step ----------------------------------------------------------------------
-    def begin_step(self, host: TrainingHost) -> tuple[int, int] | None:
+    def begin_step(self) -> tuple[int, int] | None:
         """Join a generation if this worker has none (or its generation was aborted); returns
         this step's (dp_rank, dp_size), or None when there is no step of its own to train (it
         joined in the middle of an outer sync and completed it)."""
+        host = self.host
         self.groups.reap()
         if self.save_alone_pending and host.step > self.saved_alone:  # a step after it was left alone
             self.save_alone_pending = False
@@ -286,14 +294,15 @@ class Replicas:
         self.fire("before", step - 1)
         self.publish(step, loss)
 
-    def reduce(self, host: TrainingHost, samples: int, loss: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
-        """Average gradients over the generation, weighted by each replica's sample count.
-        Returns (the global mean loss, True), or None when the step was abandoned (nothing
-        applied). Under an outer sync (DiLoCo) the replicas average parameters every few steps
-        instead (shoal/fault/outer.py): (this replica's loss, False)."""
+    def reduce(self, samples: int, loss: torch.Tensor) -> StepOutcome:
+        """Average gradients over the generation, weighted by each replica's sample count: committed
+        with the global mean loss (regrouped when the members regroup before the next step), or
+        abandoned (nothing may be applied). Under an outer sync (DiLoCo) the replicas average
+        parameters every few steps instead (shoal/fault/outer.py): committed with this replica's loss."""
+        host = self.host
         if self.outer is not None:
             self.publish_progress(host.step + 1, float(loss))
-            return loss, False
+            return StepOutcome.committed(loss)
         step = host.step
         params = list(host.parameters())
         # In a replica group these are the local shards FSDP's reduce-scatter left: lane j
@@ -325,7 +334,7 @@ class Replicas:
             log.warning("step %d abandoned in generation %d: %s", step, self.gen,
                         failure or "another lane of this replica group failed")
             self.needs_join = True
-            return None
+            return StepOutcome.abandoned()
         total = flat[SAMPLES]
         offset = 0
         for p, g in zip(params, grads):
@@ -343,11 +352,11 @@ class Replicas:
             write_record(self.sample_log, step=step, ids=host.global_batch_ids(self.step_start),
                          epoch=self.step_start["epoch"], params=host.parameters(),
                          loss=float(mean_loss), member=self.member, lane=self.lane, gen=self.gen, size=self.size)
-        return mean_loss, True
+        return StepOutcome.committed(mean_loss, loss_is_mean=True, regroup=agreed["regroup"] > 0)
 
     def _save_alone(self, host: TrainingHost) -> None:
         log.info("the only worker holding the training state: saving a checkpoint at step %d", host.step)
-        host.save_checkpoint(alone=True)
+        host.save_checkpoint(background=True)
         self.saved_alone = host.step
 
     def _say_committed(self) -> None:

@@ -129,7 +129,7 @@ class ElasticDiLoCo(DiLoCo):
                 log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
                             host.step, replicas.gen, err)
                 replicas.needs_join = True
-                host.place(*replicas.begin_step(host))  # no sync is owed here: always a placement
+                host.place(*replicas.begin_step())  # no sync is owed here: always a placement
         self.borrowed[index], self.syncing = False, -1
         if regroup:  # joiners wait (or a member left): regroup after this sync, joiners get the result
             replicas.needs_join = True

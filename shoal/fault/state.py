@@ -2,8 +2,8 @@
 optimizer state, step, data position and RNG, packed as one byte buffer whose layout every
 replica of the same model and optimizer agrees on. Nothing is pickled.
 
-`TrainingHost` is everything per-step fault tolerance may ask of the training loop; the
-Trainer implements it, and nothing in shoal/fault/ reaches into the Trainer otherwise.
+`TrainingHost` is everything per-step fault tolerance may ask of the training loop; an adapter
+built by the worker (shoal/fault/host.py) implements it over the Trainer's public face.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ class TrainingHost(Protocol):
     def state_received(self) -> None:
         """After `state_tensors()` were overwritten with a peer's."""
 
-    def save_checkpoint(self, *, alone: bool = False) -> None:
-        """Save the current step; `alone`: this replica is the only holder of the state (it saves
-        whatever its rank, in the background)."""
+    def save_checkpoint(self, *, background: bool = False) -> None:
+        """Save the current step, whatever this rank (the caller decided that it saves); `background`:
+        asynchronously (the only holder of the state saves so, and trains on)."""
 
     def finish_saves(self) -> None:
         """Wait for a background save to be on disk."""

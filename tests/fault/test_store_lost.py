@@ -183,21 +183,23 @@ def _lanes_stop_together(lane: int, group_size: int) -> None:
     trainer = Host()
 
     def replica_group(lost_at: str) -> Replicas:
-        return Replicas(LosingStore(lost_at), member=0, slot=lane, incarnation=0, cfg=cfg, lane=lane,
-                        group_size=group_size)
+        replicas = Replicas(LosingStore(lost_at), member=0, slot=lane, incarnation=0, cfg=cfg, lane=lane,
+                            group_size=group_size)
+        replicas.attach(trainer)
+        return replicas
 
     def step(replicas: Replicas):
-        replicas.begin_step(trainer)
+        replicas.begin_step()
         model(torch.ones(2, 4)).sum().backward()
-        loss = replicas.reduce(trainer, 2, torch.tensor(1.0))
-        if loss is not None:
+        outcome = replicas.reduce(2, torch.tensor(1.0))
+        if outcome.applied:
             trainer.step += 1
-        return loss
+        return outcome
 
     # Lane 1 loses the store publishing a step that both lanes committed; lane 0 never notices
     # by itself. Both go on to the next step's agreement and stop there, as the same master.
     replicas = replica_group("ft/progress" if lane == 1 else "nothing")
-    assert step(replicas) is not None and trainer.step == 1
+    assert step(replicas).applied and trainer.step == 1
     with pytest.raises(StoreLost):
         step(replicas)
     assert trainer.step == 1 and replicas.gen == 1 and replicas.is_master
@@ -205,7 +207,7 @@ def _lanes_stop_together(lane: int, group_size: int) -> None:
     # Lane 1 loses the store waiting for its next generation, which lane 0 has already entered:
     # both stop as members of the generation they were in.
     replicas = replica_group("ft/assign/0/2" if lane == 1 else "nothing")
-    assert step(replicas) is not None
+    assert step(replicas).applied
     replicas.needs_join = True
     with pytest.raises(StoreLost):
         step(replicas)

@@ -129,7 +129,7 @@ def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0,
             trainer.checkpointer = Checkpointer(Path(save))
             trainer.save()
         with SavedActivations(pm.model_parts) as saved:
-            loss = trainer.train_step().detach().clone()
+            loss = trainer.train_step().loss.detach().clone()
         dist.all_reduce(loss, group=dp_group)
         losses.append(loss.item() / dims.dp)
         if step == len(batches) - 1:  # evaluate() after training: the reference's last entry
