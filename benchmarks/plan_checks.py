@@ -1,0 +1,118 @@
+"""`shoal plan --mtbf` and `--link` beside what benchmarks/chaos.py and benchmarks/slow_links.py measured.
+
+Reads the JSON those benchmarks wrote (benchmarks/out/chaos.json, benchmarks/out/slow_links.json),
+rebuilds the config each ran, and predicts the same quantities with shoal/plan (the step time
+from this host's cached calibration, `shoal plan --calibrate`; goodput and links in closed
+form, shoal/plan/goodput.py). Nothing is fitted to the measured rows: the restart and regroup
+seconds are `shoal plan`'s defaults (--restart-seconds 10, --regroup-seconds 0.13), the link is
+the rate the benchmark set, with no delay (this kernel has no netem).
+
+    .venv/bin/python benchmarks/chaos.py --duration 60 --every 15 --workers 4
+    .venv/bin/python benchmarks/slow_links.py --workers 2 --methods ddp,diloco-default --steps 100
+    .venv/bin/python benchmarks/plan_checks.py        # table + benchmarks/out/plan_checks.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shoal import config as config_module  # noqa: E402
+from shoal.parallel.compose import check_layout  # noqa: E402
+from shoal.plan.calibrate import load_calibration  # noqa: E402
+from shoal.plan.goodput import link_rows, parse_rate, per_step_goodput, restart_goodput  # noqa: E402
+from shoal.plan.hardware import LocalHost  # noqa: E402
+from shoal.plan.memory import estimate_memory, meta_model  # noqa: E402
+from shoal.plan.steptime import block_shape, predict_step  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "out"
+RESTART_S, REGROUP_S = 10.0, 0.13  # shoal plan's defaults (--restart-seconds, --regroup-seconds)
+
+
+def predicted_step(overrides: list[str], world: int):
+    cfg = config_module.load(None, overrides)
+    dims = check_layout(cfg, world)
+    model = meta_model(cfg)
+    hw = LocalHost(CAL, world)
+    hw.profile_blocks(cfg, model, {block_shape(cfg, dims)})
+    est = estimate_memory(cfg, dims, model)
+    return cfg, est, hw, predict_step(cfg, dims, model, hw, param_bytes_per_rank=est.params)
+
+
+def chaos_rows() -> list[dict]:
+    path = OUT / "chaos.json"
+    if not path.exists():
+        print(f"{path} is missing: run benchmarks/chaos.py first")
+        return []
+    data = json.loads(path.read_text())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from chaos import WORKLOAD
+    workers, every = data["args"]["workers"], data["args"]["every"]
+    rows = []
+    for result in data["results"]:
+        torchrun = result["launcher"].startswith("torchrun")
+        # chaos.py's torchrun runs save a checkpoint every 10 steps; Shoal's fault-tolerant run saves none
+        overrides = [*WORKLOAD, f"launch.nproc={workers}", f"parallel.dp_replicate={workers}"]
+        overrides += ["checkpoint.every=10", "fault.enabled=false"] if torchrun else []
+        cfg, est, hw, step = predicted_step(overrides, workers)
+        if torchrun:
+            save_s = est.state * workers / hw.disk_write()
+            predicted = restart_goodput(step.total, 10, save_s, RESTART_S, every)
+        else:
+            predicted = per_step_goodput(step.total, 1, 0.0, REGROUP_S, every)
+        rows.append({"check": f"goodput, {result['launcher']}, kill every {every:g}s, {workers} workers",
+                     "predicted": predicted, "measured": result["goodput"], "step_s": step.total})
+    return rows
+
+
+def link_check_rows() -> list[dict]:
+    path = OUT / "slow_links.json"
+    if not path.exists():
+        print(f"{path} is missing: run benchmarks/slow_links.py first")
+        return []
+    data = json.loads(path.read_text())
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from slow_links import METHODS
+    rate = parse_rate(data["rate"])
+    rows = []
+    for result in data["results"]:
+        method, workers, steps = result["method"], result["workers"], data["steps"]
+        if method not in ("ddp", "diloco-default"):
+            continue  # the plan's link table has DDP's all-reduce and DiLoCo's encodings
+        model = ["model.name=gpt", f"model.flavour={data['flavour']}", f"model.dim={data['dim']}",
+                 f"model.n_layers={data['layers']}", "data.seq_len=64", f"train.batch_size={data['batch_size']}"]
+        cfg, est, hw, step = predicted_step([*model, *METHODS[method], f"parallel.dp_replicate={workers}"], workers)
+        compute = step.compute + step.optimizer  # the link replaces this host's own collectives
+        grad_bytes = sum(p.numel() for p in meta_model(cfg).parameters()) * 4
+        table = {r.method: r for r in link_rows(compute, grad_bytes, workers, rate, 0.0, cfg.sync.inner_steps)}
+        encoding = cfg.sync.compression if cfg.sync.compression != "auto" else "int8"
+        row = table["ddp (all-reduce every step)"] if method == "ddp" else \
+            table[f"diloco H={cfg.sync.inner_steps} {encoding}"]
+        where = f"{method}, {workers} workers, {data['rate']}, {steps} steps"
+        rows.append({"check": f"training seconds, {where}", "predicted": row.step_s * steps,
+                     "measured": result["train_seconds"]})
+        rows.append({"check": f"MB sent per worker, {where}", "predicted": row.bytes_per_step * steps / 1e6,
+                     "measured": (result["bytes_sent_per_worker"] - result["startup_bytes_per_worker"]) / 1e6})
+    return rows
+
+
+def main() -> None:
+    rows = chaos_rows() + link_check_rows()
+    print(f"\n{'check':<66}{'predicted':>11}{'measured':>10}{'error':>8}")
+    for r in rows:
+        r["error"] = (r["predicted"] - r["measured"]) / r["measured"]
+        print(f"{r['check']:<66}{r['predicted']:>11.3g}{r['measured']:>10.3g}{r['error']:>+8.0%}")
+    OUT.mkdir(exist_ok=True)
+    (OUT / "plan_checks.json").write_text(json.dumps({"rows": rows}, indent=1))
+    print(f"wrote {OUT / 'plan_checks.json'}")
+
+
+CAL = load_calibration()
+if __name__ == "__main__":
+    if CAL is None:
+        sys.exit("no calibration cached: run `shoal plan --calibrate` first")
+    main()
