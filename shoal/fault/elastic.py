@@ -122,6 +122,19 @@ class Replicas:
         """Train `host` (shoal/fault/host.py adapts the Trainer) from now on."""
         self.host = host
 
+    def average_at_outer_syncs(self, outer) -> None:
+        """From now on the replicas average parameters at `outer`'s syncs (DiLoCo, shoal/fault/outer.py),
+        not gradients every step, and membership changes wait for those syncs, where they meet."""
+        self.outer, self.regroup_on_abort = outer, False
+
+    def average_every_step(self) -> None:
+        """Back to averaging gradients every step (the outer sync's context ended)."""
+        self.outer, self.regroup_on_abort = None, True
+
+    def regroup(self) -> None:
+        """Form a new generation before the next collective (a sync failed, or joiners wait)."""
+        self.needs_join = True
+
     def rollback(self) -> None:
         """Undo the data position of a step interrupted before its optimizer step (the store
         was lost mid-step), so a checkpoint saved now resumes at that step's batch."""

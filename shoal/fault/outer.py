@@ -69,8 +69,7 @@ class ElasticDiLoCo(DiLoCo):
             for fragment in self._fragments:
                 for param, outer in zip(fragment.local, fragment.outer):
                     outer.copy_(param)
-        self.replicas.regroup_on_abort = False  # membership changes wait for the next sync
-        self.replicas.outer = self  # the replicas average parameters here, not gradients every step
+        self.replicas.average_at_outer_syncs(self)  # and membership changes wait for the next sync
         # The inner optimizer's state must exist before the hook counts steps: creating it later
         # (for a state transfer) takes an optimizer step that is not an inner step.
         materialize_optimizer_state(self.inner_optimizer)
@@ -96,7 +95,7 @@ class ElasticDiLoCo(DiLoCo):
                              for f in self._fragments]
 
     def __exit__(self, *exc) -> None:
-        self.replicas.outer = None
+        self.replicas.average_every_step()
         super().__exit__(*exc)
 
     def owed_sync(self, host: TrainingHost) -> bool:
@@ -128,11 +127,11 @@ class ElasticDiLoCo(DiLoCo):
                     fragment.encoding.load_state_dict(residual)
                 log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
                             host.step, replicas.gen, err)
-                replicas.needs_join = True
+                replicas.regroup()
                 host.place(*replicas.begin_step())  # no sync is owed here: always a placement
         self.borrowed[index], self.syncing = False, -1
         if regroup:  # joiners wait (or a member left): regroup after this sync, joiners get the result
-            replicas.needs_join = True
+            replicas.regroup()
         fragment.pending = torch.futures.Future()
         fragment.pending.set_result(average)
 
