@@ -92,10 +92,14 @@ def link_check_rows() -> list[dict]:
         encoding = cfg.sync.compression if cfg.sync.compression != "auto" else "int8"
         row = table["ddp (all-reduce every step)"] if method == "ddp" else \
             table[f"diloco H={cfg.sync.inner_steps} {encoding}"]
+        # the plan's rows average DiLoCo's outer sync over H steps; a run of `steps` steps holds steps // H of them
+        h = cfg.sync.inner_steps if method != "ddp" else 1
+        syncs = steps // h
+        seconds = compute * steps + (row.step_s - compute) * h * syncs
+        sent = row.bytes_per_step * h * syncs
         where = f"{method}, {workers} workers, {data['rate']}, {steps} steps"
-        rows.append({"check": f"training seconds, {where}", "predicted": row.step_s * steps,
-                     "measured": result["train_seconds"]})
-        rows.append({"check": f"MB sent per worker, {where}", "predicted": row.bytes_per_step * steps / 1e6,
+        rows.append({"check": f"training seconds, {where}", "predicted": seconds, "measured": result["train_seconds"]})
+        rows.append({"check": f"MB sent per worker, {where}", "predicted": sent / 1e6,
                      "measured": (result["bytes_sent_per_worker"] - result["startup_bytes_per_worker"]) / 1e6})
     return rows
 
