@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -25,7 +26,8 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
-from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
+from shoal.fault.elastic import Replicas
+from shoal.fault.exits import replica_exits
 from shoal.fault.host import TrainerHost
 from shoal.models import build_model
 from shoal.models.hf_weights import tied_aliases
@@ -34,7 +36,7 @@ from shoal.observe.metrics import drop_records_after
 from shoal.observe.timing import CommTimer
 from shoal.runtime import preempt
 from shoal.runtime.checkpoint import Checkpointer, latest_checkpoint
-from shoal.runtime.protocol import STORE_ENV, STORE_LOST_EXIT, preempted_exit_code
+from shoal.runtime.protocol import STORE_ENV, preempted_exit_code
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
                                read_env, thread_budget)
@@ -182,45 +184,25 @@ def run(built: Worker) -> list[float]:
     checkpoint, a broken replica group exits for its launcher to restart it."""
     cfg, trainer, replicas, model = built.cfg, built.trainer, built.replicas, built.model
     outer_sync = cfg.sync.method in OUTER_SYNC_METHODS
+    # A replica of a fault-tolerant job stops by its own exits (shoal/fault/exits.py).
+    stops = replica_exits(replicas) if replicas is not None else nullcontext()
     try:
-        if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
-            from shoal.fault.outer import elastic_outer_sync
-            sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, replicas.host)
-        elif cfg.sites.name:  # DiLoCo whose replicas are sites, over the cross-site plane (shoal/sites)
-            sync_context = sites_outer_sync(cfg, model, trainer.optimizer, built.run_dir, resumed=trainer.step > 0)
-        else:
-            sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, built.replica_group)
-        with sync_context as synced:
-            trainer.attach_outer_sync(synced)  # checkpoints hold its state; a resumed run gets it back
-            losses = trainer.fit()
-    except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
-        replicas.rollback()
-        # The lanes of a replica group agree on the loss and stop at the same point of the step
-        # (Replicas.reduce, Replicas._join), so the master group's lanes save together here.
-        saving = replicas.is_master
-        log.error("%s; stopping%s; continue with --resume", err,
-                  f" with a checkpoint at step {trainer.step}" if saving else "")
-        if saving:
-            trainer.save()
-        if trainer.checkpointer is not None:
-            trainer.checkpointer.wait()
-        raise SystemExit(STORE_LOST_EXIT) from None
-    except GroupBroken as err:  # a peer of this replica group died: the launcher restarts the whole group
-        log.error("%s; exiting for the launcher to restart the group", err)
-        raise SystemExit(1) from None
-    except JobStopped as err:  # the coordinator ended the job; it says why
-        log.error("stopped: %s", err)
-        raise SystemExit(1) from None
+        with stops:
+            if replicas is not None and outer_sync:  # DiLoCo over the changing replicas (shoal/fault/outer.py)
+                from shoal.fault.outer import elastic_outer_sync
+                sync_context = elastic_outer_sync(cfg.sync, model, trainer.optimizer, replicas, replicas.host)
+            elif cfg.sites.name:  # DiLoCo whose replicas are sites, over the cross-site plane (shoal/sites)
+                sync_context = sites_outer_sync(cfg, model, trainer.optimizer, built.run_dir,
+                                                resumed=trainer.step > 0)
+            else:
+                sync_context = outer_sync_for(cfg.sync, model, trainer.optimizer, built.replica_group)
+            with sync_context as synced:
+                trainer.attach_outer_sync(synced)  # checkpoints hold its state; a resumed run gets it back
+                losses = trainer.fit()
     except preempt.Preempted as stopped:
-        # Without fault tolerance every rank saved this step's checkpoint together (Trainer.fit); under
-        # it the coordinator stopped every replica after the same step, and its master saves now.
-        if replicas is not None and stopped.save and replicas.is_master:
-            trainer.save()
-            trainer.checkpointer.wait()
-        log.warning("%s; %s", stopped, "checkpoint saved; continue with --resume" if stopped.save else
-                    "left the job, which goes on without this worker")
-        if replicas is None:  # every rank stopped after the same step: no collective is pending
-            end_distributed(trainer.model.ddp)
+        # Every rank saved this step's checkpoint together (Trainer.fit) and no collective is pending.
+        log.warning("%s; checkpoint saved; continue with --resume", stopped)
+        end_distributed(trainer.model.ddp)
         raise SystemExit(preempted_exit_code(stopped.signum)) from None
     finally:
         close = getattr(trainer.train_set, "close", None)  # a Loader's receiving thread (shoal/data/loader.py)
