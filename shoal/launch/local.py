@@ -8,6 +8,7 @@ the launcher's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -20,6 +21,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig as ElasticLaunchConfig, elastic_launch
 
 from shoal.config import USER_ERROR
+from shoal.launch.bound import BACKEND, BoundStore
 from shoal.runtime.env import launcher_environment
 from shoal.runtime.protocol import ELASTIC_SIGNALS, LAUNCHER_PID_ENV
 
@@ -37,6 +39,8 @@ class Rendezvous:
     timeout: int = 60
     local_addr: str | None = None
     """The address other hosts reach this one at; None on a single host."""
+    field: str = "launch"
+    """The setting `endpoint`'s host comes from, named when this host cannot listen there."""
 
 
 class WorkerFailure(RuntimeError):
@@ -66,9 +70,15 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
     quiet = {local_rank: Std.ALL if local_rank else Std.ERR for local_rank in range(nproc)}
     logs = DefaultLogsSpecs(log_dir=str(Path(run_dir) / "logs" / "workers"),
                             redirects=Std.NONE if verbose else quiet)
+    bound = None
+    if rendezvous.nnodes == 1 and rendezvous.is_host:
+        # One host: its store and Gloo listen on the rendezvous address only (shoal/launch/bound.py).
+        host, _, port = rendezvous.endpoint.rpartition(":")
+        bound = BoundStore(host.strip("[]"), int(port or 0), field=rendezvous.field, timeout=rendezvous.timeout)
+        rendezvous = dataclasses.replace(rendezvous, endpoint=bound.endpoint, local_addr=bound.host)
     config = ElasticLaunchConfig(
         min_nodes=rendezvous.nnodes, max_nodes=rendezvous.nnodes, nproc_per_node=nproc, logs_specs=logs,
-        run_id=rendezvous.run_id or uuid.uuid4().hex[:12], rdzv_backend="c10d",
+        run_id=rendezvous.run_id or uuid.uuid4().hex[:12], rdzv_backend=BACKEND if bound else "c10d",
         rdzv_endpoint=rendezvous.endpoint,
         rdzv_configs={"is_host": rendezvous.is_host, "join_timeout": rendezvous.timeout,
                       "read_timeout": rendezvous.timeout, "timeout": rendezvous.timeout},
@@ -76,7 +86,8 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
         shutdown_timeout=max(1, int(grace_seconds)))
     # Workers end with this process; SLURM's --signal sends SIGUSR1, which the agent must forward too.
     try:
-        with launcher_environment(**{LAUNCHER_PID_ENV: str(os.getpid()), "TORCHELASTIC_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS}):
+        with launcher_environment(**{LAUNCHER_PID_ENV: str(os.getpid()), "TORCHELASTIC_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS},
+                                  **(bound.gloo_environment() if bound else {})):
             elastic_launch(config, sys.executable)("-u", "-m", "shoal.worker", *worker_args)
     except SignalException as err:
         raise Stopped(int(err.sigval)) from None
@@ -86,6 +97,9 @@ def launch_workers(worker_args: list[str], *, nproc: int, run_dir: Path, rendezv
         mistakes = sorted((rank, f) for rank, f in err.failures.items() if f.exitcode == USER_ERROR)
         rank, failure = mistakes[0] if mistakes else err.get_first_failure()
         raise WorkerFailure(rank, failure.exitcode, _failure_text(failure, Path(run_dir))) from None
+    finally:
+        if bound is not None:
+            bound.close()
 
 
 def _failure_text(failure, run_dir: Path) -> str:
