@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from shoal.selfplay.games.base import Game, State, playout
+from shoal.selfplay.games.base import Game, State, encode_states, playout
 
 Evaluate = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # planes (B, ...) -> priors (B, A), values (B,)
 EvaluateStates = Callable[[list], tuple[np.ndarray, np.ndarray]]  # states -> priors (B, A), values (B,)
@@ -162,7 +162,7 @@ def search_trees(game: Game, states: Sequence[State], evaluate_states: EvaluateS
 def network_leaves(game: Game, evaluate: Evaluate) -> EvaluateStates:
     """Leaves evaluated by a network: the states encoded and stacked into one batch."""
     def evaluate_states(states: list) -> tuple[np.ndarray, np.ndarray]:
-        return evaluate(np.stack([game.encode(s) for s in states]))
+        return evaluate(encode_states(game, states))
     return evaluate_states
 
 

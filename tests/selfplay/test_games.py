@@ -81,6 +81,7 @@ def test_connect4_bitboard_agrees_with_a_plain_board_on_random_games():
             legal = C4.legal(state)
             assert list(legal) == [h < 6 for h in heights]
             planes = C4.encode(state)
+            assert np.array_equal(C4.encode_batch([state, state])[1], planes)
             mover = 1 + len(moves) % 2
             # planes[:, row from the top, col]
             assert (planes[0][::-1] == (board == mover)).all() and (planes[1][::-1] == (board == 3 - mover)).all()

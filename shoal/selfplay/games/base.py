@@ -61,6 +61,13 @@ class Game(Protocol):
         ...
 
 
+def encode_states(game: Game, states: list) -> np.ndarray:
+    """`encode` of many states stacked (B, planes, h, w), by the game's own vectorised
+    `encode_batch(states)` when it has one."""
+    own = getattr(game, "encode_batch", None)
+    return own(states) if own is not None else np.stack([game.encode(s) for s in states])
+
+
 def random_playout(game: Game, state: State, rng: np.random.Generator) -> float:
     """The result of uniformly random moves from `state` to the end, from the perspective of the
     player to move in `state`: the rollout of plain Monte Carlo tree search. A game may offer a

@@ -80,6 +80,14 @@ class ConnectFour:
         theirs = (np.uint64(mover ^ mask) >> SHIFTS) & np.uint64(1)
         return np.stack([ours, theirs]).astype(np.float32)
 
+    def encode_batch(self, states: list) -> np.ndarray:
+        """`encode` of many states at once (B, 2, 6, 7), one vectorised shift for all: the search
+        encodes every leaf of a simulation step together (base.encode_states picks this)."""
+        pairs = np.array(states, dtype=np.uint64)  # (B, 2): mover, mask
+        ours = (pairs[:, 0, None, None] >> SHIFTS) & np.uint64(1)
+        theirs = ((pairs[:, 0] ^ pairs[:, 1])[:, None, None] >> SHIFTS) & np.uint64(1)
+        return np.stack([ours, theirs], axis=1).astype(np.float32)
+
     def symmetries(self, planes: np.ndarray, policy: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """The identity and the left-right mirror."""
         return [(planes, policy), (np.ascontiguousarray(np.flip(planes, -1)), np.ascontiguousarray(np.flip(policy, -1)))]
