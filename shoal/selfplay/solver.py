@@ -24,8 +24,7 @@ import numpy as np
 from shoal.selfplay.games.connect4 import BOARD, BOTTOM_ROW, CELLS, GAME, HEIGHT, TOP, WIDTH, column_mask
 
 H1 = HEIGHT + 1
-MIN_SCORE = -CELLS // 2 + 3
-MAX_SCORE = (CELLS + 1) // 2 - 3
+MIN_SCORE = -CELLS // 2 + 3  # the lowest score a search can return; table entries are stored above it
 COLUMN_ORDER = (3, 2, 4, 1, 5, 0, 6)  # centre first: centre moves are more often the best
 COLUMNS = tuple(column_mask(c) for c in range(WIDTH))
 TABLE_LIMIT = 2_000_000  # entries before the transposition table is cleared (~300 MB of Python dict)
