@@ -48,16 +48,6 @@ from shoal.train import Placement, Trainer
 log = logging.getLogger("shoal")
 
 
-def setup_logging(run_dir: Path, rank: int, verbose: bool) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"rank{rank}.log")]
-    if rank == 0 or verbose:
-        # stdout: under the launcher, local rank 0's stdout is the terminal and its stderr a file
-        handlers.append(logging.StreamHandler(sys.stdout))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
-
-
 def prepare_run_dir(cfg: Config, worker: WorkerEnv, run_dir: str | None) -> Path:
     """Use the launcher's run directory, or (under plain torchrun/srun) let rank 0 make one."""
     if run_dir:
@@ -121,7 +111,8 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if cfg.sites.name:
         _check_site_internal(cfg, worker)
     path = prepare_run_dir(cfg, worker, run_dir)
-    setup_logging(path, worker.rank if replicas is None else replicas.log_id, verbose)
+    log_id = worker.rank if replicas is None else replicas.log_id
+    rundir.log_to_run(path, "rank", log_id, log_id == 0 or verbose)
     # Under fault tolerance the replica axis is the changing set of replicas (shoal/fault/elastic.py);
     # this process group holds one replica group, which shards the model over dp_shard.
     parallel = cfg.parallel if replicas is None else dataclasses.replace(cfg.parallel, dp_replicate=1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import sys
 from pathlib import Path
 
 from shoal.config import Config, ConfigError, to_dict
@@ -83,3 +85,15 @@ def check_compatible(cfg: Config, meta: dict, where: Path) -> None:
     if old_data != new_data:
         raise ConfigError(f"--resume: checkpoint {where} was made on data {old_data or 'named by the config'}, "
                           f"but data.path {cfg.data.path} holds {new_data or 'other data'}")
+
+
+def log_to_run(run_dir: Path, role: str, rank: int, to_terminal: bool) -> None:
+    """This process's log lines to `<run dir>/logs/<role><rank>.log`, labelled `[<role> <rank>]`, and
+    to stdout too when `to_terminal` (under the launcher, local rank 0's stdout is the terminal and
+    its stderr a file)."""
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"{role}{rank}.log")]
+    if to_terminal:
+        handlers.append(logging.StreamHandler(sys.stdout))
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
+                        format=f"%(asctime)s [{role} {rank}] %(message)s", datefmt="%H:%M:%S")

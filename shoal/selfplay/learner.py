@@ -179,7 +179,7 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
     init_distributed(worker, torch.device("cpu"), cfg.launch.backend, timeout=timedelta(hours=2))
     rank, world_size = worker.rank, worker.world_size
     master = rank == 0  # this rank publishes weights, writes the ledger and the metrics
-    _setup_logging(run_dir, rank, verbose)
+    rundir.log_to_run(run_dir, "learner", rank, rank == 0 or verbose)
     log.info("learner rank %d of %d: pid %d, %d torch threads, attempt %d", rank, world_size, os.getpid(),
              torch.get_num_threads(), worker.restart_count)
     learner = Learner(cfg, rank=rank, world_size=world_size)
@@ -283,12 +283,3 @@ def _save(learner: Learner, checkpointer: Checkpointer, run_dir: Path, master: b
         append_event(run_dir / "metrics.jsonl", "checkpoint", learner.state.version,
                      seconds=round(time.monotonic() - saving, 3))
     return learner.state.version
-
-
-def _setup_logging(run_dir: Path, rank: int, verbose: bool) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    handlers: list[logging.Handler] = [logging.FileHandler(run_dir / "logs" / f"learner{rank}.log")]
-    if rank == 0 or verbose:
-        handlers.append(logging.StreamHandler(sys.stdout))
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
-                        format=f"%(asctime)s [learner {rank}] %(message)s", datefmt="%H:%M:%S")
