@@ -43,13 +43,21 @@ def predicted_step(overrides: list[str], world: int):
     return cfg, est, hw, predict_step(cfg, dims, model, hw, param_bytes_per_rank=est.params)
 
 
-def chaos_rows() -> list[dict]:
-    path = OUT / "chaos.json"
+def measured(benchmark: str) -> dict | None:
+    """What `benchmarks/<benchmark>.py` wrote to benchmarks/out/, whose module (its workload) is then
+    importable; None, said so, when it has not run."""
+    path = OUT / f"{benchmark}.json"
     if not path.exists():
-        print(f"{path} is missing: run benchmarks/chaos.py first")
-        return []
-    data = json.loads(path.read_text())
+        print(f"{path} is missing: run benchmarks/{benchmark}.py first")
+        return None
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    return json.loads(path.read_text())
+
+
+def chaos_rows() -> list[dict]:
+    data = measured("chaos")
+    if data is None:
+        return []
     from chaos import WORKLOAD
     workers, every = data["args"]["workers"], data["args"]["every"]
     rows = []
@@ -70,12 +78,9 @@ def chaos_rows() -> list[dict]:
 
 
 def link_check_rows() -> list[dict]:
-    path = OUT / "slow_links.json"
-    if not path.exists():
-        print(f"{path} is missing: run benchmarks/slow_links.py first")
+    data = measured("slow_links")
+    if data is None:
         return []
-    data = json.loads(path.read_text())
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from slow_links import METHODS
     rate = parse_rate(data["rate"])
     rows = []
