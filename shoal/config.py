@@ -372,6 +372,9 @@ class SelfplayConfig:
     games_per_version: int = option(64, "New games the learner ingests before each weight version.", min=1)
     train_steps_per_version: int = option(40, "Optimizer steps per weight version.", min=1)
     batch_size: int = option(256, "Positions per optimizer step over all learner ranks.", min=1)
+    augment: bool = option(True, "Train on a random one of the game's symmetric copies of each sampled "
+                                 "position (the board's rotations and mirrors, as AlphaGo Zero did). false "
+                                 "trains on the positions as played.")
     versions: int = option(100, "Weight versions to train; the run ends after the last one.", min=1)
     minutes: float = option(0.0, "Stop after the version in flight once this many minutes of training have "
                                  "passed (a checkpoint is saved). 0 means no time limit.", min=0.0)

@@ -100,8 +100,10 @@ class Learner:
         from shoal.selfplay.learn import train_steps
         sp = self.cfg.selfplay
         self.model.train()
+        # with augmentation each sampled position is one of its symmetric copies (learn.augment)
         losses = train_steps(self.model, self.optimizer, self.buffer, sp.train_steps_per_version,
-                             sp.batch_size // self.world_size, self.generator, symmetries=self.game.symmetries)
+                             sp.batch_size // self.world_size, self.generator,
+                             symmetries=self.game.symmetries if sp.augment else None)
         self.state.version += 1
         return losses
 
@@ -271,8 +273,10 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
 
 
 def network_meta(cfg: Config) -> dict:
-    """The settings a checkpoint's network and buffer depend on; a resume must keep them."""
-    return {"game": cfg.selfplay.game, "channels": cfg.selfplay.channels, "blocks": cfg.selfplay.blocks}
+    """The settings a checkpoint's network and buffer depend on; a resume must keep them (augment too:
+    it changes the generator's draws, so the resumed run would sample other batches than the ledger's)."""
+    return {"game": cfg.selfplay.game, "channels": cfg.selfplay.channels, "blocks": cfg.selfplay.blocks,
+            "augment": cfg.selfplay.augment}
 
 
 def _save(learner: Learner, checkpointer: Checkpointer, run_dir: Path, master: bool) -> int:
