@@ -134,11 +134,22 @@ def crash_after_checkpoint(args: list[str], cwd: Path, name: str, step: int) -> 
 # starts processes (workers, the `shoal` command, a cluster) is `slow`; the `distributed`, `e2e`
 # and `netns` markers imply it. A test left unmarked that starts a process fails with the fix, so
 # a new multi-process test cannot land in the fast tier unnoticed.
-IMPLY_SLOW = ("distributed", "e2e", "netns")
+IMPLY_SLOW = ("distributed", "e2e", "netns", "machine")
+
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): a test that holds a
+# machine-wide resource (network namespaces and their address plan, a Ray or SLURM cluster) is
+# `machine` (`netns` implies it), and all of those run on one worker, one after the other.
+IMPLY_MACHINE = ("netns",)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
+        two_hosts = "two_hosts" in getattr(item, "fixturenames", ())  # tests/e2e/conftest.py's namespaces
+        if not item.get_closest_marker("machine") and (two_hosts or any(item.get_closest_marker(m) for m in IMPLY_MACHINE)):
+            item.add_marker(pytest.mark.machine)
+        if item.get_closest_marker("machine"):
+            item.add_marker(pytest.mark.xdist_group("machine"))
         if not item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
 

@@ -19,7 +19,7 @@ pytest.importorskip("ray.train.torch")
 
 # A hang guard, not a pace. Beside two CPU burners this test took 18 minutes while Ray ran its
 # workers at its default nice 15 (the burners took the cores); a local Ray now runs them at nice 0.
-pytestmark = [pytest.mark.distributed, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.distributed, pytest.mark.machine, pytest.mark.timeout(1500)]
 
 
 class ReportLog(ray.train.UserCallback):

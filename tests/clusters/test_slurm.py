@@ -13,7 +13,7 @@ from shoal import cli
 from tests.clusters.conftest import RUN, node_env, train_losses
 from tests.conftest import TINY, free_port, metric_records, wait_for
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.machine]
 
 DAEMONS = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "sinfo")
 SLURM_CONF = """ClusterName=shoaltest

@@ -50,7 +50,7 @@ if __name__ == "__main__":
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # a hang guard: Ray starting on a loaded 2-core machine took minutes (test_ray.py)
-@pytest.mark.parametrize("started_by", ["python", "torchrun", "ray"])
+@pytest.mark.parametrize("started_by", ["python", "torchrun", pytest.param("ray", marks=pytest.mark.machine)])
 def test_a_script_trains_through_the_api(tmp_path, started_by):
     """`python script.py`: shoal starts 2 workers. `torchrun script.py`: each process is a worker
     and trains in place. `ray=True`: 2 Ray Train workers on a Ray started for the run, which

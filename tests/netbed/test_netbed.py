@@ -44,14 +44,16 @@ def namespaces_unavailable() -> str | None:
         return "needs iproute2 (ip, tc)"
     if os.geteuid() != 0:
         return "needs root to create network namespaces"
-    probe = subprocess.run(["ip", "netns", "add", f"{PREFIX}probe"], capture_output=True, text=True)
+    name = f"{PREFIX}probe{os.getpid()}"  # one per process: the suite's xdist workers collect at once
+    probe = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if probe.returncode != 0:
         return f"cannot create a network namespace: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "delete", f"{PREFIX}probe"], capture_output=True)
+    subprocess.run(["ip", "netns", "delete", name], capture_output=True)
     return None
 
 
-needs_netns = pytest.mark.skipif(bool(namespaces_unavailable()), reason=str(namespaces_unavailable()))
+_UNAVAILABLE = namespaces_unavailable()
+needs_netns = pytest.mark.skipif(bool(_UNAVAILABLE), reason=str(_UNAVAILABLE))
 
 
 def test_parse_rate():
