@@ -58,9 +58,14 @@ def build_optimizer(params, cfg) -> torch.optim.Optimizer:
 class GradientSync(Protocol):
     """How the replicas of a step agree on its gradients, as the Trainer sees it."""
 
-    elastic: bool
-    """Replicas come and go (per-step fault tolerance): the launcher shows progress, and a stop signal
-    is agreed among the replicas themselves (a worker that gets one leaves)."""
+    agrees_on_stop: bool
+    """A stop signal travels through this agreement (the worker that gets one leaves the others): the
+    Trainer's loss all-reduce carries none."""
+    shows_progress: bool
+    """The master rank shows progress; False when the launcher shows it (any worker may die)."""
+    weights_by_samples: bool
+    """`reduce` weights each rank's gradients by its sample count, so each rank divides its loss by
+    its own item count; False: DDP/FSDP take a plain mean, so the count is averaged over the ranks."""
 
     def begin_step(self) -> tuple[int, int] | None:
         """This step's (dp_rank, dp_size); None when there is no step to train now (skip it)."""
@@ -90,7 +95,9 @@ class Placement:
 class LayoutSync:
     """The layout's own DDP or FSDP averages the gradients inside backward: nothing to do here."""
 
-    elastic = False
+    agrees_on_stop = False
+    shows_progress = True
+    weights_by_samples = False
 
     def __init__(self, where: Placement):
         self.where = where
@@ -281,15 +288,14 @@ class Trainer:
         if any(c is None for c in counts):
             return None
         count = torch.stack(counts).sum().float()
-        if self.outer_sync is None and not self.sync.elastic:
+        if self.outer_sync is None and not self.sync.weights_by_samples:
             count = self.means_over_dp(count)
         return torch.where(count > 0, count, torch.ones_like(count))  # nothing counts: a loss of 0, not NaN
 
     def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
         (SIGTERM and the like, shoal/runtime/preempt.py), in the one all-reduce the loss needs anyway."""
-        # Under fault tolerance the replicas agree on a stop themselves (a worker leaves, shoal/fault/elastic.py).
-        asked = preempt.requested() > 0 and not self.sync.elastic
+        asked = preempt.requested() > 0 and not self.sync.agrees_on_stop
         flag = torch.tensor([float(asked)], dtype=values.dtype, device=values.device)
         both = self.means_over_dp(torch.cat([values.reshape(-1), flag]))
         return both[:-1].reshape(values.shape), bool(both[-1] > 0)
@@ -337,8 +343,7 @@ class Trainer:
         t, ck = self.cfg.train, self.cfg.checkpoint
         tokens_per_sample = getattr(self.train_set, "tokens_per_sample", 1)
         unit = "tokens" if tokens_per_sample > 1 else "samples"
-        # Under fault tolerance the launcher shows progress (shoal/observe/fleet.py): any worker may die.
-        shown = self.where.master and not self.sync.elastic
+        shown = self.where.master and self.sync.shows_progress
         report = StepReporter(self.run_dir, total_steps=t.steps, start_step=self.step, unit=unit,
                               progress_mode=self.cfg.log.progress if shown else "off", every=self.cfg.log.every,
                               tensorboard=self.cfg.log.tensorboard, writes_metrics=self.sync.writes_metrics,

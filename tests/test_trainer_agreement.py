@@ -26,7 +26,7 @@ class ScriptedAgreement:
     and the group regroups before the next step), or a (dp_rank, dp_size) this replica holds from
     that attempt on (the group regrouped)."""
 
-    elastic = False
+    agrees_on_stop, shows_progress, weights_by_samples = False, True, False  # as the layout's own DDP
 
     def __init__(self, script: dict):
         self.script, self.attempts, self.placement = script, 0, (0, 1)

@@ -85,6 +85,13 @@ class Replicas:
     `member` numbers the replica (a worker, or a replica group whose workers share it);
     `lane` is this worker's rank inside its replica group (0 for a whole-model replica)."""
 
+    agrees_on_stop = True
+    """A stop signal makes every member regroup after the step, which the stopped worker leaves."""
+    shows_progress = False
+    """The launcher shows the job's progress (shoal/observe/fleet.py): any worker may die."""
+    weights_by_samples = True
+    """`reduce` weights each replica's gradients by its sample count (each counts its own items)."""
+
     def __init__(self, store: dist.Store, *, member: int, slot: int, incarnation: int, cfg: Config,
                  lane: int = 0, group_size: int = 1,
                  chaos_points: chaos.ChaosPoints | None = None, sample_log: Path | None = None):
@@ -106,7 +113,6 @@ class Replicas:
         self.save_alone_pending = False
         self.outer = None
         """The outer sync (DiLoCo, shoal/fault/outer.py) when replicas average parameters at syncs."""
-        self.elastic = True  # the launcher shows progress; members agree on stops themselves
         self.seq = 0
         self.step_start: dict | None = None
         self.step_started = -1
