@@ -111,7 +111,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if cfg.sites.name:
         _check_site_internal(cfg, worker)
     path = prepare_run_dir(cfg, worker, run_dir)
-    log_id = worker.rank if replicas is None else replicas.log_id
+    log_id = worker.rank if replicas is None else replicas.replica.log_id
     rundir.log_to_run(path, "rank", log_id, log_id == 0 or verbose)
     # Under fault tolerance the replica axis is the changing set of replicas (shoal/fault/elastic.py);
     # this process group holds one replica group, which shards the model over dp_shard.
@@ -147,7 +147,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
 
     placement = Placement(dp_rank=site * dims.dp + (mesh["dp"].get_local_rank() if mesh is not None else 0),
                           dp_size=sites * dims.dp, rank=worker.rank, device=device,
-                          master=worker.rank == 0 and (replicas is None or replicas.member == 0))
+                          master=worker.rank == 0 and (replicas is None or replicas.replica.member == 0))
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),
                                 replicas_differ=outer_sync)

@@ -2,7 +2,7 @@
 replicas stay in lockstep?
 
 With SHOAL_SAMPLE_LOG=<folder> every worker appends, per committed step, the step's global
-sample ids and a digest of the parameters the step started from (shoal/fault/elastic.py).
+sample ids and a digest of the parameters the step started from (shoal/fault/average.py).
 Records of one step written by different workers must agree on the ids, and those of the
 same lane on the parameters (a replica group's rank j holds shard j: lane j of every group
 must hold identical shards; a whole-model replica is lane 0); the ids of

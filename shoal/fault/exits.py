@@ -13,7 +13,8 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from shoal.fault.elastic import GroupBroken, JobStopped, Replicas, StoreLost
+from shoal.fault.elastic import Replicas
+from shoal.fault.errors import GroupBroken, JobStopped, StoreLost
 from shoal.runtime import preempt
 from shoal.runtime.protocol import STORE_LOST_EXIT, preempted_exit_code
 
@@ -29,7 +30,7 @@ def replica_exits(replicas: Replicas) -> Iterator[None]:
     except StoreLost as err:  # the launcher (and its membership store) is gone: stop with a checkpoint
         replicas.rollback()
         # The lanes of a replica group agree on the loss and stop at the same point of the step
-        # (Replicas.reduce, Replicas._join), so the master group's lanes save together here.
+        # (GradientAverage.reduce, Joiner.join), so the master group's lanes save together here.
         saving = replicas.is_master
         log.error("%s; stopping%s; continue with --resume", err,
                   f" with a checkpoint at step {host.step}" if saving else "")

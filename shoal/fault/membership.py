@@ -17,7 +17,7 @@ leave, their committed step and whether they hold state) and wait for their assi
   a state transfer when anyone lacks it.
 
 A member is a replica: one worker, or a replica group of workers that share one member
-number (its rank 0 asks for all of it; see shoal/fault/elastic.py). The coordinator does
+number (its rank 0 asks for all of it; see shoal/fault/join.py). The coordinator does
 not tell the two apart, so every lane of a replica group sees the same generations.
 """
 

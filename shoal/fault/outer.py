@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shoal.fault.elastic import GenerationBroken, Replicas
+from shoal.fault.elastic import Replicas
+from shoal.fault.errors import GenerationBroken
 from shoal.fault.state import TrainingHost, materialize_optimizer_state
 from shoal.sync.diloco import WIRE_DTYPE, DiLoCo
 from shoal.sync.encoding import decode_average
@@ -49,6 +50,7 @@ class ElasticDiLoCo(DiLoCo):
         options["overlap"] = False
         super().__init__(model, inner_optimizer, group=None, **options)
         self.replicas, self.host = replicas, host
+        self.generation = replicas.generation
         # A replica whose local fragment is another's unsynced progress (received mid-sync).
         self.borrowed = [False] * len(self._fragments)
         self.syncing = -1  # the fragment whose sync is under way (a joiner received mid-way finishes it)
@@ -69,7 +71,7 @@ class ElasticDiLoCo(DiLoCo):
             for fragment in self._fragments:
                 for param, outer in zip(fragment.local, fragment.outer):
                     outer.copy_(param)
-        self.replicas.average_at_outer_syncs(self)  # and membership changes wait for the next sync
+        self.replicas.follow_outer_sync(self)  # and membership changes wait for the next sync
         # The inner optimizer's state must exist before the hook counts steps: creating it later
         # (for a state transfer) takes an optimizer step that is not an inner step.
         materialize_optimizer_state(self.inner_optimizer)
@@ -95,7 +97,7 @@ class ElasticDiLoCo(DiLoCo):
                              for f in self._fragments]
 
     def __exit__(self, *exc) -> None:
-        self.replicas.average_every_step()
+        self.replicas.follow_outer_sync(None)
         super().__exit__(*exc)
 
     def owed_sync(self, host: TrainingHost) -> bool:
@@ -126,7 +128,7 @@ class ElasticDiLoCo(DiLoCo):
                 if residual:
                     fragment.encoding.load_state_dict(residual)
                 log.warning("outer sync at step %d failed in generation %d: %s; retrying with the next",
-                            host.step, replicas.gen, err)
+                            host.step, self.generation.number, err)
                 replicas.regroup()
                 host.place(*replicas.begin_step())  # no sync is owed here: always a placement
         self.borrowed[index], self.syncing = False, -1
@@ -136,34 +138,34 @@ class ElasticDiLoCo(DiLoCo):
         fragment.pending.set_result(average)
 
     def _average(self, index: int) -> tuple[torch.Tensor, bool]:
-        replicas, step = self.replicas, self.host.step
+        generation, step = self.generation, self.host.step
         fragment = self._fragments[index]
         pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
         weight = 0.0 if self.borrowed[index] else 1.0
-        reconfigure = 1.0 if replicas.reconfigure_requested() else 0.0
+        reconfigure = 1.0 if generation.reconfigure_requested() else 0.0
         head = torch.tensor([weight, reconfigure], dtype=torch.float64)
-        replicas.mark(step, "in outer sync")
-        replicas.fire("during", step)
-        replicas.wait(replicas.pg.allreduce([head]), "outer sync (weights)", step)
+        generation.mark(step, "in outer sync")
+        generation.fire("during", step)
+        generation.wait(generation.pg.allreduce([head]), "outer sync (weights)", step)
         self.last_weight = float(head[0])
         share = weight / self.last_weight
         if fragment.encoding is not None:  # int8, int4, fp4, topk: one payload per replica, gathered
             # The gathered payloads are averaged; scaled by the group size, the average is the sum.
-            future = self._gather_encoded(fragment, pseudo * (share * replicas.size))
+            future = self._gather_encoded(fragment, pseudo * (share * generation.size))
         else:
             wire = (pseudo * share).to(WIRE_DTYPE[self.compression])
-            future = replicas.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
-        average = replicas.wait(future, "outer sync", step)
-        replicas.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)
+            future = generation.pg.allreduce([wire]).get_future().then(lambda _: wire.float())
+        average = generation.wait(future, "outer sync", step)
+        self.replicas.progress.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)
         return average, head[1] > 0
 
     def _gather_encoded(self, fragment, scaled: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
         """An encoded outer gradient over the generation's Gloo group: one all-gather of every replica's
         payload (for int8/int4 the same codes and arithmetic as compress.quantized_all_reduce)."""
-        encoding, size = fragment.encoding, self.replicas.size
+        encoding, size = fragment.encoding, self.generation.size
         payload = encoding.encode(scaled)
         gathered = torch.empty(size * payload.numel(), dtype=torch.uint8)
-        work = self.replicas.pg.allgather([list(gathered.view(size, -1).unbind())], [payload])
+        work = self.generation.pg.allgather([list(gathered.view(size, -1).unbind())], [payload])
         return work.get_future().then(lambda _: decode_average(gathered.view(size, -1), encoding))
 
     def _finish(self, fragment) -> None:
@@ -172,8 +174,8 @@ class ElasticDiLoCo(DiLoCo):
         if synced and self.replicas.sample_log is not None:
             # What the tests check: every replica holds the same outer parameters after each sync.
             outer = torch.cat([o.reshape(-1) for o in fragment.outer])
-            record = {"sync": self.outer_syncs, "step": self.host.step + 1, "member": self.replicas.member,
-                      "gen": self.replicas.gen, "size": self.replicas.size, "weight": self.last_weight,
+            record = {"sync": self.outer_syncs, "step": self.host.step + 1, "member": self.replicas.replica.member,
+                      "gen": self.generation.number, "size": self.generation.size, "weight": self.last_weight,
                       "outer": hashlib.sha1(outer.numpy().tobytes()).hexdigest()}
             with open(self.replicas.sample_log.with_suffix(".outer"), "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -184,6 +186,6 @@ def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, 
     """`[sync]` diloco under per-step fault tolerance (shoal/launch/supervisor.py checks the rest)."""
     # The outer step is tuned for the replicas the job is launched with (no generation exists yet
     # here); it stays when one drops out.
-    launched = max(1, replicas.cfg.launch.nproc // replicas.group_size)
+    launched = max(1, replicas.cfg.launch.nproc // replicas.replica.group_size)
     return ElasticDiLoCo(model, optimizer, replicas=replicas, host=host, fragments=1,
                          **outer_options(cfg, launched))

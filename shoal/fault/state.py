@@ -1,4 +1,4 @@
-"""The training state a joiner receives from a live peer (shoal/fault/elastic.py): parameters,
+"""The training state a joiner receives from a live peer (shoal/fault/join.py): parameters,
 optimizer state, step, data position and RNG, packed as one byte buffer whose layout every
 replica of the same model and optimizer agrees on. Nothing is pickled.
 

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from shoal import config
 from shoal.data.sampler import ShardedSampler
-from shoal.fault.elastic import Replicas, StoreLost
+from shoal.fault.elastic import Replicas
+from shoal.fault.errors import StoreLost
 from tests.conftest import SHOAL, metric_records, shoal, wait_for
 from tests.fault.test_recovery import FT
 from tests.world import run_world
@@ -202,16 +203,16 @@ def _lanes_stop_together(lane: int, group_size: int) -> None:
     assert step(replicas).applied and trainer.step == 1
     with pytest.raises(StoreLost):
         step(replicas)
-    assert trainer.step == 1 and replicas.gen == 1 and replicas.is_master
+    assert trainer.step == 1 and replicas.generation.number == 1 and replicas.is_master
 
     # Lane 1 loses the store waiting for its next generation, which lane 0 has already entered:
     # both stop as members of the generation they were in.
     replicas = replica_group("ft/assign/0/2" if lane == 1 else "nothing")
     assert step(replicas).applied
-    replicas.needs_join = True
+    replicas.regroup()
     with pytest.raises(StoreLost):
         step(replicas)
-    assert replicas.gen == 1 and replicas.rank == 0 and replicas.is_master
+    assert replicas.generation.number == 1 and replicas.generation.rank == 0 and replicas.is_master
 
 
 def test_lanes_that_lose_the_store_at_different_calls_stop_together():

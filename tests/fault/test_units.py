@@ -201,10 +201,12 @@ def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
 
     import torch.distributed as dist
 
-    from shoal.fault.elastic import GenerationBroken, Replicas
+    from shoal.fault.errors import GenerationBroken
+    from shoal.fault.generation import Generation
+    from shoal.fault.replica import Replica
+    from shoal.fault.store import ReplicaStore
 
     store = dist.HashStore()
-    cfg = config.load(None, ["fault.enabled=true", "fault.step_timeout=20"])
     before = _sockets()
     pgs = {}
 
@@ -217,20 +219,22 @@ def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
     threads = [threading.Thread(target=connect, args=(rank,)) for rank in (0, 1)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    replicas = Replicas(store, member=0, slot=0, incarnation=0, cfg=cfg)
-    replicas.gen, replicas.groups.pg = 1, pgs.pop(0)
+    replica = Replica(member=0)
+    generation = Generation(ReplicaStore(store, replica), replica, timeout=timedelta(seconds=20))
+    generation.enter(1, [0, 1])
+    generation.groups.pg = pgs.pop(0)
     store.set("ft/gen/1/abort", "1")  # the coordinator saw a member leave
     with pytest.raises(GenerationBroken, match="aborted"):
-        replicas.wait(replicas.pg.allreduce([torch.ones(4)]), "allreduce", 0)
+        generation.wait(generation.pg.allreduce([torch.ones(4)]), "allreduce", 0)
     connected = _sockets()
     assert connected > before
     started = time.monotonic()
-    replicas.groups.abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
-    assert time.monotonic() - started < 1.0 and _sockets() == connected and replicas.groups.retiring
+    generation.groups.abandon()  # its all-reduce is still in flight: the group is kept, nothing blocks
+    assert time.monotonic() - started < 1.0 and _sockets() == connected and generation.groups.retiring
     pgs[1].allreduce([torch.ones(4)]).wait()  # rank 1 arrives: the collective ends (rank 0's side a moment later)
-    wait_for(lambda: all(w.is_completed() for _, _, works in replicas.groups.retiring for w in works), 10,
+    wait_for(lambda: all(w.is_completed() for _, _, works in generation.groups.retiring for w in works), 10,
              "rank 0's side of the all-reduce")
     started = time.monotonic()
-    replicas.groups.reap()  # at the next step: destroyed, its sockets closed
-    assert time.monotonic() - started < 1.0 and not replicas.groups.retiring
+    generation.groups.reap()  # at the next step: destroyed, its sockets closed
+    assert time.monotonic() - started < 1.0 and not generation.groups.retiring
     assert _sockets() < connected
