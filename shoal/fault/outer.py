@@ -34,7 +34,7 @@ from torch import nn
 from shoal.fault.elastic import Replicas
 from shoal.fault.errors import GenerationBroken
 from shoal.fault.state import TrainingHost, materialize_optimizer_state
-from shoal.sync.diloco import WIRE_DTYPE, DiLoCo
+from shoal.sync.diloco import WIRE_DTYPE, DiLoCo, Fragment
 from shoal.sync.encoding import decode_average
 from shoal.sync.outer_settings import outer_options
 
@@ -43,7 +43,10 @@ log = logging.getLogger("shoal")
 
 class ElasticDiLoCo(DiLoCo):
     """DiLoCo over the changing replicas of a fault-tolerant job (no overlap: a sync that
-    fails must be retried before the outer step)."""
+    fails must be retried before the outer step). It changes DiLoCo only through its hooks:
+    replicas start equal without a collective (`start_equal`), the average is the retried,
+    weighted one below (`reduce_outer_gradient`), and each outer step is recorded for the
+    tests (`outer_stepped`)."""
 
     def __init__(self, model: nn.Module, inner_optimizer: torch.optim.Optimizer, *, replicas: Replicas,
                  host: TrainingHost, **options: Any):
@@ -52,12 +55,12 @@ class ElasticDiLoCo(DiLoCo):
         self.replicas, self.host = replicas, host
         self.generation = replicas.generation
         # A replica whose local fragment is another's unsynced progress (received mid-sync).
-        self.borrowed = [False] * len(self._fragments)
+        self.borrowed = [False] * len(self.fragments)
         self.syncing = -1  # the fragment whose sync is under way (a joiner received mid-way finishes it)
         self.owed = -1
         self._counters = torch.zeros(3, dtype=torch.int64)
         self.last_weight = 0.0  # replicas that counted in the last average
-        for fragment in self._fragments:
+        for fragment in self.fragments:
             # Present from the start, so every replica's transferable state has one layout; a
             # zero buffer makes SGD's first momentum step equal to the one without a buffer.
             if fragment.optimizer.defaults["momentum"]:
@@ -65,25 +68,27 @@ class ElasticDiLoCo(DiLoCo):
                     fragment.optimizer.state[outer]["momentum_buffer"] = torch.zeros_like(outer)
 
     def __enter__(self) -> ElasticDiLoCo:
-        # Replicas start equal without a collective: the first launch's share one seed (or one
-        # checkpoint), every later one receives its state from a live peer.
-        with torch.no_grad():
-            for fragment in self._fragments:
-                for param, outer in zip(fragment.local, fragment.outer):
-                    outer.copy_(param)
-        self.replicas.follow_outer_sync(self)  # and membership changes wait for the next sync
         # The inner optimizer's state must exist before the hook counts steps: creating it later
         # (for a state transfer) takes an optimizer step that is not an inner step.
         materialize_optimizer_state(self.inner_optimizer)
-        self._handle = self.inner_optimizer.register_step_post_hook(self._after_inner_step)
+        super().__enter__()
+        self.replicas.follow_outer_sync(self)  # and membership changes wait for the next sync
         return self
+
+    def start_equal(self) -> None:
+        """Replicas start equal without a collective: the first launch's share one seed (or one
+        checkpoint), every later one receives its state from a live peer."""
+
+    def __exit__(self, *exc) -> None:
+        self.replicas.follow_outer_sync(None)
+        super().__exit__(*exc)
 
     # -- state that travels to a joining replica ---------------------------------------
     def state_tensors(self) -> list[torch.Tensor]:
         """The outer state, as tensors in an order every replica agrees on (copied into in place)."""
         self._counters.copy_(torch.tensor([self.inner_step, self.outer_syncs, self.syncing]))
         tensors = [self._counters]
-        for fragment in self._fragments:
+        for fragment in self.fragments:
             tensors += fragment.outer
             tensors += [fragment.optimizer.state[o]["momentum_buffer"] for o in fragment.outer
                         if "momentum_buffer" in fragment.optimizer.state[o]]
@@ -94,35 +99,30 @@ class ElasticDiLoCo(DiLoCo):
         self.inner_step, self.outer_syncs, self.owed = (int(v) for v in self._counters)
         with torch.no_grad():
             self.borrowed = [any(not torch.equal(p.float(), o) for p, o in zip(f.local, f.outer))
-                             for f in self._fragments]
-
-    def __exit__(self, *exc) -> None:
-        self.replicas.follow_outer_sync(None)
-        super().__exit__(*exc)
+                             for f in self.fragments]
 
     def owed_sync(self, host: TrainingHost) -> bool:
         """A replica that received its state in the middle of a sync takes part in the rest of it
         (with weight 0) and completes the step the sender was in; True when it did."""
         if self.owed < 0:
             return False
-        fragment, self.owed = self._fragments[self.owed], -1
+        fragment, self.owed = self.fragments[self.owed], -1
         log.info("joined during the outer sync of step %d: taking part with weight 0", host.step + 1)
-        self._start(fragment)
-        self._finish(fragment)
+        self.sync(fragment)
         host.set_step(host.step + 1)  # the sender's step ended with this sync
         return True
 
     # -- the sync ------------------------------------------------------------------------
-    @torch.no_grad()
-    def _start(self, fragment) -> None:
-        index = self._fragments.index(fragment)
+    def reduce_outer_gradient(self, fragment: Fragment, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+        """The weighted average over the generation, retried over the next one until it completes."""
+        index = self.fragments.index(fragment)
         replicas, host = self.replicas, self.host
         self.syncing = index
         # The retry of a failed sync sends the same values: top-k's residual goes back to before it.
         residual = fragment.encoding.state_dict() if fragment.encoding is not None else {}
         while True:
             try:
-                average, regroup = self._average(index)
+                average, regroup = self._average(index, pseudo)
                 break
             except GenerationBroken as err:
                 if residual:
@@ -131,16 +131,18 @@ class ElasticDiLoCo(DiLoCo):
                             host.step, self.generation.number, err)
                 replicas.regroup()
                 host.place(*replicas.begin_step())  # no sync is owed here: always a placement
+                # A state received while regrouping may have moved the local parameters.
+                pseudo = fragment.pseudo_gradient()
         self.borrowed[index], self.syncing = False, -1
         if regroup:  # joiners wait (or a member left): regroup after this sync, joiners get the result
             replicas.regroup()
-        fragment.pending = torch.futures.Future()
-        fragment.pending.set_result(average)
+        done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+        done.set_result(average)
+        return done
 
-    def _average(self, index: int) -> tuple[torch.Tensor, bool]:
+    def _average(self, index: int, pseudo: torch.Tensor) -> tuple[torch.Tensor, bool]:
         generation, step = self.generation, self.host.step
-        fragment = self._fragments[index]
-        pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
+        fragment = self.fragments[index]
         weight = 0.0 if self.borrowed[index] else 1.0
         reconfigure = 1.0 if generation.reconfigure_requested() else 0.0
         head = torch.tensor([weight, reconfigure], dtype=torch.float64)
@@ -159,7 +161,7 @@ class ElasticDiLoCo(DiLoCo):
         self.replicas.progress.publish(step, float("nan"), outer_syncs=self.outer_syncs + 1)
         return average, head[1] > 0
 
-    def _gather_encoded(self, fragment, scaled: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    def _gather_encoded(self, fragment: Fragment, scaled: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
         """An encoded outer gradient over the generation's Gloo group: one all-gather of every replica's
         payload (for int8/int4 the same codes and arithmetic as compress.quantized_all_reduce)."""
         encoding, size = fragment.encoding, self.generation.size
@@ -168,17 +170,17 @@ class ElasticDiLoCo(DiLoCo):
         work = self.generation.pg.allgather([list(gathered.view(size, -1).unbind())], [payload])
         return work.get_future().then(lambda _: decode_average(gathered.view(size, -1), encoding))
 
-    def _finish(self, fragment) -> None:
-        synced = fragment.pending is not None
-        super()._finish(fragment)
-        if synced and self.replicas.sample_log is not None:
-            # What the tests check: every replica holds the same outer parameters after each sync.
-            outer = torch.cat([o.reshape(-1) for o in fragment.outer])
-            record = {"sync": self.outer_syncs, "step": self.host.step + 1, "member": self.replicas.replica.member,
-                      "gen": self.generation.number, "size": self.generation.size, "weight": self.last_weight,
-                      "outer": hashlib.sha1(outer.numpy().tobytes()).hexdigest()}
-            with open(self.replicas.sample_log.with_suffix(".outer"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    def outer_stepped(self, fragment: Fragment) -> None:
+        """What the tests check: every replica holds the same outer parameters after each sync."""
+        replicas = self.replicas
+        if replicas.sample_log is None:
+            return
+        outer = torch.cat([o.reshape(-1) for o in fragment.outer])
+        record = {"sync": self.outer_syncs, "step": self.host.step + 1, "member": replicas.replica.member,
+                  "gen": self.generation.number, "size": self.generation.size, "weight": self.last_weight,
+                  "outer": hashlib.sha1(outer.numpy().tobytes()).hexdigest()}
+        with open(replicas.sample_log.with_suffix(".outer"), "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def elastic_outer_sync(cfg, model: nn.Module, optimizer: torch.optim.Optimizer, replicas: Replicas,

@@ -47,7 +47,7 @@ class SitesDiLoCo(DiLoCo):
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, plane: SitePlane | None,
                  join_timeout: float, resumed: bool = False, **diloco: Any):
         super().__init__(model, inner_optimizer, **diloco)
-        if len(self._fragments) != 1 or self.overlap:
+        if len(self.fragments) != 1 or self.overlap:
             raise ValueError("sites sync the whole model at once: fragments = 1, overlap = false")
         self.plane, self.join_timeout, self.resumed = plane, join_timeout, resumed
         self.site_members: list[str] = []  # the sites in the last outer average
@@ -180,14 +180,14 @@ class SitesDiLoCo(DiLoCo):
 
     # -- the global state ------------------------------------------------------------------------
     def _outer_and_momentum(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        fragment = self._fragments[0]
+        fragment = self.fragments[0]
         momentum = [fragment.optimizer.state.get(o, {}).get("momentum_buffer") for o in fragment.outer]
         return fragment.outer, [m if m is not None else torch.zeros_like(o) for m, o in zip(momentum, fragment.outer)]
 
     def outer_digest(self) -> bytes:
         """SHA-256 of the outer model: equal digests mean the sites agree."""
         digest = hashlib.sha256()
-        for outer in self._fragments[0].outer:
+        for outer in self.fragments[0].outer:
             digest.update(tensor_bytes(outer))
         return digest.digest()
 
@@ -221,7 +221,7 @@ class SitesDiLoCo(DiLoCo):
 
     @torch.no_grad()
     def _load_global(self, rounds: int, tensors: list[torch.Tensor]) -> None:
-        fragment = self._fragments[0]
+        fragment = self.fragments[0]
         count = len(fragment.outer)
         for outer, value in zip(fragment.outer, tensors[:count]):
             outer.copy_(value)

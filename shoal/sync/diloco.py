@@ -44,7 +44,7 @@ from shoal.sync.compress import quantized_all_reduce, quantized_reduce_scatter
 from shoal.sync.encoding import ENCODINGS, QUANTIZED, OuterEncoding, encoded_all_reduce, make_encoding
 from shoal.sync.replica_state import load_replica_state, local_tensor, make_replicas_equal, replica_state
 
-__all__ = ["DiLoCo", "local_tensor", "split_fragments"]
+__all__ = ["DiLoCo", "Fragment", "local_tensor", "split_fragments"]
 
 COMPRESSIONS = ("none", "fp16", "bf16", "int8", "int4", *ENCODINGS)
 # The dtype a pseudo-gradient travels in for the casts among COMPRESSIONS (the elastic DiLoCo too).
@@ -79,8 +79,8 @@ def split_fragments(params: list[nn.Parameter], fragments: int) -> list[list[int
     return runs
 
 
-class _Fragment:
-    """One fragment's outer parameters, outer optimizer and in-flight all-reduce."""
+class Fragment:
+    """One fragment's outer parameters, outer optimizer, wire encoding and in-flight average."""
 
     def __init__(self, params: list[nn.Parameter], outer_lr: float, outer_momentum: float, nesterov: bool,
                  encoding: OuterEncoding | None = None):
@@ -95,6 +95,10 @@ class _Fragment:
                                          nesterov=nesterov and outer_momentum > 0)
         self.pending: torch.futures.Future[torch.Tensor] | None = None
 
+    def pseudo_gradient(self) -> torch.Tensor:
+        """Outer minus local parameters, flat, in fp32: what the replicas average."""
+        return torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(self.local, self.outer)])
+
 
 class DiLoCo(contextlib.AbstractContextManager):
     """Context manager that turns data-parallel training into (streaming) DiLoCo.
@@ -102,6 +106,9 @@ class DiLoCo(contextlib.AbstractContextManager):
     On entry every replica takes group rank 0's parameters (sent only if they differ);
     then a post-hook on `inner_optimizer.step` counts inner steps and syncs each
     fragment when due.
+    A subclass changes how replicas meet through three hooks: `start_equal` (entry),
+    `reduce_outer_gradient` (the average) and `outer_stepped` (after an outer step); `sync`
+    runs a fragment's sync outside the inner-step hook.
     `group` is the process group of replicas (e.g. the `dp_replicate` mesh
     axis); inside a replica the model may itself be DDP/FSDP over another axis.
     `outer_warmup` ramps the outer lr linearly over that many outer steps (0: none);
@@ -137,36 +144,40 @@ class DiLoCo(contextlib.AbstractContextManager):
             numel = sum(local_tensor(params[i]).numel() for i in run)
             return make_encoding(compression, numel, topk_fraction=topk_fraction, topk_bits=topk_bits)
 
-        self._fragments = [_Fragment([params[i] for i in run], outer_lr, outer_momentum, nesterov, encoding(run))
-                           for run in runs]
+        self.fragments = [Fragment([params[i] for i in run], outer_lr, outer_momentum, nesterov, encoding(run))
+                          for run in runs]
+        """The model's parameters as synced together, fragment by fragment, with their outer state."""
         self.inner_step = 0  # inner steps taken inside this context
         self.outer_syncs = 0  # fragment syncs completed
         self._handle: Any = None
 
-    @property
-    def fragments(self) -> list[list[nn.Parameter]]:
-        """The model's parameters as synced together, fragment by fragment."""
-        return [fragment.params for fragment in self._fragments]
-
     def due(self, step: int) -> list[int]:
         """Fragments synced after inner step `step` (counted from 1 inside the context)."""
-        return [i for i in range(len(self._fragments)) if self._due(i, step)]
+        # Fragment i syncs at inner steps t = (i + 1) * H / P (mod H), as in Streaming DiLoCo.
+        count, every = len(self.fragments), self.inner_steps
+        return [i for i in range(count) if step % every == (i + 1) * every // count % every]
 
     def __enter__(self) -> DiLoCo:
-        # Replicas must start equal, or the first average mixes unrelated models.
-        make_replicas_equal([param for fragment in self._fragments for param in fragment.local], self.group)
+        self.start_equal()
         with torch.no_grad():
-            for fragment in self._fragments:
+            for fragment in self.fragments:
                 for param, outer in zip(fragment.local, fragment.outer):
                     outer.copy_(param)
         self._handle = self.inner_optimizer.register_step_post_hook(self._after_inner_step)
         return self
 
+    def start_equal(self) -> None:
+        """Make the replicas equal on entry, before the outer parameters are taken: rank 0 of `group`
+        sends its parameters where they differ. A subclass whose replicas start equal by other means
+        (one seed, a state transfer) replaces it."""
+        # Replicas must start equal, or the first average mixes unrelated models.
+        make_replicas_equal([param for fragment in self.fragments for param in fragment.local], self.group)
+
     def __exit__(self, *exc_info: Any) -> None:
         self._handle.remove()
         if exc_info[0] is None:
             # Finish in-flight syncs so the replicas leave the context equal where they synced.
-            for fragment in self._fragments:
+            for fragment in self.fragments:
                 self._finish(fragment)
 
     def state_dict(self) -> dict[str, Any]:
@@ -177,7 +188,7 @@ class DiLoCo(contextlib.AbstractContextManager):
         Tensors and numbers only, so it loads with `torch.load(weights_only=True)`.
         """
         fragments = []
-        for fragment in self._fragments:
+        for fragment in self.fragments:
             # Waiting for an in-flight average does not apply it: the resumed run applies it
             # at the same step as the uninterrupted one would.
             pending = fragment.pending.wait() if fragment.pending is not None else None
@@ -189,12 +200,12 @@ class DiLoCo(contextlib.AbstractContextManager):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()`; call it inside the context (entry broadcasts rank 0's model)."""
-        if len(state["fragments"]) != len(self._fragments):
+        if len(state["fragments"]) != len(self.fragments):
             raise ValueError(f"saved state has {len(state['fragments'])} fragments, this DiLoCo "
-                             f"{len(self._fragments)}")
+                             f"{len(self.fragments)}")
         self.inner_step, self.outer_syncs = int(state["inner_step"]), int(state["outer_syncs"])
         load_replica_state(self.model, self.inner_optimizer, state["replica"])
-        for fragment, saved in zip(self._fragments, state["fragments"]):
+        for fragment, saved in zip(self.fragments, state["fragments"]):
             with torch.no_grad():
                 for outer, value in zip(fragment.outer, saved["outer"]):
                     if outer.shape != value.shape:
@@ -209,28 +220,28 @@ class DiLoCo(contextlib.AbstractContextManager):
                 fragment.pending = torch.futures.Future()
                 fragment.pending.set_result(saved["pending"])
 
-    def _due(self, index: int, step: int) -> bool:
-        offset = (index + 1) * self.inner_steps // len(self._fragments)
-        return step % self.inner_steps == offset % self.inner_steps
-
     def _after_inner_step(self, *_: Any) -> None:
         self.inner_step += 1
         # A sync started one step ago (overlap) is applied now, after that step's local update.
-        for fragment in self._fragments:
+        for fragment in self.fragments:
             self._finish(fragment)
-        for index, fragment in enumerate(self._fragments):
-            if self._due(index, self.inner_step):
-                self._start(fragment)
-                if not self.overlap:
-                    self._finish(fragment)
+        for index in self.due(self.inner_step):
+            if self.overlap:
+                self._start(self.fragments[index])
+            else:
+                self.sync(self.fragments[index])
+
+    def sync(self, fragment: Fragment) -> None:
+        """Sync `fragment` now: average its pseudo-gradient, take the outer step, put the result into the model."""
+        self._start(fragment)
+        self._finish(fragment)
 
     @torch.no_grad()
-    def _start(self, fragment: _Fragment) -> None:
+    def _start(self, fragment: Fragment) -> None:
         """Send this fragment's pseudo-gradient (outer minus local) to the averaging."""
-        pseudo = torch.cat([(outer - p.float()).reshape(-1) for p, outer in zip(fragment.local, fragment.outer)])
-        fragment.pending = self.reduce_outer_gradient(fragment, pseudo)
+        fragment.pending = self.reduce_outer_gradient(fragment, fragment.pseudo_gradient())
 
-    def reduce_outer_gradient(self, fragment: _Fragment, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
+    def reduce_outer_gradient(self, fragment: Fragment, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
         """The mean over the replicas (`self.group`) of this fragment's flat fp32 pseudo-gradient,
         travelling in `self.compression`; a future, so the sync may overlap the next inner step.
 
@@ -255,7 +266,7 @@ class DiLoCo(contextlib.AbstractContextManager):
         return work.get_future().then(lambda _: wire.float())
 
     @torch.no_grad()
-    def _finish(self, fragment: _Fragment) -> None:
+    def _finish(self, fragment: Fragment) -> None:
         """Wait for the average, take the outer step and put the outer parameters into the model."""
         if fragment.pending is None:
             return
@@ -266,10 +277,15 @@ class DiLoCo(contextlib.AbstractContextManager):
             outer.grad = average[start:start + outer.numel()].view_as(outer)
             start += outer.numel()
         # Fragments sync in turn, so each has taken outer_syncs // fragments outer steps before this one.
-        syncs_done = self.outer_syncs // len(self._fragments)
+        syncs_done = self.outer_syncs // len(self.fragments)
         for group in fragment.optimizer.param_groups:
             group["lr"] = self.outer_lr * outer_warmup_factor(syncs_done, self.outer_warmup)
         fragment.optimizer.step()
         for param, outer in zip(fragment.local, fragment.outer):
             param.copy_(outer)
         self.outer_syncs += 1
+        self.outer_stepped(fragment)
+
+    def outer_stepped(self, fragment: Fragment) -> None:
+        """After `fragment`'s outer step put the outer parameters into the model: nothing here; a
+        subclass may record it."""

@@ -81,7 +81,7 @@ def diloco_variants(rank: int, world: int) -> None:
                 # With overlap a sync lands one step after it is due.
                 synced = (diloco.due(step - 1) if step > 1 else []) if overlap else diloco.due(step)
                 for index in range(fragments):
-                    equal = params_equal_across_ranks(diloco.fragments[index])
+                    equal = params_equal_across_ranks(diloco.fragments[index].params)
                     if index in synced:
                         assert equal, f"{name}: fragment {index} differs right after its sync at step {step}"
                     elif step == 1:
