@@ -31,7 +31,7 @@ from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handl
 
 from shoal.config import ConfigError
 
-__all__ = ["BACKEND", "BoundStore", "interface_of"]
+__all__ = ["BACKEND", "BoundStore", "interface_addresses", "interface_of", "listen_on"]
 
 BACKEND = "shoal-bound"
 """The elastic agent's rendezvous backend on a BoundStore (its endpoint's port says which)."""
@@ -47,11 +47,9 @@ def _ipv4(host: str) -> str | None:
     return infos[0][4][0] if infos else None
 
 
-def interface_of(host: str) -> str | None:
-    """The name of this host's network interface that holds `host`'s IPv4 address; None if none does."""
-    address = _ipv4(host)
-    if address is None:
-        return None
+def interface_addresses() -> dict[str, str]:
+    """{interface name: its IPv4 address} for every interface of this host that has one."""
+    found = {}
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for _, name in socket.if_nameindex():
@@ -59,12 +57,42 @@ def interface_of(host: str) -> str | None:
                 packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
             except OSError:  # no IPv4 address on it
                 continue
-            held = socket.inet_ntoa(packed[20:24])
-            if held == address or (ipaddress.ip_address(address).is_loopback and ipaddress.ip_address(held).is_loopback):
-                return name
+            found[name] = socket.inet_ntoa(packed[20:24])
     finally:
         probe.close()
+    return found
+
+
+def interface_of(host: str) -> str | None:
+    """The name of this host's network interface that holds `host`'s IPv4 address; None if none does."""
+    address = _ipv4(host)
+    if address is None:
+        return None
+    for name, held in interface_addresses().items():
+        if held == address or (ipaddress.ip_address(address).is_loopback and ipaddress.ip_address(held).is_loopback):
+            return name
     return None
+
+
+def listen_on(host: str, port: int = 0, *, field: str) -> socket.socket:
+    """A TCP socket listening on `host`:`port` only; ConfigError naming `field` when this host cannot
+    (an address it does not hold, a name that does not resolve, a wildcard, a port in use)."""
+    try:
+        unspecified = ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name: bind() resolves it
+        unspecified = False
+    if unspecified:
+        raise ConfigError(f"{field} = '{host}' would listen on every interface; give one address of this host")
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(socket.SOMAXCONN)
+    except OSError as err:
+        listener.close()
+        raise ConfigError(f"{field}: cannot listen on {host}:{port} ({err.strerror}); give an address of this "
+                          f"host (loopback or its own network)") from None
+    return listener
 
 
 class BoundStore:
@@ -74,16 +102,7 @@ class BoundStore:
     """
 
     def __init__(self, host: str, port: int = 0, *, field: str = "launch", timeout: float = 60.0):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((host, port))
-            listener.listen(socket.SOMAXCONN)
-        except OSError as err:
-            listener.close()
-            raise ConfigError(f"{field}: cannot listen on {host}:{port} ({err.strerror}); give an address of this "
-                              f"host (loopback or its own network)") from None
+        listener = listen_on(host, port, field=field)
         self.host, self.port = host, listener.getsockname()[1]
         # TCPStore owns the descriptor from here (it closes it with the server).
         self.store = dist.TCPStore(host, self.port, None, True, timeout=timedelta(seconds=timeout),

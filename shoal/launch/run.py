@@ -10,9 +10,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shoal import config as config_module
 from shoal.config import USER_ERROR, Config
+
+if TYPE_CHECKING:
+    from shoal.launch.local import Rendezvous
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.toml"
 
@@ -172,12 +176,26 @@ def say_stopped(cfg: Config, signum: int, run_dir: Path, invocation: Invocation)
 def start_local(cfg: Config, invocation: Invocation) -> tuple[int, Path]:
     """A run on this machine's workers, as `shoal run` and `shoal.train()` start it: checks, run
     directory, launcher; (exit code, run directory)."""
-    from shoal.launch.local import Rendezvous
     if check_run(cfg, cfg.launch.nproc, invocation.chaos):
         from shoal.launch.workers import start_forkserver
         start_forkserver()  # workers' torch imports while this process does its own
+    rendezvous = local_rendezvous(cfg)
     run_dir = prepare_run_dir(cfg, invocation.resume, exact_name=False)
-    return start_workers(cfg, run_dir, invocation, Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout)), run_dir
+    return start_workers(cfg, run_dir, invocation, rendezvous), run_dir
+
+
+def local_rendezvous(cfg: Config) -> Rendezvous:
+    """One host's rendezvous: loopback, or for a site its `sites.internal` address (the site's own
+    network), where the launcher's store and the workers' Gloo listen and nowhere else
+    (shoal/launch/bound.py). An address this host cannot listen on is refused here, naming the field."""
+    from shoal.launch.bound import listen_on
+    from shoal.launch.local import Rendezvous
+    if not cfg.sites.name:
+        return Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout)
+    host = cfg.sites.internal
+    listen_on(host, 0, field="sites.internal").close()  # before a run directory is made
+    endpoint = f"[{host}]:0" if ":" in host else f"{host}:0"
+    return Rendezvous(nnodes=1, timeout=cfg.launch.rdzv_timeout, endpoint=endpoint, field="sites.internal")
 
 
 def start_on_ray(cfg: Config, address: str | None, resume: str | None) -> tuple[int, Path]:

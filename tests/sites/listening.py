@@ -64,6 +64,13 @@ def listening(pids: list[int], netns_pid: int | None = None) -> list[tuple[str, 
     return sorted(set(found))
 
 
+def site_address() -> str | None:
+    """An IPv4 address of this host other than loopback (a site's own network, for `sites.internal`)."""
+    from shoal.launch.bound import interface_addresses
+    held = [a for a in interface_addresses().values() if not ipaddress.ip_address(a).is_loopback]
+    return held[0] if held else None
+
+
 def wildcard(addresses: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """Those of `addresses` that listen on every interface."""
     return [(a, p) for a, p in addresses if ipaddress.ip_address(a).is_unspecified]

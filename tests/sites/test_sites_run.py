@@ -15,6 +15,7 @@ import pytest
 
 from shoal.sites.certs import make_site_certs
 from tests.conftest import SHOAL, TINY, free_port, shoal, train_losses, wait_for
+from tests.sites.listening import listening, process_tree, site_address, wildcard
 
 pytestmark = pytest.mark.slow
 
@@ -92,5 +93,33 @@ def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
     finally:
         for proc in (a, b, b2):
             if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+
+
+def test_no_process_of_a_sites_run_listens_on_every_interface(tmp_path):
+    """Site a (2 workers) meets at a non-loopback `sites.internal`, site b (1 worker) on loopback: every
+    listening socket of either run, launcher and workers alike, is on one address: a's store and Gloo on
+    its internal address, each leader's plane on its `sites.listen`; none on 0.0.0.0 or ::."""
+    internal = site_address()
+    if internal is None:
+        pytest.skip("this host has no IPv4 address besides loopback to stand for a site's own network")
+    certs = tmp_path / "certs"
+    make_site_certs(certs, ["a", "b"])
+    ports = {"a": free_port(), "b": free_port()}
+    long = ["train.steps=100000", "checkpoint.every=0"]
+    a_out, b_out = tmp_path / "a.out", tmp_path / "b.out"
+    a = start(site_args("a", ports, certs, *long, "launch.nproc=2", f"sites.internal={internal}"), tmp_path, a_out)
+    b = start(site_args("b", ports, certs, *long, "launch.nproc=1"), tmp_path, b_out)
+    try:
+        wait_for(lambda: "outer round 1 with every site" in read(a_out), 240, "a round of both sites")
+        a_listens, b_listens = listening(process_tree(a.pid)), listening(process_tree(b.pid))
+        assert not wildcard(a_listens + b_listens), (a_listens, b_listens)
+        assert ("127.0.0.1", ports["a"]) in a_listens and ("127.0.0.1", ports["b"]) in b_listens
+        inside_a = [(host, port) for host, port in a_listens if port != ports["a"]]
+        assert inside_a and all(host == internal for host, _ in inside_a), a_listens  # store and Gloo
+    finally:
+        for proc in (a, b):
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
