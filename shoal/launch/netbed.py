@@ -26,50 +26,14 @@ import argparse
 import ipaddress
 import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-from shoal.config import ConfigError
+from shoal.launch.netns import NetbedError, check_host as _check_host, parse_rate, run as _run
 
 __all__ = ["Netbed", "NetbedError", "parse_rate", "register"]
-
-_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9}
-
-
-class NetbedError(ConfigError):
-    """The test bed cannot be built here (no root, no iproute2, bad rate)."""
-
-
-def parse_rate(text: str) -> int:
-    """'20mbit' -> 20_000_000 bits/s. Only bit units: tc's 'mbps' means megabytes, a common trap."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit)\s*", text.lower())
-    if not match:
-        raise NetbedError(f"rate '{text}' must look like 20mbit (units: {', '.join(_UNITS)})")
-    bits = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if bits < 8000:
-        raise NetbedError(f"rate '{text}' is below 8kbit, too slow for a TCP handshake to finish")
-    return bits
-
-
-def _check_host() -> None:
-    missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
-    if missing:
-        raise NetbedError(f"netbed needs {' and '.join(missing)} from iproute2 "
-                          f"(apt-get install iproute2)")
-    if os.geteuid() != 0:
-        raise NetbedError("netbed needs root to create network namespaces and set tc limits "
-                          "(run as root, or with sudo)")
-
-
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(argv, capture_output=True, text=True)
-    if check and result.returncode != 0:
-        raise NetbedError(f"`{' '.join(argv)}` failed: {result.stderr.strip() or result.stdout.strip()}")
-    return result
-
 
 class Netbed:
     """N namespaces as N hosts on a bridge, each link limited to `rate` in both directions."""
@@ -250,3 +214,5 @@ def register(subparsers: Any) -> None:
     stats = actions.add_parser("stats", help="bytes each worker sent and received")
     common(stats)
     stats.set_defaults(func=_cmd_stats)
+    from shoal.launch.netbed_sites import register_sites  # `shoal netbed sites ...`
+    register_sites(actions)
