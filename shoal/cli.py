@@ -95,6 +95,9 @@ def cmd_launch(args) -> int:
         run_dir = Path(cfg.log.dir) / cfg.log.name
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
+    elif cfg.selfplay.game and not rendezvous.is_host:  # a host that adds actors keeps its own directory
+        from shoal.launch.actors import actor_host_dir
+        run_dir = actor_host_dir(cfg, args.node_rank)
     else:
         run_dir = prepare_run_dir(cfg, args.resume, exact_name=True)
     return start_workers(cfg, run_dir, _invocation(args), rendezvous)

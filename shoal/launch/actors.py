@@ -14,6 +14,11 @@ that crashes before its first batch `fault.crash_loop` times in a row stops the 
 The pool watches its processes from a thread of the launcher while the elastic agent owns the
 main thread; a failure it cannot repair is handed to the learner as the file
 `selfplay/failed` (shoal/selfplay/transport.py), which the learner turns into its exit.
+
+Other hosts add actors with `shoal launch --nnodes N --node-rank K --rdzv HOST:PORT` (K > 0):
+node rank 0's launcher hosts a c10d TCPStore on PORT and relays weights out and games in
+through it (shoal/selfplay/relay.py); a host K runs actors only, against a run directory of its
+own, and leaves when the job ends. Its learner stays on node rank 0.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ from shoal.observe.events import append_event
 TICK = 0.05  # seconds between looks at the processes; a replacement starts within a few ticks
 
 
+def say(text: str) -> None:
+    print(f"shoal: {text}", file=sys.stderr, flush=True)
+
+
 @dataclass
 class Member:
     role: str
@@ -49,7 +58,8 @@ class ActorPool:
     """Starts `selfplay.actors` actors (and an evaluator when `selfplay.eval_every` > 0) and keeps
     them running until `stop()`."""
 
-    def __init__(self, cfg: Config, worker_args: list[str], run_dir: Path, *, verbose: bool = False):
+    def __init__(self, cfg: Config, worker_args: list[str], run_dir: Path, *, verbose: bool = False,
+                 with_learner: bool = True, relay=None):
         from shoal.selfplay import transport
         self.cfg, self.worker_args, self.run_dir, self.verbose = cfg, worker_args, Path(run_dir), verbose
         self.transport = transport
@@ -57,7 +67,10 @@ class ActorPool:
         self.restarts = RestartPolicy(cfg.fault.restarts_per_hour, cfg.fault.crash_loop)
         self.log_dir = self.run_dir / "logs" / "actors"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.processes = cfg.launch.nproc + cfg.selfplay.actors + (1 if cfg.selfplay.eval_every else 0)
+        # the evaluator lives beside the learner; a host that only adds actors runs actors only
+        self.evaluator = with_learner and bool(cfg.selfplay.eval_every)
+        self.processes = (cfg.launch.nproc if with_learner else 0) + cfg.selfplay.actors + int(self.evaluator)
+        self.relay = relay  # node rank 0's JobRelay when other hosts may add actors (shoal/selfplay/relay.py)
         self.ctx = workers.start_forkserver()
         self.members: list[Member] = []
         self.delayed: list[tuple[float, str, int, int]] = []  # (when, role, slot, incarnation) backing off
@@ -68,7 +81,7 @@ class ActorPool:
         self.transport.clear_marks(self.run_dir)  # a resumed run is neither finished nor failed
         for slot in range(self.cfg.selfplay.actors):
             self.members.append(self._spawn("actor", slot, self._first_incarnation("actor", slot)))
-        if self.cfg.selfplay.eval_every:
+        if self.evaluator:
             self.members.append(self._spawn("evaluator", 0, self._first_incarnation("evaluator", 0)))
         self.thread.start()
 
@@ -89,11 +102,10 @@ class ActorPool:
     def _record(self, event: str, **fields) -> None:
         append_event(self.run_dir / "metrics.jsonl", event, self.transport.latest_version(self.run_dir), **fields)
 
-    def _say(self, text: str) -> None:
-        print(f"shoal: {text}", file=sys.stderr, flush=True)
-
     def _watch(self) -> None:
         while not self.stopping.is_set():
+            if self.relay is not None:
+                self._relay_step()
             now = time.monotonic()
             for due in [d for d in self.delayed if d[0] <= now]:
                 self.delayed.remove(due)
@@ -111,7 +123,7 @@ class ActorPool:
         if code == 0:  # the learner finished: the actor saw the marker and left
             return
         if code in PREEMPTED_CODES:  # a stop signal (Ctrl-C reaches every process): the run is stopping
-            self._say(f"{name} left after a stop signal ({code - 128}); not replaced")
+            say(f"{name} left after a stop signal ({code - 128}); not replaced")
             return
         cause = {"signal": signal.Signals(-code).name} if code < 0 else {"code": code}
         self._record("died", role=member.role, slot=member.slot, pid=member.proc.pid, **cause)
@@ -127,16 +139,25 @@ class ActorPool:
             self._fail(f"{name} exited with {code}; {decision.reason}: not restarted; its last output:\n"
                        f"{workers.worker_failure_text(member.log)}")
             return
-        self._say(f"{name} exited with {code}; starting a replacement"
+        say(f"{name} exited with {code}; starting a replacement"
                   + (f" in {decision.delay:.0f}s" if decision.delay else ""))
         self._record("replaced", role=member.role, slot=member.slot, delay=round(decision.delay, 3))
         self.delayed.append((now + decision.delay, member.role, member.slot, member.incarnation + 1))
+
+    def _relay_step(self) -> None:
+        try:
+            for host in self.relay.joined():
+                say(f"host {host} joined with actors")
+                self._record("joined", role="host", host=host)
+            self.relay.step()
+        except Exception as err:  # said at every tick it happens; the watch over the actors must go on
+            say(f"self-play relay to other hosts failed: {err!r}")
 
     def _slot_key(self, member: Member) -> int:
         return member.slot if member.role == "actor" else -1 - member.slot
 
     def _fail(self, text: str) -> None:
-        self._say(text)
+        say(text)
         self.transport.mark_failed(self.run_dir, text)
 
     def stop(self) -> None:
@@ -144,21 +165,98 @@ class ActorPool:
         that finished, the evaluator first evaluates the last version."""
         evaluators = [m for m in self.members if m.role == "evaluator" and m.proc.exitcode is None]
         if self.transport.finished(self.run_dir) and evaluators:
-            self._say("waiting for the evaluator's evaluation of the last weight version")
+            say("waiting for the evaluator's evaluation of the last weight version")
             for member in evaluators:
                 member.proc.join()
         self.stopping.set()
         self.thread.join()
+        if self.relay is not None:  # other hosts' actors leave on the job's end
+            self.relay.step()
+            self.relay.end("stopped")
+            self.relay.wait_for_hosts(RELAY_GOODBYE)
         for member in self.members:
             workers.kill(member.proc)
 
 
-def start_actors(cfg: Config, worker_args: list[str], run_dir: Path, *, nnodes: int, verbose: bool) -> ActorPool:
-    """Start a self-play run's actors and evaluator on this host, before its learner ranks."""
-    from shoal.config import ConfigError
-    if nnodes > 1:
-        raise ConfigError("selfplay: a self-play run lives on one host for now (its actors and learner share the "
-                          "run directory); run `shoal run` without --nnodes")
-    pool = ActorPool(cfg, worker_args, run_dir, verbose=verbose)
+RELAY_GOODBYE = 5.0  # seconds node rank 0 waits for joined hosts to see the job's end before its store goes
+
+
+def start_actors(cfg: Config, worker_args: list[str], run_dir: Path, *, rendezvous, verbose: bool) -> ActorPool:
+    """Start a self-play run's actors and evaluator on this host, before its learner ranks; with
+    `--nnodes` > 1, host the store other hosts' actors join through on the `--rdzv` port."""
+    relay = None
+    if rendezvous.nnodes > 1:
+        import torch.distributed as dist
+        from datetime import timedelta
+        from shoal.selfplay.relay import JobRelay, job_meta
+        host, _, port = rendezvous.endpoint.rpartition(":")
+        store = dist.TCPStore(host, int(port), None, True, timeout=timedelta(seconds=rendezvous.timeout),
+                              wait_for_workers=False)
+        relay = JobRelay(store, run_dir, job_meta(cfg.selfplay))
+        print(f"shoal: self-play job open to other hosts' actors at {rendezvous.endpoint} "
+              f"(shoal launch ... --node-rank K --rdzv {rendezvous.endpoint})", file=sys.stderr, flush=True)
+    pool = ActorPool(cfg, worker_args, run_dir, verbose=verbose, relay=relay)
     pool.start()
     return pool
+
+
+def actor_host_dir(cfg: Config, node_rank: int) -> Path:
+    """The run directory of a host that adds actors: `<log.dir>/<log.name>-node<K>`, its own (the
+    job's files stay on node rank 0), emptied of a previous job's weights and games."""
+    import shutil
+    from shoal import config as config_module
+    run_dir = Path(cfg.log.dir) / f"{cfg.log.name}-node{node_rank}"
+    shutil.rmtree(run_dir / "selfplay", ignore_errors=True)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config_module.to_toml(cfg))
+    return run_dir
+
+
+def run_actor_host(cfg: Config, worker_args: list[str], run_dir: Path, endpoint: str, *, verbose: bool) -> int:
+    """A host that adds `selfplay.actors` actors to the running job whose node rank 0 listens at
+    `endpoint`, until the job ends; the exit code: 0 when the job finished, 1 when it failed or this
+    host's actors did, 3 when the job stopped or its store is gone (start this host again to rejoin),
+    128 + a signal after a stop signal."""
+    import torch.distributed as dist
+    from datetime import timedelta
+    from shoal.config import ConfigError
+    from shoal.runtime.protocol import STORE_LOST_EXIT, STOP_SIGNALS
+    from shoal.selfplay import transport
+    from shoal.selfplay.relay import HostRelay, JobMismatch, job_meta
+    host, _, port = endpoint.rpartition(":")
+    store = dist.TCPStore(host, int(port), None, False, timeout=timedelta(seconds=cfg.launch.rdzv_timeout),
+                          wait_for_workers=False)
+    try:
+        relay = HostRelay(store, run_dir, job_meta(cfg.selfplay))
+    except JobMismatch as err:
+        raise ConfigError(str(err)) from None
+    stop = []
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda number, frame: stop.append(number))
+    pool = ActorPool(cfg, worker_args, run_dir, verbose=verbose, with_learner=False)
+    pool.start()
+    say(f"host {relay.host}: {cfg.selfplay.actors} actors joined the self-play job at {endpoint}; "
+        f"their logs are in {pool.log_dir}")
+    try:
+        while True:
+            try:
+                end = relay.step()
+            except (RuntimeError, OSError) as err:  # c10d's store errors are RuntimeErrors
+                say(f"the job's store at {endpoint} is gone ({str(err).splitlines()[0]}): node rank 0 ended; "
+                    f"this host stops")
+                return STORE_LOST_EXIT
+            if end:
+                transport.mark_finished(run_dir)  # this host's actors leave
+                relay.leave()
+                say(f"the job ended ({end}); this host stops")
+                return 0 if end == "finished" else 1 if end.startswith("failed") else STORE_LOST_EXIT
+            if stop:
+                say(f"stopped by signal {stop[0]}; this host's actors leave, the job goes on")
+                return 128 + stop[0]
+            failure = transport.failure(run_dir)  # this host's pool gave up on its actors
+            if failure:
+                say(f"this host's actors failed: {failure}")
+                return 1
+            time.sleep(TICK)
+    finally:
+        pool.stop()

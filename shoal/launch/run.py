@@ -117,11 +117,17 @@ def start_workers(cfg: Config, run_dir: Path, invocation: Invocation, rendezvous
         worker_args.append("--verbose")
     if not cfg.selfplay.game:
         return _launch(cfg, worker_args, run_dir, invocation, rendezvous)
-    from shoal.launch.actors import start_actors
+    from shoal.launch.actors import run_actor_host, start_actors
+    from shoal.launch.local import Rendezvous
     from shoal.runtime.env import launcher_environment
     from shoal.runtime.protocol import LOCAL_WORKERS_ENV
-    # actors and an evaluator beside the learner ranks (shoal/launch/actors.py)
-    pool = start_actors(cfg, worker_args, run_dir, nnodes=rendezvous.nnodes, verbose=invocation.verbose)
+    if not rendezvous.is_host:  # a host that adds actors to the running job (shoal/selfplay/relay.py)
+        return run_actor_host(cfg, worker_args, run_dir, rendezvous.endpoint, verbose=invocation.verbose)
+    # actors and an evaluator beside the learner ranks (shoal/launch/actors.py); with --nnodes > 1
+    # the --rdzv port is the store other hosts' actors join through, and the learner stays on this host
+    pool = start_actors(cfg, worker_args, run_dir, rendezvous=rendezvous, verbose=invocation.verbose)
+    if rendezvous.nnodes > 1:
+        rendezvous = Rendezvous(nnodes=1, timeout=rendezvous.timeout)
     try:
         with launcher_environment(**{LOCAL_WORKERS_ENV: str(pool.processes)}):  # the learner's share of the cores
             return _launch(cfg, worker_args, run_dir, invocation, rendezvous)

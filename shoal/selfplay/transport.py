@@ -12,7 +12,9 @@ plus a JSON header), never pickles: nothing an actor wrote is unpickled by the l
 
 A batch id is `<role><slot>-i<incarnation>-<counter>`: the launcher counts each slot's processes
 (shoal/launch/actors.py), so a replacement never reuses its predecessor's ids, and the learner's
-set of ingested ids (held in its checkpoint) keeps any batch from counting twice.
+set of ingested ids (held in its checkpoint) keeps any batch from counting twice. A batch played
+on another host arrives through shoal/selfplay/relay.py as `h<host>-<its id there>`, the host
+numbered by the job, so ids from two hosts never meet.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from shoal.runtime.protocol import SELFPLAY_INCARNATION_ENV as INCARNATION_ENV, 
 
 WEIGHTS_KEPT = 4  # older weight files are deleted; an actor reading one that just went retries
 _VERSION = re.compile(r"^v(\d{6,})\.safetensors$")
-_BATCH = re.compile(r"^(actor|evaluator)(\d+)-i(\d+)-(\d+)\.safetensors$")
+BATCH_ID = re.compile(r"^(?:h(\d+)-)?(actor|evaluator)(\d+)-i(\d+)-(\d+)$")  # groups: host, role, slot, incarnation, counter
 
 
 def selfplay_dir(run_dir: Path) -> Path:
@@ -58,10 +60,23 @@ def publish_weights(run_dir: Path, version: int, state: dict[str, torch.Tensor],
     path = weights_path(run_dir, version)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
     _write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"version": str(version)}))
+    _drop_old_weights(run_dir, keep_every)
+    return path
+
+
+def publish_weights_file(run_dir: Path, version: int, data: bytes) -> Path:
+    """Write weight version `version` as the bytes of a safetensors file another host's learner
+    published (shoal/selfplay/relay.py), and drop the versions before the last few."""
+    path = weights_path(run_dir, version)
+    _write_atomically(path, lambda tmp: tmp.write_bytes(data))
+    _drop_old_weights(run_dir, 0)
+    return path
+
+
+def _drop_old_weights(run_dir: Path, keep_every: int) -> None:
     for old, old_path in weight_versions(run_dir)[:-WEIGHTS_KEPT]:
         if not (keep_every and old % keep_every == 0):
             old_path.unlink(missing_ok=True)
-    return path
 
 
 def withdraw_weights_after(run_dir: Path, version: int) -> list[int]:
@@ -133,6 +148,38 @@ def write_games(run_dir: Path, batch: str, records: list[Any]) -> Path:
     return path
 
 
+def write_games_file(run_dir: Path, batch: str, data: bytes) -> Path:
+    """Write a batch that arrived as a file's bytes from another host (shoal/selfplay/relay.py): whole
+    or not at all, like any batch; a ValueError when `batch` is not a batch id or the bytes are not a
+    batch of games (nothing is left behind then)."""
+    from safetensors import safe_open
+    if not BATCH_ID.match(batch):
+        raise ValueError(f"write_games_file: '{batch}' is not a batch id")
+    path = games_path(run_dir, batch)
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(data)
+    try:
+        with safe_open(str(tmp), framework="pt") as f:
+            games = int(f.metadata()["games"])
+            if games < 1 or "plain" not in f.metadata():
+                raise ValueError(f"{games} games")
+    except Exception as err:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"write_games_file: {batch} is not a batch of games ({err})") from None
+    os.replace(tmp, path)
+    return path
+
+
+def local_batches(run_dir: Path) -> list[str]:
+    """The complete batch files this host's actors wrote (no host prefix), in name order."""
+    folder = selfplay_dir(run_dir) / "games"
+    if not folder.is_dir():
+        return []
+    return sorted(name for path in folder.iterdir() if path.name.endswith(".safetensors")
+                  and (m := BATCH_ID.match(name := path.name[:-len(".safetensors")])) and m.group(1) is None)
+
+
 def read_games(run_dir: Path, batch: str, record_type: type) -> list[Any]:
     """The game records of one batch, as `record_type` instances."""
     from safetensors import safe_open
@@ -156,8 +203,8 @@ def pending_batches(run_dir: Path, ingested: set[str]) -> list[str]:
     folder = selfplay_dir(run_dir) / "games"
     if not folder.is_dir():
         return []
-    return sorted(path.name[:-len(".safetensors")] for path in folder.iterdir()
-                  if _BATCH.match(path.name) and path.name[:-len(".safetensors")] not in ingested)
+    return sorted(name for path in folder.iterdir() if path.name.endswith(".safetensors")
+                  and BATCH_ID.match(name := path.name[:-len(".safetensors")]) and name not in ingested)
 
 
 def slot_has_batches(run_dir: Path, role: str, slot: int, incarnation: int) -> bool:
@@ -169,8 +216,9 @@ def slot_has_batches(run_dir: Path, role: str, slot: int, incarnation: int) -> b
 def next_incarnation(run_dir: Path, role: str, slot: int) -> int:
     """One past the highest incarnation of this slot that left batches (0 in a new run)."""
     folder = selfplay_dir(run_dir) / "games"
-    seen = [int(m.group(3)) for path in (folder.iterdir() if folder.is_dir() else [])
-            if (m := _BATCH.match(path.name)) and m.group(1) == role and int(m.group(2)) == slot]
+    seen = [int(m.group(4)) for path in (folder.iterdir() if folder.is_dir() else [])
+            if (m := BATCH_ID.match(path.name.removesuffix(".safetensors"))) and m.group(1) is None
+            and m.group(2) == role and int(m.group(3)) == slot]
     return max(seen) + 1 if seen else 0
 
 
