@@ -58,8 +58,11 @@ def test_a_fast_scaling_site_is_capped_and_bounded(tmp_path, certs_dir, caplog):
         stop_federation(server, driver, done)
     rows = metric_records(run_dir)
     assert [r["round"] for r in rows] == list(range(1, VERSIONS + 1))  # it ran to the end with the honest sites
-    # three sites, three slots: one each; once gamma's updates are refused it no longer counts, so two each
-    assert rows[0]["share"] == 1 and all(r["share"] <= 2 for r in rows)
+    # three sites, three slots: one each; once gamma's updates are refused it no longer counts, so two each.
+    # Whether gamma's instant answer or an honest vote comes first in version 1 is the machine's timing:
+    # a buffer holds gamma's one admitted update at a share of 1, or the honest sites' at 2.
+    assert all(r["share"] == (1 if "gamma" in r["sites"] else 2) for r in rows), \
+        [(r["share"], r["sites"], r.get("dropped")) for r in rows]
     assert all(count <= r["share"] for r in rows for count in r["sites"].values())
     assert sum(r["sites"].get("gamma", 0) for r in rows) <= 1  # the fastest site, yet at most one slot in all
     assert sent >= VERSIONS - 1 and all("gamma" in r.get("dropped", []) for r in rows[1:])
