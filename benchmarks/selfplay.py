@@ -13,10 +13,17 @@ Two parts, each runnable alone (`--part throughput`, `--part train`):
   simulations (both colours) and agreement with the solver, per evaluated weight version and
   training minute. Goals: >= 90% against MCTS-200 and >= 70% against MCTS-1000 within 60 minutes.
 
+- failures: the same self-play run twice for `--fail-minutes` of training each (evaluation off),
+  once clean and once with an actor SIGKILLed every `--kill-every` seconds (the slots in turn);
+  games/s and versions (learner steps) of both, the kills, replacements, the longest pause
+  between two versions, and whether every ingested batch is whole and counted once. With
+  `--strength-games N`, both final networks then play N games against MCTS-200 (both colours).
+
 Prints a table and writes benchmarks/out/selfplay.json (merging the parts run so far).
 
     .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games 16] [--seconds 60]
     .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [key=value ...]
+    .venv/bin/python benchmarks/selfplay.py --part failures [--fail-minutes 1.5] [--kill-every 20] [--strength-games 0]
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -134,13 +144,130 @@ def train(args) -> dict:
             "evaluations": [{**r, "training_minutes": minutes.get(r["version"])} for r in evals]}
 
 
+def _actor_pid(run: Path, slot: int) -> int | None:
+    """The pid of the newest process of an actor slot (each writes its pid first in the slot's log)."""
+    log = run / "logs" / "actors" / f"actor{slot}.log"
+    found = re.findall(r"incarnation \d+, pid (\d+)", log.read_text()) if log.is_file() else []
+    return int(found[-1]) if found else None
+
+
+def failure_run(args, name: str, kill_every: float) -> dict:
+    """One self-play run of `--fail-minutes` (evaluation off); with `kill_every` > 0 an actor is
+    SIGKILLed every `kill_every` seconds from its first batch on. Its throughput and what was killed."""
+    from shoal.observe.metrics import read_metrics
+    from shoal.selfplay import transport
+    log_dir = ROOT / "benchmarks" / "out" / "selfplay_runs"
+    config = ROOT / "examples" / "selfplay" / f"{args.game}.toml"
+    command = [*SHOAL, "run", str(config), f"selfplay.minutes={args.fail_minutes}", "selfplay.eval_every=0",
+               f"log.dir={log_dir}", f"log.name={name}", "log.progress=plain", "log.tensorboard=false",
+               *args.overrides]
+    print("$ " + " ".join(command), flush=True)
+    run = log_dir / name
+    actors = config_module.load(config, args.overrides).selfplay.actors
+    log_dir.mkdir(parents=True, exist_ok=True)
+    output = log_dir / f"{name}.out"
+    with output.open("w") as sink:  # a file, not a pipe: nobody reads the launcher's output while it runs
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    kills, next_slot = [], 0
+    while kill_every and proc.poll() is None and transport.latest_version(run) < 1:
+        time.sleep(0.2)  # the clock starts when training does (the learner's first version)
+    next_kill = time.monotonic() + kill_every
+    while proc.poll() is None:
+        time.sleep(0.2)
+        if kill_every and time.monotonic() >= next_kill and not transport.finished(run):
+            pid = _actor_pid(run, next_slot)
+            try:
+                os.kill(pid, signal.SIGKILL)
+                kills.append({"slot": next_slot, "pid": pid, "at": round(time.time(), 3)})
+            except (ProcessLookupError, TypeError):
+                pass  # between a death and its replacement: the next tick tries again
+            else:
+                next_slot, next_kill = (next_slot + 1) % actors, next_kill + kill_every
+    stderr = output.read_text(errors="replace")
+    records = read_metrics(run)
+    selfplay = [r for r in records if r.get("kind") == "selfplay"]
+    events = [r for r in records if r.get("kind") == "event"]
+    ledger = transport.read_ledger(run)
+    batches = [b for version in ledger for b in version]
+    from shoal.selfplay.setup import record_type
+    games_per_batch = config_module.load(run / "config.toml").selfplay.games_per_batch
+    whole = all(len(transport.read_games(run, b, record_type())) == games_per_batch for b in batches)
+    times = [r["time"] for r in selfplay]
+    seconds = sum(r["wait_seconds"] + r["train_seconds"] for r in selfplay)
+    steps_per_version = config_module.load(run / "config.toml").selfplay.train_steps_per_version
+    return {"command": "shoal " + " ".join(command[3:]), "exit_code": proc.returncode,
+            "stderr_tail": stderr[-1500:] if proc.returncode else "", "run_dir": str(run),
+            "versions": len(selfplay), "learner_steps": len(selfplay) * steps_per_version,
+            "games": sum(r["games"] for r in selfplay), "training_seconds": seconds,
+            "games_per_second": sum(r["games"] for r in selfplay) / seconds if seconds else 0.0,
+            "longest_pause_between_versions_s": max((b - a for a, b in zip(times, times[1:])), default=0.0),
+            "kills": len(kills), "died_events": sum(e["event"] == "died" for e in events),
+            "replaced_events": sum(e["event"] == "replaced" for e in events),
+            "batches_ingested": len(batches), "batches_counted_once": len(batches) == len(set(batches)),
+            "batches_whole": whole, "final_loss": selfplay[-1]["loss"] if selfplay else None}
+
+
+def final_strength(run: Path, games: int) -> float:
+    """The win rate (draws half) of a run's newest weights against MCTS-200, both colours."""
+    import numpy as np
+    import torch
+    from shoal.selfplay import transport
+    from shoal.selfplay.evaluate import match, mcts_player, network_player
+    from shoal.selfplay.setup import build_network, load_game, make_evaluate
+    cfg = config_module.load(run / "config.toml")
+    game = load_game(cfg.selfplay.game)
+    net = build_network(game, cfg)
+    net.load_state_dict(transport.load_weights(run, transport.latest_version(run)))
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    player = network_player(game, make_evaluate(net.eval()), cfg.selfplay.eval_simulations, cfg.selfplay.c_puct)
+    result = match(game, player, mcts_player(game, 200, rng), games, rng)
+    return (result.wins + 0.5 * result.draws) / result.games
+
+
+def failures(args) -> dict:
+    clean = failure_run(args, f"{args.game}_clean_{int(time.time())}", 0)
+    killed = failure_run(args, f"{args.game}_killed_{int(time.time())}", args.kill_every)
+    if args.strength_games:
+        for result in (clean, killed):
+            result["win_rate_mcts200"] = final_strength(Path(result["run_dir"]), args.strength_games)
+    print(f"\n{args.game}, {args.fail_minutes} min of training each, an actor SIGKILLed every {args.kill_every:.0f} s "
+          f"in the second run")
+    rows = [("exit code", "exit_code", "{}"), ("versions (weight versions)", "versions", "{}"),
+            ("learner steps", "learner_steps", "{}"), ("games ingested", "games", "{}"),
+            ("games/s", "games_per_second", "{:.2f}"), ("actors SIGKILLed", "kills", "{}"),
+            ("'died' / 'replaced' events", None, ""),
+            ("longest pause between versions (s)", "longest_pause_between_versions_s", "{:.1f}"),
+            ("every batch whole, counted once", None, ""), ("final loss", "final_loss", "{:.3f}")]
+    if args.strength_games:
+        rows.append((f"win rate vs MCTS-200 ({args.strength_games} games)", "win_rate_mcts200", "{:.2f}"))
+    print(f"{'':40} {'clean':>12} {'actor kills':>12}")
+    for label, key, form in rows:
+        if label.startswith("'died'"):
+            cells = [f"{r['died_events']} / {r['replaced_events']}" for r in (clean, killed)]
+        elif key is None:
+            cells = [str(r["batches_counted_once"] and r["batches_whole"]) for r in (clean, killed)]
+        else:
+            cells = [form.format(r[key]) if r.get(key) is not None else "-" for r in (clean, killed)]
+        print(f"{label:40} {cells[0]:>12} {cells[1]:>12}")
+    for label, result in (("clean", clean), ("with kills", killed)):
+        if result["exit_code"]:
+            print(f"\n{label} run failed:\n{result['stderr_tail']}")
+    return {"game": args.game, "minutes_each": args.fail_minutes, "kill_every_s": args.kill_every,
+            "clean": clean, "with_kills": killed}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("throughput", "train", "all"), default="all")
+    parser.add_argument("--part", choices=("throughput", "train", "failures", "all"), default="all")
     parser.add_argument("--game", default="connect4", help="throughput: the example config's game")
     parser.add_argument("--games", type=int, default=16, help="throughput: games one actor plays at once")
     parser.add_argument("--seconds", type=float, default=60.0, help="throughput: seconds per measurement")
     parser.add_argument("--minutes", type=float, default=60.0, help="train: the training budget (selfplay.minutes)")
+    parser.add_argument("--fail-minutes", type=float, default=1.5, help="failures: training minutes of each run")
+    parser.add_argument("--kill-every", type=float, default=20.0, help="failures: seconds between actor kills")
+    parser.add_argument("--strength-games", type=int, default=0,
+                        help="failures: games of each final network against MCTS-200 (0: none)")
     parser.add_argument("overrides", nargs="*", help="key=value for the example config")
     args = parser.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
@@ -148,6 +275,8 @@ def main() -> int:
         results["throughput"] = throughput(args)
     if args.part in ("train", "all"):
         results["train"] = train(args)
+    if args.part == "failures":  # not in "all": it runs its own two trainings
+        results["failures"] = failures(args)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=1))
     print(f"\nwrote {OUT}")
