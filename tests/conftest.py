@@ -110,6 +110,53 @@ def fault_tolerant_job(*overrides: str) -> list[str]:
     return [*FAULT_TOLERANT_JOB, *overrides]
 
 
+def _orphans_of(folder: Path) -> list[tuple[int, str]]:
+    """Processes left behind in `folder`: re-parented to init (their launcher is gone) and running
+    there or naming it on their command line, with their descendants."""
+    table: dict[int, tuple[int, str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError, ValueError):  # gone meanwhile, or a kernel thread
+            continue
+        table[int(entry.name)] = (ppid, cmdline, cwd)
+    where = str(folder)
+    roots = {pid for pid, (ppid, cmdline, cwd) in table.items()
+             if ppid == 1 and pid != os.getpid() and (where in cmdline or cwd.startswith(where))}
+    left, todo = set(roots), list(roots)
+    while todo:
+        parent = todo.pop()
+        children = [pid for pid, (ppid, _, _) in table.items() if ppid == parent and pid not in left]
+        left.update(children)
+        todo.extend(children)
+    return sorted((pid, table[pid][1]) for pid in left)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes(request):
+    """A slow test's processes do not outlive it: a test that fails (or forgets) while a launcher's
+    workers or a stopped actor run would leave them eating the 2 cores of every later test. They are
+    killed after the test and named in a warning."""
+    yield
+    folder = getattr(request.node, "funcargs", {}).get("tmp_path")  # the test's folder, set up for it
+    if not request.node.get_closest_marker("slow") or folder is None:
+        return
+    left = _orphans_of(folder)
+    for pid, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)  # a SIGSTOPped one too
+        except ProcessLookupError:
+            pass
+    if left:
+        import warnings
+        warnings.warn(f"{request.node.nodeid}: {len(left)} processes outlived the test and were killed: "
+                      + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in left))
+
+
 def sigint_default() -> None:
     """`preexec_fn` for a child the test stops with SIGINT (as Ctrl-C would): a test run started
     as a shell's background job has SIGINT ignored, and the child would inherit that."""
