@@ -5,6 +5,12 @@ other, so every pair holds one link, re-dialled whenever it is down. On every li
 say where they stand (STATUS: completed outer rounds and a digest of their outer model), send each
 round's outer gradient (CONTRIB), and hand a joining site the state it needs (JOIN, STATE).
 
+Every link has its own sender thread, so no wait on the plane hangs on a send: a link that goes
+silent (cut, or its site stopped) stops taking bytes once the socket buffers are full, and a
+blocking send of an outer gradient larger than them would wait until TCP gives up (minutes). A
+frame that has waited `sites.grace_seconds` to be sent means the link is silent, and the site is
+dropped as one whose outer gradient did not come.
+
 Membership is decided per round by each site from what it sees, within `sites.grace_seconds`:
 a site whose link is down is not waited for; one whose outer gradient has not come when the grace
 window ends is dropped from this round's average, told so (DROP) and disconnected; a site behind
@@ -22,6 +28,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -42,7 +49,8 @@ class PeerView:
     host: str
     port: int
     link: ssl.SSLSocket | None = None
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    outbox: deque[tuple[int, int, bytes, bool]] = field(default_factory=deque)  # (kind, round, payload, close after)
+    sending_since: float | None = None  # when the frame its sender is writing now was started
     status: tuple[int, bytes] | None = None  # (completed rounds, outer-model digest) it last reported
     joining: bool = False  # it asked for our state after our next round
     refusal: str = ""  # why its last certificate was refused, logged once
@@ -70,6 +78,8 @@ class SitePlane:
         self.rounds = 0  # outer rounds this site has completed
         self.members: set[str] = set()  # the other sites in the last round's average
         self.digest = bytes(DIGEST_BYTES)
+        # Frames and payload bytes by kind, this site's and the other sites' (logged at close: where the bytes go).
+        self.traffic = {way: {kind: [0, 0] for kind in wire.KIND_NAMES} for way in ("sent", "received")}
         self._stopped = threading.Event()
         self._server: socket.socket | None = None
         wire.server_context(certs_dir, name)  # fail at start on missing certificates or a bad CRL
@@ -84,6 +94,22 @@ class SitePlane:
                  ", ".join(self.peers))
 
     def close(self) -> None:
+        """Send what is queued (the last round's outer gradient may still be on its way; at most the grace
+        window), log the frames by kind, and take every link down."""
+        deadline = time.monotonic() + self.grace
+        with self.cond:
+            while any(p.link is not None and (p.outbox or p.sending_since is not None) for p in self.peers.values()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            summary = "; ".join(
+                f"{way} " + ", ".join(f"{count} {wire.KIND_NAMES[kind]} ({size / 1e6:.2f} MB)"
+                                      for kind, (count, size) in by_kind.items() if count)
+                for way, by_kind in self.traffic.items())
+        log.info("site %s: frames over the plane: %s", self.name, summary)
+        self.event("site_traffic", **{way: {wire.KIND_NAMES[k]: v for k, v in by_kind.items() if v[0]}
+                                      for way, by_kind in self.traffic.items()})
         self._stopped.set()
         if self._server is not None:
             self._server.close()
@@ -138,6 +164,7 @@ class SitePlane:
             for peer in self.peers.values():
                 if peer.name > self.name and peer.link is None and not self._stopped.is_set():
                     self._dial(peer)
+            self._drop_silent_links()
             self._stopped.wait(REDIAL_SECONDS)
 
     def _dial(self, peer: PeerView) -> None:
@@ -169,45 +196,97 @@ class SitePlane:
         sock.settimeout(None)
         with self.cond:
             old, peer.link, peer.status, peer.joining = peer.link, sock, None, False
+            peer.outbox.clear()  # frames meant for the old link (its sender sees the new link and ends)
+            peer.sending_since = None
             self.members.discard(peer.name)  # a site linked anew is in step only once its status says so
             rounds, digest = self.rounds, self.digest
             self.cond.notify_all()
         if old is not None:
-            old.close()
+            _shut(old)  # its reader sees the end and closes it
         log.info("site %s: linked with site %s (TLS 1.3, %s)", self.name, peer.name, sock.cipher()[0])
         self.event("site_linked", site=peer.name)
-        threading.Thread(target=self._read_loop, args=(peer, sock), daemon=True, name=f"sites-{peer.name}").start()
+        sender = threading.Thread(target=self._send_loop, args=(peer, sock), daemon=True,
+                                  name=f"sites-{peer.name}-send")
+        sender.start()
+        threading.Thread(target=self._read_loop, args=(peer, sock, sender), daemon=True,
+                         name=f"sites-{peer.name}").start()
         self._send(peer, wire.STATUS, rounds, digest)
 
     def _disconnect(self, peer: PeerView, sock: ssl.SSLSocket | None = None) -> None:
+        """Take the peer's link down: shut it (which ends a send or read blocked on it); its reader closes it."""
         with self.cond:
             if peer.link is None or (sock is not None and peer.link is not sock):
                 return
             sock, peer.link, peer.status, peer.joining = peer.link, None, None, False
+            peer.outbox.clear()
+            peer.sending_since = None
             self.cond.notify_all()
-        try:
-            sock.close()
-        except OSError:
-            pass
+        _shut(sock)
 
-    def _send(self, peer: PeerView, kind: int, round_: int, payload: bytes = b"") -> bool:
-        sock = peer.link
-        if sock is None:
-            return False
-        try:
-            with peer.send_lock:
-                wire.write_frame(sock, kind, round_, payload)
+    def _send(self, peer: PeerView, kind: int, round_: int, payload: bytes = b"", close_after: bool = False) -> bool:
+        """Queue a frame for the peer's sender; False when the peer has no link. Never waits for the network."""
+        with self.cond:
+            if peer.link is None:
+                return False
+            peer.outbox.append((kind, round_, payload, close_after))
+            self.cond.notify_all()
             return True
-        except OSError as err:
-            log.warning("site %s: could not send to site %s: %s", self.name, peer.name, err)
-            self._disconnect(peer, sock)
-            return False
 
-    def _read_loop(self, peer: PeerView, sock: ssl.SSLSocket) -> None:
+    def _send_loop(self, peer: PeerView, sock: ssl.SSLSocket) -> None:
+        """Write the link's frames in order; a send blocked past the grace window is ended by `_drop_silent_links`."""
+        while True:
+            with self.cond:
+                while peer.link is sock and not peer.outbox:
+                    self.cond.wait()
+                if peer.link is not sock:
+                    return
+                kind, round_, payload, close_after = peer.outbox.popleft()
+                peer.sending_since = time.monotonic()
+            try:
+                wire.write_frame(sock, kind, round_, payload)
+            except (OSError, ValueError) as err:
+                if not self._stopped.is_set() and peer.link is sock:
+                    log.warning("site %s: could not send to site %s: %s", self.name, peer.name, err)
+                self._disconnect(peer, sock)
+                return
+            with self.cond:
+                if peer.link is sock:
+                    peer.sending_since = None
+                self._count("sent", kind, len(payload))
+                self.cond.notify_all()  # `close` waits for the queue to drain
+            if kind == wire.STATE:
+                log.info("site %s: sent site %s the state after outer round %d (%d bytes)", self.name, peer.name,
+                         round_, len(payload))
+                self.event("site_state_sent", site=peer.name, round=round_, bytes=len(payload))
+            if close_after:
+                self._disconnect(peer, sock)
+                return
+
+    def _count(self, way: str, kind: int, size: int) -> None:
+        counted = self.traffic[way][kind]
+        counted[0] += 1
+        counted[1] += wire.HEADER.size + size
+
+    def _drop_silent_links(self) -> None:
+        """Drop the sites whose link has taken no bytes for the grace window (cut, or the site stopped)."""
+        now = time.monotonic()
+        for peer in self.peers.values():
+            with self.cond:
+                sock, since = peer.link, peer.sending_since
+            if sock is None or since is None or now - since <= self.grace:
+                continue
+            why = (f"a frame to it waited {now - since:.1f} s to be sent (sites.grace_seconds = {self.grace:g}): "
+                   f"its link is silent")
+            log.warning("site %s: dropped site %s: %s", self.name, peer.name, why)
+            self.event("site_dropped", site=peer.name, round=self.rounds, waited=round(now - since, 3), reason=why)
+            self._disconnect(peer, sock)
+
+    def _read_loop(self, peer: PeerView, sock: ssl.SSLSocket, sender: threading.Thread) -> None:
         try:
             while True:
                 frame = wire.read_frame(sock, self.limit)
                 with self.cond:
+                    self._count("received", frame.kind, len(frame.payload))
                     if frame.kind == wire.STATUS:
                         peer.status = (frame.round, frame.payload[:DIGEST_BYTES])
                     elif frame.kind == wire.JOIN:
@@ -223,6 +302,11 @@ class SitePlane:
                 log.warning("site %s: lost the link to site %s", self.name, peer.name)
                 self.event("site_lost", site=peer.name)
         self._disconnect(peer, sock)
+        sender.join()  # the shut link ends its send; only then is the socket closed (no other thread uses it)
+        try:
+            sock.close()
+        except OSError:
+            pass
 
     # -- rounds -----------------------------------------------------------------------------
     def wait_for_links(self, seconds: float) -> None:
@@ -262,7 +346,7 @@ class SitePlane:
                        and (p.name in self.members or p.status == (round_ - 1, self.digest))]
         mine = self.digest + payload
         for peer in targets:
-            self._send(peer, wire.CONTRIB, round_, mine)
+            self._send(peer, wire.CONTRIB, round_, mine)  # queued: the grace window starts now, not after the sends
         deadline = started + self.grace
         with self.cond:
             while True:
@@ -274,7 +358,9 @@ class SitePlane:
                 self.cond.wait(left)
             received = {p.name: self.inbox.pop((wire.CONTRIB, round_, p.name)) for p in targets
                         if (wire.CONTRIB, round_, p.name) in self.inbox}
-            dropped_me = sorted(p.name for p in targets if self.inbox.pop((wire.DROP, round_, p.name), None) is not None)
+            # Every site's word, not only the linked ones': a site that left this one out also shut the link.
+            dropped_me = sorted(p.name for p in self.peers.values()
+                                if self.inbox.pop((wire.DROP, round_, p.name), None) is not None)
             for key in [k for k in self.inbox if k[1] <= round_ and k[0] in (wire.CONTRIB, wire.DROP)]:
                 del self.inbox[key]  # late or stale frames of rounds already closed
         payloads = {self.name: payload}
@@ -292,12 +378,17 @@ class SitePlane:
                 resync = resync or peer.name
             elif got is None:
                 waited = time.monotonic() - started
+                with self.cond:
+                    silent = peer.sending_since is not None  # this site's frames to it are not taken either
                 why = ("its link was lost" if peer.link is None else
-                       f"no outer gradient within {waited:.1f} s (sites.grace_seconds = {self.grace:g})")
+                       f"no outer gradient within {waited:.1f} s (sites.grace_seconds = {self.grace:g})"
+                       + ("; its link is silent (this site's outer gradient to it was not taken)" if silent else ""))
                 log.warning("site %s: dropped site %s from outer round %d: %s", self.name, peer.name, round_, why)
                 self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3), reason=why)
-                self._send(peer, wire.DROP, round_)
-                self._disconnect(peer)
+                if silent:
+                    self._disconnect(peer)
+                else:
+                    self._send(peer, wire.DROP, round_, close_after=True)  # disconnected once the word is sent
             elif got[:DIGEST_BYTES] != self.digest:  # it started this round from another model
                 if peer.name < self.name:
                     resync = resync or peer.name
@@ -305,6 +396,7 @@ class SitePlane:
                 payloads[peer.name] = got[DIGEST_BYTES:]
         self.members = set(payloads) - {self.name}
         if dropped_me:
+            resync = resync or dropped_me[0]
             log.warning("site %s: site(s) %s left this site out of outer round %d; taking their state", self.name,
                         ", ".join(dropped_me), round_)
         return RoundResult(dict(sorted(payloads.items())), resync)
@@ -318,10 +410,7 @@ class SitePlane:
             linked = [p for p in self.peers.values() if p.link is not None]
         encoded = state() if joiners else b""
         for peer in joiners:
-            if self._send(peer, wire.STATE, round_, encoded):
-                log.info("site %s: sent site %s the state after outer round %d (%d bytes)", self.name, peer.name,
-                         round_, len(encoded))
-                self.event("site_state_sent", site=peer.name, round=round_, bytes=len(encoded))
+            self._send(peer, wire.STATE, round_, encoded)  # its sender logs it once sent
             with self.cond:
                 peer.joining = False
         for peer in linked:
@@ -349,6 +438,17 @@ class SitePlane:
                 return None
             key = found[0]
             return key[1], self.inbox.pop(key)
+
+
+def _shut(sock: ssl.SSLSocket) -> None:
+    """Shut the TCP connection under a TLS link, which wakes a thread blocked sending or reading on it.
+
+    The plain socket's shutdown, not SSLSocket's: that one would also detach the TLS object, and a
+    send racing it would then write the rest of its frame in clear."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more
 
 
 def event_writer(path: Path) -> Callable[..., None]:
