@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -50,7 +51,10 @@ PORT = 7443
 
 
 def common(args: argparse.Namespace, run_root: Path, name: str, steps: int) -> list[str]:
-    return ["model.name=gpt", "model.flavour=debug", "data.source=stdlib", "data.seq_len=64",
+    # The sizes pinned to the flavour's own (0): `shoal run` without a file starts from the quickstart
+    # (dim 128, 4 layers), a bare worker from the defaults, and the rows must train the same model.
+    return ["model.name=gpt", "model.flavour=debug", "model.dim=0", "model.n_layers=0", "model.n_heads=0",
+            "data.source=stdlib", "data.seq_len=64",
             f"train.steps={steps}", f"train.batch_size={args.batch_size}", "train.lr=3e-3",
             f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=0", "checkpoint.every=0",
             "sync.method=diloco", f"sync.inner_steps={args.inner_steps}", "sync.compression=none",
@@ -62,6 +66,26 @@ def site_overrides(bed: SitesNetbed, site: str, certs: Path, grace: float) -> li
     peers = ",".join(f"{p}={bed.address(p)}:{PORT}" for p in bed.sites if p != site)
     return ["launch.nproc=1", f"sites.name={site}", f"sites.listen={bed.address(site)}:{PORT}",
             f"sites.peers={peers}", f"sites.certs={certs}", f"sites.grace_seconds={grace}"]
+
+
+def retransmitted(bed: SitesNetbed) -> int:
+    """TCP segments the sites have sent again so far (each namespace's own /proc/net/snmp): bytes a link
+    carried twice."""
+    total = 0
+    for site in bed.sites:
+        lines = [line.split() for line in subprocess.run(["ip", "netns", "exec", bed.namespace(site), "cat",
+                                                          "/proc/net/snmp"], capture_output=True, text=True,
+                                                         check=True).stdout.splitlines() if line.startswith("Tcp:")]
+        total += int(lines[1][lines[0].index("RetransSegs")])
+    return total
+
+
+def model_size(logs: list[Path]) -> str:
+    """The model the workers built, as they log it ("model gpt: 0.14M parameters"); one for all logs."""
+    found = {match.group(0) for log in logs for match in re.finditer(r"model \S+: \S+ parameters", log.read_text())}
+    if len(found) != 1:
+        raise SystemExit(f"the workers of {logs} logged {sorted(found) or 'no model size'}, expected one model")
+    return found.pop()
 
 
 def train_seconds(run_dir: Path) -> float:
@@ -84,6 +108,7 @@ def run_plain(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, port: 
     run_dir = run_root / name
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     before = {s: bed.counters(s)[0] for s in bed.sites}
+    resent = retransmitted(bed)
     started = time.perf_counter()
     procs, logs = [], []
     for rank, site in enumerate(bed.sites):
@@ -94,9 +119,10 @@ def run_plain(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, port: 
         procs.append(bed.spawn(site, [sys.executable, "-m", "shoal.worker", *overrides, "--run-dir", str(run_dir)],
                                env=env, stdout=logs[-1].open("w"), stderr=subprocess.STDOUT))
     wait_all(procs, logs, name)
-    return {"row": name, "transport": "plain Gloo", "sites": len(bed.sites),
+    return {"row": name, "transport": "plain Gloo", "sites": len(bed.sites), "model": model_size(logs),
             "wall_seconds": round(time.perf_counter() - started, 1), "train_seconds": round(train_seconds(run_dir), 2),
-            "bytes_sent": sum(bed.counters(s)[0] - before[s] for s in bed.sites)}
+            "bytes_sent": sum(bed.counters(s)[0] - before[s] for s in bed.sites),
+            "segments_resent": retransmitted(bed) - resent}
 
 
 def start_sites(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, certs: Path, tag: str, steps: int,
@@ -113,6 +139,7 @@ def start_sites(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, cert
 def run_tls(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, certs: Path) -> dict:
     tag = f"tls{len(bed.sites)}"
     before = {s: bed.counters(s)[0] for s in bed.sites}
+    resent = retransmitted(bed)
     started = time.perf_counter()
     procs, logs = start_sites(bed, args, run_root, certs, tag, args.steps, grace=10.0)
     wait_all(procs, logs, tag)
@@ -120,10 +147,16 @@ def run_tls(bed: SitesNetbed, args: argparse.Namespace, run_root: Path, certs: P
     together = [log.read_text().count("with every site") for log in logs]
     if together != [rounds] * len(logs):  # a row must compare the same work: every round with every site
         raise SystemExit(f"{tag}: rounds with every site {together}, expected {rounds} each; see {logs}")
-    return {"row": tag, "transport": "mutual TLS 1.3", "sites": len(bed.sites),
+    # What the plane's frames carried, by kind (each site's `site_traffic` event at exit): the link
+    # bytes beyond these are TLS records, TCP/IP headers and retransmissions.
+    frames = {s: next((e["sent"] for e in events(run_root / f"{tag}-{s}") if e["event"] == "site_traffic"), {})
+              for s in bed.sites}
+    return {"row": tag, "transport": "mutual TLS 1.3", "sites": len(bed.sites), "model": model_size(logs),
             "wall_seconds": round(time.perf_counter() - started, 1),
             "train_seconds": round(max(train_seconds(run_root / f"{tag}-{s}") for s in bed.sites), 2),
-            "bytes_sent": sum(bed.counters(s)[0] - before[s] for s in bed.sites)}
+            "bytes_sent": sum(bed.counters(s)[0] - before[s] for s in bed.sites), "frames_sent": frames,
+            "segments_resent": retransmitted(bed) - resent,
+            "frame_bytes_sent": sum(size for sent in frames.values() for _, size in sent.values())}
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -184,6 +217,8 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     for row in rows:
         plain = next((r for r in rows if r["transport"] == "plain Gloo" and r["sites"] == row["sites"]), None)
         if plain is not None and row is not plain:
+            if row["model"] != plain["model"]:
+                raise SystemExit(f"{row['row']} trained {row['model']}, {plain['row']} {plain['model']}: not comparable")
             row["vs_plain"] = {"train": row["train_seconds"] / plain["train_seconds"],
                                "bytes": row["bytes_sent"] / plain["bytes_sent"]}
         ratios = row.get("vs_plain")
@@ -206,6 +241,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps % args.inner_steps:
         parser.error(f"--steps {args.steps} must be a multiple of --inner-steps {args.inner_steps}")
+    for count in (int(n) for n in args.sites.split(",")):
+        if args.batch_size % count:  # the plain row's workers split the global batch between the sites
+            parser.error(f"--batch-size {args.batch_size} must divide into {count} sites (e.g. --batch-size 12)")
 
     from shoal.data import build_dataset
     build_dataset(load(None, ["data.source=stdlib", "data.seq_len=64"]).data, 0)  # fill the cache once, here
@@ -227,6 +265,11 @@ def main() -> int:
                     print("2 sites: cut site b's link, then mend it...", flush=True)
                     drop = drop_and_rejoin(bed, args, run_root, certs)
     print_table(args, rows)
+    for row in rows:
+        print(f"{row['row']}: {row['segments_resent']} TCP segments sent again")
+        for site, sent in row.get("frames_sent", {}).items():
+            print(f"{row['row']} site {site} sent frames: " + ", ".join(
+                f"{count} {kind} ({size / 1e6:.2f} MB)" for kind, (count, size) in sent.items()))
     if drop and drop.get("dropped_within_120_s") is False:
         print(f"\ndrop: site a did NOT drop site b within 120 s of the cut (grace {args.grace:g} s)")
     elif drop:
