@@ -21,8 +21,8 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/shoal run
 
-# Two pytest-xdist workers: most tests wait on processes as much as they compute (a 1.45x shorter
-# suite on 2 cores); the `machine` tests (namespaces, Ray, SLURM) run on one worker, one at a time.
+# Two pytest-xdist workers, one test file at a time each: tests wait on processes as well as compute,
+# so two at once fill the 2 cores (tests/conftest.py: the `machine` tests run one at a time).
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests

@@ -183,9 +183,11 @@ def crash_after_checkpoint(args: list[str], cwd: Path, name: str, step: int) -> 
 # a new multi-process test cannot land in the fast tier unnoticed.
 IMPLY_SLOW = ("distributed", "e2e", "netns", "machine")
 
-# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`): a test that holds a
-# machine-wide resource (network namespaces and their address plan, a Ray or SLURM cluster) is
-# `machine` (`netns` implies it), and all of those run on one worker, one after the other.
+# `make test` runs the suite on two pytest-xdist workers (`--dist loadgroup`), one file at a time per
+# worker: a file's tests run in order in one process, so its module-scoped fixtures (a trained
+# checkpoint, a federation server) are built once and a test may build on the one before it. A test
+# that holds a machine-wide resource (network namespaces and their address plan, a Ray or SLURM
+# cluster) is `machine` (`netns` implies it), and all of those run on one worker, one after the other.
 IMPLY_MACHINE = ("netns",)
 
 
@@ -195,8 +197,8 @@ def pytest_collection_modifyitems(config, items):
         two_hosts = "two_hosts" in getattr(item, "fixturenames", ())  # tests/e2e/conftest.py's namespaces
         if not item.get_closest_marker("machine") and (two_hosts or any(item.get_closest_marker(m) for m in IMPLY_MACHINE)):
             item.add_marker(pytest.mark.machine)
-        if item.get_closest_marker("machine"):
-            item.add_marker(pytest.mark.xdist_group("machine"))
+        machine = item.get_closest_marker("machine") is not None
+        item.add_marker(pytest.mark.xdist_group("machine" if machine else item.nodeid.split("::")[0]))
         if not item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
     # The machine-wide tests first (one worker runs them back to back), then the other slow ones, then
