@@ -21,11 +21,12 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/shoal run
 
-# Two pytest-xdist workers, one test file at a time each: tests wait on processes as well as compute,
-# so two at once fill the 2 cores (tests/conftest.py: the `machine` tests run one at a time).
-TEST_WORKERS ?= 2
+# TEST_WORKERS=2 runs the suite on two pytest-xdist workers (tests/conftest.py: the `machine` tests
+# run one at a time); the default stays one process: tests/federated/test_revocation.py still fails
+# under xdist for a reason not yet found.
+TEST_WORKERS ?= 1
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) tests
 
 # Tests marked `slow` start processes or clusters (tests/conftest.py says which markers imply it).
 check: $(VENV)/.installed

@@ -201,10 +201,6 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group("machine" if machine else item.nodeid.split("::")[0]))
         if not item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
-    # The machine-wide tests first (one worker runs them back to back), then the other slow ones, then
-    # the fast tier: the short tests come last and fill both workers to the end instead of one long
-    # test running alone. A stable sort: each file's tests keep their order within a tier.
-    items.sort(key=lambda item: 0 if item.get_closest_marker("machine") else 1 if item.get_closest_marker("slow") else 2)
 
 
 class _ProcessStartGuard:

@@ -39,6 +39,11 @@ def join_code(port: int, folder, name: str) -> grpc.StatusCode:
             return err.code()
 
 
+# The tests below build on each other's revocations through one module-scoped server: under
+# `make test`'s two xdist workers they must run in order in one process.
+pytestmark = pytest.mark.xdist_group("revocation")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A server that never starts a round (it waits for more clients than exist): only Joins matter here."""
