@@ -21,10 +21,10 @@ install: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(VENV)/bin/shoal run
 
-# TEST_WORKERS=2 runs the suite on two pytest-xdist workers (tests/conftest.py: the `machine` tests
-# run one at a time); the default stays one process: tests/federated/test_revocation.py still fails
-# under xdist for a reason not yet found.
-TEST_WORKERS ?= 1
+# The suite runs on two pytest-xdist workers, a file's tests in order on one of them and the `machine`
+# tests (network namespaces, Ray, SLURM) one at a time (tests/conftest.py); TEST_WORKERS=1 runs it in
+# one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider $(if $(filter 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) tests
 

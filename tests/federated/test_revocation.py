@@ -39,9 +39,8 @@ def join_code(port: int, folder, name: str) -> grpc.StatusCode:
             return err.code()
 
 
-# The tests below build on each other's revocations through one module-scoped server: under
-# `make test`'s two xdist workers they must run in order in one process.
-pytestmark = pytest.mark.xdist_group("revocation")
+# The tests below build on each other's revocations through one module-scoped server: they run in
+# order in one process (tests/conftest.py keeps a file's tests on one xdist worker).
 
 
 @pytest.fixture(scope="module")
