@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -157,6 +158,37 @@ def no_leftover_processes(request):
                       + "; ".join(f"{pid} {cmd[:120]}" for pid, cmd in left))
 
 
+def _logging_state() -> dict:
+    """What decides whether a `shoal.*` record reaches pytest's caplog handler on the root logger."""
+    manager = logging.root.manager
+    return {"disable": manager.disable,
+            **{name: (logger.disabled, logger.propagate, logger.level) for name, logger in list(manager.loggerDict.items())
+               if name.startswith("shoal") and isinstance(logger, logging.Logger)}}
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found(request):
+    """A test that leaves logging switched off (a logger disabled or not propagating, a global
+    `logging.disable`) would blind every later test's `caplog` in its process, and which tests
+    follow it depends on how xdist hands out files: the state is put back and the test named."""
+    before = _logging_state()
+    yield
+    after = _logging_state()
+    changed = sorted(key for key in after if key in before and after[key] != before[key])
+    changed += sorted(key for key in after if key not in before and (after[key][0] or not after[key][1]))
+    if not changed:
+        return
+    logging.disable(before["disable"])
+    for name in changed:
+        if name.startswith("shoal"):
+            disabled, propagate, level = before.get(name, (False, True, logging.NOTSET))
+            logger = logging.getLogger(name)
+            logger.disabled, logger.propagate = disabled, propagate
+            logger.setLevel(level)
+    import warnings
+    warnings.warn(f"{request.node.nodeid} changed logging ({', '.join(changed[:6])}): put back")
+
+
 def sigint_default() -> None:
     """`preexec_fn` for a child the test stops with SIGINT (as Ctrl-C would): a test run started
     as a shell's background job has SIGINT ignored, and the child would inherit that."""
@@ -201,6 +233,12 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(pytest.mark.xdist_group("machine" if machine else item.nodeid.split("::")[0]))
         if not item.get_closest_marker("slow") and any(item.get_closest_marker(m) for m in IMPLY_SLOW):
             item.add_marker(pytest.mark.slow)
+    # xdist hands out files in the order they come: the machine tests first (the longest unit), then
+    # files with slow tests, and the fast files last, where their few seconds fill the gap while the
+    # other worker ends its last long file. A stable sort: a file's tests keep their order.
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: 0 if item.get_closest_marker("machine") else
+               1 if item.nodeid.split("::")[0] in slow_files else 2)
 
 
 class _ProcessStartGuard:
