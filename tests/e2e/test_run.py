@@ -1,19 +1,13 @@
 """`shoal run` / `shoal report` / `shoal config` as a user types them."""
 
-import json
 import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import SHOAL, TINY, crash_after_checkpoint, shoal, threads_for, torch_threads
+from tests.conftest import SHOAL, TINY, crash_after_checkpoint, metric_records, shoal, threads_for, torch_threads
 
 pytestmark = pytest.mark.e2e
-
-
-def train_records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if json.loads(line).get("kind") == "train"]
 
 
 def test_run_leaves_a_complete_run_directory_and_report(tmp_path):
@@ -22,7 +16,7 @@ def test_run_leaves_a_complete_run_directory_and_report(tmp_path):
     assert out.returncode == 0, out.stderr
     run = tmp_path / "runs" / "quickstart"
     assert "step 6/6" in out.stdout  # plain progress lines when stdout is not a terminal
-    assert [r["step"] for r in train_records(run)] == list(range(1, 7))
+    assert [r["step"] for r in metric_records(run, "train")] == list(range(1, 7))
     assert (run / "config.toml").read_text().count("steps = 6") == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -43,16 +37,16 @@ def test_resume_after_a_crash_repeats_the_uninterrupted_losses_bit_for_bit(tmp_p
     args = [*TINY, "train.steps=40", "checkpoint.every=5", "checkpoint.keep=0"]
     clean = shoal("run", *args, "log.name=clean", cwd=tmp_path)
     assert clean.returncode == 0, clean.stderr
-    expected = {r["step"]: r["loss"] for r in train_records(tmp_path / "runs" / "clean")}
+    expected = {r["step"]: r["loss"] for r in metric_records(tmp_path / "runs" / "clean", "train")}
 
     crash_after_checkpoint(args, tmp_path, "crash", 5)  # launcher and both workers die at once
     run = tmp_path / "runs" / "crash"
-    before = train_records(run)
+    before = metric_records(run, "train")
     assert before[-1]["step"] < 40, "the run finished before it could be killed"
 
     resumed = shoal("run", *args, "log.name=crash", "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    after = train_records(run)
+    after = metric_records(run, "train")
     # each step once: the killed attempt's records after its checkpoint were dropped at resume
     assert [r["step"] for r in after] == list(range(1, 41))
     for r in after:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from shoal.config import load
+from shoal.observe.metrics import read_metrics
 from shoal.federated.client import FederatedClient
 
 from fed_helpers import start_federation, stop_federation, write_config, write_site
@@ -47,7 +48,7 @@ def test_forged_weight_is_caught_after_unmasking(tmp_path, certs_dir, caplog):
         for client in clients:
             threading.Thread(target=client.run, args=(60.0,), daemon=True).start()
         assert done.wait(120)
-        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = read_metrics(run_dir)
         # gamma forges in the first round it is sampled in (the first or, if it joined late, the second): that
         # round is refused whole; every later round runs without it
         answered = [r["answered"] for r in lines]

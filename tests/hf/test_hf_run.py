@@ -11,17 +11,12 @@ import shutil
 
 import pytest
 
-from tests.conftest import TINY, shoal
+from tests.conftest import TINY, shoal, train_losses
 from tests.hf.tiny import save_tiny
 
 # 16-token windows of bytes, a tiny model, constant learning rate (so a resumed run's
 # schedule does not depend on where it stopped)
 HF = [*TINY, "data.seq_len=16", "train.min_lr_ratio=1.0", "train.warmup_steps=0"]
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r.get("kind") == "train"}
 
 
 @pytest.mark.slow
