@@ -6,7 +6,8 @@ how the replicas of a step agree on its gradients only through a `GradientSync`:
 layout's own DDP/FSDP (`LayoutSync`, nothing to do), or per-step fault tolerance's changing
 replicas (shoal/fault/elastic.py), whose `reduce` says whether the step was committed or
 abandoned (shoal/fault/agreement.py). What fault tolerance needs of the run, it reads through an
-adapter the worker builds over this class's public face (shoal/fault/host.py).
+adapter the worker builds from the model's parts, the optimizer and the sampler (shoal/fault/host.py);
+the step counter and this rank's place change only through this class's methods.
 Everything a step depends on (weights, optimizer moments, data position, RNG) is saved, so
 a resumed run repeats the uninterrupted one bit for bit.
 """
@@ -215,6 +216,17 @@ class Trainer:
         if self.report is not None:
             self.report.event("checkpoint", self.step, seconds=round(time.perf_counter() - started, 4))
 
+    def continue_at(self, step: int) -> None:
+        """Count optimizer steps from `step` on: this rank took another replica's state, which holds
+        that replica's step (fault tolerance's joiner, shoal/fault/join.py; the data position travels
+        with the sampler's own state)."""
+        self.step = step
+
+    def place(self, dp_rank: int, dp_size: int) -> None:
+        """This rank's share of the global batch from now on (the gradient agreement decides it each
+        step; an outer sync that regroups mid-step moves it too, shoal/fault/outer.py)."""
+        self.where.dp_rank, self.where.dp_size = dp_rank, dp_size
+
     # -- one step ----------------------------------------------------------------------
     def train_step(self) -> StepOutcome:
         """Forward and backward over `grad_accum` micro-batches, then one optimizer step, unless the
@@ -223,7 +235,7 @@ class Trainer:
         placement = self.sync.begin_step()  # fault tolerance may regroup and receive state here
         if placement is None:
             return StepOutcome.skipped()
-        where.dp_rank, where.dp_size = placement
+        self.place(*placement)
         start, samples = self.sampler.state_dict(), 0
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, t)

@@ -153,8 +153,9 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
                                 replicas_differ=outer_sync)
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
                       comm_timer=timer, sync=replicas)
-    if replicas is not None:  # what fault tolerance needs of the run, adapted from the Trainer's public face
-        replicas.attach(TrainerHost(trainer))
+    if replicas is not None:  # what fault tolerance needs of the run: its parts; the step through the Trainer's methods
+        replicas.attach(TrainerHost(model_parts=pm.model_parts, optimizer=trainer.optimizer, sampler=trainer.sampler,
+                                    grad_accum=cfg.train.grad_accum, checkpointer=checkpointer, run=trainer))
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
         resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:

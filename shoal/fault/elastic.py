@@ -104,7 +104,7 @@ class Replicas:
                    lane=replica.lane, group_size=replica.group_size, chaos_points=points, sample_log=sample_log)
 
     def attach(self, host: TrainingHost) -> None:
-        """Train `host` (shoal/fault/host.py adapts the Trainer) from now on."""
+        """Train `host` (shoal/fault/host.py, built by the worker from the run's parts) from now on."""
         self.host = host
 
     def follow_outer_sync(self, outer: OuterSync | None) -> None:

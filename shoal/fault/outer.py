@@ -73,6 +73,7 @@ class ElasticDiLoCo(DiLoCo):
         materialize_optimizer_state(self.inner_optimizer)
         super().__enter__()
         self.replicas.follow_outer_sync(self)  # and membership changes wait for the next sync
+        self.host.follow_outer_sync(self)  # a joiner receives the outer state with the inner
         return self
 
     def start_equal(self) -> None:
@@ -81,6 +82,7 @@ class ElasticDiLoCo(DiLoCo):
 
     def __exit__(self, *exc) -> None:
         self.replicas.follow_outer_sync(None)
+        self.host.follow_outer_sync(None)
         super().__exit__(*exc)
 
     # -- state that travels to a joining replica ---------------------------------------

@@ -3,7 +3,7 @@ optimizer state, step, data position and RNG, packed as one byte buffer whose la
 replica of the same model and optimizer agrees on. Nothing is pickled.
 
 `TrainingHost` is everything per-step fault tolerance may ask of the training loop; an adapter
-built by the worker (shoal/fault/host.py) implements it over the Trainer's public face.
+the worker builds from the run's parts (shoal/fault/host.py) implements it.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ class TrainingHost(Protocol):
 
     def state_received(self) -> None:
         """After `state_tensors()` were overwritten with a peer's."""
+
+    def follow_outer_sync(self, outer) -> None:
+        """From now on `outer`'s state (ElasticDiLoCo's `state_tensors`) travels with the inner state;
+        None: it no longer does."""
 
     def save_checkpoint(self, *, background: bool = False) -> None:
         """Save the current step, whatever this rank (the caller decided that it saves); `background`:
