@@ -29,6 +29,7 @@ import torch.distributed as dist
 from shoal.config import Config, rank_seed
 from shoal.data import ShardedSampler
 from shoal.fault.agreement import StepOutcome
+from shoal.fault.audit import write_record
 from shoal.models import to_device
 from shoal.observe.loggers import open_loggers
 from shoal.observe.ranks import RankTiming, gather_over_group
@@ -136,6 +137,8 @@ class Trainer:
                                           where the last step's time went (metrics, shoal/observe/ranks.py)
         comm_timer: CommTimer | None      times the gradient collectives
         report: StepReporter | None       while `fit` runs: where events and records go
+        sample_log: Path | None           a file this rank appends each step's sample ids to (the audit of
+                                          shoal/fault/audit.py; set by the worker from SHOAL_SAMPLE_LOG)
         autocast                          bf16 autocast or a null context, from cfg.train.precision
     """
 
@@ -166,6 +169,7 @@ class Trainer:
         self.comm_seconds = 0.0
         self.step_started = 0.0
         self.report: StepReporter | None = None  # while fit() runs: where events go
+        self.sample_log: Path | None = None
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
                          if t.precision == "bf16" else nullcontext())
 
@@ -198,9 +202,23 @@ class Trainer:
         saved, self._saved_outer_sync = self._saved_outer_sync, None
         if outer_sync is not None and saved is not None:
             outer_sync.load_state_dict(saved)
+            # Steps after the checkpoint whose data the outer average already holds (a site that
+            # stopped after a round and before that step's checkpoint): read on, not again.
+            averaged = getattr(outer_sync, "steps_already_averaged", 0)
+            if averaged > self.step:
+                self.skip_steps_to(averaged)
         elif outer_sync is not None and self.step:
             log.warning("the checkpoint holds no outer-sync state: the outer optimizer starts afresh at step %d",
                         self.step)
+
+    def skip_steps_to(self, step: int) -> None:
+        """Continue at `step` with the data position the run had there: the steps between were trained
+        (their result is in the state the outer sync took) and are not read again."""
+        log.warning("steps %d-%d are already in the outer sync's state: continuing at step %d, their data not "
+                    "read again", self.step + 1, step, step)
+        for _ in range((step - self.step) * self.cfg.train.grad_accum):
+            self.sampler.next_batch(0, 1)  # one whole global micro-batch: the position every rank shares
+        self.step = step
 
     def save(self) -> None:
         """Write a checkpoint of the current step, if this process takes part in saving now."""
@@ -241,8 +259,10 @@ class Trainer:
             group["lr"] = lr_at(self.step, t)
         loss_sum = torch.zeros((), device=where.device)
         batches = []  # the step's micro-batches, all fetched first: the loss is divided by their item count
+        read_ids = []
         for micro in range(t.grad_accum):
             ids = self.sampler.next_batch(where.dp_rank, where.dp_size)
+            read_ids.append(ids)
             samples += len(ids)
             fetched = time.perf_counter()
             batches.append(tuple(to_device(x, where.device) for x in self.train_set.get(ids)))
@@ -274,6 +294,9 @@ class Trainer:
                 clip(t.grad_clip)
             else:
                 torch.nn.utils.clip_grad_norm_(list(self.model.parameters()), t.grad_clip)
+        if self.sample_log is not None:  # before the step: a crash in its outer sync leaves the record
+            write_record(self.sample_log, step=self.step, ids=torch.cat(read_ids), epoch=start["epoch"],
+                         params=self.model.parameters(), loss=float(loss_sum), rank=where.rank)
         syncs = getattr(self.outer_sync, "outer_syncs", None)
         stepped = time.perf_counter()
         self.optimizer.step()  # an outer sync (DiLoCo, local SGD) runs in its post-step hook

@@ -36,7 +36,7 @@ from shoal.observe.metrics import drop_records_after
 from shoal.observe.timing import CommTimer
 from shoal.runtime import preempt
 from shoal.runtime.checkpoint import Checkpointer, latest_checkpoint
-from shoal.runtime.protocol import STORE_ENV, preempted_exit_code
+from shoal.runtime.protocol import SAMPLE_LOG_ENV, STORE_ENV, preempted_exit_code
 from shoal.parallel.compose import parallelize
 from shoal.runtime.env import (WorkerEnv, die_with_launcher, end_distributed, init_distributed, pick_device,
                                read_env, thread_budget)
@@ -156,6 +156,11 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if replicas is not None:  # what fault tolerance needs of the run: its parts; the step through the Trainer's methods
         replicas.attach(TrainerHost(model_parts=pm.model_parts, optimizer=trainer.optimizer, sampler=trainer.sampler,
                                     grad_accum=cfg.train.grad_accum, checkpointer=checkpointer, run=trainer))
+    elif os.environ.get(SAMPLE_LOG_ENV):  # the sample audit (shoal/fault/audit.py); fault tolerance writes its own
+        folder = Path(os.environ[SAMPLE_LOG_ENV])
+        folder.mkdir(parents=True, exist_ok=True)
+        # One file per process: a resumed run's records stay apart from those of the run it continues.
+        trainer.sample_log = folder / f"{cfg.sites.name or 'run'}-rank{worker.rank}-pid{os.getpid()}.jsonl"
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
         resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:

@@ -401,6 +401,19 @@ class SitePlane:
                         ", ".join(dropped_me), round_)
         return RoundResult(dict(sorted(payloads.items())), resync)
 
+    def set_round(self, round_: int, digest: bytes) -> None:
+        """This site holds outer model `digest` of round `round_` (at entry, or loaded from a checkpoint):
+        the status it tells the sites it links with from now on."""
+        with self.cond:
+            self.rounds, self.digest = round_, digest
+
+    def state_taken(self, round_: int, digest: bytes, state: Callable[[], bytes]) -> None:
+        """This site took another site's outer model `digest` of round `round_`: the sites in step with it
+        are those whose status matches it (none until one says so); then as `finish_round`."""
+        with self.cond:
+            self.rounds, self.digest, self.members = round_, digest, set()
+        self.finish_round(round_, digest, state)
+
     def finish_round(self, round_: int, digest: bytes, state: Callable[[], bytes]) -> None:
         """Record round `round_` as completed with outer model `digest`; tell the linked sites; give the
         joining ones `state()` (the outer model and momentum now)."""

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from shoal.config import Config
+from shoal.data.sampler import ShardedSampler
+from shoal.runtime.protocol import SAMPLE_LOG_ENV
 from shoal.sites.certs import make_site_certs
 from tests.conftest import SHOAL, TINY, free_port, shoal, train_losses, wait_for
 from tests.sites.listening import listening, process_tree, site_address, wildcard
@@ -30,9 +34,9 @@ def site_args(name: str, ports: dict[str, int], certs: Path, *extra: str) -> lis
             f"sites.peers={peers}", f"sites.certs={certs}", *extra]
 
 
-def start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
+def start(args: list[str], cwd: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([SHOAL, "run", *args], cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+                            stdin=subprocess.DEVNULL, start_new_session=True, env=env)
 
 
 def test_two_sites_over_tls_reach_the_losses_of_one_gloo_job(tmp_path):
@@ -62,39 +66,72 @@ def read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
+def counted_records(samples: Path, averaged: int, resumed_at: int) -> list[dict]:
+    """Site b's step records that count: the killed process's steps up to its last outer round averaged
+    with site a (step `averaged`; later steps died with it), then every step of the resumed process,
+    which starts after its checkpoint, or after that round when the checkpoint is older (a crash after a
+    round and before its checkpoint: those steps are in the global model and are not read again)."""
+    files = sorted(samples.glob("b-rank0-pid*.jsonl"), key=lambda f: f.stat().st_mtime)
+    assert len(files) == 2, files  # the killed process and the resumed one
+    killed, resumed = ([json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")] for f in files)
+    assert resumed[0]["step"] == max(resumed_at, averaged), (resumed[0]["step"], resumed_at, averaged)
+    return [r for r in killed if r["step"] < averaged] + resumed
+
+
 def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
     """Site a (2 workers: DDP inside, the average broadcast over its Gloo) and site b (1 worker):
-    b is killed mid-run, a goes on alone; b is resumed and joins with a's outer model."""
+    b is killed mid-run, a goes on alone; b is resumed, joins with a's outer model and trains to its
+    last step, and every sample of b's share was read in exactly one step that counted."""
     certs = tmp_path / "certs"
     make_site_certs(certs, ["a", "b"])
     ports = {"a": free_port(), "b": free_port()}
-    long = ["train.steps=100000", "sites.grace_seconds=2", "checkpoint.every=5", "checkpoint.keep=2"]
+    long = ["sites.grace_seconds=2", "checkpoint.every=5", "checkpoint.keep=2"]
     a_out, b_out, b2_out = tmp_path / "a.out", tmp_path / "b.out", tmp_path / "b2.out"
-    a = start(site_args("a", ports, certs, *long, "launch.nproc=2"), tmp_path, a_out)
-    b = start(site_args("b", ports, certs, *long, "launch.nproc=1"), tmp_path, b_out)
+    samples = tmp_path / "samples"
+    b_env = {**os.environ, SAMPLE_LOG_ENV: str(samples)}
+    steps_b = 40
+    a = start(site_args("a", ports, certs, *long, "train.steps=100000", "launch.nproc=2"), tmp_path, a_out)
+    b = start(site_args("b", ports, certs, *long, f"train.steps={steps_b}", "launch.nproc=1"), tmp_path, b_out,
+              b_env)
     b2 = None
     try:
         wait_for(lambda: "outer round 3 with every site" in read(b_out), 240, "three rounds of both sites")
         os.killpg(b.pid, signal.SIGKILL)
         b.wait(30)
+        rounds = re.findall(r"outer round (\d+) (?:with every site|averaged over sites a, b)", read(b_out))
+        averaged = 5 * int(rounds[-1])  # sync.inner_steps = 5: round k ends step 5k
         wait_for(lambda: "lost the link to site b" in read(a_out), 60, "a to notice b's death")
         seen = read(a_out).index("lost the link to site b")
         wait_for(lambda: "averaged over sites a\n" in read(a_out)[seen:], 60, "a to go on alone")
         # b resumes from its own checkpoint (taken after every round: its data position goes on from
         # there, nothing it contributed is read again) and takes a's newer outer model.
-        b2 = start(site_args("b", ports, certs, *long, "launch.nproc=1", "--resume"), tmp_path, b2_out)
+        b2 = start(site_args("b", ports, certs, *long, f"train.steps={steps_b}", "launch.nproc=1", "--resume"),
+                   tmp_path, b2_out, b_env)
         wait_for(lambda: "with site a's outer model and momentum" in read(b2_out), 240, "b to join")
-        assert "resumed from" in read(b2_out)
+        resumed_at = int(re.search(r"resumed from \S+ at step (\d+)", read(b2_out)).group(1))
         assert "sent site b the state after outer round" in read(a_out)
         joined = read(a_out).rindex("sent site b the state after outer round")
         wait_for(lambda: "with every site" in read(a_out)[joined:], 120, "a round of both sites again")
         events = [json.loads(line) for line in read(tmp_path / "runs" / "a" / "events.jsonl").splitlines()]
         assert {"site_lost", "site_state_sent"} <= {e["event"] for e in events}
+        assert b2.wait(240) == 0, read(b2_out)[-3000:]
     finally:
         for proc in (a, b, b2):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
+    # The audit: the counted steps are 0..steps_b-1, once each, each on the sampler's batch of b's
+    # share (site 1 of 2), and no sample id twice in an epoch.
+    records = counted_records(samples, averaged, resumed_at)
+    assert sorted(r["step"] for r in records) == list(range(steps_b)), [r["step"] for r in records]
+    total = int(re.search(r"; (\d+) training samples", read(b_out)).group(1))
+    sampler = ShardedSampler(total, 8, Config().train.seed)  # train.batch_size = 8, site b reads half
+    seen_ids: dict[int, set[int]] = {}
+    for record in sorted(records, key=lambda r: r["step"]):
+        assert record["ids"] == sampler.next_batch(1, 2).tolist(), f"step {record['step']} read other samples"
+        epoch = seen_ids.setdefault(sampler.epoch, set())  # the batch's own epoch
+        assert not epoch & set(record["ids"]), f"step {record['step']} read a sample twice in its epoch"
+        epoch.update(record["ids"])
 
 
 def test_no_process_of_a_sites_run_listens_on_every_interface(tmp_path):
