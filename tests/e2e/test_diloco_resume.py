@@ -8,8 +8,7 @@ import re
 
 import pytest
 
-from tests.conftest import TINY, crash_after_checkpoint, shoal
-from tests.e2e.test_run import train_records
+from tests.conftest import TINY, crash_after_checkpoint, metric_records, shoal
 
 pytestmark = pytest.mark.e2e
 
@@ -25,12 +24,12 @@ def test_diloco_resume_after_a_crash_repeats_the_uninterrupted_losses_bit_for_bi
             "sync.fragments=2", "sync.overlap=true"]
     clean = shoal("run", *args, "log.name=clean", cwd=tmp_path)
     assert clean.returncode == 0, clean.stderr
-    expected = {r["step"]: r["loss"] for r in train_records(tmp_path / "runs" / "clean")}
+    expected = {r["step"]: r["loss"] for r in metric_records(tmp_path / "runs" / "clean", "train")}
     assert sorted(expected) == list(range(1, STEPS + 1))
 
     crash_after_checkpoint(args, tmp_path, "crash", EVERY)  # launcher and both workers die at once
     run = tmp_path / "runs" / "crash"
-    before = train_records(run)
+    before = metric_records(run, "train")
     assert not before or before[-1]["step"] < STEPS, "the run finished before it could be killed"
 
     resumed = shoal("run", *args, "log.name=crash", "--resume", cwd=tmp_path)
@@ -38,7 +37,7 @@ def test_diloco_resume_after_a_crash_repeats_the_uninterrupted_losses_bit_for_bi
     start = int(re.search(r"resumed from \S+ at step (\d+)", resumed.stdout).group(1))
     assert start % EVERY == 0 and start % INNER != 0 and start < STEPS  # between outer syncs
     assert "outer optimizer starts afresh" not in resumed.stdout
-    after = train_records(run)[len(before):]
+    after = metric_records(run, "train")[len(before):]
     assert [r["step"] for r in after] == list(range(start + 1, STEPS + 1))
     for r in after:
         assert r["loss"] == expected[r["step"]], f"step {r['step']} differs after resume"
