@@ -18,7 +18,10 @@ DiLoCo: Douillard et al. 2023, arXiv 2311.08105.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,10 +45,13 @@ class SitesDiLoCo(DiLoCo):
 
     `group` is the site's own process group: the leader's results are broadcast over it.
     `resumed`: a checkpoint will be loaded after entry, and the join check waits for it.
+    `journal`: the leader's record of the last round in which another site averaged this site's outer
+    gradient (its inner step then), written before the round is logged; a resumed site whose checkpoint
+    is older than that round does not read those steps' data again (`steps_already_averaged`).
     """
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, plane: SitePlane | None,
-                 join_timeout: float, resumed: bool = False, **diloco: Any):
+                 join_timeout: float, resumed: bool = False, journal: Path | None = None, **diloco: Any):
         super().__init__(model, inner_optimizer, **diloco)
         if len(self.fragments) != 1 or self.overlap:
             raise ValueError("sites sync the whole model at once: fragments = 1, overlap = false")
@@ -54,6 +60,11 @@ class SitesDiLoCo(DiLoCo):
         self._resync_from: str | None = None
         self._rounds_seen = 0
         self._round_handle: Any = None
+        self.journal = journal
+        self._journal_round = 0  # the journal's round, read on resume
+        self.steps_already_averaged = 0
+        """Set on resume: the steps (counted from the start) whose data the global model taken already holds
+        from this site; the Trainer continues its data from there (0: from the checkpoint's own position)."""
 
     # -- entry, exit, resume ------------------------------------------------------------------
     def __enter__(self) -> SitesDiLoCo:
@@ -79,7 +90,42 @@ class SitesDiLoCo(DiLoCo):
         self._rounds_seen = self.outer_syncs
         if self.plane is not None:
             self.plane.set_round(self.outer_syncs, self.outer_digest())
-        self._catch_up(None)  # the other sites may have gone on while this one was down
+        saved_step = self.inner_step
+        averaged = self._journal_step()  # read before the catch-up, which may write the journal
+        took = self._catch_up(None)  # the other sites may have gone on while this one was down
+        # A crash after a round and before its checkpoint: the round's steps are in the global model
+        # taken (it holds every round after the journal's), so their data is not read a second time.
+        skip = torch.tensor([averaged if took is not None and took >= self._journal_round and averaged > saved_step
+                             else 0], dtype=torch.int64)
+        if dist.get_world_size(self.group) > 1:
+            dist.broadcast(skip, group=self.group, group_src=0)
+        if int(skip) > 0:
+            self.steps_already_averaged = self.inner_step = int(skip)
+            if self.plane is not None:
+                log.warning("site %s: steps %d-%d were averaged in outer round %d before this site stopped (its "
+                            "checkpoint is of step %d): their data is not read again; continuing at step %d",
+                            self.plane.name, saved_step + 1, int(skip), self._journal_round, saved_step, int(skip))
+                self.plane.event("site_data_skipped", site=self.plane.name, first=saved_step + 1, last=int(skip),
+                                 round=self._journal_round)
+
+    # -- the journal: the last round another site averaged this site's outer gradient in --------
+    def _journal_step(self) -> int:
+        """The inner step of the journal's round (0 without a journal); sets `_journal_round`."""
+        if self.journal is None or not self.journal.is_file():
+            return 0
+        try:
+            entry = json.loads(self.journal.read_text())
+            self._journal_round, step = int(entry["round"]), int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("site %s: %s is not a round journal; ignored", self.plane.name, self.journal)
+            return 0
+        return step
+
+    def _write_journal(self, round_: int) -> None:
+        """Atomically: a crash leaves the old record or the new one."""
+        tmp = self.journal.with_name(self.journal.name + ".tmp")
+        tmp.write_text(json.dumps({"round": round_, "step": self.inner_step}))
+        os.replace(tmp, self.journal)
 
     # -- the outer average --------------------------------------------------------------------
     def reduce_outer_gradient(self, fragment: Any, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
@@ -95,6 +141,8 @@ class SitesDiLoCo(DiLoCo):
                 if row is not None:
                     rows[site] = row
             self.site_members = list(rows)
+            if self.journal is not None and len(rows) > 1:  # before the round is logged as done
+                self._write_journal(self.outer_syncs + 1)
             if encoding is not None:
                 average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
             else:
@@ -137,8 +185,9 @@ class SitesDiLoCo(DiLoCo):
         source, self._resync_from = self._resync_from, None
         self._catch_up(source)
 
-    def _catch_up(self, source: str | None) -> None:
-        """Every worker of the site takes a running site's state when the leader finds this site behind."""
+    def _catch_up(self, source: str | None) -> int | None:
+        """Every worker of the site takes a running site's state when the leader finds this site behind;
+        returns the outer round of the state taken (None when none was)."""
         blob, rounds = b"", 0
         if self.plane is not None:
             source = source or self.plane.ahead()
@@ -163,7 +212,7 @@ class SitesDiLoCo(DiLoCo):
         if dist.get_world_size(self.group) > 1:
             dist.broadcast(flag, group=self.group, group_src=0)
         if int(flag) < 0:
-            return
+            return None
         if self.plane is None:
             tensors = self._empty_state()
         if dist.get_world_size(self.group) > 1:
@@ -175,6 +224,7 @@ class SitesDiLoCo(DiLoCo):
                      self.outer_syncs, source)
             self.plane.event("site_joined", site=self.plane.name, source=source, round=self.outer_syncs)
             self.plane.state_taken(self.outer_syncs, self.outer_digest(), self.encode_state)
+        return self.outer_syncs
 
     # -- the global state ------------------------------------------------------------------------
     def _outer_and_momentum(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
