@@ -138,13 +138,13 @@ class Trainer:
         comm_timer: CommTimer | None      times the gradient collectives
         report: StepReporter | None       while `fit` runs: where events and records go
         sample_log: Path | None           a file this rank appends each step's sample ids to (the audit of
-                                          shoal/fault/audit.py; set by the worker from SHOAL_SAMPLE_LOG)
+                                          shoal/fault/audit.py; the worker passes it from SHOAL_SAMPLE_LOG)
         autocast                          bf16 autocast or a null context, from cfg.train.precision
     """
 
     def __init__(self, cfg: Config, model: ParallelModel, train_set, val_set, *, placement: Placement,
                  run_dir: Path, checkpointer: Checkpointer | None = None, comm_timer: CommTimer | None = None,
-                 sync: GradientSync | None = None):
+                 sync: GradientSync | None = None, sample_log: Path | None = None):
         self.cfg, self.model, self.train_set, self.val_set = cfg, model, train_set, val_set
         self.where, self.run_dir = placement, Path(run_dir)
         self.sync = sync or LayoutSync(placement)
@@ -169,7 +169,7 @@ class Trainer:
         self.comm_seconds = 0.0
         self.step_started = 0.0
         self.report: StepReporter | None = None  # while fit() runs: where events go
-        self.sample_log: Path | None = None
+        self.sample_log = sample_log
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
                          if t.precision == "bf16" else nullcontext())
 

@@ -151,16 +151,17 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),
                                 replicas_differ=outer_sync)
+    sample_log = None
+    if replicas is None and os.environ.get(SAMPLE_LOG_ENV):  # the sample audit (shoal/fault/audit.py); fault
+        folder = Path(os.environ[SAMPLE_LOG_ENV])               # tolerance writes its own
+        folder.mkdir(parents=True, exist_ok=True)
+        # One file per process: a resumed run's records stay apart from those of the run it continues.
+        sample_log = folder / f"{cfg.sites.name or 'run'}-rank{worker.rank}-pid{os.getpid()}.jsonl"
     trainer = Trainer(cfg, pm, train_set, val_set, placement=placement, run_dir=path, checkpointer=checkpointer,
-                      comm_timer=timer, sync=replicas)
+                      comm_timer=timer, sync=replicas, sample_log=sample_log)
     if replicas is not None:  # what fault tolerance needs of the run: its parts; the step through the Trainer's methods
         replicas.attach(TrainerHost(model_parts=pm.model_parts, optimizer=trainer.optimizer, sampler=trainer.sampler,
                                     grad_accum=cfg.train.grad_accum, checkpointer=checkpointer, run=trainer))
-    elif os.environ.get(SAMPLE_LOG_ENV):  # the sample audit (shoal/fault/audit.py); fault tolerance writes its own
-        folder = Path(os.environ[SAMPLE_LOG_ENV])
-        folder.mkdir(parents=True, exist_ok=True)
-        # One file per process: a resumed run's records stay apart from those of the run it continues.
-        trainer.sample_log = folder / f"{cfg.sites.name or 'run'}-rank{worker.rank}-pid{os.getpid()}.jsonl"
     if not resume and cfg.fault.enabled and worker.restart_count and latest_checkpoint(checkpointer.folder):
         resume = str(path)  # fault.enabled on a layout without replicas: a restart continues from disk
     if resume:
