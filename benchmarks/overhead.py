@@ -39,7 +39,11 @@ def steady_rate(times: list[float], batch: int) -> float:
 
 
 def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str, hf: str = "") -> dict:
-    args = [SHOAL, "run", *([f"model.hf={hf}"] if hf else []), f"train.steps={steps}", f"train.batch_size={batch}",
+    # Without a config file `shoal run` starts from the quickstart (a 4-layer, 128-wide gpt): the rows pin
+    # the debug flavour's own sizes (0), the model the hand-written loop builds.
+    model = [f"model.hf={hf}"] if hf else ["model.name=gpt", "model.flavour=debug", "model.dim=0", "model.n_layers=0",
+                                           "model.n_heads=0"]
+    args = [SHOAL, "run", *model, f"train.steps={steps}", f"train.batch_size={batch}",
             f"data.seq_len={seq_len}", "train.eval_every=0", "checkpoint.every=0", "log.progress=off",
             "log.name=bench", "train.grad_clip=0", *extra]
     started = time.time()
@@ -49,7 +53,17 @@ def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str, 
     times = [r["time"] for r in records if r.get("kind") == "train"]
     peaks = [float(re.search(r"peak memory (\d+) MB", p.read_text()).group(1))
              for p in sorted((run / "logs").glob("rank*.log"))]
+    parameters = re.search(r"model \S+: ([\d.]+M) parameters", (run / "logs" / "rank0.log").read_text()).group(1)
+    if not hf and parameters != debug_gpt_parameters(seq_len):  # a row that trained another model compares nothing
+        raise SystemExit(f"shoal run trained a {parameters}-parameter model, the hand-written loop "
+                         f"{debug_gpt_parameters(seq_len)}: the rows are not the same model")
     return {"samples_per_s": steady_rate(times, batch), "first_step_s": times[0] - started, "peak_mb": peaks}
+
+
+def debug_gpt_parameters(seq_len: int) -> str:
+    """The hand-written loop's model size as shoal's log writes it ("0.14M")."""
+    from shoal.models.gpt import build_gpt
+    return f"{sum(p.numel() for p in build_gpt(256, seq_len, 'debug').parameters()) / 1e6:.2f}M"
 
 
 def run_torchrun(workdir: Path, steps: int, batch: int, seq_len: int, hf: str = "") -> dict:
