@@ -9,6 +9,7 @@ first step, and peak memory per worker; prints a table and writes benchmarks/out
 
     .venv/bin/python benchmarks/overhead.py [--steps 300] [--repeats 3]
     .venv/bin/python benchmarks/overhead.py --hf [--quick]   # a Hugging Face GPT-2 on both sides
+    .venv/bin/python benchmarks/overhead.py --rows 'torchrun + hand-written DDP,shoal run' --repeats 6
 
 `--hf` trains an unchanged `transformers` GPT2LMHeadModel (built from a saved config, no
 download) with `shoal run model.hf=FOLDER` and with the hand-written loop; the goal is
@@ -107,12 +108,19 @@ def main() -> None:
     parser.add_argument("--out", default="")
     parser.add_argument("--hf", action="store_true", help="a Hugging Face GPT-2 instead of shoal's gpt")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 steps, 1 repeat, tiny GPT-2")
+    parser.add_argument("--rows", default="", help="only these rows, comma-separated (e.g. 'torchrun + hand-written "
+                                                   "DDP,shoal run' for the shoal / hand-written pair)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 20, 1
-    name = "overhead" + ("_hf" if args.hf else "") + ("_quick" if args.quick else "")
+    name = "overhead" + ("_hf" if args.hf else "") + ("_quick" if args.quick else "") + ("_rows" if args.rows else "")
     args.out = args.out or str(ROOT / "benchmarks" / "out" / f"{name}.json")
-    rows = {name: run for name, run in ROWS.items() if not args.hf or name in HF_ROWS}
+    wanted = [name.strip() for name in args.rows.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ROWS]
+    if unknown:
+        parser.error(f"--rows: no row named {unknown[0]!r}; the rows are: {', '.join(ROWS)}")
+    rows = {name: run for name, run in ROWS.items()
+            if (not args.hf or name in HF_ROWS) and (not wanted or name in wanted)}
     results: dict[str, list[dict]] = {name: [] for name in rows}
     with tempfile.TemporaryDirectory() as tmp:
         hf = hf_folder(Path(tmp) / "gpt2", args.quick, args.seq_len) if args.hf else ""
