@@ -44,10 +44,30 @@ def corpus_cache(tmp_path_factory):
     return path
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port free now, for a process a test starts to listen on. Not one the kernel hands out itself
+    (port 0, outgoing connections: the ephemeral range): between this check and the listener's bind,
+    another test's Gloo or store could be given exactly that port (seen under two xdist workers: a
+    site's plane failed with "Address already in use")."""
+    import random
+    ephemeral = _ephemeral_ports()
+    choices = [port for port in range(20000, 32768) if port not in ephemeral]
+    for port in random.sample(choices, 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and 32767")
 
 
 def shoal(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
