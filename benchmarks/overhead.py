@@ -20,6 +20,7 @@ pair run back to back).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -61,6 +62,7 @@ def run_shoal(workdir: Path, steps: int, batch: int, seq_len: int, *extra: str, 
     return {"samples_per_s": steady_rate(times, batch), "first_step_s": times[0] - started, "peak_mb": peaks}
 
 
+@functools.cache
 def debug_gpt_parameters(seq_len: int) -> str:
     """The hand-written loop's model size as shoal's log writes it ("0.14M")."""
     from shoal.models.gpt import build_gpt
