@@ -137,6 +137,7 @@ class Trainer:
                                           where the last step's time went (metrics, shoal/observe/ranks.py)
         comm_timer: CommTimer | None      times the gradient collectives
         report: StepReporter | None       while `fit` runs: where events and records go
+        every_target_counts: bool         the data has no padding: every rank's item count is its own (counts_agree)
         sample_log: Path | None           a file this rank appends each step's sample ids to (the audit of
                                           shoal/fault/audit.py; the worker passes it from SHOAL_SAMPLE_LOG)
         autocast                          bf16 autocast or a null context, from cfg.train.precision
@@ -170,6 +171,7 @@ class Trainer:
         self.step_started = 0.0
         self.report: StepReporter | None = None  # while fit() runs: where events go
         self.sample_log = sample_log
+        self.every_target_counts = bool(getattr(train_set, "every_target_counts", False))
         self.autocast = (torch.autocast(placement.device.type, dtype=torch.bfloat16)
                          if t.precision == "bf16" else nullcontext())
 
@@ -323,9 +325,16 @@ class Trainer:
         if any(c is None for c in counts):
             return None
         count = torch.stack(counts).sum().float()
-        if self.outer_sync is None and not self.sync.weights_by_samples:
+        if self.outer_sync is None and not self.sync.weights_by_samples and not self.counts_agree():
             count = self.means_over_dp(count)
         return torch.where(count > 0, count, torch.ones_like(count))  # nothing counts: a loss of 0, not NaN
+
+    def counts_agree(self) -> bool:
+        """Whether every data-parallel rank counts the same items this step without asking the others:
+        the data promises that every target counts (`every_target_counts`: token windows have no
+        padding) and the micro-batch splits evenly, so each rank's targets have one shape. The mean
+        over the ranks is then this rank's own count, exactly, and the step saves an all-reduce."""
+        return self.every_target_counts and self.micro_batch % self.where.dp_size == 0
 
     def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop

@@ -23,6 +23,9 @@ VOCAB_SIZE = 256  # byte-level characters: every text file tokenises, no vocabul
 class TokenWindows:
     """Non-overlapping windows of `seq_len + 1` tokens; sample i starts at token i * seq_len."""
 
+    every_target_counts = True
+    """No window is padded: every target is a token (the Trainer needs no all-reduce to count them)."""
+
     def __init__(self, tokens: torch.Tensor, seq_len: int):
         self.tokens, self.seq_len = tokens, seq_len
         self.offsets = torch.arange(seq_len + 1)

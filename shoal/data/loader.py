@@ -150,6 +150,7 @@ class Loader:
     def __init__(self, dataset, *, workers: int = 0, prefetch: int = 2, pin_memory: bool = False):
         self.dataset, self.workers = dataset, workers
         self.tokens_per_sample = getattr(dataset, "tokens_per_sample", 1)
+        self.every_target_counts = getattr(dataset, "every_target_counts", False)
         self.planned = self.unplanned = 0  # batches served from the plan, and read here instead
         self._plan = _Plan()
         self._sampler: ShardedSampler | None = None

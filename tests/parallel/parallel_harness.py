@@ -98,10 +98,11 @@ class GlobalBatches:
 
 
 def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0, *, save: str = "",
-                 resume: str = ""):
+                 resume: str = "", every_target_counts: bool = False):
     """Train `cfg`'s layout on this rank with the Trainer; returns (global losses, this rank's full
     params, pm, dims, mesh). `save`: a checkpoint folder written after SAVE_AT steps; `resume`: one
-    to load first, then train on the batches after SAVE_AT (the losses returned are those steps')."""
+    to load first, then train on the batches after SAVE_AT (the losses returned are those steps').
+    `every_target_counts`: the data promises no padding, as token windows do."""
     from shoal.data import ShardedSampler
     from shoal.runtime.checkpoint import Checkpointer
     from shoal.train import Placement, Trainer
@@ -113,6 +114,7 @@ def train_layout(cfg: Config, world: int, batches, spec=None, clip: float = 1.0,
     where = Placement(dp_rank=dp_rank, dp_size=dims.dp, rank=dist.get_rank(), device=torch.device("cpu"),
                       master=False)
     data = GlobalBatches(batches)
+    data.every_target_counts = every_target_counts  # the data's promise that nothing is padding (shoal/train.py)
     trainer = Trainer(cfg, pm, data, data, placement=where, run_dir=Path(save or resume or "."))
     # the batches in order (with train.grad_accum, each in micro-batches)
     trainer.sampler = ShardedSampler(len(data), trainer.micro_batch, cfg.train.seed, shuffle=False)

@@ -24,7 +24,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 WORLDS = {
     1: {"accum2": {"grad_accum": 2}},
     2: {"ddp2": {"dp_replicate": 2}, "fsdp2": {"dp_shard": 2}, "ddp2_accum2": {"dp_replicate": 2, "grad_accum": 2},
-        "pp2": {"pp": 2, "pp_schedule": "1f1b"}},
+        "pp2": {"pp": 2, "pp_schedule": "1f1b"},
+        # unpadded data that promises so (as token windows do): no all-reduce of the item count
+        "ddp2_accum2_unpadded": {"dp_replicate": 2, "grad_accum": 2, "unpadded": True}},
     4: {"ddp4": {"dp_replicate": 4}},
 }
 
@@ -47,21 +49,41 @@ def padded_batches(seed: int = 1):
 
 def run_padded(rank: int, world: int, layouts: dict, out_dir: str) -> None:
     results = {}
-    batches = padded_batches()
     for name, settings in layouts.items():
         settings = dict(settings)
         accum = settings.pop("grad_accum", 1)
+        unpadded = settings.pop("unpadded", False)
+        batches = token_batches() if unpadded else padded_batches()
         cfg = gpt_config(**settings)
         cfg.train.grad_accum = accum
         try:
             ref_losses, ref_params = reference(cfg, batches)
-            losses, params, *_ = train_layout(cfg, world, batches)
+            with ScalarAllReduces() as scalars:
+                losses, params, *_ = train_layout(cfg, world, batches, every_target_counts=unpadded)
             # the training steps (the harness's last entry is a per-rank evaluate() of its own)
-            results[name] = compare(losses[:STEPS], params, ref_losses[:STEPS], ref_params)
+            results[name] = {**compare(losses[:STEPS], params, ref_losses[:STEPS], ref_params),
+                             "scalar_all_reduces": scalars.calls}
         except Exception:
             results[name] = {"error": traceback.format_exc()}
         dist.barrier()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+class ScalarAllReduces:
+    """Counts this process's all-reduces of one-element tensors (the item count's; the harness
+    also all-reduces each step's loss and the final evaluation) while the block runs."""
+
+    def __enter__(self):
+        self.calls, self.original = 0, dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            self.calls += tensor.numel() == 1
+            return self.original(tensor, *args, **kwargs)
+        dist.all_reduce = counted
+        return self
+
+    def __exit__(self, *_):
+        dist.all_reduce = self.original
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +108,12 @@ def test_padded_losses_match_one_process(worlds, name):
         assert "error" not in res, f"rank {rank}:\n{res.get('error')}"
         assert res["loss_rel_err"] < 1e-5, (rank, res["losses"], res["ref_losses"])
         assert res["param_max_err"] < PARAM_TOLERANCE, (rank, res["param_max_err"])
+
+
+def test_unpadded_data_counts_its_items_without_an_all_reduce(worlds):
+    """With data that promises every target counts, the count of each step is each rank's own
+    (the same on every rank): the harness's own loss and evaluation all-reduces remain, one per
+    step and one at the end, and no step adds one for the count; padded data adds one per step."""
+    unpadded, padded = worlds["ddp2_accum2_unpadded"], worlds["ddp2_accum2"]
+    assert [res["scalar_all_reduces"] for res in unpadded] == [STEPS + 1] * 2
+    assert [res["scalar_all_reduces"] for res in padded] == [2 * STEPS + 1] * 2
