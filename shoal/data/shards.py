@@ -102,6 +102,9 @@ def fingerprint(index: dict) -> str:
 class TokenShards:
     """Windows of `seq_len + 1` tokens over memory-mapped shards taken as one stream."""
 
+    every_target_counts = True
+    """A stream of token ids has no padding: every target counts (the Trainer needs no all-reduce to count them)."""
+
     def __init__(self, folder: str | Path, seq_len: int, cache: Path | None = None):
         self.folder, self.seq_len = Path(folder), seq_len
         self.index = read_index(self.folder)
