@@ -26,6 +26,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from shoal import config as config_module
 from shoal.config import USER_ERROR, Config, ConfigError, rank_seed
 from shoal.data import build_dataset
+from shoal.data.sampler import place_in_sites
 from shoal.fault.elastic import Replicas
 from shoal.fault.exits import replica_exits
 from shoal.fault.host import TrainerHost
@@ -141,12 +142,12 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     if pm.ddp is not None:
         timer = CommTimer()
         timer.attach(pm.ddp, *(comm_hook_for(cfg.sync, pm.ddp.process_group) or (None, None)))
-    # A site reads its share of the data, as the same ranks of one job spanning every site would.
+    # A site reads an equal share of the global batch (whatever the other sites' sizes), split between its
+    # own data-parallel ranks: the rule of place_in_sites, which every site computes alike.
     site, sites = site_index(cfg) if cfg.sites.name else (0, 1)
     torch.manual_seed(rank_seed(cfg.train.seed, site * worker.world_size + worker.rank))  # per-rank dropout streams
-
-    placement = Placement(dp_rank=site * dims.dp + (mesh["dp"].get_local_rank() if mesh is not None else 0),
-                          dp_size=sites * dims.dp, rank=worker.rank, device=device,
+    dp_rank, dp_size = place_in_sites(site, sites, mesh["dp"].get_local_rank() if mesh is not None else 0, dims.dp)
+    placement = Placement(dp_rank=dp_rank, dp_size=dp_size, rank=worker.rank, device=device,
                           master=worker.rank == 0 and (replicas is None or replicas.replica.member == 0))
     checkpointer = Checkpointer(rundir.checkpoint_folder(cfg, path), keep=cfg.checkpoint.keep,
                                 async_save=cfg.checkpoint.async_save, meta=rundir.checkpoint_meta(cfg),

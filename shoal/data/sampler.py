@@ -55,6 +55,21 @@ class FeistelPermutation:
         return torch.from_numpy(x.astype(np.int64))
 
 
+def place_in_sites(site: int, sites: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """The (rank, world) that `ShardedSampler.next_batch` takes for data-parallel rank `dp_rank` of
+    `dp_size` in site `site` of `sites` (docs/sites.md, "Which samples each site reads").
+
+    The rule every site follows, whatever size the other sites are: the global batch splits into
+    `sites` equal shares in site-name order, and a site's share evenly between its own `dp_size`
+    ranks. With every micro-batch a multiple of `sites * dp_size` (check_batch_split refuses any
+    other config), that share is slot `site * dp_size + dp_rank` of `sites * dp_size` equal slots:
+    each site counts slots of its own size, and sites of different sizes still tile the batch once
+    (site 0 with 2 ranks reads quarters 0 and 1, site 1 with 1 rank reads half 1)."""
+    if not (0 <= site < sites and 0 <= dp_rank < dp_size):
+        raise ValueError(f"no rank {dp_rank} of {dp_size} in site {site} of {sites}")
+    return site * dp_size + dp_rank, sites * dp_size
+
+
 class ShardedSampler:
     def __init__(self, num_samples: int, global_batch: int, seed: int, *, shuffle: bool = True):
         if global_batch > num_samples:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from shoal.config import COMPRESSION_HOOKS, Config, ConfigError, TrainConfig
+from shoal.config import COMPRESSION_HOOKS, Config, ConfigError, TrainConfig, site_peers
 from shoal.models import Loss, call_model
 from shoal.runtime.mesh import ParallelDims
 from shoal.runtime.lazy import dtensor_type
@@ -319,6 +319,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     from shoal.parallel.stages import STAGES_PER_RANK
     par = cfg.parallel
     dims = ParallelDims.from_config(par, world_size)
+    sites = 1 + len(site_peers(cfg)) if cfg.sites.name else 1  # each site reads an equal share of the batch
     if par.pp_schedule not in STAGES_PER_RANK:
         raise ConfigError(f"parallel.pp_schedule = {par.pp_schedule!r} is not one of {', '.join(STAGES_PER_RANK)}")
     model = "hf" if cfg.model.hf else "factory" if cfg.model.factory else cfg.model.name
@@ -358,12 +359,12 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         if par.pp_schedule == "interleaved_1f1b" and m % dims.pp:
             raise ConfigError(f"parallel.pp_microbatches = {m} must be a multiple of parallel.pp = {dims.pp} "
                               f"for the interleaved_1f1b schedule")
-        per_rank_batch = cfg.train.batch_size // max(1, dims.dp) // cfg.train.grad_accum
+        per_rank_batch = cfg.train.batch_size // sites // max(1, dims.dp) // cfg.train.grad_accum
         if per_rank_batch % m:
             raise ConfigError(f"parallel.pp_microbatches = {m} must divide the per-rank micro-batch "
-                              f"(train.batch_size {cfg.train.batch_size} / {dims.dp} data-parallel ranks / "
-                              f"train.grad_accum {cfg.train.grad_accum} = {per_rank_batch})")
-    check_batch_split(cfg.train, dims.dp)
+                              f"(train.batch_size {cfg.train.batch_size} / {sites} site(s) / {dims.dp} data-parallel "
+                              f"ranks / train.grad_accum {cfg.train.grad_accum} = {per_rank_batch})")
+    check_batch_split(cfg.train, dims.dp, sites)
     if par.cpu_offload and dims.dp_shard == 1:
         raise ConfigError("parallel.cpu_offload offloads FSDP shards and needs parallel.dp_shard > 1")
     if cfg.sync.method in COMPRESSION_HOOKS and (dims.tp > 1 or dims.pp > 1 or dims.dp_shard > 1):
@@ -372,8 +373,15 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
     return dims
 
 
-def check_batch_split(train: TrainConfig, dp: int) -> None:
-    """The global batch must split evenly into `dp` data-parallel ranks x train.grad_accum micro-batches."""
+def check_batch_split(train: TrainConfig, dp: int, sites: int = 1) -> None:
+    """The global batch must split evenly into `dp` data-parallel ranks x train.grad_accum micro-batches;
+    across `sites` sites, into equal shares per site first, each of them into this site's `dp` ranks
+    (shoal/data/sampler.py's place_in_sites: the split every site agrees on whatever the others' sizes)."""
+    if sites > 1 and train.batch_size % (sites * dp * train.grad_accum):
+        raise ConfigError(f"train.batch_size = {train.batch_size} must split into {sites} equal shares, one per "
+                          f"site (sites.name and sites.peers), and each share into this site's {dp} data-parallel "
+                          f"ranks x train.grad_accum = {train.grad_accum} micro-batches: use a multiple of "
+                          f"{sites * dp * train.grad_accum}")
     if train.batch_size % (dp * train.grad_accum):
         raise ConfigError(f"train.batch_size = {train.batch_size} must divide into {dp} data-parallel ranks "
                           f"(dp_replicate x dp_shard) x train.grad_accum = {train.grad_accum} micro-batches")

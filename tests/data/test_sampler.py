@@ -1,9 +1,13 @@
-"""The sampler's computed permutation for large data sets: a bijection, held in no table."""
+"""The sampler's computed permutation for large data sets: a bijection, held in no table; the split
+of the global batch between sites of different sizes."""
 
+import math
+
+import pytest
 import torch
 
 from shoal.data import sampler as sampler_module
-from shoal.data.sampler import FeistelPermutation, ShardedSampler
+from shoal.data.sampler import FeistelPermutation, ShardedSampler, place_in_sites
 
 
 def test_feistel_permutation_is_a_seeded_bijection_of_any_size():
@@ -28,3 +32,22 @@ def test_large_data_sets_use_the_computed_order_with_the_same_guarantees(monkeyp
     resumed.load_state_dict({"epoch": 0, "position": 400})
     assert torch.equal(resumed.next_batch(0, 1), epoch0[400:440])
     assert not torch.equal(one.next_batch(0, 1), epoch0[:batch])  # the next epoch is another order
+
+
+@pytest.mark.parametrize("sizes", [[2, 1], [1, 2], [1, 3], [3, 1, 2], [1, 2, 4]])
+def test_sites_of_any_sizes_read_each_sample_of_every_batch_once(sizes):
+    """Each site computes its workers' places knowing only its own size and the number of sites:
+    together every worker of every site reads the global batch once, in order, step after step."""
+    sites = len(sizes)
+    batch = 2 * sites * math.lcm(*sizes)  # a multiple of sites x every site's size
+    workers = [(place_in_sites(site, sites, rank, size), ShardedSampler(100, batch, seed=5))
+               for site, size in enumerate(sizes) for rank in range(size)]
+    one = ShardedSampler(100, batch, seed=5)
+    for _ in range(30):  # several epochs of 100 samples
+        read = torch.cat([sampler.next_batch(*place) for place, sampler in workers])
+        assert torch.equal(read, one.next_batch(0, 1))
+    shares = [sum(len(ShardedSampler(100, batch, 5).next_batch(*place_in_sites(site, sites, r, size)))
+                  for r in range(size)) for site, size in enumerate(sizes)]
+    assert shares == [batch // sites] * sites  # equal shares per site, whatever its worker count
+    with pytest.raises(ValueError):
+        place_in_sites(2, 2, 0, 1)

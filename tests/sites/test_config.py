@@ -38,6 +38,17 @@ def test_a_bad_sites_config_names_the_field(override, field):
     assert "\n" not in str(err.value)
 
 
+def test_a_batch_that_cannot_split_into_equal_site_shares_is_refused_before_launch():
+    """Two sites each read half of train.batch_size = 6; site a's half of 3 cannot split between its 2
+    workers. Refused before any worker starts, naming the field (the launcher runs check_layout)."""
+    from shoal.parallel.compose import check_layout
+    cfg = config.load(None, GOOD + ["train.batch_size=6", "model.dim=64", "model.n_layers=2"])
+    assert check_layout(cfg, 1).dp == 1  # one worker: 3 samples a step
+    with pytest.raises(config.ConfigError, match=r"train\.batch_size = 6 must split into 2 equal shares") as err:
+        check_layout(cfg, 2)
+    assert "\n" not in str(err.value) and "multiple of 4" in str(err.value)
+
+
 def test_sites_certs_issues_one_certificate_per_site_and_revokes(tmp_path, capsys):
     shoal = ["sites", "certs", "--out", str(tmp_path)]
     assert main(shoal + ["--sites", "a,b"]) == 0

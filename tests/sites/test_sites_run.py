@@ -62,6 +62,35 @@ def test_two_sites_over_tls_reach_the_losses_of_one_gloo_job(tmp_path):
     assert la[20] != lb[20]  # each site trains on its own share of the data
 
 
+def test_sites_of_different_sizes_read_every_sample_of_every_step_once(tmp_path):
+    """Site a trains on 2 workers, site b on 1, DiLoCo across them: each site knows only its own size, yet
+    the workers of both together read every step's global batch exactly once (equal shares per site,
+    each split between the site's own workers; docs/sites.md)."""
+    certs = tmp_path / "certs"
+    make_site_certs(certs, ["a", "b"])
+    ports = {"a": free_port(), "b": free_port()}
+    samples = tmp_path / "samples"
+    env = {**os.environ, SAMPLE_LOG_ENV: str(samples)}
+    steps = 10
+    procs = {name: start(site_args(name, ports, certs, f"train.steps={steps}", f"launch.nproc={nproc}"), tmp_path,
+                         tmp_path / f"{name}.out", env) for name, nproc in (("a", 2), ("b", 1))}
+    for name, proc in procs.items():
+        assert proc.wait(240) == 0, read(tmp_path / f"{name}.out")[-3000:]
+    assert read(tmp_path / "a.out").count("with every site") == 2  # rounds after steps 5 and 10
+    by_worker = {}
+    for path in sorted(samples.glob("*.jsonl")):  # a-rank0, a-rank1, b-rank0: site-name order, then rank
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["step"] for r in records] == list(range(steps)), path.name
+        by_worker[path.name.split("-pid")[0]] = records
+    assert list(by_worker) == ["a-rank0", "a-rank1", "b-rank0"]
+    total = int(re.search(r"; (\d+) training samples", read(tmp_path / "b.out")).group(1))
+    one = ShardedSampler(total, 8, Config().train.seed)  # train.batch_size = 8, the whole of every step
+    for step in range(steps):
+        read_ids = [i for records in by_worker.values() for i in records[step]["ids"]]
+        assert read_ids == one.next_batch(0, 1).tolist(), f"step {step}: the sites' workers read {read_ids}"
+    assert [len(by_worker[w][0]["ids"]) for w in by_worker] == [2, 2, 4]  # b's one worker reads a's two's share
+
+
 def read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
