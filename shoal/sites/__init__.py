@@ -47,4 +47,5 @@ def sites_outer_sync(cfg: Config, model: nn.Module, optimizer: torch.optim.Optim
     _, sites = site_index(cfg)
     return SitesDiLoCo(model, optimizer, plane=plane, join_timeout=cfg.sites.join_timeout, resumed=resumed,
                        journal=Path(run_dir) / "sites-round.json" if plane is not None else None,
+                       samples_per_step=cfg.train.batch_size // sites,
                        group=dist.group.WORLD, **outer_options(cfg.sync, sites))

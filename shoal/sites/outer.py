@@ -11,6 +11,8 @@ DiLoCo's `reduce_outer_gradient`, the one place an outer gradient crosses betwee
 After each round the leader reports its outer model's digest to the other sites, serves the sites
 that asked for its state, and, when it finds itself behind (restarted, or dropped from a round),
 takes a running site's outer model and outer momentum (safetensors) and gives them to its workers.
+Taking a state discards this site's own outer model: the steps it trained since its last round averaged
+with another site are then in no global model, and it says which (log + `site_data_lost`).
 
 DiLoCo: Douillard et al. 2023, arXiv 2311.08105.
 """
@@ -48,10 +50,12 @@ class SitesDiLoCo(DiLoCo):
     `journal`: the leader's record of the last round in which another site averaged this site's outer
     gradient (its inner step then), written before the round is logged; a resumed site whose checkpoint
     is older than that round does not read those steps' data again (`steps_already_averaged`).
+    `samples_per_step`: this site's share of a step's global batch (the lost samples an event counts).
     """
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, plane: SitePlane | None,
-                 join_timeout: float, resumed: bool = False, journal: Path | None = None, **diloco: Any):
+                 join_timeout: float, resumed: bool = False, journal: Path | None = None, samples_per_step: int = 0,
+                 **diloco: Any):
         super().__init__(model, inner_optimizer, **diloco)
         if len(self.fragments) != 1 or self.overlap:
             raise ValueError("sites sync the whole model at once: fragments = 1, overlap = false")
@@ -62,6 +66,10 @@ class SitesDiLoCo(DiLoCo):
         self._round_handle: Any = None
         self.journal = journal
         self._journal_round = 0  # the journal's round, read on resume
+        self.samples_per_step = samples_per_step
+        self.averaged_step = 0
+        """The leader's last inner step whose round another site averaged this site's outer gradient in (or at
+        which it took a global model): its later steps are in this site's outer model alone."""
         self.steps_already_averaged = 0
         """Set on resume: the steps (counted from the start) whose data the global model taken already holds
         from this site; the Trainer continues its data from there (0: from the checkpoint's own position)."""
@@ -92,6 +100,7 @@ class SitesDiLoCo(DiLoCo):
             self.plane.set_round(self.outer_syncs, self.outer_digest())
         saved_step = self.inner_step
         averaged = self._journal_step()  # read before the catch-up, which may write the journal
+        self.averaged_step = averaged
         took = self._catch_up(None)  # the other sites may have gone on while this one was down
         # A crash after a round and before its checkpoint: the round's steps are in the global model
         # taken (it holds every round after the journal's), so their data is not read a second time.
@@ -100,7 +109,7 @@ class SitesDiLoCo(DiLoCo):
         if dist.get_world_size(self.group) > 1:
             dist.broadcast(skip, group=self.group, group_src=0)
         if int(skip) > 0:
-            self.steps_already_averaged = self.inner_step = int(skip)
+            self.steps_already_averaged = self.inner_step = self.averaged_step = int(skip)
             if self.plane is not None:
                 log.warning("site %s: steps %d-%d were averaged in outer round %d before this site stopped (its "
                             "checkpoint is of step %d): their data is not read again; continuing at step %d",
@@ -141,8 +150,10 @@ class SitesDiLoCo(DiLoCo):
                 if row is not None:
                     rows[site] = row
             self.site_members = list(rows)
-            if self.journal is not None and len(rows) > 1:  # before the round is logged as done
-                self._write_journal(self.outer_syncs + 1)
+            if len(rows) > 1:
+                self.averaged_step = self.inner_step
+                if self.journal is not None:  # before the round is logged as done
+                    self._write_journal(self.outer_syncs + 1)
             if encoding is not None:
                 average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
             else:
@@ -218,13 +229,30 @@ class SitesDiLoCo(DiLoCo):
         if dist.get_world_size(self.group) > 1:
             for tensor in tensors:
                 dist.broadcast(tensor, group=self.group, group_src=0)
+        own_rounds = self.outer_syncs
         self._load_global(int(flag), tensors)
         if self.plane is not None:
+            self._report_lost_steps(source, own_rounds)
             log.info("site %s: joined at outer round %d with site %s's outer model and momentum", self.plane.name,
                      self.outer_syncs, source)
             self.plane.event("site_joined", site=self.plane.name, source=source, round=self.outer_syncs)
             self.plane.state_taken(self.outer_syncs, self.outer_digest(), self.encode_state)
         return self.outer_syncs
+
+    def _report_lost_steps(self, source: str, own_rounds: int) -> None:
+        """The leader took `source`'s state in place of its own outer model (of round `own_rounds`): the steps
+        this site trained after its last round averaged with another site are in no global model it knows
+        of. Their data is not read again (the data position goes on), so say which steps were lost."""
+        first, last = self.averaged_step + 1, self.inner_step
+        self.averaged_step = self.inner_step
+        if last < first:
+            return
+        samples = (last - first + 1) * self.samples_per_step
+        log.warning("site %s: steps %d-%d (%d samples of this site's share) are lost to the global model: no other "
+                    "site averaged them (outer rounds of this site alone, up to round %d) and site %s's state "
+                    "replaced them", self.plane.name, first, last, samples, own_rounds, source)
+        self.plane.event("site_data_lost", site=self.plane.name, first=first, last=last, samples=samples,
+                         source=source, own_round=own_rounds, round=self.outer_syncs)
 
     # -- the global state ------------------------------------------------------------------------
     def _outer_and_momentum(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -5,6 +5,7 @@ Slow: several worker processes; run under the CPU lock (`flock /tmp/shoal-cpu.lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -161,6 +162,69 @@ def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
         epoch = seen_ids.setdefault(sampler.epoch, set())  # the batch's own epoch
         assert not epoch & set(record["ids"]), f"step {record['step']} read a sample twice in its epoch"
         epoch.update(record["ids"])
+
+
+def first_loss(text: str) -> tuple[int, int, int, list[int], list[int]] | None:
+    """The first lost-steps line of a site's log (first, last, samples) and the rounds it logged before it:
+    with every site, and without the others (averaged alone)."""
+    lost = re.search(r"steps (\d+)-(\d+) \((\d+) samples of this site's share\) are lost", text)
+    if lost is None:
+        return None
+    before = text[:lost.start()]
+    together = [int(r) for r in re.findall(r"outer round (\d+) with every site", before)]
+    alone = [int(r) for r in re.findall(r"outer round (\d+) averaged over sites \w+\n", before)]
+    return (*(int(g) for g in lost.groups()), together, alone)
+
+
+def test_a_site_dropped_from_a_round_names_the_steps_whose_data_the_global_model_lost(tmp_path):
+    """Site a is stopped (SIGSTOP) after a round with site b: b drops it after the grace window and trains
+    on alone; resumed (SIGCONT), a finds its link gone and trains on alone too. The two outer models now
+    differ, and one site gives way and takes the other's state (the one behind, or the later name at the
+    same round): the steps it trained since its last round with the other are in no global model, and
+    it names exactly those steps and their samples (log + site_data_lost). Which site gives way depends
+    on how far each got; the steps it names are checked against its own log either way."""
+    certs = tmp_path / "certs"
+    make_site_certs(certs, ["a", "b"])
+    ports = {"a": free_port(), "b": free_port()}
+    out = {name: tmp_path / f"{name}.out" for name in "ab"}
+    args = ["sites.grace_seconds=2", "train.steps=100000", "launch.nproc=1"]
+    procs = {name: start(site_args(name, ports, certs, *args), tmp_path, out[name]) for name in "ab"}
+
+    def lost_events() -> dict[str, list[dict]]:
+        found = {}
+        for name in "ab":
+            events = [json.loads(line) for line in read(tmp_path / "runs" / name / "events.jsonl").splitlines()]
+            found[name] = [e for e in events if e["event"] == "site_data_lost"]
+        return found
+
+    try:
+        wait_for(lambda: "outer round 1 with every site" in read(out["a"]), 240, "a round of both sites")
+        stopped = process_tree(procs["a"].pid)  # the launcher and its worker, which has a process group of its own
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: "dropped site a from outer round" in read(out["b"]), 60, "b to drop the stopped site")
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: any(lost_events().values()), 120, "a site to give way and name its lost steps")
+    finally:
+        for proc in procs.values():
+            for pid in process_tree(proc.pid):  # the workers too: they have process groups of their own
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait(30)
+    events = lost_events()
+    for name in "ab":
+        found = first_loss(read(out[name]))
+        if found is None:
+            assert not events[name]
+            continue
+        first, last, samples, together, alone = found
+        assert alone and together and max(alone) > max(together), (name, together, alone)
+        # sync.inner_steps = 5: round k ends step 5k; its rounds alone, after its last one with the other, are lost
+        assert (first, last, samples) == (5 * max(together) + 1, 5 * max(alone), (last - first + 1) * 4), name
+        other = "b" if name == "a" else "a"
+        assert (events[name][0]["first"], events[name][0]["last"], events[name][0]["samples"],
+                events[name][0]["source"]) == (first, last, samples, other)
 
 
 def test_no_process_of_a_sites_run_listens_on_every_interface(tmp_path):
