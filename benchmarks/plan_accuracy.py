@@ -88,14 +88,18 @@ def worker(rank: int, world: int, store: str, out: str, names: list[str]) -> Non
         opt = torch.optim.AdamW(pm.parameters())
         g = torch.Generator().manual_seed(dims.dp_rank if hasattr(dims, "dp_rank") else 0)
         tokens = torch.randint(0, 256, (cfg.train.batch_size // dims.dp, cfg.data.seq_len + 1), generator=g)
-        times, state = [], {}
+        times, parts, state = [], [], {}
         for step in range(WARMUP + STEPS * MAX_ROUNDS):
             dist.barrier()
             start = time.perf_counter()
             pm.forward_backward(tokens[:, :-1], tokens[:, 1:], 1.0)
+            backward_done = time.perf_counter()
             pm.clip_grad_norm_(cfg.train.grad_clip)
+            clip_done = time.perf_counter()
             opt.step()
             times.append(time.perf_counter() - start)
+            # where the step's time went on this rank (timestamps only: no extra synchronisation)
+            parts.append((backward_done - start, clip_done - backward_done, start + times[-1] - clip_done))
             if not state:  # gradients still held: the steady state's peak
                 state = state_bytes(pm.parameters(), opt)
             opt.zero_grad(set_to_none=True)
@@ -107,8 +111,10 @@ def worker(rank: int, world: int, store: str, out: str, names: list[str]) -> Non
                 if spread.item() <= SPREAD:
                     break
         steady = times[WARMUP:]
+        steady_parts = parts[WARMUP:]
         rows.setdefault(name, []).append({"step_s": statistics.median(steady), "spread": _spread(steady), "steps": len(steady),
-                      "load": os.getloadavg()[0], **state})
+                      "load": os.getloadavg()[0], **state,
+                      "parts_s": [statistics.median(p[i] for p in steady_parts) for i in range(3)]})
         dist.barrier()
         end_distributed_ddp = pm.ddp
         del pm, opt
@@ -148,6 +154,7 @@ def measure(world: int, names: list[str]) -> dict[str, dict]:
                   for stage in range(pp)]
         out[name] = {"measured_s": slowest["step_s"], "passes_s": [row["step_s"] for row in passes],
                      "spread": slowest["spread"], "steps": slowest["steps"], "load": slowest["load"],
+                     "parts_s": slowest["parts_s"],
                      "measured_state_per_pp": per_pp}
     return out
 
@@ -187,7 +194,9 @@ def predict(name: str) -> dict:
     step = predict_step(cfg, dims, model, LocalHost(cal, world), param_bytes_per_rank=est.params)
     per_pp = [estimate_memory(cfg, dims, model, pp_rank=stage).state for stage in range(dims.pp)]
     return {"predicted_s": step.total, "compute_s": step.compute, "optimizer_s": step.optimizer,
-            "comm_s": step.exposed, "estimated_state_per_pp": per_pp}
+            "comm_s": step.exposed, "estimated_state_per_pp": per_pp,
+            # the same split as the measured parts_s: forward+backward, then clipping and the optimizer
+            "predicted_parts_s": [step.compute + step.exposed - step.clip_comm, step.optimizer + step.clip_comm]}
 
 
 def main() -> None:
@@ -204,6 +213,9 @@ def main() -> None:
             if names:
                 for name, row in measure(world, names).items():
                     rows[name] = row
+        # the measurements are kept before anything is predicted (a prediction that fails loses none)
+        OUT.parent.mkdir(exist_ok=True)
+        OUT.write_text(json.dumps({"command": " ".join([Path(sys.executable).name, *sys.argv]), "rows": rows}, indent=1))
     prepare_profiles(rows)
     for name in rows:  # predictions are recomputed from the current calibration and model each time
         rows[name].update(predict(name))

@@ -41,8 +41,12 @@ def choose_layout(cfg: Config, world: int, cap_bytes: int | None = None) -> Auto
     cal = load_calibration() if cfg.launch.device != "cuda" else None
     if cal is None:
         best = recommend(plans)
-        missing = ("no calibration of this host is cached (`shoal plan --calibrate` measures one)"
-                   if cfg.launch.device != "cuda" else "step times of GPU workers are not calibrated here")
+        from shoal.plan.calibrate import stale_calibration
+        stale = stale_calibration() if cfg.launch.device != "cuda" else None
+        missing = ("step times of GPU workers are not calibrated here" if cfg.launch.device == "cuda" else
+                   "the cached calibration of this host is of an older format (`shoal plan --calibrate` measures "
+                   "it again)" if stale else
+                   "no calibration of this host is cached (`shoal plan --calibrate` measures one)")
         why = f"{missing}, so by the memory rule: fewest model-parallel splits, then least sharding, then least memory"
         row = f"{best.name}: {format_size(best.estimate.total)} per worker"
         return AutoChoice(best.degrees, row, why)

@@ -9,10 +9,13 @@ Measured, each as a physical quantity the step-time model multiplies by a count:
 - the process group's all-reduce, all-gather, reduce-scatter and send/recv as
   latency + size/bandwidth, fitted over a few sizes on 2 and 4 Gloo ranks of this host;
 - a pipeline schedule's own cost per slot, on stages of no arithmetic;
+- the compressed all-reduce hooks' own arithmetic (quantise, dequantise, casts) per gradient
+  element, at 2 and 4 ranks' payloads;
 - disk write bandwidth (fsync'd), for the cost of a checkpoint.
 
 The cache file is keyed by host name, torch version and thread count, under the Shoal
-cache folder (~/.cache/shoal/plan, or $SHOAL_CACHE/plan).
+cache folder (~/.cache/shoal/plan, or $SHOAL_CACHE/plan), and carries its format's version:
+a cache of an older format is not read (`shoal plan` says so and measures again).
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ log = logging.getLogger(__name__)
 
 COLLECTIVE_WORLDS = (2, 4)
 COLLECTIVE_SIZES = (16_384, 262_144, 2_097_152, 8_388_608)
+CALIBRATION_VERSION = 2
+"""1: the first format; 2: + the compressed hooks' arithmetic per element (hook_element), the
+optimizer's cost per operator on plain tensors (optimizer_op) and its DTensor cost measured on FSDP2 and tensor-parallel parameters (dtensor_op,
+tp_dtensor_op), FSDP2's cost per module and per parameter tensor (fsdp_unit, fsdp_param)."""
+HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
+HOOK_NUMEL = 1 << 21  # 8 MB of gradients: a bucket of the size DDP hands a hook (1 MB first, then 25 MB)
 
 
 @dataclass
@@ -55,7 +64,21 @@ class Calibration:
     collectives: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     """Group size -> op -> [latency s, bandwidth bytes/s], Gloo on this host."""
     dtensor_op: dict[str, float] = field(default_factory=dict)
-    """Group size -> extra seconds per operator on a DTensor (FSDP2 parameters, tensor parallel)."""
+    """Group size -> extra seconds per operator of the optimizer step and gradient clipping on
+    FSDP2's sharded (DTensor) parameters, beyond the same step on plain tensors."""
+    optimizer_op: dict[str, float] = field(default_factory=dict)
+    """Group size -> seconds per operator of gradient clipping and the AdamW step on plain tensors
+    with that many workers at once: no autograd runs there, so an operator costs a fraction of
+    `concurrent`'s (timed in a forward+backward)."""
+    tp_dtensor_op: dict[str, float] = field(default_factory=dict)
+    """Group size -> the same on tensor-parallel parameters (column- and row-parallel Linears:
+    Shard(0), Shard(1) and Replicate DTensors), whose sharding propagation costs more."""
+    fsdp_unit: dict[str, float] = field(default_factory=dict)
+    """Group size -> seconds FSDP2 adds per fully_shard'ed module to a forward+backward beyond its
+    collectives' latency (pre/post hooks, the unshard and reshard of its parameter group)."""
+    fsdp_param: dict[str, float] = field(default_factory=dict)
+    """Group size -> seconds it adds per parameter tensor (copy-in and copy-out, DTensor views,
+    gradient shards)."""
     tp_linear: dict[str, float] = field(default_factory=dict)
     """Group size -> extra seconds a tensor-parallel Linear adds to a forward+backward, beyond
     its arithmetic and its collectives (DTensor dispatch, sharding propagation)."""
@@ -63,12 +86,18 @@ class Calibration:
     """Workers at once -> [seconds per operator, bandwidth bytes/s] of each, 1 thread each."""
     pp_slot: dict[str, float] = field(default_factory=dict)
     """Workers -> seconds a pipeline schedule adds per slot beyond its stages' work and messages."""
+    hook_element: dict[str, float] = field(default_factory=dict)
+    """'method:dp' -> seconds per gradient element a compressed all-reduce hook adds beyond its
+    collective (quantise, error feedback, dequantise and sum dp payloads; casts), timed on
+    dp ranks at once at a gradient bucket's size."""
     blocks: dict[str, list[float]] = field(default_factory=dict)
     """Profile key -> [seconds of one block, seconds of the rest of the model], forward+backward
     (shoal/plan/profile.py); measured when a plan first needs a shape."""
     disk_write: float = 0.0
     """Bytes/s written and fsync'd to the cache folder's disk."""
     seconds: float = 0.0
+    version: int = 1
+    """The cache's format: a cache of another format is measured again (CALIBRATION_VERSION)."""
 
     def collective(self, op: str, k: int) -> CollectiveCost:
         """Cost of `op` on k ranks of this host: the fit at the nearest measured size, ring-scaled."""
@@ -87,10 +116,27 @@ def cache_path(threads: int | None = None) -> Path:
 
 
 def load_calibration(path: Path | None = None) -> Calibration | None:
+    """The cached calibration of this host; None when there is none, or when it was written in
+    another format (it lacks what this version's model multiplies by: `stale_calibration` says so)."""
     path = path or cache_path()
     if not path.exists():
         return None
-    return Calibration(**json.loads(path.read_text()))
+    raw = json.loads(path.read_text())
+    if raw.get("version", 1) != CALIBRATION_VERSION:
+        return None
+    return Calibration(**raw)
+
+
+def stale_calibration(path: Path | None = None) -> str | None:
+    """Why the cached calibration cannot be used (an older format), or None."""
+    path = path or cache_path()
+    if not path.exists():
+        return None
+    found = json.loads(path.read_text()).get("version", 1)
+    if found == CALIBRATION_VERSION:
+        return None
+    return (f"the cached calibration {path} is format {found}, this Shoal reads format {CALIBRATION_VERSION} "
+            "(it measures more): calibrating again")
 
 
 def save_calibration(cal: Calibration, path: Path | None = None) -> Path:
@@ -221,15 +267,16 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
                 "send_recv": ping_pong}
         for op, run in runs.items():
             times = []
-            for _ in range(6):
+            for _ in range(10):  # the fit's intercept (latency) moved 3x between runs with 6
                 dist.barrier()
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
             seconds = quiet_seconds(times[1:])
             results[op].append(seconds / 2 if op == "send_recv" else seconds)
-    results["dtensor_op"] = [_dtensor_overhead(world)]
     results["tp_linear"] = [_tp_linear_overhead(world, results)]
+    results.update(_dtensor_step_overheads(world, results))
+    results.update(_hook_overheads(world))
     results["pp_slot"] = [_pipeline_slot_overhead(world, results)]
     dist.barrier()  # every worker computes at once, as in training
     results["concurrent"] = [measure_op_overhead(), measure_bandwidth()]
@@ -249,17 +296,103 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
     os._exit(0)
 
 
-def _dtensor_overhead(world: int) -> float:
-    """Seconds a local operator on a sharded DTensor costs beyond the same operator on a tensor."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-    mesh = init_device_mesh("cpu", (world,))
-    plain = torch.ones(64)
-    sharded = distribute_tensor(torch.ones(64 * world), mesh, [Shard(0)])
+def _clip_and_step(params: list, optimizer: torch.optim.Optimizer) -> None:
+    """Gradient clipping as shoal/parallel/compose.py does it (one norm per kind of DTensor, made
+    whole, then every gradient scaled), then the optimizer step."""
+    groups: dict = {}
+    for p in params:
+        key = (p.grad.device_mesh, p.grad.placements) if hasattr(p.grad, "placements") else None
+        groups.setdefault(key, []).append(p.grad)
+    total = torch.zeros(())
+    for members in groups.values():
+        norm = torch.nn.utils.get_total_norm(members, 2.0)
+        total += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
+    for p in params:
+        p.grad.mul_(0.5)
+    optimizer.step()
 
-    def hundred(t):
-        return lambda: [t.mul_(1.0) for _ in range(100)]
-    return max(0.0, (_quiet_seconds(hundred(sharded), 0.1) - _quiet_seconds(hundred(plain), 0.1)) / 100)
+
+def _stack(blocks: int, width: int, linears: int = 2) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(*[nn.Sequential(*[nn.Linear(width, width) for _ in range(linears)]) for _ in range(blocks)])
+
+
+def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """What DTensor parameters add, on layers of negligible arithmetic:
+    - fsdp_unit and fsdp_param: a forward+backward of 4 fully_shard'ed blocks against the same
+      plain blocks, less the all-gathers and reduce-scatters' latency the step-time model
+      already prices (the same count: each block gathered in forward and all but the last again
+      in backward, each reduce-scattered once); blocks of 2 and of 6 Linears tell the cost per
+      module from the cost per parameter tensor;
+    - dtensor_op and tp_dtensor_op: the gradient clipping and AdamW step (as training runs them)
+      on FSDP2 and on tensor-parallel parameters against plain ones, per counted operator."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    from shoal.plan.opcount import count_optimizer_step
+    mesh = init_device_mesh("cpu", (world,))
+    blocks, width = 4, 8 * world
+    x = torch.randn(2, width)
+
+    def fully_sharded(linears: int) -> nn.Sequential:
+        model = _stack(blocks, width, linears)
+        for block in model:
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    plain, sharded, wide = _stack(blocks, width), fully_sharded(2), fully_sharded(6)
+    tp = parallelize_module(_stack(blocks, width), mesh, {f"{i}.{j}": (ColwiseParallel() if j == 0 else
+                                                                       RowwiseParallel())
+                                                          for i in range(blocks) for j in range(2)})
+
+    def forward_backward(model):
+        return lambda: model(x).sum().backward()
+    params = list(plain.parameters())
+    collectives = (2 * blocks - 1) * seconds["all_gather"][0] + blocks * seconds["reduce_scatter"][0]
+    narrow = _fixed_quiet(forward_backward(sharded), 20) - _fixed_quiet(forward_backward(plain), 20) - collectives
+    wide_extra = (_fixed_quiet(forward_backward(wide), 20) - _fixed_quiet(forward_backward(_stack(blocks, width, 6)), 20)
+                  - collectives)
+    per_param = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))  # weight and bias per Linear
+    out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks]}
+    ops = count_optimizer_step(params, "adamw").ops + 2 * len(params)
+    forward_backward(tp)()
+
+    def step(model):
+        model_params = list(model.parameters())
+        optimizer = torch.optim.AdamW(model_params)
+        return lambda: _clip_and_step(model_params, optimizer)
+    base = _fixed_quiet(step(plain), 20)
+    out["optimizer_op"] = [base / ops]
+    out["dtensor_op"] = [max(0.0, _fixed_quiet(step(sharded), 20) - base) / ops]
+    out["tp_dtensor_op"] = [max(0.0, _fixed_quiet(step(tp), 20) - base) / ops]
+    return out
+
+
+def _hook_overheads(world: int) -> dict[str, list[float]]:
+    """Seconds per gradient element each compressed hook adds beyond its own collective, timed on
+    every rank at once at a bucket's size: shoal/sync/compress.py's int8 and int4 all-reduce against
+    the all-gather of its payload alone; torch's fp16 hook (and the bf16 one, built alike) as the
+    casts, division and copy around an all-reduce of the half-size buffer, against that all-reduce."""
+    import torch.distributed as dist
+    from shoal.sync.compress import BLOCK, quantized_all_reduce
+    grads, error = torch.randn(HOOK_NUMEL), torch.zeros(HOOK_NUMEL)
+    out = {}
+    for bits in (8, 4):
+        hooked = _fixed_quiet(lambda: quantized_all_reduce(grads, bits, error=error).wait(), 6)
+        payload = torch.zeros(HOOK_NUMEL * bits // 8 + 4 * (-(-HOOK_NUMEL // BLOCK)), dtype=torch.uint8)
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8)
+        alone = _fixed_quiet(lambda: dist.all_gather_single(gathered, payload), 6)
+        out[f"hook_int{bits}"] = [max(0.0, hooked - alone) / HOOK_NUMEL]
+    for name, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        half = torch.zeros(HOOK_NUMEL, dtype=dtype)
+
+        def hooked_half():
+            compressed = grads.to(dtype).div_(world)
+            dist.all_reduce(compressed)
+            grads.copy_(compressed)
+        hooked = _fixed_quiet(hooked_half, 6)
+        alone = _fixed_quiet(lambda: dist.all_reduce(half), 6)
+        out[f"hook_{name}"] = [max(0.0, hooked - alone) / HOOK_NUMEL]
+    return out
 
 
 def _tp_linear_overhead(world: int, seconds: dict[str, list[float]]) -> float:
@@ -320,7 +453,7 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
     start = time.perf_counter()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cal = Calibration(host=socket.gethostname(), torch_version=torch.__version__, threads=torch.get_num_threads(),
-                      cores=cores)
+                      cores=cores, version=CALIBRATION_VERSION)
     thread_counts = sorted({1, cores} | set(shapes_by_threads or {}))
     for threads in thread_counts:
         say(f"calibrating compute at {threads} thread(s): operator overhead, bandwidth, matrix multiplies")
@@ -330,6 +463,10 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
         fits, seconds = measure_collectives(world)
         cal.collectives[str(world)] = fits
         cal.dtensor_op[str(world)], cal.tp_linear[str(world)] = seconds["dtensor_op"][0], seconds["tp_linear"][0]
+        cal.tp_dtensor_op[str(world)], cal.fsdp_param[str(world)] = seconds["tp_dtensor_op"][0], seconds["fsdp_param"][0]
+        cal.fsdp_unit[str(world)], cal.optimizer_op[str(world)] = seconds["fsdp_unit"][0], seconds["optimizer_op"][0]
+        for method in HOOK_METHODS:
+            cal.hook_element[f"{method}:{world}"] = seconds[f"hook_{method}"][0]
         cal.pp_slot[str(world)] = seconds["pp_slot"][0]
         cal.concurrent[str(world)] = seconds["concurrent"]
     say("calibrating disk write bandwidth")

@@ -18,8 +18,11 @@ from shoal.plan.opcount import OpCount
 class LocalHost:
     """`world` workers on this host, each with its share of the cores (as `shoal run` gives them).
 
-    Workers beyond the core count share cores: their compute is stretched by the
-    oversubscription. Gloo's collectives copy and reduce on the same cores the workers
+    Workers beyond the core count share cores. What was timed with at most one worker per core
+    (matrix multiplies, the cost per operator and bandwidth) is stretched by world / cores; what
+    was timed with all `world` workers at once (block profiles, DTensor and FSDP costs,
+    collectives) carries the sharing already.
+    Gloo's collectives copy and reduce on the same cores the workers
     compute on, so on this host communication is not hidden behind backward.
     """
 
@@ -39,7 +42,10 @@ class LocalHost:
     def _nearest(self, table: dict):
         return table[str(min((int(w) for w in table), key=lambda w: (abs(w - self.world), -w)))]
 
-    def compute_seconds(self, count: OpCount, dtensor_ops: int = 0, tp_linears: float = 0) -> float:
+    def compute_seconds(self, count: OpCount, dtensor_ops: int = 0, tp_linears: float = 0,
+                        dtensor_kind: str = "fsdp", optimizer: bool = False) -> float:
+        """`dtensor_kind`: whose DTensors the `dtensor_ops` run on, "fsdp" or "tp" (calibrated apart);
+        `optimizer`: the count is an optimizer step's (no autograd: its own cost per operator)."""
         key = str(self.threads)
         new = ensure_compute(self.cal, self.threads, {tuple(s) for s in count.matmuls})
         if new:
@@ -49,21 +55,44 @@ class LocalHost:
         matmul = self.oversubscribed * sum(n * 2 * m * k * c / self.cal.matmul[f"{key}:{m},{k},{c}"]
                                            for (m, k, c), n in count.matmuls.items())
         if self.world > 1 and self.cal.concurrent:
-            # operator cost and bandwidth timed with `world` workers at once (shared caches, cores)
-            overhead, bandwidth = self._nearest(self.cal.concurrent)
-            scale = self.world / int(min(self.cal.concurrent, key=lambda w: abs(int(w) - self.world)))
-            overhead, bandwidth = overhead * max(1.0, scale), bandwidth / max(1.0, scale)
+            # operator cost and bandwidth timed with as many workers at once as there are cores
+            # (shared caches and memory); workers beyond the cores then take turns on them
+            sharing = min(self.world, self.cal.cores)
+            overhead, bandwidth = self.cal.concurrent[str(min((int(w) for w in self.cal.concurrent),
+                                                              key=lambda w: (abs(w - sharing), -w)))]
+            if optimizer and self.cal.optimizer_op:
+                overhead = self.cal.optimizer_op[str(min((int(w) for w in self.cal.optimizer_op),
+                                                         key=lambda w: (abs(w - sharing), -w)))]
+            overhead, bandwidth = overhead * self.oversubscribed, bandwidth / self.oversubscribed
         else:
             overhead, bandwidth = self.cal.op_overhead[key], self.cal.bandwidth[key]
         seconds = count.ops * overhead + count.bytes / bandwidth + matmul
         if self.world > 1:
-            seconds += dtensor_ops * self._nearest(self.cal.dtensor_op) + tp_linears * self._nearest(self.cal.tp_linear)
+            per_op = self.cal.tp_dtensor_op if dtensor_kind == "tp" else self.cal.dtensor_op
+            seconds += dtensor_ops * self._nearest(per_op) + tp_linears * self._nearest(self.cal.tp_linear)
         return seconds
+
+    def compression_seconds(self, method: str, numel: int, dp: int) -> float:
+        """What a compressed all-reduce hook adds to one bucket of `numel` gradients beyond its
+        collective: its own arithmetic, timed per gradient element on `dp` ranks at once at a
+        bucket's size (shoal/plan/calibrate.py). Counting its bytes against the `add_` bandwidth
+        under-priced it ~5x here: rounding, casts to small integers and back run far slower per
+        byte, and the hook makes passes (error feedback, the payload's copy) a count misses."""
+        per_dp = {int(key.split(":")[1]): value for key, value in self.cal.hook_element.items()
+                  if key.split(":")[0] == method}
+        measured = min(per_dp, key=lambda w: (abs(w - dp), -w))
+        return numel * per_dp[measured]
+
+    def fsdp_seconds(self, units: int, tensors: float) -> float:
+        """What FSDP2 adds to one forward+backward beyond its collectives, for `units`
+        fully_shard'ed modules holding `tensors` parameter tensors (calibrated with this many
+        workers: hooks and unshard per module; copy-in, copy-out and DTensor views per tensor)."""
+        return (units * self._nearest(self.cal.fsdp_unit) + tensors * self._nearest(self.cal.fsdp_param))
 
     def profile_blocks(self, cfg, model, shapes: set[tuple[int, int]]) -> None:
         """Profile, in one start of `world` workers, every (micro-batch, tp) not yet cached."""
         from shoal.plan.profile import can_profile, profile_blocks, profile_key
-        missing = sorted(s for s in shapes if profile_key(cfg, *s, self.world) not in self.cal.blocks)
+        missing = sorted(s for s in shapes if len(self.cal.blocks.get(profile_key(cfg, *s, self.world), [])) < 3)
         if not missing or not can_profile(model):
             return
         for (micro, tp), times in profile_blocks(cfg, self.world, missing).items():
@@ -77,7 +106,16 @@ class LocalHost:
         `world` workers at once, profiled on first use and cached (shoal/plan/profile.py)."""
         from shoal.plan.profile import profile_key
         self.profile_blocks(cfg, model, {(micro, tp)})
-        return tuple(self.cal.blocks[profile_key(cfg, micro, tp, self.world)])
+        block, rest = self.cal.blocks[profile_key(cfg, micro, tp, self.world)][:2]
+        # profiled with all `world` workers at once: the cores' sharing is in the profile (not
+        # scaled again: doing so over-predicted 4 workers' FSDP and TP steps here by 1.5-2.3x)
+        return block, rest
+
+    def optimizer_extra_per_op(self, cfg, model, micro: int, tp: int) -> float:
+        """The profiled extra seconds per optimizer operator on this model's parameters at this tp."""
+        from shoal.plan.profile import profile_key
+        self.profile_blocks(cfg, model, {(micro, tp)})
+        return self.cal.blocks[profile_key(cfg, micro, tp, self.world)][2]
 
     def pipeline_slot(self) -> float:
         """Seconds the pipeline schedule itself adds per slot (calibrated with this many workers)."""
@@ -112,12 +150,17 @@ class Accelerators:
     spec_only = True
     foreach_optimizer = True
 
-    def compute_seconds(self, count: OpCount, dtensor_ops: int = 0, tp_linears: float = 0) -> float:
+    def compute_seconds(self, count: OpCount, dtensor_ops: int = 0, tp_linears: float = 0,
+                        dtensor_kind: str = "fsdp", optimizer: bool = False) -> float:
         matmul_flops = sum(n * 2 * m * k * c for (m, k, c), n in count.matmuls.items())
         work = matmul_flops / (self.peak_flops * self.efficiency) + count.bytes / (self.memory_bandwidth *
                                                                                      self.efficiency)
         # kernels launch asynchronously: the launch cost shows only where kernels are shorter than it
         return max(work, count.ops * self.kernel_launch) + (dtensor_ops + 10 * tp_linears) * 20e-6  # DTensor dispatch runs on the host
+
+    def compression_seconds(self, method: str, numel: int, dp: int) -> float:
+        from shoal.plan.steptime import count_compression
+        return self.compute_seconds(count_compression(method, numel, dp))
 
     def collective(self, op: str, k: int, stride: int = 1) -> CollectiveCost:
         """A ring over k ranks `stride` apart: inside a node when it fits, else its slowest link

@@ -10,12 +10,15 @@ the iteration composed from the profiles), the block is run here at the micro-ba
 tensor-parallel degree and the number of workers a layout gives it, and its time is cached
 beside the rest of the calibration.
 
-One profile is two numbers, each the lower-quartile forward+backward of the slowest worker while
+One profile is three numbers, each the lower-quartile forward+backward of the slowest worker while
 all `world` workers run it at once (one thread each beyond the cores, as `shoal run` gives
 them):
 - `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
   it, its all-gathers and reduce-scatters included);
-- `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`.
+- `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
+- `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
+  one-block model's parameters beyond the same step on a plain copy (under tensor parallelism,
+  DTensors whose sharding propagation costs several times FSDP's Shard(0) per operator).
 
 Nothing of the layout itself is run: no data parallel exchange, no sharding, no pipeline,
 no optimizer. The step-time model (shoal/plan/steptime.py) composes those from the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import statistics
 import tempfile
 import time
 from datetime import timedelta
@@ -69,7 +73,12 @@ def _timed(fn) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return quiet_seconds(times)
+    # the lower quartile shuts out other jobs' interference; with more workers than cores it
+    # would also shut out the workers' own sharing (the repeats that found a core free, seen
+    # here: 4 workers' block within 10% of 2 workers'), which a step does pay: the median then
+    import torch.distributed as dist
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return statistics.median(times) if dist.get_world_size() > cores else quiet_seconds(times)
 
 
 def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], store: str, out: str) -> None:
@@ -102,23 +111,44 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
 
         def model_step():
             compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step)]
+        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step), _optimizer_extra(model, one, spec, tokens)]
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:  # the slowest worker decides
-        Path(out).write_text(json.dumps({k: [max(r[k][i] for r in gathered) for i in range(2)] for k in results}))
+        Path(out).write_text(json.dumps({k: [max(r[k][i] for r in gathered) for i in range(3)] for k in results}))
     dist.barrier()
     end_distributed()
     # as in calibrate.py: DeviceMesh's registry holds a group into interpreter shutdown, which can abort
     os._exit(0)
 
 
-def profile_blocks(cfg, world: int, requests: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, float]]:
-    """(micro-batch, tp) -> (block seconds, rest seconds) with `world` workers at once."""
+def _optimizer_extra(model, one, spec, tokens) -> float:
+    """Seconds per counted operator that gradient clipping and the AdamW step cost on this model's
+    parameters (tensor-parallel DTensors when tp > 1) beyond the same step on a plain copy."""
+    from shoal.models import build_model, compute_loss
+    from shoal.plan.calibrate import _clip_and_step
+    from shoal.plan.opcount import count_optimizer_step
+    torch.manual_seed(0)
+    plain = build_model(one.model, spec)
+    compute_loss(plain(tokens[:, :-1]), tokens[:, 1:]).backward()  # every parameter has a gradient
+    params = list(model.parameters())
+    counted = [torch.nn.Parameter(torch.empty(tuple(p.shape), device="meta")) for p in params]
+    ops = count_optimizer_step(counted, "adamw").ops + 2 * len(params)
+
+    def step(module):
+        held = [p for p in module.parameters() if p.grad is not None]
+        optimizer = torch.optim.AdamW(held)
+        return lambda: _clip_and_step(held, optimizer)
+    return max(0.0, _timed(step(model)) - _timed(step(plain))) / ops
+
+
+def profile_blocks(cfg, world: int, requests: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, ...]]:
+    """(micro-batch, tp) -> (block seconds, rest seconds, optimizer's extra seconds per operator)
+    with `world` workers at once."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "profile.json")
         mp.spawn(_profile_worker, args=(world, cfg, requests, os.path.join(tmp, "store"), out), nprocs=world)
         raw = json.loads(Path(out).read_text())
-    return {(int(k.split(",")[0]), int(k.split(",")[1])): (block, max(0.0, whole - block))
-            for k, (block, whole) in raw.items()}
+    return {(int(k.split(",")[0]), int(k.split(",")[1])): (block, max(0.0, whole - block), optimizer)
+            for k, (block, whole, optimizer) in raw.items()}

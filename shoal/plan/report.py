@@ -45,9 +45,14 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
         where = (f"on {args.world} x {cluster.accelerator} ({cluster.name}; SPEC-ONLY: published peak x efficiency "
                  f"{cluster.efficiency}, not measured)")
     else:
-        from shoal.plan.calibrate import load_calibration
+        from shoal.plan.calibrate import load_calibration, stale_calibration
         from shoal.plan.hardware import LocalHost
         cal = calibrate_now(None) if calibrate_now else load_calibration()
+        if cal is None and stale_calibration():  # an older format lacks quantities the model needs
+            from shoal.plan.calibrate import calibrate, save_calibration
+            print(stale_calibration(), flush=True)
+            cal = calibrate(None, say=lambda line: print(line, flush=True))
+            print(f"calibrated in {cal.seconds:.0f} s; cached in {save_calibration(cal)}")
         if cal is not None:
             hw = LocalHost(cal, args.world)
             where = (f"on this host ({cal.host}, {cal.cores} cores, {hw.threads} thread(s) per worker; "

@@ -44,6 +44,8 @@ class StepTime:
     exposed: float
     """Seconds of communication not hidden behind compute."""
     notes: list[str] = field(default_factory=list)
+    clip_comm: float = 0.0
+    """Seconds of `exposed` spent after backward, in the gradient norm's all-reduces."""
 
     @property
     def total(self) -> float:
@@ -121,24 +123,34 @@ def _tp_split(count: OpCount, tp: int) -> OpCount:
                    count.ops, count.bytes / tp)
 
 
-def count_compression(method: str, numel: int, dp: int) -> OpCount:
-    """The arithmetic of one compressed bucket of `numel` gradients: shoal/sync/compress.py's
-    own quantize/dequantize (or the fp16 casts) counted on the meta device."""
-    from shoal.plan.opcount import _OperatorLog
+def compression_arithmetic(method: str, bucket: torch.Tensor, dp: int) -> None:
+    """The arithmetic one rank's compressed all-reduce does on a bucket of gradients, as
+    shoal/sync/compress.py (int8, int4) and torch's fp16 hook do it: run on the meta device to
+    count it, on this host's CPU to time it (shoal/plan/calibrate.py)."""
     from shoal.sync.compress import dequantize, quantize
+    numel = bucket.numel()
+    if method in ("int8", "int4"):
+        bits = int(method[3:])
+        flat = bucket + bucket  # error feedback: the carried error is added, then replaced
+        codes, scales = quantize(flat, bits)
+        _ = flat - dequantize(codes, scales, bits, numel)
+        total = torch.zeros_like(bucket)
+        for _rank in range(dp):  # every rank's payload dequantised and summed
+            total.add_(dequantize(codes, scales, bits, numel))
+        total.div_(dp)
+        bucket.copy_(total)
+    else:
+        half = bucket.div(dp).to(torch.float16)
+        bucket.copy_(half)
+
+
+def count_compression(method: str, numel: int, dp: int) -> OpCount:
+    """The arithmetic of one compressed bucket of `numel` gradients, counted on the meta device."""
+    from shoal.plan.opcount import _OperatorLog
     count = OpCount()
     bucket = torch.zeros(numel, device="meta")
     with _OperatorLog(count):
-        if method in ("int8", "int4"):
-            bits = int(method[3:])
-            flat = bucket + bucket  # error feedback: the carried error is added, then replaced
-            codes, scales = quantize(flat, bits)
-            _ = flat - dequantize(codes, scales, bits, numel)
-            for _rank in range(dp):  # every rank's payload dequantised and summed
-                bucket.add_(dequantize(codes, scales, bits, numel))
-        else:
-            half = bucket.div(dp).to(torch.float16)
-            bucket.copy_(half)
+        compression_arithmetic(method, bucket, dp)
     return count
 
 
@@ -258,7 +270,7 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         bucket = local_bytes / n_buckets
         grad_comm = n_buckets * per_bucket(bucket)
         if method in HOOK_RATIO:  # the hook's own arithmetic, on the same cores
-            compute += n_buckets * hw.compute_seconds(count_compression(method, int(bucket // 4), dp))
+            compute += n_buckets * hw.compression_seconds(method, int(bucket // 4), dp)
         comm += grad_comm
         if hw.overlaps_backward:
             exposed += max(per_bucket(bucket), grad_comm - backward)
@@ -278,6 +290,11 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
             fsdp_comm += units * hw.collective("all_reduce", dims.dp_replicate, stride=tp * dims.dp_shard
                                                ).seconds(unit_bytes / dims.dp_shard)
         comm += fsdp_comm
+        if dims.dp_shard > 1 and hasattr(hw, "fsdp_seconds"):
+            # FSDP2's own work each forward+backward, per module (hooks, unshard, reshard) and per
+            # parameter tensor (copy-in and copy-out around each gather, DTensor views, gradient
+            # shards), on the cores that compute
+            compute += accum * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp)
         first = unit_bytes / dims.dp_shard
         exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
 
@@ -290,7 +307,18 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
     if cfg.train.grad_clip:
         opt = _plus((opt, 1.0), (OpCount(0.0, {}, 2 * len(params) // pp, local_bytes), 1.0))
     # FSDP and tensor-parallel parameters are DTensors: every optimizer operator goes through DTensor dispatch
-    optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0)
+    # (tensor-parallel DTensors, Shard(0), Shard(1) and Replicate on one mesh, propagate their
+    # sharding at a higher cost per operator than FSDP's Shard(0): calibrated apart)
+    # Pure tensor parallelism's parameters are the profiled ones; FSDP over tensor parallelism
+    # turns them into 2-D DTensors, whose step measured here costs what FSDP's does (4 workers,
+    # gpt 192x4: clipping + AdamW 63 ms under dp 2 x tp 2, 364 ms under tp 4, 45 ms under FSDP)
+    tp_params = tp > 1 and not fsdp
+    if profiled and tp_params:  # the model's own tensor-parallel parameters, profiled beside its block
+        optimizer = hw.compute_seconds(opt, optimizer=True) + opt.ops * hw.optimizer_extra_per_op(
+            cfg, model, *block_shape(cfg, dims))
+    else:
+        optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0,
+                                       dtensor_kind="tp" if tp_params else "fsdp", optimizer=True)
     if cfg.train.grad_clip:
         # the global norm (ParallelModel.clip_grad_norm_): one scalar all-reduce per kind of sharded
         # gradient (FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1)), and one across stages
@@ -304,4 +332,6 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
             clip += hw.collective("all_reduce", pp, stride=dims.world_size // pp).seconds(scalar)
         comm += clip
         exposed += clip
-    return StepTime(compute=compute, optimizer=optimizer, comm=comm, exposed=exposed, notes=notes)
+    else:
+        clip = 0.0
+    return StepTime(compute=compute, optimizer=optimizer, comm=comm, exposed=exposed, notes=notes, clip_comm=clip)

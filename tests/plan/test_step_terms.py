@@ -1,0 +1,143 @@
+"""Each calibrated term of the step-time model on this host (shoal/plan/steptime.py with
+hardware.LocalHost) moves the prediction the way its cause does: one process, a synthetic
+calibration (no workers started, nothing measured), so each test isolates one quantity."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from shoal.config import Config
+from shoal.parallel.compose import check_layout
+from shoal.plan.calibrate import CALIBRATION_VERSION, Calibration, load_calibration, save_calibration, \
+    stale_calibration
+from shoal.plan.collectives import OPS
+from shoal.plan.hardware import LocalHost
+from shoal.plan.layouts import with_degrees
+from shoal.plan.memory import meta_model
+from shoal.plan.profile import profile_key
+from shoal.plan.steptime import block_shape, predict_step
+
+WORLD = 2
+
+
+def gpt() -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.flavour, cfg.model.dim, cfg.model.n_layers = "gpt", "debug", 64, 2
+    cfg.data.seq_len, cfg.train.batch_size = 32, 16
+    cfg.parallel.dp_replicate, cfg.parallel.pp_microbatches = 1, 4
+    return cfg
+
+
+def calibration(cfg: Config, layouts: list[dict], **changed) -> Calibration:
+    """A calibration of a made-up 2-core host, with the block profiles `layouts` need."""
+    per_world = {str(w): v for w, v in ((2, 1.0), (4, 2.0))}
+    cal = Calibration(
+        host="test", torch_version=torch.__version__, threads=2, cores=2, version=CALIBRATION_VERSION,
+        op_overhead={"1": 1e-5, "2": 1e-5}, bandwidth={"1": 1e10, "2": 1e10},
+        collectives={w: {op: [1e-4 * f, 1e9 / f] for op in OPS} for w, f in per_world.items()},
+        dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, tp_linear={w: 1e-4 * f for w, f in per_world.items()},
+        tp_dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, fsdp_param={w: 1e-5 * f for w, f in per_world.items()},
+        fsdp_unit={w: 1e-4 * f for w, f in per_world.items()},
+        concurrent={w: [1e-5 * f, 1e10 / f] for w, f in per_world.items()},
+        optimizer_op={w: 3e-6 * f for w, f in per_world.items()},
+        pp_slot={w: 3e-4 * f for w, f in per_world.items()},
+        hook_element={f"{m}:{w}": 1e-9 for m in ("fp16", "bf16", "int8", "int4") for w in per_world})
+    for degrees in layouts:
+        layout = with_degrees(cfg, degrees)
+        micro, tp = block_shape(layout, check_layout(layout, WORLD))
+        cal.blocks[profile_key(cfg, micro, tp, WORLD)] = [2e-3, 1e-3, 5e-5]
+    for name, value in changed.items():
+        setattr(cal, name, value)
+    return cal
+
+
+def step(cfg: Config, degrees: dict, cal: Calibration, method: str = "allreduce"):
+    layout = with_degrees(cfg, degrees)
+    layout.sync.method = method
+    return predict_step(layout, check_layout(layout, WORLD), meta_model(cfg), LocalHost(cal, WORLD))
+
+
+def test_compressed_hook_arithmetic_is_priced_per_element():
+    """int8's quantise/dequantise is timed per gradient element: a slower one makes the step slower,
+    by the model's gradient elements times the difference."""
+    cfg = gpt()
+    ddp = {"dp_replicate": 2}
+    cheap = step(cfg, ddp, calibration(cfg, [ddp]), "int8")
+    slow_cal = calibration(cfg, [ddp])
+    slow_cal.hook_element = {key: 1e-7 for key in slow_cal.hook_element}
+    slow = step(cfg, ddp, slow_cal, "int8")
+    elements = sum(p.numel() for p in meta_model(cfg).parameters())
+    assert slow.compute - cheap.compute == pytest.approx(elements * (1e-7 - 1e-9), rel=0.02)
+    assert step(cfg, ddp, slow_cal).compute == step(cfg, ddp, calibration(cfg, [ddp])).compute  # no hook, no cost
+
+
+def test_a_cache_of_an_older_format_is_not_used(tmp_path):
+    cfg = gpt()
+    path = tmp_path / "calibration.json"
+    save_calibration(calibration(cfg, []), path)
+    assert load_calibration(path) is not None and stale_calibration(path) is None
+    old = json.loads(path.read_text())
+    old.pop("version")
+    old.pop("hook_element")
+    path.write_text(json.dumps(old))
+    assert load_calibration(path) is None
+    assert f"format 1, this Shoal reads format {CALIBRATION_VERSION}" in stale_calibration(path)
+
+
+def test_tensor_parallel_optimizer_grows_with_its_profiled_dtensor_cost():
+    """Clipping and the optimizer on tensor-parallel parameters are priced per operator at the cost
+    profiled on the model's own TP parameters: raising it slows the TP step and leaves FSDP's alone."""
+    cfg = gpt()
+    tp, fsdp = {"tp": 2}, {"dp_shard": 2}
+    base, costly = calibration(cfg, [tp, fsdp]), calibration(cfg, [tp, fsdp])
+    layout = with_degrees(cfg, tp)
+    key = profile_key(cfg, *block_shape(layout, check_layout(layout, WORLD)), WORLD)
+    costly.blocks[key] = [2e-3, 1e-3, 5e-4]
+    ops = step(cfg, tp, costly).optimizer - step(cfg, tp, base).optimizer
+    assert ops > 100 * (5e-4 - 5e-5)  # a few hundred AdamW and clipping operators
+    assert step(cfg, fsdp, costly).optimizer == step(cfg, fsdp, base).optimizer
+
+
+def test_fsdp_step_grows_with_its_cost_per_module_and_per_parameter_tensor():
+    """FSDP2's own work is added once per forward+backward for every fully_shard'ed module (the
+    blocks and the root) and every parameter tensor of the rank; DDP pays neither."""
+    cfg = gpt()
+    fsdp, ddp = {"dp_shard": 2}, {"dp_replicate": 2}
+    base = calibration(cfg, [fsdp, ddp])
+    per_tensor = calibration(cfg, [fsdp, ddp], fsdp_param={"2": 1e-3, "4": 2e-3})
+    per_unit = calibration(cfg, [fsdp, ddp], fsdp_unit={"2": 1e-2, "4": 2e-2})
+    tensors = sum(1 for _ in meta_model(cfg).parameters())
+    assert step(cfg, fsdp, per_tensor).compute - step(cfg, fsdp, base).compute == pytest.approx(
+        tensors * (1e-3 - 1e-5))
+    units = cfg.model.n_layers + 1
+    assert step(cfg, fsdp, per_unit).compute - step(cfg, fsdp, base).compute == pytest.approx(units * (1e-2 - 1e-4))
+    assert step(cfg, ddp, per_tensor).compute == step(cfg, ddp, per_unit).compute == step(cfg, ddp, base).compute
+
+
+def test_workers_beyond_the_cores_stretch_compute():
+    """4 workers on 2 cores: the cost per operator and the bandwidth, timed with one worker per
+    core, run world/cores = 2x slower through a step; on 4 cores they do not."""
+    from shoal.plan.opcount import OpCount
+    cfg = gpt()
+    work = OpCount(0.0, {}, 1000, 1e8)
+    cal = calibration(cfg, [], concurrent={"2": [1e-5, 1e10], "4": [1.5e-5, 8e9]})
+    two_cores = LocalHost(cal, 4).compute_seconds(work)
+    assert two_cores == pytest.approx(2 * (1000 * 1e-5 + 1e8 / 1e10))  # 2 workers' costs, taking turns
+    cal.cores = 4
+    four_cores = LocalHost(cal, 4).compute_seconds(work)
+    assert four_cores == pytest.approx(1000 * 1.5e-5 + 1e8 / 8e9)  # the 4-worker calibration, as measured
+
+
+def test_the_optimizer_is_priced_at_its_own_cost_per_operator():
+    """Optimizer operators run without autograd: they are priced at the calibrated optimizer_op,
+    not at the forward+backward's cost per operator."""
+    cfg = gpt()
+    ddp = {"dp_replicate": 2}
+    cheap = calibration(cfg, [ddp], optimizer_op={"2": 1e-6, "4": 1e-6})
+    costly = calibration(cfg, [ddp], optimizer_op={"2": 1e-4, "4": 1e-4})
+    ops = (step(cfg, ddp, costly).optimizer - step(cfg, ddp, cheap).optimizer) / (1e-4 - 1e-6)
+    assert 300 < ops < 1000  # AdamW's operators over the debug GPT's parameters, and clipping's
+    assert step(cfg, ddp, costly).compute == step(cfg, ddp, cheap).compute
