@@ -34,7 +34,7 @@ def sites_outer_sync(cfg: Config, model: nn.Module, optimizer: torch.optim.Optim
     """The DiLoCo context across sites for this worker; rank 0 of the site is its leader on the plane."""
     from shoal.sites.outer import SitesDiLoCo
     from shoal.sites.plane import SitePlane, event_writer
-    from shoal.sites.wire import message_limit
+    from shoal.sites.wire import message_limits
     from shoal.sync.outer_settings import outer_options
 
     plane = None
@@ -42,7 +42,7 @@ def sites_outer_sync(cfg: Config, model: nn.Module, optimizer: torch.optim.Optim
         num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         plane = SitePlane(name=cfg.sites.name, listen=split_endpoint("sites.listen", cfg.sites.listen),
                           peers=site_peers(cfg), certs_dir=Path(cfg.sites.certs),
-                          grace_seconds=cfg.sites.grace_seconds, limit=message_limit(num_params),
+                          grace_seconds=cfg.sites.grace_seconds, limit=message_limits(num_params),
                           events=event_writer(Path(run_dir) / "events.jsonl"))
     _, sites = site_index(cfg)
     return SitesDiLoCo(model, optimizer, plane=plane, join_timeout=cfg.sites.join_timeout, resumed=resumed,

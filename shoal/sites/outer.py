@@ -42,6 +42,16 @@ def tensor_bytes(tensor: torch.Tensor) -> bytes:
     return tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def average_in_order(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of `rows` (sites in name order), each divided before summing: Gloo's all-reduce of DiLoCo's
+    pre-divided fp32 gradients gives the same bits for two replicas. Elementwise, so a shard's average is
+    the same bits as that slice of the whole average."""
+    total = rows[0] / len(rows)
+    for row in rows[1:]:
+        total += row / len(rows)
+    return total
+
+
 class SitesDiLoCo(DiLoCo):
     """DiLoCo whose replicas are sites; `plane` is the site leader's (None on the other workers).
 
@@ -142,27 +152,28 @@ class SitesDiLoCo(DiLoCo):
         payload = encoding.encode(pseudo) if encoding is not None else pseudo
         average = torch.empty_like(pseudo)
         if self.plane is not None:
-            result = self.plane.exchange(self.outer_syncs + 1, tensor_bytes(payload))
+            # fp32 from 3 sites on travels in shards (sites/sharded.py); an encoding only as a whole.
+            mean = (lambda rows: self._mean_bytes(rows, payload.dtype)) if encoding is None else None
+            result = self.plane.exchange(self.outer_syncs + 1, tensor_bytes(payload), mean, payload.element_size())
             self._resync_from = result.resync_from
-            rows = {}
-            for site, data in result.payloads.items():
-                row = self._parse(site, data, payload)
-                if row is not None:
-                    rows[site] = row
-            self.site_members = list(rows)
-            if len(rows) > 1:
+            if result.average is not None:
+                average.copy_(torch.frombuffer(bytearray(result.average), dtype=pseudo.dtype).view_as(pseudo))
+                self.site_members = result.members
+            else:
+                rows = {}
+                for site, data in result.payloads.items():
+                    row = self._parse(site, data, payload.dtype, payload.numel())
+                    if row is not None:
+                        rows[site] = row
+                self.site_members = list(rows)
+                if encoding is not None:
+                    average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
+                else:
+                    average.copy_(average_in_order(list(rows.values())))
+            if len(self.site_members) > 1:
                 self.averaged_step = self.inner_step
                 if self.journal is not None:  # before the round is logged as done
                     self._write_journal(self.outer_syncs + 1)
-            if encoding is not None:
-                average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
-            else:
-                # Sites in name order, each divided before summing: Gloo's all-reduce of DiLoCo's
-                # pre-divided fp32 gradients gives the same bits for two replicas.
-                values = [row / len(rows) for row in rows.values()]
-                average.copy_(values[0])
-                for value in values[1:]:
-                    average += value
             if self.site_members != sorted([self.plane.name, *self.plane.peers]):
                 log.info("site %s: outer round %d averaged over sites %s", self.plane.name, self.outer_syncs + 1,
                          ", ".join(self.site_members))
@@ -174,17 +185,26 @@ class SitesDiLoCo(DiLoCo):
         done.set_result(average)
         return done
 
-    def _parse(self, site: str, data: bytes, like: torch.Tensor) -> torch.Tensor | None:
-        """A site's payload as a tensor like this site's; None (logged) when it cannot be one."""
-        if len(data) != like.numel() * like.element_size():
+    def _parse(self, site: str, data: bytes, dtype: torch.dtype, numel: int) -> torch.Tensor | None:
+        """A site's payload (or shard) as `numel` values of `dtype`; None (logged) when it cannot be that."""
+        expected = numel * dtype.itemsize
+        if len(data) != expected:
             log.warning("site %s: ignored site %s's outer gradient of %d bytes, expected %d", self.plane.name, site,
-                        len(data), like.numel() * like.element_size())
+                        len(data), expected)
             return None
-        row = torch.frombuffer(bytearray(data), dtype=like.dtype).clone()
+        row = torch.frombuffer(bytearray(data), dtype=dtype).clone()
         if row.is_floating_point() and not torch.isfinite(row).all():
             log.warning("site %s: ignored site %s's outer gradient: it holds NaN or infinity", self.plane.name, site)
             return None
         return row
+
+    def _mean_bytes(self, rows: dict[str, bytes], dtype: torch.dtype) -> bytes:
+        """The sharded exchange's average of one shard: this site's row sets the size; the bad rows are left out."""
+        numel = len(rows[self.plane.name]) // dtype.itemsize
+        parsed = [row for site, data in rows.items() if (row := self._parse(site, data, dtype, numel)) is not None]
+        if not parsed:  # even this site's own values are not finite: the shard stays as it is
+            return rows[self.plane.name]
+        return tensor_bytes(average_in_order(parsed))
 
     # -- after a round: report, serve joiners, catch up -----------------------------------------
     def _after_round(self, *_: Any) -> None:

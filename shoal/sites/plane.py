@@ -3,7 +3,8 @@
 Each site's leader listens on `sites.listen`; of two sites the one whose name sorts first dials the
 other, so every pair holds one link, re-dialled whenever it is down. On every link the two leaders
 say where they stand (STATUS: completed outer rounds and a digest of their outer model), send each
-round's outer gradient (CONTRIB), and hand a joining site the state it needs (JOIN, STATE).
+round's outer gradient (CONTRIB; from 3 sites on in shards, sharded.py: a reduce-scatter, then an
+all-gather of the averaged shards), and hand a joining site the state it needs (JOIN, STATE).
 
 Every link has its own sender thread, so no wait on the plane hangs on a send: a link that goes
 silent (cut, or its site stopped) stops taking bytes once the socket buffers are full, and a
@@ -35,9 +36,10 @@ from typing import Callable
 
 from shoal.config import ConfigError
 from shoal.sites import wire
+from shoal.sites.sharded import Mean, RoundResult, ShardedRounds
 
 log = logging.getLogger("shoal.sites")
-DIGEST_BYTES = 32
+DIGEST_BYTES = wire.DIGEST_BYTES
 REDIAL_SECONDS = 0.5
 
 
@@ -56,19 +58,14 @@ class PeerView:
     refusal: str = ""  # why its last certificate was refused, logged once
 
 
-@dataclass
-class RoundResult:
-    """One round's outer gradients as received, and what this site must do after the round."""
+class SitePlane(ShardedRounds):
+    """One site leader's end of the plane: listener, dialler, links and the outer-round exchange.
 
-    payloads: dict[str, bytes]  # site name -> its payload, this site's own included
-    resync_from: str | None  # a site whose state this site must take after the round
-
-
-class SitePlane:
-    """One site leader's end of the plane: listener, dialler, links and the outer-round exchange."""
+    `limit`: the largest payload accepted, per frame kind (`wire.message_limits`) or one for every kind.
+    """
 
     def __init__(self, *, name: str, listen: tuple[str, int], peers: dict[str, tuple[str, int]], certs_dir: Path,
-                 grace_seconds: float, limit: int, events: Callable[..., None] | None = None):
+                 grace_seconds: float, limit: dict[int, int] | int, events: Callable[..., None] | None = None):
         self.name, self.listen, self.certs_dir = name, listen, certs_dir
         self.grace, self.limit = grace_seconds, limit
         self.peers = {p: PeerView(p, host, port) for p, (host, port) in sorted(peers.items())}
@@ -333,17 +330,22 @@ class SitePlane:
                         best = (rounds, peer.name)
             return best[1] if best else None
 
-    def exchange(self, round_: int, payload: bytes) -> RoundResult:
+    def exchange(self, round_: int, payload: bytes, mean: Mean | None = None, itemsize: int = 4) -> RoundResult:
         """Send this site's outer gradient of round `round_` to the sites in step with it, and collect theirs.
 
         Waits at most `grace_seconds`; a site whose gradient has not come by then is dropped from this
         round (told so and disconnected). Sites behind this one or joining are not waited for.
+        With `mean` (the average of equal rows of `itemsize`-byte values, in the order given) and
+        `wire.SHARDED_FROM` sites or more in the round, the gradient travels in shards
+        (`ShardedRounds`) and the result holds the average itself.
         """
         started = time.monotonic()
         with self.cond:
             # The sites of the last round (one may still be finishing it) and those that reported the same model.
             targets = [p for p in self.peers.values() if p.link is not None and not p.joining
                        and (p.name in self.members or p.status == (round_ - 1, self.digest))]
+        if mean is not None and len(targets) + 1 >= wire.SHARDED_FROM:
+            return self.exchange_sharded(round_, targets, started, payload, itemsize, mean)
         mine = self.digest + payload
         for peer in targets:
             self._send(peer, wire.CONTRIB, round_, mine)  # queued: the grace window starts now, not after the sends
@@ -361,34 +363,15 @@ class SitePlane:
             # Every site's word, not only the linked ones': a site that left this one out also shut the link.
             dropped_me = sorted(p.name for p in self.peers.values()
                                 if self.inbox.pop((wire.DROP, round_, p.name), None) is not None)
-            for key in [k for k in self.inbox if k[1] <= round_ and k[0] in (wire.CONTRIB, wire.DROP)]:
-                del self.inbox[key]  # late or stale frames of rounds already closed
+            self._forget_round(round_)
         payloads = {self.name: payload}
-        resync = None
-        with self.cond:  # a site in step but with another model: the one whose name sorts later gives way
-            diverged = sorted(p.name for p in self.peers.values() if p.link is not None and p.status is not None
-                              and p.status[0] == round_ - 1 and p.status[1] != self.digest and p.name < self.name)
-        if diverged:
-            log.warning("site %s: site %s ended outer round %d with another model; taking its state", self.name,
-                        diverged[0], round_ - 1)
-            resync = diverged[0]
+        resync = self._diverged(round_)
         for peer in targets:
             got = received.get(peer.name)
             if peer.name in dropped_me:
                 resync = resync or peer.name
             elif got is None:
-                waited = time.monotonic() - started
-                with self.cond:
-                    silent = peer.sending_since is not None  # this site's frames to it are not taken either
-                why = ("its link was lost" if peer.link is None else
-                       f"no outer gradient within {waited:.1f} s (sites.grace_seconds = {self.grace:g})"
-                       + ("; its link is silent (this site's outer gradient to it was not taken)" if silent else ""))
-                log.warning("site %s: dropped site %s from outer round %d: %s", self.name, peer.name, round_, why)
-                self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3), reason=why)
-                if silent:
-                    self._disconnect(peer)
-                else:
-                    self._send(peer, wire.DROP, round_, close_after=True)  # disconnected once the word is sent
+                self._drop_from_round(peer, round_, started, "outer gradient")
             elif got[:DIGEST_BYTES] != self.digest:  # it started this round from another model
                 if peer.name < self.name:
                     resync = resync or peer.name
@@ -399,7 +382,38 @@ class SitePlane:
             resync = resync or dropped_me[0]
             log.warning("site %s: site(s) %s left this site out of outer round %d; taking their state", self.name,
                         ", ".join(dropped_me), round_)
-        return RoundResult(dict(sorted(payloads.items())), resync)
+        return RoundResult(dict(sorted(payloads.items())), resync, members=sorted(payloads))
+
+    def _forget_round(self, round_: int) -> None:
+        """Drop the late or stale round frames of rounds up to `round_` (closed); the caller holds `cond`."""
+        for key in [k for k in self.inbox if k[1] <= round_ and k[0] in (*wire.GRADIENT_KINDS, wire.DROP)]:
+            del self.inbox[key]
+
+    def _diverged(self, round_: int) -> str | None:
+        """A site in step but with another model whose name sorts first: this site gives way and takes its state."""
+        with self.cond:
+            diverged = sorted(p.name for p in self.peers.values() if p.link is not None and p.status is not None
+                              and p.status[0] == round_ - 1 and p.status[1] != self.digest and p.name < self.name)
+        if diverged:
+            log.warning("site %s: site %s ended outer round %d with another model; taking its state", self.name,
+                        diverged[0], round_ - 1)
+        return diverged[0] if diverged else None
+
+    def _drop_from_round(self, peer: PeerView, round_: int, since: float, missing: str) -> None:
+        """Leave `peer` out of round `round_`, whose `missing` frame has not come since `since`: logged, an
+        event, and the peer told (DROP) and disconnected; a silent link is shut at once."""
+        waited = time.monotonic() - since
+        with self.cond:
+            silent = peer.sending_since is not None  # this site's frames to it are not taken either
+        why = ("its link was lost" if peer.link is None else
+               f"no {missing} within {waited:.1f} s (sites.grace_seconds = {self.grace:g})"
+               + ("; its link is silent (this site's frames to it were not taken)" if silent else ""))
+        log.warning("site %s: dropped site %s from outer round %d: %s", self.name, peer.name, round_, why)
+        self.event("site_dropped", site=peer.name, round=round_, waited=round(waited, 3), reason=why)
+        if silent:
+            self._disconnect(peer)
+        else:
+            self._send(peer, wire.DROP, round_, close_after=True)  # disconnected once the word is sent
 
     def set_round(self, round_: int, digest: bytes) -> None:
         """This site holds outer model `digest` of round `round_` (at entry, or loaded from a checkpoint):

@@ -8,8 +8,8 @@ starts: the plane fails closed. A peer's identity is its certificate's common na
 the name the config expects before any frame is read.
 
 A frame is a fixed 24-byte header (magic, kind, outer round, payload length) and the payload.
-The length is checked against the largest legitimate message (the model's outer state, see
-`message_limit`) before a byte of the payload is read, so an oversized message costs nothing.
+The length is checked against the largest legitimate message of its kind (`message_limits`:
+the model's outer state for a STATE, an fp32 outer gradient, a third of one for a shard) before a byte of the payload is read, so an oversized message costs nothing.
 Payloads are raw little-endian tensors, a SHA-256 digest, or safetensors; nothing is unpickled.
 """
 
@@ -33,20 +33,37 @@ MARGIN = 1024 * 1024  # room beside the model in one message: safetensors' heade
 HANDSHAKE_SECONDS = 10.0
 
 # Frame kinds. STATUS: (round, digest of the outer model) after each round and on connecting.
-# CONTRIB: a round's outer gradient (digest of the outer model it starts from + the payload).
-# DROP: "you are not in my average of this round". JOIN: "send me your state after your next
-# round". STATE: outer model and outer momentum, safetensors.
-STATUS, CONTRIB, DROP, JOIN, STATE = 1, 2, 3, 4, 5
-KIND_NAMES = {STATUS: "status", CONTRIB: "outer gradient", DROP: "drop", JOIN: "join", STATE: "state"}
+# CONTRIB: a round's whole outer gradient (digest of the outer model it starts from + the payload),
+# what each site sends every other at 2 sites, or with an encoding. At 3 sites or more the fp32
+# outer gradient travels in shards (shoal/sites/sharded.py): SHARD carries the receiver's shard of
+# the sender's gradient, AVERAGE the shard's average from its owner, REPAIR the shards whose owner
+# was lost between the two. DROP: "you are not in my average of this round". JOIN: "send me your
+# state after your next round". STATE: outer model and outer momentum, safetensors.
+STATUS, CONTRIB, DROP, JOIN, STATE, SHARD, AVERAGE, REPAIR = 1, 2, 3, 4, 5, 6, 7, 8
+KIND_NAMES = {STATUS: "status", CONTRIB: "outer gradient", DROP: "drop", JOIN: "join", STATE: "state",
+              SHARD: "outer shard", AVERAGE: "averaged shard", REPAIR: "repair shard"}
+GRADIENT_KINDS = (CONTRIB, SHARD, AVERAGE, REPAIR)  # the kinds that carry outer-gradient values
+DIGEST_BYTES = 32
+SHARDED_FROM = 3  # sites in a round from which the fp32 exchange is sharded (at 2 both ways cost the same)
 
 
 class Refused(Exception):
     """A connection or message refused; the text says why and names the peer."""
 
 
-def message_limit(num_params: int) -> int:
-    """The largest message a site accepts: the outer model and its momentum in fp32 (a STATE), plus 1 MiB."""
-    return 8 * num_params + MARGIN
+def message_limits(num_params: int) -> dict[int, int]:
+    """The largest message of each kind a site accepts: the largest it can legitimately be, plus 1 MiB.
+
+    A STATE is the outer model and its momentum in fp32; an outer gradient at most the model in fp32
+    (the encodings are smaller) with a digest; a shard or averaged shard at most a third of it (shards
+    exist from 3 sites on); a REPAIR may carry several lost owners' shards, so up to a whole gradient;
+    the others a digest at most.
+    """
+    gradient = DIGEST_BYTES + 4 * num_params
+    shard = DIGEST_BYTES + 4 * -(-num_params // SHARDED_FROM)
+    limits = {STATUS: DIGEST_BYTES, DROP: 0, JOIN: 0, STATE: 8 * num_params, CONTRIB: gradient,
+              SHARD: shard, AVERAGE: shard, REPAIR: gradient}
+    return {kind: size + MARGIN for kind, size in limits.items()}
 
 
 def _context(certs_dir: Path, name: str, server: bool) -> ssl.SSLContext:
@@ -128,14 +145,16 @@ def _read_exact(sock: ssl.SSLSocket, count: int) -> bytes:
     return b"".join(chunks)
 
 
-def read_frame(sock: ssl.SSLSocket, limit: int) -> Frame:
-    """One frame; Refused (without reading the payload) when its length header exceeds `limit`."""
+def read_frame(sock: ssl.SSLSocket, limits: dict[int, int] | int) -> Frame:
+    """One frame; Refused (without reading the payload) when its length header exceeds the limit of its
+    kind (`message_limits`; one int: the same limit for every kind)."""
     magic, kind, round_, length = HEADER.unpack(_read_exact(sock, HEADER.size))
     if magic != MAGIC or kind not in KIND_NAMES:
         raise Refused(f"not a Shoal sites frame (magic {magic!r}, kind {kind})")
+    limit = limits if isinstance(limits, int) else limits[kind]
     if length > limit:
         raise Refused(f"a {KIND_NAMES[kind]} message of {length} bytes, above the limit of {limit} "
-                      f"(the model's outer state + 1 MiB); not read")
+                      f"(its largest legitimate size + 1 MiB); not read")
     return Frame(kind, round_, _read_exact(sock, length))
 
 

@@ -22,7 +22,7 @@ from shoal.sites.certs import make_site_certs, revoke_site
 from shoal.sites.plane import SitePlane
 from tests.conftest import free_port, wait_for
 
-LIMIT = wire.message_limit(1000)
+LIMIT = wire.message_limits(1000)
 
 
 @pytest.fixture(scope="module")
@@ -238,9 +238,12 @@ def test_a_message_longer_than_the_limit_is_refused_from_its_header(certs_dir, c
     try:
         sock = wire.connect("127.0.0.1", port, wire.client_context(certs_dir, "a"), 5)
         wait_for(lambda: b.linked() == ["a"])
-        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.CONTRIB, 1, LIMIT + 1))  # the header alone
+        # An outer shard may be a third of an outer gradient, and no more: its header alone is refused.
+        shard_limit = LIMIT[wire.SHARD]
+        assert shard_limit == wire.DIGEST_BYTES + 4 * 334 + wire.MARGIN < LIMIT[wire.CONTRIB] < LIMIT[wire.STATE]
+        sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.SHARD, 1, shard_limit + 1))
         wait_for(lambda: "refused site a's message" in caplog.text)
-        assert f"of {LIMIT + 1} bytes, above the limit of {LIMIT}" in caplog.text
+        assert f"outer shard message of {shard_limit + 1} bytes, above the limit of {shard_limit}" in caplog.text
         wait_for(lambda: b.linked() == [])
         sock.close()
     finally:
@@ -291,9 +294,9 @@ def test_the_wire_holds_tls_1_3_and_no_run_of_a_marker_tensor(certs_dir):
     b_port = free_port()
     relay = Relay(b_port)
     a = SitePlane(name="a", listen=("127.0.0.1", free_port()), peers={"b": ("127.0.0.1", relay.port)},
-                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limit(4096))
+                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limits(4096))
     b = SitePlane(name="b", listen=("127.0.0.1", b_port), peers={"a": ("127.0.0.1", 1)},
-                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limit(4096))
+                  certs_dir=certs_dir, grace_seconds=30, limit=wire.message_limits(4096))
     for plane in (a, b):
         plane.start()
     try:
