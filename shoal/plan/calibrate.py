@@ -40,10 +40,11 @@ log = logging.getLogger(__name__)
 
 COLLECTIVE_WORLDS = (2, 4)
 COLLECTIVE_SIZES = (16_384, 262_144, 2_097_152, 8_388_608)
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 """1: the first format; 2: + the compressed hooks' arithmetic per element (hook_element), the
-optimizer's cost per operator on plain tensors (optimizer_op) and its DTensor cost measured on FSDP2 and tensor-parallel parameters (dtensor_op,
-tp_dtensor_op), FSDP2's cost per module and per parameter tensor (fsdp_unit, fsdp_param)."""
+optimizer's cost per operator on plain tensors (optimizer_op) and on FSDP2 and tensor-parallel
+DTensors (dtensor_op, tp_dtensor_op), FSDP2's cost per module and per parameter tensor
+(fsdp_unit, fsdp_param); 3: + DDP's cost per step and per parameter tensor (ddp_step)."""
 HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
 HOOK_NUMEL = 1 << 21  # 8 MB of gradients: a bucket of the size DDP hands a hook (1 MB first, then 25 MB)
 
@@ -76,6 +77,10 @@ class Calibration:
     fsdp_unit: dict[str, float] = field(default_factory=dict)
     """Group size -> seconds FSDP2 adds per fully_shard'ed module to a forward+backward beyond its
     collectives' latency (pre/post hooks, the unshard and reshard of its parameter group)."""
+    ddp_step: dict[str, list[float]] = field(default_factory=dict)
+    """Group size -> [seconds per step, seconds per parameter tensor] DDP adds to a
+    forward+backward beyond its all-reduce (its forward's bookkeeping, one autograd hook per
+    gradient, copies into and out of the buckets, the reducer's finalisation)."""
     fsdp_param: dict[str, float] = field(default_factory=dict)
     """Group size -> seconds it adds per parameter tensor (copy-in and copy-out, DTensor views,
     gradient shards)."""
@@ -353,6 +358,14 @@ def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict
                   - collectives)
     per_param = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))  # weight and bias per Linear
     out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks]}
+    # DDP likewise, its one all-reduce (one bucket here) less at its latency
+    from torch.nn.parallel import DistributedDataParallel
+    narrow = (_fixed_quiet(forward_backward(DistributedDataParallel(_stack(blocks, width))), 20)
+              - _fixed_quiet(forward_backward(plain), 20) - seconds["all_reduce"][0])
+    wide_extra = (_fixed_quiet(forward_backward(DistributedDataParallel(_stack(blocks, width, 6))), 20)
+                  - _fixed_quiet(forward_backward(_stack(blocks, width, 6)), 20) - seconds["all_reduce"][0])
+    per_tensor = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))
+    out["ddp_step"] = [max(0.0, narrow - per_tensor * len(params)), per_tensor]
     ops = count_optimizer_step(params, "adamw").ops + 2 * len(params)
     forward_backward(tp)()
 
@@ -465,6 +478,7 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
         cal.dtensor_op[str(world)], cal.tp_linear[str(world)] = seconds["dtensor_op"][0], seconds["tp_linear"][0]
         cal.tp_dtensor_op[str(world)], cal.fsdp_param[str(world)] = seconds["tp_dtensor_op"][0], seconds["fsdp_param"][0]
         cal.fsdp_unit[str(world)], cal.optimizer_op[str(world)] = seconds["fsdp_unit"][0], seconds["optimizer_op"][0]
+        cal.ddp_step[str(world)] = seconds["ddp_step"]
         for method in HOOK_METHODS:
             cal.hook_element[f"{method}:{world}"] = seconds[f"hook_{method}"][0]
         cal.pp_slot[str(world)] = seconds["pp_slot"][0]

@@ -83,6 +83,15 @@ class LocalHost:
         measured = min(per_dp, key=lambda w: (abs(w - dp), -w))
         return numel * per_dp[measured]
 
+    def ddp_seconds(self, tensors: int) -> float:
+        """What DDP adds to one forward+backward beyond its all-reduces, for `tensors` parameter
+        tensors (calibrated with this many workers: forward bookkeeping, a hook per gradient,
+        bucket copies, finalisation)."""
+        if not self.cal.ddp_step:
+            return 0.0
+        per_step, per_tensor = self._nearest(self.cal.ddp_step)
+        return per_step + tensors * per_tensor
+
     def fsdp_seconds(self, units: int, tensors: float) -> float:
         """What FSDP2 adds to one forward+backward beyond its collectives, for `units`
         fully_shard'ed modules holding `tensors` parameter tensors (calibrated with this many

@@ -43,6 +43,7 @@ def calibration(cfg: Config, layouts: list[dict], **changed) -> Calibration:
         fsdp_unit={w: 1e-4 * f for w, f in per_world.items()},
         concurrent={w: [1e-5 * f, 1e10 / f] for w, f in per_world.items()},
         optimizer_op={w: 3e-6 * f for w, f in per_world.items()},
+        ddp_step={w: [1e-4 * f, 1e-6 * f] for w, f in per_world.items()},
         pp_slot={w: 3e-4 * f for w, f in per_world.items()},
         hook_element={f"{m}:{w}": 1e-9 for m in ("fp16", "bf16", "int8", "int4") for w in per_world})
     for degrees in layouts:
@@ -141,3 +142,16 @@ def test_the_optimizer_is_priced_at_its_own_cost_per_operator():
     ops = (step(cfg, ddp, costly).optimizer - step(cfg, ddp, cheap).optimizer) / (1e-4 - 1e-6)
     assert 300 < ops < 1000  # AdamW's operators over the debug GPT's parameters, and clipping's
     assert step(cfg, ddp, costly).compute == step(cfg, ddp, cheap).compute
+
+
+def test_ddp_step_grows_with_its_own_work_per_step_and_per_tensor():
+    """DDP's own work (forward bookkeeping, a hook per gradient, bucket copies) is added to each
+    forward+backward: per step and per parameter tensor; FSDP does not pay it."""
+    cfg = gpt()
+    ddp, fsdp = {"dp_replicate": 2}, {"dp_shard": 2}
+    base = calibration(cfg, [ddp, fsdp])
+    costly = calibration(cfg, [ddp, fsdp], ddp_step={"2": [5e-3, 1e-4], "4": [5e-3, 1e-4]})
+    tensors = sum(1 for _ in meta_model(cfg).parameters())
+    assert step(cfg, ddp, costly).compute - step(cfg, ddp, base).compute == pytest.approx(
+        (5e-3 - 1e-4) + tensors * (1e-4 - 1e-6))
+    assert step(cfg, fsdp, costly).compute == step(cfg, fsdp, base).compute
