@@ -292,11 +292,13 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
             fsdp_comm += units * hw.collective("all_reduce", dims.dp_replicate, stride=tp * dims.dp_shard
                                                ).seconds(unit_bytes / dims.dp_shard)
         comm += fsdp_comm
-        if dims.dp_shard > 1 and hasattr(hw, "fsdp_seconds"):
+        if hasattr(hw, "fsdp_seconds"):
             # FSDP2's own work each forward+backward, per module (hooks, unshard, reshard) and per
             # parameter tensor (copy-in and copy-out around each gather, DTensor views, gradient
-            # shards), on the cores that compute
-            compute += accum * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp)
+            # shards), on the cores that compute; also when it only replicates (beside pp or tp),
+            # and under a pipeline once per micro-batch: its hooks run on every stage call
+            passes = accum * (cfg.parallel.pp_microbatches if pp > 1 else 1)
+            compute += passes * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp)
         first = unit_bytes / dims.dp_shard
         exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
 

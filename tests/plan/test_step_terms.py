@@ -31,7 +31,7 @@ def gpt() -> Config:
     return cfg
 
 
-def calibration(cfg: Config, layouts: list[dict], **changed) -> Calibration:
+def calibration(cfg: Config, layouts: list[dict], world: int = WORLD, **changed) -> Calibration:
     """A calibration of a made-up 2-core host, with the block profiles `layouts` need."""
     per_world = {str(w): v for w, v in ((2, 1.0), (4, 2.0))}
     cal = Calibration(
@@ -48,17 +48,17 @@ def calibration(cfg: Config, layouts: list[dict], **changed) -> Calibration:
         hook_element={f"{m}:{w}": 1e-9 for m in ("fp16", "bf16", "int8", "int4") for w in per_world})
     for degrees in layouts:
         layout = with_degrees(cfg, degrees)
-        micro, tp = block_shape(layout, check_layout(layout, WORLD))
-        cal.blocks[profile_key(cfg, micro, tp, WORLD)] = [2e-3, 1e-3, 5e-5]
+        micro, tp = block_shape(layout, check_layout(layout, world))
+        cal.blocks[profile_key(cfg, micro, tp, world)] = [2e-3, 1e-3, 5e-5]
     for name, value in changed.items():
         setattr(cal, name, value)
     return cal
 
 
-def step(cfg: Config, degrees: dict, cal: Calibration, method: str = "allreduce"):
+def step(cfg: Config, degrees: dict, cal: Calibration, method: str = "allreduce", world: int = WORLD):
     layout = with_degrees(cfg, degrees)
     layout.sync.method = method
-    return predict_step(layout, check_layout(layout, WORLD), meta_model(cfg), LocalHost(cal, WORLD))
+    return predict_step(layout, check_layout(layout, world), meta_model(cfg), LocalHost(cal, world))
 
 
 def test_compressed_hook_arithmetic_is_priced_per_element():
@@ -155,3 +155,15 @@ def test_ddp_step_grows_with_its_own_work_per_step_and_per_tensor():
     assert step(cfg, ddp, costly).compute - step(cfg, ddp, base).compute == pytest.approx(
         (5e-3 - 1e-4) + tensors * (1e-4 - 1e-6))
     assert step(cfg, fsdp, costly).compute == step(cfg, fsdp, base).compute
+
+
+def test_fsdp_work_under_a_pipeline_is_paid_every_micro_batch():
+    """pp 2 x dp 2 replicates each stage through FSDP2: its work per module and per tensor is
+    paid on every micro-batch (its hooks run on each stage call), for the stage's share."""
+    cfg = gpt()
+    pipeline = {"pp": 2, "dp_replicate": 2}
+    base = calibration(cfg, [pipeline], world=4)
+    costly = calibration(cfg, [pipeline], world=4, fsdp_unit={"2": 1e-2, "4": 1e-2 + 1e-4 * 2})
+    units = cfg.model.n_layers // 2 + 1  # this stage's blocks and the root
+    assert step(cfg, pipeline, costly, world=4).compute - step(cfg, pipeline, base, world=4).compute == \
+        pytest.approx(cfg.parallel.pp_microbatches * units * 1e-2)
