@@ -7,6 +7,7 @@ outer average, which sites are in which outer round, and the state a joining sit
 - certs.py: `shoal sites certs` (CA, one certificate per site, CRL), on shoal/federated/certs.py
 - wire.py: TLS contexts (TLS 1.3 minimum, CRL checked in the handshake, fail closed) and frames
 - plane.py: a site leader's links, the outer-round exchange with its grace window, joining
+- sharded.py: the outer average of 3 sites or more as reduce-scatter + all-gather of shards
 - outer.py: DiLoCo whose replicas are sites (`SitesDiLoCo`)
 """
 
