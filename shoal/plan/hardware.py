@@ -92,11 +92,18 @@ class LocalHost:
         per_step, per_tensor = self._nearest(self.cal.ddp_step)
         return per_step + tensors * per_tensor
 
-    def fsdp_seconds(self, units: int, tensors: float) -> float:
+    def fsdp_seconds(self, units: int, tensors: float, group: int | None = None) -> float:
         """What FSDP2 adds to one forward+backward beyond its collectives, for `units`
-        fully_shard'ed modules holding `tensors` parameter tensors (calibrated with this many
-        workers: hooks and unshard per module; copy-in, copy-out and DTensor views per tensor)."""
-        return (units * self._nearest(self.cal.fsdp_unit) + tensors * self._nearest(self.cal.fsdp_param))
+        fully_shard'ed modules holding `tensors` parameter tensors on a data-parallel group of
+        `group` ranks (hooks and unshard per module; copy-in, copy-out and DTensor views per
+        tensor). Calibrated on groups of 2 and 4 workers, each group alone on the host: a group
+        smaller than the world (pp 2 x dp 2) is priced at its own size, stretched by world / cores
+        as its workers share the cores with the other groups'."""
+        group = group or self.world
+        if group >= self.world:
+            return units * self._nearest(self.cal.fsdp_unit) + tensors * self._nearest(self.cal.fsdp_param)
+        at = str(min((int(w) for w in self.cal.fsdp_unit), key=lambda w: (abs(w - group), -w)))
+        return (units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at]) * self.oversubscribed
 
     def profile_blocks(self, cfg, model, shapes: set[tuple[int, int]]) -> None:
         """Profile, in one start of `world` workers, every (micro-batch, tp) not yet cached."""

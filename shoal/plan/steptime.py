@@ -298,7 +298,7 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
             # shards), on the cores that compute; also when it only replicates (beside pp or tp),
             # and under a pipeline once per micro-batch: its hooks run on every stage call
             passes = accum * (cfg.parallel.pp_microbatches if pp > 1 else 1)
-            compute += passes * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp)
+            compute += passes * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp, group=dp)
         first = unit_bytes / dims.dp_shard
         exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
 

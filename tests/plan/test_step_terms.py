@@ -158,12 +158,13 @@ def test_ddp_step_grows_with_its_own_work_per_step_and_per_tensor():
 
 
 def test_fsdp_work_under_a_pipeline_is_paid_every_micro_batch():
-    """pp 2 x dp 2 replicates each stage through FSDP2: its work per module and per tensor is
-    paid on every micro-batch (its hooks run on each stage call), for the stage's share."""
+    """pp 2 x dp 2 replicates each stage through FSDP2 on groups of 2: its work per module is
+    paid on every micro-batch (its hooks run on each stage call), for the stage's share, at the
+    2-rank group's calibrated cost, stretched by the 4 workers sharing 2 cores."""
     cfg = gpt()
     pipeline = {"pp": 2, "dp_replicate": 2}
     base = calibration(cfg, [pipeline], world=4)
-    costly = calibration(cfg, [pipeline], world=4, fsdp_unit={"2": 1e-2, "4": 1e-2 + 1e-4 * 2})
+    costly = calibration(cfg, [pipeline], world=4, fsdp_unit={"2": 1e-4 + 1e-2, "4": 5.0})
     units = cfg.model.n_layers // 2 + 1  # this stage's blocks and the root
     assert step(cfg, pipeline, costly, world=4).compute - step(cfg, pipeline, base, world=4).compute == \
-        pytest.approx(cfg.parallel.pp_microbatches * units * 1e-2)
+        pytest.approx(cfg.parallel.pp_microbatches * units * 1e-2 * 2)
