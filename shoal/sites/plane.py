@@ -29,33 +29,17 @@ import socket
 import ssl
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from shoal.config import ConfigError
 from shoal.sites import wire
+from shoal.sites.peers import PeerView
 from shoal.sites.sharded import Mean, RoundResult, ShardedRounds
 
 log = logging.getLogger("shoal.sites")
 DIGEST_BYTES = wire.DIGEST_BYTES
 REDIAL_SECONDS = 0.5
-
-
-@dataclass
-class PeerView:
-    """What this site knows of one other site."""
-
-    name: str
-    host: str
-    port: int
-    link: ssl.SSLSocket | None = None
-    outbox: deque[tuple[int, int, bytes, bool]] = field(default_factory=deque)  # (kind, round, payload, close after)
-    sending_since: float | None = None  # when the frame its sender is writing now was started
-    status: tuple[int, bytes] | None = None  # (completed rounds, outer-model digest) it last reported
-    joining: bool = False  # it asked for our state after our next round
-    refusal: str = ""  # why its last certificate was refused, logged once
 
 
 class SitePlane(ShardedRounds):

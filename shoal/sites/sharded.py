@@ -31,12 +31,10 @@ import logging
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from shoal.sites import wire
-
-if TYPE_CHECKING:  # the plane is the host of this mixin
-    from shoal.sites.plane import PeerView
+from shoal.sites.peers import PeerView
 
 log = logging.getLogger("shoal.sites")
 Mean = Callable[[dict[str, bytes]], bytes]
