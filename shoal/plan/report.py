@@ -48,9 +48,10 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
         from shoal.plan.calibrate import load_calibration, stale_calibration
         from shoal.plan.hardware import LocalHost
         cal = calibrate_now(None) if calibrate_now else load_calibration()
-        if cal is None and stale_calibration():  # an older format lacks quantities the model needs
+        stale = stale_calibration() if cal is None else None  # an older format lacks quantities the model needs
+        if stale:
             from shoal.plan.calibrate import calibrate, save_calibration
-            print(stale_calibration(), flush=True)
+            print(stale, flush=True)
             cal = calibrate(None, say=lambda line: print(line, flush=True))
             print(f"calibrated in {cal.seconds:.0f} s; cached in {save_calibration(cal)}")
         if cal is not None:
