@@ -301,19 +301,11 @@ def _collective_worker(rank: int, world: int, store: str, out: str) -> None:
     os._exit(0)
 
 
-def _clip_and_step(params: list, optimizer: torch.optim.Optimizer) -> None:
-    """Gradient clipping as shoal/parallel/compose.py does it (one norm per kind of DTensor, made
-    whole, then every gradient scaled), then the optimizer step."""
-    groups: dict = {}
-    for p in params:
-        key = (p.grad.device_mesh, p.grad.placements) if hasattr(p.grad, "placements") else None
-        groups.setdefault(key, []).append(p.grad)
-    total = torch.zeros(())
-    for members in groups.values():
-        norm = torch.nn.utils.get_total_norm(members, 2.0)
-        total += (norm.full_tensor() if hasattr(norm, "full_tensor") else norm) ** 2
-    for p in params:
-        p.grad.mul_(0.5)
+def _clip_and_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Gradient clipping as training runs it (ParallelModel.clip_grad_norm_, with a bound so small
+    that every gradient is scaled), then the optimizer step."""
+    from shoal.parallel.compose import ParallelModel
+    ParallelModel(module=model, model_parts=[model]).clip_grad_norm_(1e-9)
     optimizer.step()
 
 
@@ -370,9 +362,8 @@ def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict
     forward_backward(tp)()
 
     def step(model):
-        model_params = list(model.parameters())
-        optimizer = torch.optim.AdamW(model_params)
-        return lambda: _clip_and_step(model_params, optimizer)
+        optimizer = torch.optim.AdamW(model.parameters())
+        return lambda: _clip_and_step(model, optimizer)
     base = _fixed_quiet(step(plain), 20)
     out["optimizer_op"] = [base / ops]
     out["dtensor_op"] = [max(0.0, _fixed_quiet(step(sharded), 20) - base) / ops]
