@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+import gc
 import logging
 import os
 import resource
@@ -93,7 +94,12 @@ def _check_site_internal(cfg: Config, worker: WorkerEnv) -> None:
 
 def train(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> list[float]:
     """Build this process's worker and train it; returns its losses."""
-    return run(build(cfg, run_dir=run_dir, resume=resume, verbose=verbose))
+    losses = run(build(cfg, run_dir=run_dir, resume=resume, verbose=verbose))
+    # The model's hooks hold it in reference cycles, and FSDP's state holds its process groups: left
+    # to the collector, they could be freed while the interpreter shuts down, which aborts the process
+    # (a script that trains in place under torchrun goes on after this). They are freed here.
+    gc.collect()
+    return losses
 
 
 def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None, verbose: bool = False) -> Worker:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 import re
 import signal
@@ -216,6 +217,10 @@ def end_distributed(*ddp_modules: torch.nn.Module | None) -> None:
     shutdown aborts the process instead. So the Reducers of `ddp_modules` let go first,
     and the last reference to each group is a Python one, dropped here: a group freed from
     Python releases the GIL while its threads end.
+
+    A DeviceMesh holds its groups too, and DTensor's caches (sharding propagation, redistribute
+    plans) hold every mesh FSDP or tensor parallelism used for the rest of the process: those
+    groups would outlive destroy_process_group and be freed at exit. Each live mesh lets go of them.
     """
     for module in ddp_modules:
         if module is not None and hasattr(module, "reducer"):
@@ -224,8 +229,23 @@ def end_distributed(*ddp_modules: torch.nn.Module | None) -> None:
     if not dist.is_initialized():
         return
     groups = list(dist.distributed_c10d._world.pg_map)  # private in torch 2.13: every live group
+    groups += _groups_meshes_held()
     dist.destroy_process_group()
     groups.clear()
+
+
+def _groups_meshes_held() -> list[dist.ProcessGroup]:
+    """Empty every live DeviceMesh's group registry (its root's `_pg_registry`, private in torch
+    2.13) and return what it held."""
+    from torch.distributed.device_mesh import DeviceMesh
+    held = []
+    for obj in gc.get_objects():
+        if issubclass(type(obj), DeviceMesh):
+            registry = getattr(obj, "_pg_registry", None)
+            if registry:
+                held += registry.values()
+                registry.clear()
+    return held
 
 
 def init_distributed(worker: WorkerEnv, device: torch.device, backend: str = "auto",

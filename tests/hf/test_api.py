@@ -16,7 +16,7 @@ from shoal.api import _name_of
 from shoal.config import ConfigError
 
 SCRIPT = '''
-import json, sys
+import glob, json, sys, time
 import torch, transformers
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -44,7 +44,15 @@ if __name__ == "__main__":
     config.launch.threads, config.parallel.dp_shard = 1, 2
     result = shoal.train(config, model=build_model, data=Tokens, loss=my_loss, overrides=["log.dir=" + sys.argv[1]],
                          ray=sys.argv[2:] == ["ray"])
-    print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics}))
+    # Under torchrun this process trained in place: its Gloo groups and their threads must be gone
+    # now, not left for the interpreter's exit (which they can abort). A thread's task can outlive
+    # its join by a moment.
+    def gloo_threads():
+        return sum(open(p).read().startswith(("gloo", "pt_gloo")) for p in glob.glob("/proc/self/task/*/comm"))
+    deadline = time.monotonic() + 30
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(json.dumps({"run_dir": str(result.run_dir), "metrics": result.metrics, "gloo_threads": gloo_threads()}))
 '''
 
 
@@ -68,6 +76,7 @@ def test_a_script_trains_through_the_api(tmp_path, started_by):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     run_dir = tmp_path / "runs" / "shoal"
     assert result["run_dir"] == str(run_dir) and (run_dir / "metrics.jsonl").is_file()
+    assert result["gloo_threads"] == 0
     assert result["metrics"]["step"] == 3 and result["metrics"]["loss"] > 0 and "val_loss" in result["metrics"]
     assert (run_dir / "ray").is_dir() == (started_by == "ray")  # Ray Train's own records of the run
     saved = (run_dir / "config.toml").read_text()  # the workers were given names, not objects
