@@ -181,7 +181,7 @@ def no_leftover_processes(request):
 def _logging_state() -> dict:
     """What decides whether a `shoal.*` record reaches pytest's caplog handler on the root logger."""
     manager = logging.root.manager
-    return {"disable": manager.disable,
+    return {"disable": manager.disable, "root level": logging.root.level,
             **{name: (logger.disabled, logger.propagate, logger.level) for name, logger in list(manager.loggerDict.items())
                if name.startswith("shoal") and isinstance(logger, logging.Logger)}}
 
@@ -189,16 +189,17 @@ def _logging_state() -> dict:
 @pytest.fixture(autouse=True)
 def logging_left_as_found(request):
     """A test that leaves logging switched off (a logger disabled or not propagating, a global
-    `logging.disable`) would blind every later test's `caplog` in its process, and which tests
+    `logging.disable`, the root logger raised to ERROR as a local Ray's LoggingConfig did) would blind every later test's `caplog` in its process, and which tests
     follow it depends on how xdist hands out files: the state is put back and the test named."""
     before = _logging_state()
     yield
     after = _logging_state()
-    changed = sorted(key for key in after if key in before and after[key] != before[key])
+    changed = sorted((key for key in after if key in before and after[key] != before[key]), key=str)
     changed += sorted(key for key in after if key not in before and (after[key][0] or not after[key][1]))
     if not changed:
         return
     logging.disable(before["disable"])
+    logging.root.setLevel(before["root level"])
     for name in changed:
         if name.startswith("shoal"):
             disabled, propagate, level = before.get(name, (False, True, logging.NOTSET))

@@ -24,6 +24,7 @@ So the model, data order, checkpoints and metrics are those of `shoal run`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -81,8 +82,15 @@ def connect(address: str | None, num_cpus: int) -> bool:
         os.environ.setdefault("RAY_worker_niceness", "0")
         # No dashboard: it would need ray[default], and serves a web page nobody opens here. Ray Train's
         # clean-up actor then warns every second that the state API is away: actors log errors only.
+        # That LoggingConfig also sets this process's root logger to ERROR and adds a handler to it: the
+        # program that called shoal (a notebook, a script) would lose its own warnings. Put back.
+        root = logging.getLogger()
+        level, handlers = root.level, list(root.handlers)
         ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  log_to_driver=True, logging_config=ray.LoggingConfig(log_level="ERROR"))
+        root.setLevel(level)
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
         return True
     try:
         ray.init(address=address, log_to_driver=True)
@@ -128,8 +136,6 @@ class MetricsFollower(threading.Thread):
 
 def _train_loop(loop_config: dict) -> None:
     """What every Ray worker runs: Shoal's worker on the run directory's config."""
-    import logging
-
     from shoal import config as config_module
     from shoal.worker import train
 

@@ -2,6 +2,7 @@
 Ray Train receives the step records, and bad input is one line."""
 
 import json
+import logging
 import os
 import sys
 
@@ -41,7 +42,11 @@ def niceness() -> int:
 def local_ray():
     """A Ray this test process joined first: `--ray` uses it rather than starting its own each run."""
     from shoal.launch.ray import connect
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
     assert connect(None, num_cpus=2)
+    # The local Ray's logging settings are for its actors: this (the caller's) process keeps its own.
+    assert (root.level, root.handlers) == (level, handlers)
     yield
     ray.shutdown()
 
