@@ -29,9 +29,11 @@ OUTER_SYNC_METHODS = ("local_sgd", "diloco")
 """sync.method values that average parameters every sync.inner_steps steps instead of gradients."""
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A seed of its own for each rank (dropout, chaos draws): train.seed plus a prime multiple."""
-    return seed + 7919 * rank
+def rank_seed(seed: int, rank: int, site: int = 0) -> int:
+    """A seed of its own for each rank (dropout, chaos draws): train.seed plus prime multiples of the
+    rank and of its site's index, distinct for every (site, rank) with fewer than 104,729 ranks a
+    site, whatever the sites' sizes (site * world_size + rank repeats across sites of different sizes)."""
+    return seed + 7919 * rank + 104729 * site
 
 
 def option(default: Any, help: str, *, choices: tuple | None = None,

@@ -151,7 +151,7 @@ def build(cfg: Config, *, run_dir: str | None = None, resume: str | None = None,
     # A site reads an equal share of the global batch (whatever the other sites' sizes), split between its
     # own data-parallel ranks: the rule of place_in_sites, which every site computes alike.
     site, sites = site_index(cfg) if cfg.sites.name else (0, 1)
-    torch.manual_seed(rank_seed(cfg.train.seed, site * worker.world_size + worker.rank))  # per-rank dropout streams
+    torch.manual_seed(rank_seed(cfg.train.seed, worker.rank, site))  # per-rank dropout streams
     dp_rank, dp_size = place_in_sites(site, sites, mesh["dp"].get_local_rank() if mesh is not None else 0, dims.dp)
     placement = Placement(dp_rank=dp_rank, dp_size=dp_size, rank=worker.rank, device=device,
                           master=worker.rank == 0 and (replicas is None or replicas.replica.member == 0))

@@ -62,3 +62,13 @@ def test_every_field_has_help_and_is_documented():
             assert f"  {f.name} = " in reference
     docs = (ROOT / "docs" / "config.md").read_text()
     assert config.reference(markdown=True) in docs, "docs/config.md is stale: run `shoal config --markdown`"
+
+
+@pytest.mark.parametrize("sizes", [(3, 2), (1, 4, 2), (2, 2)])
+def test_every_worker_of_every_site_draws_its_own_seed(sizes):
+    """Sites of different sizes: rank 2 of a 3-worker site and rank 0 of the next 2-worker site had
+    the same seed when the site's index was scaled by its own world size."""
+    from shoal.config import rank_seed
+    seeds = [rank_seed(1234, rank, site) for site, size in enumerate(sizes) for rank in range(size)]
+    assert len(set(seeds)) == sum(sizes)
+    assert rank_seed(1234, 3) == rank_seed(1234, 3, 0)  # one site: the streams of a run without sites
