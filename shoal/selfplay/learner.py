@@ -242,7 +242,7 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
                              "train_seconds": time.monotonic() - ingest_started,
                              "buffer_positions": len(learner.buffer), "torch_threads": torch.get_num_threads(),
                              **losses})
-                log.info("version %d: %d games (%d positions) from %d batches; loss %s", version, games, positions,
+                log.info("version %d: %d games (%d positions) from %d batches; %s", version, games, positions,
                          len(batches), " ".join(f"{k} {v:.4f}" for k, v in losses.items()))
             out_of_time = _agree(bool(sp.minutes) and learner.elapsed() >= 60 * sp.minutes, rank, world_size)
             stop = _agree(preempt.requested(), rank, world_size)
