@@ -40,7 +40,8 @@ class Audit:
     """Group size of each committed step, in step order."""
     commit_times: list[float] = field(default_factory=list)
     """Earliest time each step was committed, in step order."""
-    final_loss: float = float("nan")
+    losses: list[float] = field(default_factory=list)
+    """Global mean loss of each committed step, in step order."""
 
     @property
     def clean(self) -> bool:
@@ -99,5 +100,5 @@ def audit(folder: Path, *, num_samples: int, global_batch: int, grad_accum: int,
         epoch_seen.update(first["ids"])
         result.sizes.append(first["size"])
         result.commit_times.append(min(r["t"] for r in records))
-        result.final_loss = first["loss"]
+        result.losses.append(first["loss"])
     return result

@@ -35,12 +35,28 @@ SCENARIO = ";".join([
 STEPS = 900
 
 
-def one_process_final_loss(overrides: list[str], tmp_path) -> tuple[float, int]:
-    """The same training in this process, one rank, no failures: the reference. Its config is
-    built as `shoal run` builds it (the quickstart file under the overrides)."""
+def one_process_losses(overrides: list[str], tmp_path) -> tuple[list[float], int]:
+    """The same training in this process, one rank, no failures: the reference, the loss of every
+    step and the number of samples. Its config is built as `shoal run` builds it (the quickstart
+    file under the overrides)."""
     cfg, _ = load_config(overrides)
     trainer = one_process_trainer(cfg, tmp_path, master=False)
-    return trainer.fit()[-1], len(trainer.train_set)
+    return [float(loss) for loss in trainer.fit()], len(trainer.train_set)
+
+
+def assert_same_training(losses: list[float], reference: list[float], *, through: int) -> None:
+    """`losses` (a run with failures) is the clean `reference` run. Step by step up to `through`,
+    past the last injected failure: only the order of the floating-point sums differs (3 ranks'
+    shares against one process's batch), so the losses agree to 1e-4. Afterwards that rounding
+    noise grows as any two trainings' does (measured: a step's loss differs by up to 4% around
+    step 650 of 900), so the end is compared over its last 100 steps, which agree to 1%."""
+    assert len(losses) == len(reference), (len(losses), len(reference))
+    early = [(step, a, b) for step, (a, b) in enumerate(zip(losses[:through], reference[:through]))
+             if not math.isclose(a, b, rel_tol=1e-4)]
+    assert not early, early[:5]
+    tail, reference_tail = losses[-100:], reference[-100:]
+    mean, reference_mean = sum(tail) / len(tail), sum(reference_tail) / len(reference_tail)
+    assert math.isclose(mean, reference_mean, rel_tol=0.01), (mean, reference_mean)
 
 
 def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):
@@ -51,7 +67,7 @@ def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                             env={**os.environ, SAMPLE_LOG_ENV: str(samples)})
     try:  # the one-process reference trains here meanwhile
-        reference, num_samples = one_process_final_loss([*FT, f"train.steps={STEPS}"], tmp_path)
+        reference, num_samples = one_process_losses([*FT, f"train.steps={STEPS}"], tmp_path)
         _, stderr = proc.communicate(timeout=200)
     finally:
         proc.kill()
@@ -75,4 +91,4 @@ def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):
     result = audit(samples, num_samples=num_samples, global_batch=32, grad_accum=1, seed=1234)
     assert result.steps == STEPS and result.clean, result
     assert {1, 2, 3} <= set(result.sizes)
-    assert math.isclose(result.final_loss, reference, rel_tol=0.01), (result.final_loss, reference)
+    assert_same_training(result.losses, reference, through=60)  # the last failure is injected at step 35
