@@ -105,6 +105,21 @@ class ShardedSampler:
         self.position += self.global_batch
         return torch.tensor_split(batch, world)[rank]
 
+    def move(self, batches: int) -> None:
+        """Move the position by `batches` global batches, forward or back (not before the first), to where
+        that many more or fewer `next_batch` rounds of every rank would have left it: the batches read from
+        there are those the run read there (the order depends on nothing but (epoch, position))."""
+        per_epoch = self.num_samples // self.global_batch  # next_batch drops each epoch's ragged tail
+        read = self.epoch * per_epoch + self.position // self.global_batch + batches
+        if read < 0:
+            raise ValueError(f"cannot move {-batches} batches back from batch {read - batches}")
+        # After a whole epoch the position stays at its end until the next batch starts a new one.
+        epoch, position = (0, 0) if read == 0 else ((read - 1) // per_epoch, ((read - 1) % per_epoch + 1)
+                                                    * self.global_batch)
+        if epoch != self.epoch:
+            self._perm = None
+        self.epoch, self.position = epoch, position
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
 

@@ -51,3 +51,19 @@ def test_sites_of_any_sizes_read_each_sample_of_every_batch_once(sizes):
     assert shares == [batch // sites] * sites  # equal shares per site, whatever its worker count
     with pytest.raises(ValueError):
         place_in_sites(2, 2, 0, 1)
+
+
+@pytest.mark.parametrize("num_samples", [23, 2_000_000])  # the explicit permutation and the computed one
+def test_moving_back_or_on_reads_the_batches_the_run_read_there(num_samples):
+    """`move` puts the sampler where that many batches more or fewer would have left it, across epochs (a
+    site that takes another's state trains its later steps again on their own samples: docs/sites.md)."""
+    batches = [(s.epoch, s.next_batch(0, 1).tolist()) for s in [ShardedSampler(num_samples, 5, 3)] for _ in range(13)]
+    ran = ShardedSampler(num_samples, 5, 3)
+    for _ in range(11):
+        ran.next_batch(0, 1)
+    for target in (2, 0, 9, 4, 11):  # back over epoch ends (4 batches of 5 in 23), to the start, on again
+        ran.move(target - (ran.epoch * (num_samples // 5) + ran.position // 5))
+        assert (ran.epoch, ran.next_batch(0, 1).tolist()) == batches[target], target
+        ran.move(-1)
+    with pytest.raises(ValueError, match="cannot move"):
+        ShardedSampler(num_samples, 5, 3).move(-1)
