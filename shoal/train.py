@@ -204,22 +204,26 @@ class Trainer:
         saved, self._saved_outer_sync = self._saved_outer_sync, None
         if outer_sync is not None and saved is not None:
             outer_sync.load_state_dict(saved)
-            # Steps after the checkpoint whose data the outer average already holds (a site that
-            # stopped after a round and before that step's checkpoint): read on, not again.
-            averaged = getattr(outer_sync, "steps_already_averaged", 0)
-            if averaged > self.step:
-                self.skip_steps_to(averaged)
         elif outer_sync is not None and self.step:
             log.warning("the checkpoint holds no outer-sync state: the outer optimizer starts afresh at step %d",
                         self.step)
+        self.move_to_outer_sync_step()  # a state taken on entry or loading may hold more or fewer of this run's steps
 
-    def skip_steps_to(self, step: int) -> None:
-        """Continue at `step` with the data position the run had there: the steps between were trained
-        (their result is in the state the outer sync took) and are not read again."""
-        log.warning("steps %d-%d are already in the outer sync's state: continuing at step %d, their data not "
-                    "read again", self.step + 1, step, step)
-        for _ in range((step - self.step) * self.cfg.train.grad_accum):
-            self.sampler.next_batch(0, 1)  # one whole global micro-batch: the position every rank shares
+    def move_to_outer_sync_step(self) -> None:
+        """Continue at the step the outer sync names, if it names one: it took another replica's state, which
+        holds this run's steps up to that step and none after (shoal/sites/outer.py)."""
+        named = getattr(self.outer_sync, "step_to_continue_at", None)
+        step = named() if named is not None else None
+        if step is not None and step != self.step:
+            self.move_to_step(step)
+
+    def move_to_step(self, step: int) -> None:
+        """Continue at `step` with the data position (and learning rate) the run had there: back, the steps
+        after it are trained again on their own data; ahead, the steps between are not read again."""
+        log.info("continuing at step %d (from step %d): the data position moves %s", step, self.step,
+                 "back, those steps' samples are read again" if step < self.step else "on, not reading the steps "
+                 "between")
+        self.sampler.move((step - self.step) * self.cfg.train.grad_accum)  # global micro-batches, as every rank
         self.step = step
 
     def save(self) -> None:
@@ -424,6 +428,7 @@ class Trainer:
                     "samples": self.step * t.batch_size, "world_size": self.where.dp_size})
                 if every_step or self.step % self.cfg.log.every == 0 or self.step == t.steps:
                     stop = report.publish(averaged=every_step) or stop
+                self.move_to_outer_sync_step()  # after the step is reported under its own number; before any save
                 timing.add(data=self.data_seconds, compute=compute, arrival=self.arrival_seconds)
                 ranks = timing.summary(self.step)
                 if ranks is not None:

@@ -8,6 +8,7 @@ outer average, which sites are in which outer round, and the state a joining sit
 - wire.py: TLS contexts (TLS 1.3 minimum, CRL checked in the handshake, fail closed) and frames
 - plane.py: a site leader's links, the outer-round exchange with its grace window, joining
 - sharded.py: the outer average of 3 sites or more as reduce-scatter + all-gather of shards
+- lineage.py: which steps of each site an outer model holds, sent with it to a joining site
 - outer.py: DiLoCo whose replicas are sites (`SitesDiLoCo`)
 """
 
@@ -47,6 +48,5 @@ def sites_outer_sync(cfg: Config, model: nn.Module, optimizer: torch.optim.Optim
                           events=event_writer(Path(run_dir) / "events.jsonl"))
     _, sites = site_index(cfg)
     return SitesDiLoCo(model, optimizer, plane=plane, join_timeout=cfg.sites.join_timeout, resumed=resumed,
-                       journal=Path(run_dir) / "sites-round.json" if plane is not None else None,
                        samples_per_step=cfg.train.batch_size // sites,
                        group=dist.group.WORLD, **outer_options(cfg.sync, sites))

@@ -11,8 +11,14 @@ DiLoCo's `reduce_outer_gradient`, the one place an outer gradient crosses betwee
 After each round the leader reports its outer model's digest to the other sites, serves the sites
 that asked for its state, and, when it finds itself behind (restarted, or dropped from a round),
 takes a running site's outer model and outer momentum (safetensors) and gives them to its workers.
-Taking a state discards this site's own outer model: the steps it trained since its last round averaged
-with another site are then in no global model, and it says which (log + `site_data_lost`).
+With the model comes the map of the last inner step of each site whose outer gradient it holds
+(shoal/sites/lineage.py; each outer gradient carries its sender's step). Taking a state discards this
+site's own outer model, so the site continues at its own step in the map taken: every worker moves
+its step and data position there (the Trainer's `move_to_outer_sync_step`), and the steps after it,
+whose data is in no part of the model taken, are trained again on their own samples (log +
+`site_data_reread`).
+A resumed site whose checkpoint is older than its last step in the model taken moves on instead,
+not reading those steps again (`site_data_skipped`).
 
 DiLoCo: Douillard et al. 2023, arXiv 2311.08105.
 """
@@ -20,10 +26,7 @@ DiLoCo: Douillard et al. 2023, arXiv 2311.08105.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from shoal.sites.lineage import SiteSteps
 from shoal.sites.plane import SitePlane
 from shoal.sync.diloco import DiLoCo
 from shoal.sync.encoding import decode_average
@@ -57,15 +61,11 @@ class SitesDiLoCo(DiLoCo):
 
     `group` is the site's own process group: the leader's results are broadcast over it.
     `resumed`: a checkpoint will be loaded after entry, and the join check waits for it.
-    `journal`: the leader's record of the last round in which another site averaged this site's outer
-    gradient (its inner step then), written before the round is logged; a resumed site whose checkpoint
-    is older than that round does not read those steps' data again (`steps_already_averaged`).
-    `samples_per_step`: this site's share of a step's global batch (the lost samples an event counts).
+    `samples_per_step`: this site's share of a step's global batch (the samples an event counts).
     """
 
     def __init__(self, model: torch.nn.Module, inner_optimizer: torch.optim.Optimizer, *, plane: SitePlane | None,
-                 join_timeout: float, resumed: bool = False, journal: Path | None = None, samples_per_step: int = 0,
-                 **diloco: Any):
+                 join_timeout: float, resumed: bool = False, samples_per_step: int = 0, **diloco: Any):
         super().__init__(model, inner_optimizer, **diloco)
         if len(self.fragments) != 1 or self.overlap:
             raise ValueError("sites sync the whole model at once: fragments = 1, overlap = false")
@@ -74,15 +74,10 @@ class SitesDiLoCo(DiLoCo):
         self._resync_from: str | None = None
         self._rounds_seen = 0
         self._round_handle: Any = None
-        self.journal = journal
-        self._journal_round = 0  # the journal's round, read on resume
         self.samples_per_step = samples_per_step
-        self.averaged_step = 0
-        """The leader's last inner step whose round another site averaged this site's outer gradient in (or at
-        which it took a global model): its later steps are in this site's outer model alone."""
-        self.steps_already_averaged = 0
-        """Set on resume: the steps (counted from the start) whose data the global model taken already holds
-        from this site; the Trainer continues its data from there (0: from the checkpoint's own position)."""
+        self.site_steps = SiteSteps()
+        """The leader's map of each site's last inner step whose outer gradient is in its outer model."""
+        self._continue_at: int | None = None  # set when a state taken moved the step; the Trainer follows it
 
     # -- entry, exit, resume ------------------------------------------------------------------
     def __enter__(self) -> SitesDiLoCo:
@@ -103,48 +98,23 @@ class SitesDiLoCo(DiLoCo):
         if self.plane is not None:
             self.plane.close()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "site_steps": dict(self.site_steps.steps)}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.site_steps = SiteSteps(dict(state.get("site_steps", {})))
         self._rounds_seen = self.outer_syncs
         if self.plane is not None:
             self.plane.set_round(self.outer_syncs, self.outer_digest())
-        saved_step = self.inner_step
-        averaged = self._journal_step()  # read before the catch-up, which may write the journal
-        self.averaged_step = averaged
-        took = self._catch_up(None)  # the other sites may have gone on while this one was down
-        # A crash after a round and before its checkpoint: the round's steps are in the global model
-        # taken (it holds every round after the journal's), so their data is not read a second time.
-        skip = torch.tensor([averaged if took is not None and took >= self._journal_round and averaged > saved_step
-                             else 0], dtype=torch.int64)
-        if dist.get_world_size(self.group) > 1:
-            dist.broadcast(skip, group=self.group, group_src=0)
-        if int(skip) > 0:
-            self.steps_already_averaged = self.inner_step = self.averaged_step = int(skip)
-            if self.plane is not None:
-                log.warning("site %s: steps %d-%d were averaged in outer round %d before this site stopped (its "
-                            "checkpoint is of step %d): their data is not read again; continuing at step %d",
-                            self.plane.name, saved_step + 1, int(skip), self._journal_round, saved_step, int(skip))
-                self.plane.event("site_data_skipped", site=self.plane.name, first=saved_step + 1, last=int(skip),
-                                 round=self._journal_round)
+        # The other sites may have gone on while this one was down: a state taken says where to continue.
+        self._catch_up(None)
 
-    # -- the journal: the last round another site averaged this site's outer gradient in --------
-    def _journal_step(self) -> int:
-        """The inner step of the journal's round (0 without a journal); sets `_journal_round`."""
-        if self.journal is None or not self.journal.is_file():
-            return 0
-        try:
-            entry = json.loads(self.journal.read_text())
-            self._journal_round, step = int(entry["round"]), int(entry["step"])
-        except (ValueError, KeyError, TypeError):
-            log.warning("site %s: %s is not a round journal; ignored", self.plane.name, self.journal)
-            return 0
+    def step_to_continue_at(self) -> int | None:
+        """The inner step the run continues at, once, after a state taken moved it (None otherwise): the
+        Trainer moves its step and data position there (`Trainer.move_to_outer_sync_step`)."""
+        step, self._continue_at = self._continue_at, None
         return step
-
-    def _write_journal(self, round_: int) -> None:
-        """Atomically: a crash leaves the old record or the new one."""
-        tmp = self.journal.with_name(self.journal.name + ".tmp")
-        tmp.write_text(json.dumps({"round": round_, "step": self.inner_step}))
-        os.replace(tmp, self.journal)
 
     # -- the outer average --------------------------------------------------------------------
     def reduce_outer_gradient(self, fragment: Any, pseudo: torch.Tensor) -> torch.futures.Future[torch.Tensor]:
@@ -154,7 +124,8 @@ class SitesDiLoCo(DiLoCo):
         if self.plane is not None:
             # fp32 from 3 sites on travels in shards (sites/sharded.py); an encoding only as a whole.
             mean = (lambda rows: self._mean_bytes(rows, payload.dtype)) if encoding is None else None
-            result = self.plane.exchange(self.outer_syncs + 1, tensor_bytes(payload), mean, payload.element_size())
+            result = self.plane.exchange(self.outer_syncs + 1, tensor_bytes(payload), mean, payload.element_size(),
+                                         step=self.inner_step)
             self._resync_from = result.resync_from
             if result.average is not None:
                 average.copy_(torch.frombuffer(bytearray(result.average), dtype=pseudo.dtype).view_as(pseudo))
@@ -170,10 +141,7 @@ class SitesDiLoCo(DiLoCo):
                     average.copy_(decode_average(torch.stack(list(rows.values())), encoding))
                 else:
                     average.copy_(average_in_order(list(rows.values())))
-            if len(self.site_members) > 1:
-                self.averaged_step = self.inner_step
-                if self.journal is not None:  # before the round is logged as done
-                    self._write_journal(self.outer_syncs + 1)
+            self.site_steps.averaged({site: result.steps[site] for site in self.site_members})
             if self.site_members != sorted([self.plane.name, *self.plane.peers]):
                 log.info("site %s: outer round %d averaged over sites %s", self.plane.name, self.outer_syncs + 1,
                          ", ".join(self.site_members))
@@ -216,10 +184,10 @@ class SitesDiLoCo(DiLoCo):
         source, self._resync_from = self._resync_from, None
         self._catch_up(source)
 
-    def _catch_up(self, source: str | None) -> int | None:
-        """Every worker of the site takes a running site's state when the leader finds this site behind;
-        returns the outer round of the state taken (None when none was)."""
-        blob, rounds = b"", 0
+    def _catch_up(self, source: str | None) -> None:
+        """Every worker of the site takes a running site's state when the leader finds this site behind, and
+        continues at this site's own step in the state's map (`step_to_continue_at`)."""
+        blob, rounds, taken = b"", 0, SiteSteps()
         if self.plane is not None:
             source = source or self.plane.ahead()
             if source is not None:
@@ -234,45 +202,54 @@ class SitesDiLoCo(DiLoCo):
         tensors: list[torch.Tensor] = []
         if blob:
             try:
-                tensors = self.decode_state(blob)
+                tensors, taken = self.decode_state(blob)
             except ValueError as err:  # refused: this site's workers must not wait for it
                 log.error("site %s: refused the state from site %s: %s; training on alone", self.plane.name, source,
                           err)
                 blob = b""
-        flag = torch.tensor([rounds if blob else -1], dtype=torch.int64)
+        # The round of the state taken (-1: none) and the step this site continues at: its own in the map.
+        flag = torch.tensor([rounds if blob else -1, taken.step_of(self.plane.name) if blob else 0],
+                            dtype=torch.int64)
         if dist.get_world_size(self.group) > 1:
             dist.broadcast(flag, group=self.group, group_src=0)
-        if int(flag) < 0:
-            return None
+        if int(flag[0]) < 0:
+            return
         if self.plane is None:
             tensors = self._empty_state()
         if dist.get_world_size(self.group) > 1:
             for tensor in tensors:
                 dist.broadcast(tensor, group=self.group, group_src=0)
-        own_rounds = self.outer_syncs
-        self._load_global(int(flag), tensors)
+        own_rounds, own_step, step = self.outer_syncs, self.inner_step, int(flag[1])
+        self._load_global(int(flag[0]), tensors)
+        self.site_steps = taken
+        if step != own_step:
+            self.inner_step = self._continue_at = step
         if self.plane is not None:
-            self._report_lost_steps(source, own_rounds)
+            self._report_moved(source, own_rounds, own_step, step)
             log.info("site %s: joined at outer round %d with site %s's outer model and momentum", self.plane.name,
                      self.outer_syncs, source)
             self.plane.event("site_joined", site=self.plane.name, source=source, round=self.outer_syncs)
             self.plane.state_taken(self.outer_syncs, self.outer_digest(), self.encode_state)
-        return self.outer_syncs
 
-    def _report_lost_steps(self, source: str, own_rounds: int) -> None:
-        """The leader took `source`'s state in place of its own outer model (of round `own_rounds`): the steps
-        this site trained after its last round averaged with another site are in no global model it knows
-        of. Their data is not read again (the data position goes on), so say which steps were lost."""
-        first, last = self.averaged_step + 1, self.inner_step
-        self.averaged_step = self.inner_step
-        if last < first:
-            return
-        samples = (last - first + 1) * self.samples_per_step
-        log.warning("site %s: steps %d-%d (%d samples of this site's share) are lost to the global model: no other "
-                    "site averaged them (outer rounds of this site alone, up to round %d) and site %s's state "
-                    "replaced them", self.plane.name, first, last, samples, own_rounds, source)
-        self.plane.event("site_data_lost", site=self.plane.name, first=first, last=last, samples=samples,
-                         source=source, own_round=own_rounds, round=self.outer_syncs)
+    def _report_moved(self, source: str, own_rounds: int, own_step: int, step: int) -> None:
+        """The leader took `source`'s state, which holds this site's steps up to `step`, in place of its own
+        outer model (of round `own_rounds`, step `own_step`): say which steps' data is read again (or, after
+        a resume from an older checkpoint, not read again)."""
+        if step < own_step:
+            first, last = step + 1, own_step
+            samples = (last - first + 1) * self.samples_per_step
+            log.warning("site %s: steps %d-%d (%d samples of this site's share) are not in site %s's global model "
+                        "(this site's outer model of round %d held them; the state of round %d replaced it); "
+                        "re-reading them", self.plane.name, first, last, samples, source, own_rounds,
+                        self.outer_syncs)
+            self.plane.event("site_data_reread", site=self.plane.name, first=first, last=last, samples=samples,
+                             source=source, own_round=own_rounds, round=self.outer_syncs)
+        elif step > own_step:
+            log.warning("site %s: steps %d-%d are in site %s's global model already (averaged before this site "
+                        "stopped; its checkpoint is of step %d): their data is not read again; continuing at step %d",
+                        self.plane.name, own_step + 1, step, source, own_step, step)
+            self.plane.event("site_data_skipped", site=self.plane.name, first=own_step + 1, last=step,
+                             source=source, round=self.outer_syncs)
 
     # -- the global state ------------------------------------------------------------------------
     def _outer_and_momentum(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -288,16 +265,19 @@ class SitesDiLoCo(DiLoCo):
         return digest.digest()
 
     def encode_state(self) -> bytes:
+        """The outer model, its momentum and the map of the steps it holds (in the safetensors metadata)."""
         outer, momentum = self._outer_and_momentum()
         return st_save({**{f"outer.{i}": o.contiguous() for i, o in enumerate(outer)},
-                        **{f"momentum.{i}": m.contiguous() for i, m in enumerate(momentum)}})
+                        **{f"momentum.{i}": m.contiguous() for i, m in enumerate(momentum)}},
+                       metadata=self.site_steps.metadata())
 
     def _empty_state(self) -> list[torch.Tensor]:
         outer, momentum = self._outer_and_momentum()
         return [torch.empty_like(t) for t in outer + momentum]
 
-    def decode_state(self, blob: bytes) -> list[torch.Tensor]:
-        """A STATE message as outer + momentum tensors, checked against this site's; ValueError when they differ."""
+    def decode_state(self, blob: bytes) -> tuple[list[torch.Tensor], SiteSteps]:
+        """A STATE message as outer + momentum tensors, checked against this site's, and the steps of each site
+        the model holds; ValueError when they differ or the map is missing."""
         outer, momentum = self._outer_and_momentum()
         try:
             received = st_load(blob)
@@ -313,7 +293,7 @@ class SitesDiLoCo(DiLoCo):
                 raise ValueError(f"the state from another site has {name} of {got.dtype} {tuple(got.shape)}, "
                                  f"expected finite {mine.dtype} {tuple(mine.shape)}")
             out.append(got)
-        return out
+        return out, SiteSteps.from_safetensors(blob)
 
     @torch.no_grad()
     def _load_global(self, rounds: int, tensors: list[torch.Tensor]) -> None:

@@ -314,8 +314,10 @@ class SitePlane(ShardedRounds):
                         best = (rounds, peer.name)
             return best[1] if best else None
 
-    def exchange(self, round_: int, payload: bytes, mean: Mean | None = None, itemsize: int = 4) -> RoundResult:
-        """Send this site's outer gradient of round `round_` to the sites in step with it, and collect theirs.
+    def exchange(self, round_: int, payload: bytes, mean: Mean | None = None, itemsize: int = 4, *,
+                 step: int = 0) -> RoundResult:
+        """Send this site's outer gradient of round `round_` (its inner step then: `step`) to the sites in step
+        with it, and collect theirs (with their steps, `RoundResult.steps`).
 
         Waits at most `grace_seconds`; a site whose gradient has not come by then is dropped from this
         round (told so and disconnected). Sites behind this one or joining are not waited for.
@@ -329,8 +331,8 @@ class SitePlane(ShardedRounds):
             targets = [p for p in self.peers.values() if p.link is not None and not p.joining
                        and (p.name in self.members or p.status == (round_ - 1, self.digest))]
         if mean is not None and len(targets) + 1 >= wire.SHARDED_FROM:
-            return self.exchange_sharded(round_, targets, started, payload, itemsize, mean)
-        mine = self.digest + payload
+            return self.exchange_sharded(round_, targets, started, payload, itemsize, mean, step)
+        mine = self.digest + wire.STEP.pack(step) + payload
         for peer in targets:
             self._send(peer, wire.CONTRIB, round_, mine)  # queued: the grace window starts now, not after the sends
         deadline = started + self.grace
@@ -348,7 +350,7 @@ class SitePlane(ShardedRounds):
             dropped_me = sorted(p.name for p in self.peers.values()
                                 if self.inbox.pop((wire.DROP, round_, p.name), None) is not None)
             self._forget_round(round_)
-        payloads = {self.name: payload}
+        payloads, steps = {self.name: payload}, {self.name: step}
         resync = self._diverged(round_)
         for peer in targets:
             got = received.get(peer.name)
@@ -359,14 +361,16 @@ class SitePlane(ShardedRounds):
             elif got[:DIGEST_BYTES] != self.digest:  # it started this round from another model
                 if peer.name < self.name:
                     resync = resync or peer.name
-            else:
-                payloads[peer.name] = got[DIGEST_BYTES:]
+            else:  # a frame too short for its step leaves an empty payload, refused (logged) by the caller
+                head = DIGEST_BYTES + wire.STEP.size
+                steps[peer.name] = wire.STEP.unpack_from(got, DIGEST_BYTES)[0] if len(got) >= head else 0
+                payloads[peer.name] = got[head:]
         self.members = set(payloads) - {self.name}
         if dropped_me:
             resync = resync or dropped_me[0]
             log.warning("site %s: site(s) %s left this site out of outer round %d; taking their state", self.name,
                         ", ".join(dropped_me), round_)
-        return RoundResult(dict(sorted(payloads.items())), resync, members=sorted(payloads))
+        return RoundResult(dict(sorted(payloads.items())), resync, members=sorted(payloads), steps=steps)
 
     def _forget_round(self, round_: int) -> None:
         """Drop the late or stale round frames of rounds up to `round_` (closed); the caller holds `cond`."""

@@ -50,6 +50,7 @@ class RoundResult:
     resync_from: str | None  # a site whose state this site must take after the round
     average: bytes | None = None  # the round's average, assembled from shards (the sharded exchange)
     members: list[str] = field(default_factory=list)  # the sites in this round's average, this one included
+    steps: dict[str, int] = field(default_factory=dict)  # each member's inner step at the round (lineage.py)
 
 
 def shard_bounds(total_bytes: int, itemsize: int, sites: list[str]) -> dict[str, tuple[int, int]]:
@@ -80,8 +81,9 @@ class ShardedRounds:
     members: set[str]
 
     def exchange_sharded(self, round_: int, targets: list[PeerView], started: float, payload: bytes,
-                         itemsize: int, mean: Mean) -> RoundResult:
-        """Round `round_` with `targets` (the sites in step with this one) as reduce-scatter + all-gather."""
+                         itemsize: int, mean: Mean, step: int = 0) -> RoundResult:
+        """Round `round_` with `targets` (the sites in step with this one) as reduce-scatter + all-gather;
+        `step`: this site's inner step, sent with its shards."""
         order = sorted([self.name, *(p.name for p in targets)])
         bounds = shard_bounds(len(payload), itemsize, order)
         head = names_header(self.digest, order)
@@ -91,10 +93,11 @@ class ShardedRounds:
             return payload[lo:hi]
 
         for peer in targets:  # 1. reduce-scatter: each site its own shard of this site's gradient
-            self._send(peer, wire.SHARD, round_, head + shard(peer.name))
+            self._send(peer, wire.SHARD, round_, head + wire.STEP.pack(step) + shard(peer.name))
         got = self._collect(wire.SHARD, round_, targets, started + self.grace)
         resync = self._diverged(round_)
-        rows = {self.name: shard(self.name)}
+        rows, steps = {self.name: shard(self.name)}, {self.name: step}
+        body = len(head) + wire.STEP.size  # where a shard's values start
         for peer in targets:
             frame = got.get(peer.name)
             if self._dropped_me(round_, peer.name):
@@ -106,11 +109,12 @@ class ShardedRounds:
                             "or counts other sites in the round", self.name, peer.name, round_)
                 if frame[:wire.DIGEST_BYTES] != self.digest and peer.name < self.name:
                     resync = resync or peer.name
-            elif len(frame) - len(head) != len(rows[self.name]):
+            elif len(frame) - body != len(rows[self.name]):
                 log.warning("site %s: left site %s's shard out of outer round %d: %d bytes, expected %d", self.name,
-                            peer.name, round_, len(frame) - len(head), len(rows[self.name]))
+                            peer.name, round_, len(frame) - body, len(rows[self.name]))
             else:
-                rows[peer.name] = frame[len(head):]
+                (steps[peer.name],) = wire.STEP.unpack_from(frame, len(head))
+                rows[peer.name] = frame[body:]
         averaged = mean(dict(sorted(rows.items())))
         partners = [p for p in targets if p.name in rows]
         for peer in partners:  # 2. all-gather: the averaged shard to the sites averaged in it
@@ -142,8 +146,9 @@ class ShardedRounds:
             resync = resync or dropped_me[0]
             log.warning("site %s: site(s) %s left this site out of outer round %d; taking their state", self.name,
                         ", ".join(dropped_me), round_)
-            return RoundResult({self.name: payload}, resync, payload, [self.name])
-        return RoundResult({self.name: payload}, resync, b"".join(pieces[site] for site in order), members)
+            return RoundResult({self.name: payload}, resync, payload, [self.name], {self.name: step})
+        return RoundResult({self.name: payload}, resync, b"".join(pieces[site] for site in order), members,
+                           {site: steps[site] for site in members})
 
     def _repair(self, round_: int, missing: list[str], survivors: list[PeerView], shard: Callable[[str], bytes],
                 mean: Mean) -> dict[str, bytes]:

@@ -10,7 +10,9 @@ the name the config expects before any frame is read.
 A frame is a fixed 24-byte header (magic, kind, outer round, payload length) and the payload.
 The length is checked against the largest legitimate message of its kind (`message_limits`:
 the model's outer state for a STATE, an fp32 outer gradient, a third of one for a shard) before a byte of the payload is read, so an oversized message costs nothing.
-Payloads are raw little-endian tensors, a SHA-256 digest, or safetensors; nothing is unpickled.
+Payloads are raw little-endian tensors (after a digest, and for an outer gradient the sender's inner
+step, an 8-byte big-endian integer), a SHA-256 digest, or safetensors (whose JSON metadata carries
+the map of steps); nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ MARGIN = 1024 * 1024  # room beside the model in one message: safetensors' heade
 HANDSHAKE_SECONDS = 10.0
 
 # Frame kinds. STATUS: (round, digest of the outer model) after each round and on connecting.
-# CONTRIB: a round's whole outer gradient (digest of the outer model it starts from + the payload),
+# CONTRIB: a round's whole outer gradient (digest of the outer model it starts from, the sender's inner
+# step at the round (STEP: which of its steps the gradient holds, shoal/sites/lineage.py), the payload),
 # what each site sends every other at 2 sites, or with an encoding. At 3 sites or more the fp32
 # outer gradient travels in shards (shoal/sites/sharded.py): SHARD carries the receiver's shard of
-# the sender's gradient, AVERAGE the shard's average from its owner, REPAIR the shards whose owner
-# was lost between the two. DROP: "you are not in my average of this round". JOIN: "send me your
-# state after your next round". STATE: outer model and outer momentum, safetensors.
+# the sender's gradient (and its STEP), AVERAGE the shard's average from its owner, REPAIR the
+# shards whose owner was lost between the two. DROP: "you are not in my average of this round".
+# JOIN: "send me your state after your next round". STATE: outer model and outer momentum,
+# safetensors, with the steps of each site the model holds in its metadata (lineage.py).
 STATUS, CONTRIB, DROP, JOIN, STATE, SHARD, AVERAGE, REPAIR = 1, 2, 3, 4, 5, 6, 7, 8
 KIND_NAMES = {STATUS: "status", CONTRIB: "outer gradient", DROP: "drop", JOIN: "join", STATE: "state",
               SHARD: "outer shard", AVERAGE: "averaged shard", REPAIR: "repair shard"}
 GRADIENT_KINDS = (CONTRIB, SHARD, AVERAGE, REPAIR)  # the kinds that carry outer-gradient values
 DIGEST_BYTES = 32
+STEP = struct.Struct("!Q")  # the sender's inner step at the round, in CONTRIB and SHARD frames
 SHARDED_FROM = 3  # sites in a round from which the fp32 exchange is sharded (at 2 both ways cost the same)
 
 
@@ -55,12 +60,12 @@ def message_limits(num_params: int) -> dict[int, int]:
     """The largest message of each kind a site accepts: the largest it can legitimately be, plus 1 MiB.
 
     A STATE is the outer model and its momentum in fp32; an outer gradient at most the model in fp32
-    (the encodings are smaller) with a digest; a shard or averaged shard at most a third of it (shards
+    (the encodings are smaller) with a digest and a step; a shard or averaged shard at most a third of it (shards
     exist from 3 sites on); a REPAIR may carry several lost owners' shards, so up to a whole gradient;
     the others a digest at most.
     """
-    gradient = DIGEST_BYTES + 4 * num_params
-    shard = DIGEST_BYTES + 4 * -(-num_params // SHARDED_FROM)
+    gradient = DIGEST_BYTES + STEP.size + 4 * num_params
+    shard = DIGEST_BYTES + STEP.size + 4 * -(-num_params // SHARDED_FROM)
     limits = {STATUS: DIGEST_BYTES, DROP: 0, JOIN: 0, STATE: 8 * num_params, CONTRIB: gradient,
               SHARD: shard, AVERAGE: shard, REPAIR: gradient}
     return {kind: size + MARGIN for kind, size in limits.items()}

@@ -50,10 +50,11 @@ def planes(certs_dir: Path, names: list[str], grace: float = 5.0,
     return made
 
 
-def exchange_all(sites: dict[str, SitePlane], round_: int, payloads: dict[str, bytes]) -> dict:
+def exchange_all(sites: dict[str, SitePlane], round_: int, payloads: dict[str, bytes],
+                 steps: dict[str, int] | None = None) -> dict:
     results: dict = {}
-    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, sites[n].exchange(round_, payloads[n])))
-               for n in payloads]
+    threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, sites[n].exchange(
+        round_, payloads[n], step=(steps or {}).get(n, 0)))) for n in payloads]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -66,9 +67,11 @@ def test_three_sites_exchange_every_outer_gradient(certs_dir):
     try:
         assert all(sorted(p.linked()) == sorted(set("abc") - {n}) for n, p in sites.items())
         payloads = {n: n.encode() * 40 for n in sites}
-        results = exchange_all(sites, 1, payloads)
+        steps = {"a": 5, "b": 10, "c": 2**40}  # each site's inner step, which travels with its outer gradient
+        results = exchange_all(sites, 1, payloads, steps)
         for name in sites:
             assert results[name].payloads == dict(sorted(payloads.items()))
+            assert results[name].steps == steps
             assert results[name].resync_from is None
     finally:
         for plane in sites.values():
@@ -240,7 +243,8 @@ def test_a_message_longer_than_the_limit_is_refused_from_its_header(certs_dir, c
         wait_for(lambda: b.linked() == ["a"])
         # An outer shard may be a third of an outer gradient, and no more: its header alone is refused.
         shard_limit = LIMIT[wire.SHARD]
-        assert shard_limit == wire.DIGEST_BYTES + 4 * 334 + wire.MARGIN < LIMIT[wire.CONTRIB] < LIMIT[wire.STATE]
+        assert shard_limit == wire.DIGEST_BYTES + wire.STEP.size + 4 * 334 + wire.MARGIN
+        assert shard_limit < LIMIT[wire.CONTRIB] < LIMIT[wire.STATE]
         sock.sendall(wire.HEADER.pack(wire.MAGIC, wire.SHARD, 1, shard_limit + 1))
         wait_for(lambda: "refused site a's message" in caplog.text)
         assert f"outer shard message of {shard_limit + 1} bytes, above the limit of {shard_limit}" in caplog.text

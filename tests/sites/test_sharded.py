@@ -21,6 +21,7 @@ from tests.conftest import free_port
 
 NUMEL = 30_001  # not a multiple of 3: the shards differ by one value
 LIMITS = wire.message_limits(NUMEL)
+STEPS = {"a": 5, "b": 7, "c": 11}  # each site's inner steps per round here (they travel with its shards)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def start_sites(certs_dir, grace: float, events: list) -> dict[str, SitePlane]:
 def run_round(sites: dict[str, SitePlane], round_: int, gradients: dict[str, torch.Tensor], means: dict) -> dict:
     results: dict = {}
     threads = [threading.Thread(target=lambda n=n: results.__setitem__(
-        n, sites[n].exchange(round_, tensor_bytes(gradients[n]), means[n], 4))) for n in gradients]
+        n, sites[n].exchange(round_, tensor_bytes(gradients[n]), means[n], 4, step=STEPS[n] * round_)))
+        for n in gradients]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -77,6 +79,7 @@ def test_three_sites_end_each_round_with_the_plain_average_at_the_bytes_of_a_rin
             for name, result in results.items():
                 assert result.average == tensor_bytes(plain), f"site {name}, round {round_}"
                 assert result.members == ["a", "b", "c"] and result.resync_from is None
+                assert result.steps == {n: STEPS[n] * round_ for n in "abc"}  # each member's step, with its shards
                 # A ring all-reduce sends 2(n-1)/n of the gradient per site; the whole exchange sent n-1.
                 ratio = (gradient_bytes_sent(sites[name]) - before[name]) / (4 * NUMEL)
                 assert 4 / 3 <= ratio < 4 / 3 * 1.005, f"site {name} sent {ratio:.4f} gradients in round {round_}"
@@ -119,6 +122,8 @@ def test_a_site_lost_between_the_phases_leaves_the_others_with_the_same_model(ce
         expected[lo:hi] = tensor_bytes(average_in_order([gradients[n] for n in "ab"]))[lo:hi]
         assert a.average == bytes(expected)
         assert a.members == ["a", "b"] == b.members and a.resync_from is None is b.resync_from
+        # c's steps are not in the map, though its values of shards a and b are in the average (docs/sites.md)
+        assert a.steps == {"a": STEPS["a"], "b": STEPS["b"]} == b.steps
         assert "did not come in outer round 1; re-averaging them with site(s)" in caplog.text
         repaired = {site for site, kind, fields in events if kind == "site_shard_repaired" and fields["owners"] == ["c"]}
         assert repaired == {"a", "b"}

@@ -96,16 +96,40 @@ def read(path: Path) -> str:
     return path.read_text() if path.is_file() else ""
 
 
-def counted_records(samples: Path, averaged: int, resumed_at: int) -> list[dict]:
-    """Site b's step records that count: the killed process's steps up to its last outer round averaged
-    with site a (step `averaged`; later steps died with it), then every step of the resumed process,
-    which starts after its checkpoint, or after that round when the checkpoint is older (a crash after a
-    round and before its checkpoint: those steps are in the global model and are not read again)."""
-    files = sorted(samples.glob("b-rank0-pid*.jsonl"), key=lambda f: f.stat().st_mtime)
-    assert len(files) == 2, files  # the killed process and the resumed one
-    killed, resumed = ([json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")] for f in files)
-    assert resumed[0]["step"] == max(resumed_at, averaged), (resumed[0]["step"], resumed_at, averaged)
-    return [r for r in killed if r["step"] < averaged] + resumed
+def step_records(samples: Path, site: str) -> list[list[dict]]:
+    """Site `site`'s rank-0 step records, one list per process in the order they ran (a torn last line of a
+    killed process left out)."""
+    files = sorted(samples.glob(f"{site}-rank0-pid*.jsonl"), key=lambda f: f.stat().st_mtime)
+    return [[json.loads(line) for line in f.read_text().splitlines() if line.endswith("}")] for f in files]
+
+
+def lineage(records: list[dict]) -> list[dict]:
+    """The steps that count, in the order the records were written: a record of step s replaces the records of
+    steps s and later (the run moved back to s: those were of a model it then discarded)."""
+    kept: list[dict] = []
+    for record in records:
+        while kept and kept[-1]["step"] >= record["step"]:
+            kept.pop()
+        kept.append(record)
+    return kept
+
+
+def events_of(run_dir: Path, *kinds: str) -> list[dict]:
+    return [e for e in map(json.loads, read(run_dir / "events.jsonl").splitlines()) if e["event"] in kinds]
+
+
+def assert_each_sample_once(records: list[dict], out: Path, site: int) -> None:
+    """`records` (a lineage) are steps 0..n-1, each on the sampler's batch of site `site`'s share (of 2), and
+    no sample id is in two of them within an epoch."""
+    assert [r["step"] for r in records] == list(range(len(records))), [r["step"] for r in records]
+    total = int(re.search(r"; (\d+) training samples", read(out)).group(1))
+    sampler = ShardedSampler(total, 8, Config().train.seed)  # train.batch_size = 8, each site reads half
+    seen_ids: dict[int, set[int]] = {}
+    for record in records:
+        assert record["ids"] == sampler.next_batch(site, 2).tolist(), f"step {record['step']} read other samples"
+        epoch = seen_ids.setdefault(sampler.epoch, set())  # the batch's own epoch
+        assert not epoch & set(record["ids"]), f"step {record['step']} read a sample twice in its epoch"
+        epoch.update(record["ids"])
 
 
 def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
@@ -150,52 +174,52 @@ def test_a_killed_site_is_dropped_and_rejoins_with_the_global_state(tmp_path):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(30)
+    # The resumed process starts where a's state says b's steps end: after its last round with a (a crash
+    # after a round and before its checkpoint: those steps are in the global model and are not read again;
+    # a checkpoint after rounds of b alone: their steps are read again).
+    killed, resumed = step_records(samples, "b")
+    moved = events_of(tmp_path / "runs" / "b", "site_data_skipped", "site_data_reread")
+    continued = (moved[0]["last"] if moved[0]["event"] == "site_data_skipped" else moved[0]["first"] - 1) if moved \
+        else resumed_at
+    assert resumed[0]["step"] == continued == averaged, (resumed[0]["step"], continued, resumed_at, averaged)
     # The audit: the counted steps are 0..steps_b-1, once each, each on the sampler's batch of b's
     # share (site 1 of 2), and no sample id twice in an epoch.
-    records = counted_records(samples, averaged, resumed_at)
-    assert sorted(r["step"] for r in records) == list(range(steps_b)), [r["step"] for r in records]
-    total = int(re.search(r"; (\d+) training samples", read(b_out)).group(1))
-    sampler = ShardedSampler(total, 8, Config().train.seed)  # train.batch_size = 8, site b reads half
-    seen_ids: dict[int, set[int]] = {}
-    for record in sorted(records, key=lambda r: r["step"]):
-        assert record["ids"] == sampler.next_batch(1, 2).tolist(), f"step {record['step']} read other samples"
-        epoch = seen_ids.setdefault(sampler.epoch, set())  # the batch's own epoch
-        assert not epoch & set(record["ids"]), f"step {record['step']} read a sample twice in its epoch"
-        epoch.update(record["ids"])
+    assert_each_sample_once(lineage(killed + resumed), b_out, 1)
 
 
-def first_loss(text: str) -> tuple[int, int, int, list[int], list[int]] | None:
-    """The first lost-steps line of a site's log (first, last, samples) and the rounds it logged before it:
-    with every site, and without the others (averaged alone)."""
-    lost = re.search(r"steps (\d+)-(\d+) \((\d+) samples of this site's share\) are lost", text)
-    if lost is None:
-        return None
-    before = text[:lost.start()]
-    together = [int(r) for r in re.findall(r"outer round (\d+) with every site", before)]
-    alone = [int(r) for r in re.findall(r"outer round (\d+) averaged over sites \w+\n", before)]
-    return (*(int(g) for g in lost.groups()), together, alone)
+def rewinds(records: list[dict]) -> list[tuple[int, int]]:
+    """Where a process's step records go back: (the last step before, the step after), in order."""
+    return [(before["step"], after["step"]) for before, after in zip(records, records[1:])
+            if after["step"] <= before["step"]]
 
 
-def test_a_site_dropped_from_a_round_names_the_steps_whose_data_the_global_model_lost(tmp_path):
+def test_a_site_dropped_from_a_round_reads_again_the_steps_the_global_model_lacks(tmp_path):
     """Site a is stopped (SIGSTOP) after a round with site b: b drops it after the grace window and trains
     on alone; resumed (SIGCONT), a finds its link gone and trains on alone too. The two outer models now
     differ, and one site gives way and takes the other's state (the one behind, or the later name at the
-    same round): the steps it trained since its last round with the other are in no global model, and
-    it names exactly those steps and their samples (log + site_data_lost). Which site gives way depends
-    on how far each got; the steps it names are checked against its own log either way."""
+    same round), with the map of the steps of each site that state holds: the steps it trained after its
+    own entry there are in no part of the model, so it names them (log + site_data_reread) and trains them
+    again on their own samples. Which site gives way depends on how far each got; either way each site's
+    steps that count (its sample log, the re-read steps in place of the first reading) read every sample
+    of its share once, and the re-read steps read exactly the samples they read the first time."""
     certs = tmp_path / "certs"
     make_site_certs(certs, ["a", "b"])
     ports = {"a": free_port(), "b": free_port()}
     out = {name: tmp_path / f"{name}.out" for name in "ab"}
+    samples = tmp_path / "samples"
+    env = {**os.environ, SAMPLE_LOG_ENV: str(samples)}
     args = ["sites.grace_seconds=2", "train.steps=100000", "launch.nproc=1"]
-    procs = {name: start(site_args(name, ports, certs, *args), tmp_path, out[name]) for name in "ab"}
+    procs = {name: start(site_args(name, ports, certs, *args), tmp_path, out[name], env) for name in "ab"}
 
-    def lost_events() -> dict[str, list[dict]]:
-        found = {}
-        for name in "ab":
-            events = [json.loads(line) for line in read(tmp_path / "runs" / name / "events.jsonl").splitlines()]
-            found[name] = [e for e in events if e["event"] == "site_data_lost"]
-        return found
+    def reread() -> dict[str, list[dict]]:
+        return {name: events_of(tmp_path / "runs" / name, "site_data_reread") for name in "ab"}
+
+    def read_again() -> bool:  # the giving-way site has trained the last step it named once more
+        for name, events in reread().items():
+            if events:
+                steps = [r["step"] for r in step_records(samples, name)[0]]
+                return steps.count(events[0]["last"] - 1) >= 2  # records count steps from 0, the log from 1
+        return False
 
     try:
         wait_for(lambda: "outer round 1 with every site" in read(out["a"]), 240, "a round of both sites")
@@ -205,26 +229,38 @@ def test_a_site_dropped_from_a_round_names_the_steps_whose_data_the_global_model
         wait_for(lambda: "dropped site a from outer round" in read(out["b"]), 60, "b to drop the stopped site")
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
-        wait_for(lambda: any(lost_events().values()), 120, "a site to give way and name its lost steps")
+        wait_for(lambda: any(reread().values()), 120, "a site to give way and name the steps it reads again")
+        wait_for(read_again, 120, "the site that gave way to read those steps again")
     finally:
         for proc in procs.values():
             for pid in process_tree(proc.pid):  # the workers too: they have process groups of their own
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             proc.wait(30)
-    events = lost_events()
-    for name in "ab":
-        found = first_loss(read(out[name]))
-        if found is None:
-            assert not events[name]
-            continue
-        first, last, samples, together, alone = found
-        assert alone and together and max(alone) > max(together), (name, together, alone)
-        # sync.inner_steps = 5: round k ends step 5k; its rounds alone, after its last one with the other, are lost
-        assert (first, last, samples) == (5 * max(together) + 1, 5 * max(alone), (last - first + 1) * 4), name
+    events = reread()
+    assert any(events.values())
+    for index, name in enumerate("ab"):
+        (records,) = step_records(samples, name)  # one process per site: stopped and resumed, never restarted
+        named = [(e["first"], e["last"]) for e in events[name]]
+        # Each rewind of the sample log is one the site named: from the round that ended step `last` back to
+        # the step after which the state taken holds its data (counted from 1 in the log, from 0 in records).
+        # The event comes first: the last one may have no record after it yet.
+        moved = rewinds(records)
+        assert moved == [(last - 1, first - 1) for first, last in named][:len(moved)], (name, moved, named)
+        assert len(named) - len(moved) in (0, 1), (name, moved, named)
         other = "b" if name == "a" else "a"
-        assert (events[name][0]["first"], events[name][0]["last"], events[name][0]["samples"],
-                events[name][0]["source"]) == (first, last, samples, other)
+        for event in events[name]:
+            first, last = event["first"], event["last"]
+            assert (event["samples"], event["source"]) == ((last - first + 1) * 4, other), event
+            assert first % 5 == 1 and last % 5 == 0, event  # sync.inner_steps = 5: rounds end steps 5k
+            assert (f"site {name}: steps {first}-{last} ({event['samples']} samples of this site's share) are not "
+                    f"in site {other}'s global model") in read(out[name])
+        for first, last in named[:1]:  # read again: the same samples, once before the rewind and once after
+            by_step: dict[int, list[list[int]]] = {}
+            for record in records:
+                by_step.setdefault(record["step"], []).append(record["ids"])
+            assert all(len(by_step[s]) >= 2 and by_step[s][0] == by_step[s][1] for s in range(first - 1, last)), name
+        assert_each_sample_once(lineage(records), out[name], index)
 
 
 def test_no_process_of_a_sites_run_listens_on_every_interface(tmp_path):
