@@ -40,9 +40,18 @@ class MetricsLog:
             self.writer.add_text("events", json.dumps(record), record.get("step", 0))
             return
         if self.writer is not None and "step" in record and sampled:
-            for key, value in record.items():
-                if key not in ("step", "time", "kind") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        """The record's numbers as one TensorBoard event (one summary of many values), the same
+        curves as an `add_scalar` per number at about a tenth of the cost: the event framing and
+        its checksums, computed in Python by TensorBoard's writer, are paid once per record."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        kind = record.get("kind", "train")
+        values = [Summary.Value(tag=f"{kind}/{key}", simple_value=float(value)) for key, value in record.items()
+                  if key not in ("step", "time", "kind") and isinstance(value, (int, float))]
+        if values:
+            self.writer.file_writer.add_summary(Summary(value=values), record["step"])
 
     def close(self) -> None:
         self.file.close()
