@@ -280,7 +280,8 @@ class Trainer:
             last = micro == t.grad_accum - 1
             # gradients are synchronised once per step, on the last micro-batch
             with (nullcontext() if last else self.model.no_sync()), self.autocast:
-                loss_sum += self.model.forward_backward(inputs, targets, scale, items) * scale
+                loss = self.model.forward_backward(inputs, targets, scale, items)
+                loss_sum += loss if scale == 1.0 else loss * scale
         reduce_started = time.perf_counter()
         reduced = self.sync.reduce(samples, loss_sum)
         reduced_at = time.perf_counter()
@@ -325,11 +326,15 @@ class Trainer:
         transformers (num_items_in_batch) do: 1, 2 or 4 ranks and any train.grad_accum give one
         loss on padded data. One scalar all-reduce per step. Replicas that average parameters
         (DiLoCo, local SGD) or come and go (fault tolerance) count their own items."""
-        counts = [self.model.loss.items(y) for y in targets]
+        counts = [self.model.loss.items(y, every_target_counts=self.every_target_counts) for y in targets]
         if any(c is None for c in counts):
             return None
-        count = torch.stack(counts).sum().float()
-        if self.outer_sync is None and not self.sync.weights_by_samples and not self.counts_agree():
+        local = self.outer_sync is not None or self.sync.weights_by_samples or self.counts_agree()
+        if local and all(isinstance(c, int) for c in counts):  # every target counts: no tensor operation
+            return torch.tensor(float(max(1, sum(counts))), device=targets[0].device)
+        count = torch.stack([torch.tensor(c, device=targets[0].device) if isinstance(c, int) else c
+                             for c in counts]).sum().float()
+        if not local:
             count = self.means_over_dp(count)
         return torch.where(count > 0, count, torch.ones_like(count))  # nothing counts: a loss of 0, not NaN
 
@@ -340,13 +345,29 @@ class Trainer:
         over the ranks is then this rank's own count, exactly, and the step saves an all-reduce."""
         return self.every_target_counts and self.micro_batch % self.where.dp_size == 0
 
-    def means_and_stop(self, values: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """`values` averaged over the data-parallel ranks, and whether any rank was asked to stop
-        (SIGTERM and the like, shoal/runtime/preempt.py), in the one all-reduce the loss needs anyway."""
+    def means_and_stop(self, values: torch.Tensor, timing: list[float] | None = None
+                       ) -> tuple[torch.Tensor, bool, tuple[list[str], list[list[float]]] | None]:
+        """`values` averaged over the ranks (in fp64: a sum of a few fp32 losses is exact in any
+        order), whether any rank was asked to stop (SIGTERM and the like, shoal/runtime/preempt.py),
+        and, given `timing` (this rank's window of per-rank timing, RankTiming.due), every rank's
+        (labels, rows): all in the one all-reduce the loss needs anyway. Each rank writes its
+        timing in its own slots of a block that is zero elsewhere, so the sum is every rank's
+        values, exactly."""
         asked = preempt.requested() > 0 and not self.sync.agrees_on_stop
-        flag = torch.tensor([float(asked)], dtype=values.dtype, device=values.device)
-        both = self.means_over_dp(torch.cat([values.reshape(-1), flag]))
-        return both[:-1].reshape(values.shape), bool(both[-1] > 0)
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return values, asked, (None if timing is None else (["0"], [timing]))
+        world, rank, width = dist.get_world_size(), dist.get_rank(), len(timing or ())
+        vector = values.detach().reshape(-1).tolist() + [float(asked)] + [0.0] * (world * width)
+        start = values.numel() + 1 + rank * width
+        vector[start:start + width] = timing or []
+        summed = torch.tensor(vector, dtype=torch.float64, device=values.device)
+        dist.all_reduce(summed)
+        means = (summed[:values.numel()] / world).reshape(values.shape)
+        gathered = None
+        if timing is not None:
+            rows = summed[values.numel() + 1:].view(world, width).tolist()
+            gathered = ([str(r) for r in range(world)], rows)
+        return means, bool(summed[values.numel()] > 0), gathered
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         """The loss averaged over data-parallel ranks (what a single process would report)."""
@@ -395,7 +416,8 @@ class Trainer:
         report = StepReporter(self.run_dir, total_steps=t.steps, start_step=self.step, unit=unit,
                               progress_mode=self.cfg.log.progress if shown else "off", every=self.cfg.log.every,
                               tensorboard=self.cfg.log.tensorboard, writes_metrics=self.sync.writes_metrics,
-                              average=self.means_and_stop, loggers=lambda: open_loggers(self.cfg, self.run_dir))
+                              average=lambda values: self.means_and_stop(values)[:2],
+                              loggers=lambda: open_loggers(self.cfg, self.run_dir))
         # Outer-sync methods (DiLoCo) exist to keep the link quiet between syncs: their ranks' losses
         # wait in the reporter and are averaged every `log.every` steps in one all-reduce.
         every_step = self.outer_sync is None
@@ -414,11 +436,14 @@ class Trainer:
                 outcome = self.train_step()
                 if not outcome.applied:
                     continue
-                loss, stop = outcome.loss, False
-                if every_step and not outcome.loss_is_mean:  # gradients travel every step; so do the loss and a stop
-                    loss, stop = self.means_and_stop(loss)
-                seconds = time.perf_counter() - started
+                loss, stop, gathered = outcome.loss, False, None
                 compute = max(0.0, self.arrival_seconds - self.data_seconds)
+                timing.add(data=self.data_seconds, compute=compute, arrival=self.arrival_seconds)
+                if every_step and not outcome.loss_is_mean:  # gradients travel every step; so do the loss and a stop
+                    # (and, at a window's end, every rank's timing, when no other channel carries it)
+                    window = timing.due(self.step) if gather is None else None
+                    loss, stop, gathered = self.means_and_stop(loss, window)
+                seconds = time.perf_counter() - started
                 report.add(loss, {
                     "time": round(time.time(), 3),  # when the step ended, not when its loss was averaged
                     "step": self.step, "lr": lr_at(self.step - 1, t), "step_seconds": seconds,
@@ -429,8 +454,7 @@ class Trainer:
                 if every_step or self.step % self.cfg.log.every == 0 or self.step == t.steps:
                     stop = report.publish(averaged=every_step) or stop
                 self.move_to_outer_sync_step()  # after the step is reported under its own number; before any save
-                timing.add(data=self.data_seconds, compute=compute, arrival=self.arrival_seconds)
-                ranks = timing.summary(self.step)
+                ranks = timing.summary(self.step, gathered)
                 if ranks is not None:
                     report.ranks(ranks, timing.straggler(ranks))
                 if stop and self.step < t.steps:  # preempted: every rank stops after this same step

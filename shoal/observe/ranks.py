@@ -8,8 +8,11 @@ So each rank keeps, per step, its data wait, its compute (start of step to arriv
 gradient collective, less the data wait) and its arrival time; every `every` steps the
 medians of that window travel to the logging rank in one small exchange, not one per step:
 
-- with a default process group, one `all_gather_into_tensor` of 3 floats per rank, at the
-  step boundary where the loss is averaged anyway;
+- with a default process group and a loss averaged every step, inside that all-reduce: each
+  rank adds its 3 floats in its own slots of a block that is zero elsewhere, so the sum is
+  every rank's values, exactly, and the window costs no collective of its own
+  (`Trainer.means_and_stop`); where the loss is averaged later (outer-sync methods), one
+  `all_gather_into_tensor` of 3 floats per rank at the window's end;
 - under per-step fault tolerance (no default group; members change), through the job's
   c10d store: each member sets its window's values and the logging member reads the
   previous window's, which every member has written once the current window's steps ran
@@ -91,15 +94,25 @@ class RankTiming:
     def add(self, *, data: float, compute: float, arrival: float) -> None:
         self.window.append((data, compute, arrival))
 
-    def summary(self, step: int) -> dict | None:
-        """At a window's end (every rank calls it at the same step): the `ranks` record, on the
-        logging rank (None elsewhere, and between windows)."""
+    def due(self, step: int) -> list[float] | None:
+        """This rank's medians of the window when `step` ends one (what travels to the logging
+        rank), else None."""
         if step % self.every or not self.window:
             return None
-        medians = [statistics.median(column) for column in zip(*self.window)]
+        return [round(statistics.median(column), 6) for column in zip(*self.window)]
+
+    def summary(self, step: int, gathered: tuple[list[str], list[list[float]]] | None = None) -> dict | None:
+        """At a window's end (every rank calls it at the same step): the `ranks` record, on the
+        logging rank (None elsewhere, and between windows). `gathered`: every rank's `due(step)`
+        when an exchange the step made anyway carried them (the Trainer's loss all-reduce);
+        otherwise this exchanges them through `gather`."""
+        medians = self.due(step)
+        if medians is None:
+            return None
         steps = len(self.window)
         self.window.clear()
-        gathered = self.gather(step // self.every, [round(m, 6) for m in medians])
+        if gathered is None:
+            gathered = self.gather(step // self.every, medians)
         if gathered is None or not gathered[0]:
             return None
         labels, rows = gathered

@@ -72,10 +72,11 @@ class StepReporter:
         depend on how the all-reduce splits the vector (a resumed run's first one is shorter)."""
         if not self.unsent:
             return False
-        means, stop = torch.stack([loss for loss, _ in self.unsent]), False
+        means, stop = [float(loss) for loss, _ in self.unsent], False
         if not averaged:
-            means, stop = self.average(means.double())
-        for loss, (_, fields) in zip(means.tolist(), self.unsent):
+            averages, stop = self.average(torch.stack([loss for loss, _ in self.unsent]).double())
+            means = averages.tolist()
+        for loss, (_, fields) in zip(means, self.unsent):
             record = {"kind": "train", "step": fields["step"], "loss": loss, **fields}
             self.losses.append(loss)
             self.progress.update(record["step"], loss, record[f"{self.unit}_per_second"])
