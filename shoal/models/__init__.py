@@ -142,12 +142,16 @@ class Loss:
     def wants_labels(self) -> bool:
         return self.spec == "model"
 
-    def items(self, targets: torch.Tensor | None) -> torch.Tensor | None:
+    def items(self, targets: torch.Tensor | None, every_target_counts: bool = False) -> torch.Tensor | int | None:
         """How many items of `targets` the loss averages over (the targets that are not
         IGNORE_INDEX) when the loss is the built-in cross-entropy; None otherwise (the model's own
-        loss, a custom one, or mean squared error: their mean is taken as it comes)."""
+        loss, a custom one, or mean squared error: their mean is taken as it comes). Data that
+        promises `every_target_counts` (no padding) gets the targets' size as an int, counted
+        without a tensor operation."""
         if self.spec or targets is None or targets.dtype.is_floating_point:
             return None
+        if every_target_counts:
+            return targets.numel()
         return (targets != IGNORE_INDEX).sum()
 
     def __call__(self, output, inputs, targets: torch.Tensor | None,

@@ -1,10 +1,11 @@
-"""Time spent in gradient communication, measured around a DDP comm hook.
+"""When this rank's gradients were ready, seen from a DDP comm hook.
 
-Each bucket's all-reduce is timed from launch to completion of its future (`seconds`, busy
-time that overlaps the rest of backward). `arrived` is when the last bucket of a step was
-handed to the hook: this rank's backward is done there and it waits for the others, so its
-arrival time tells a compute straggler apart (shoal/observe/ranks.py). Whatever hook runs
-(plain, compressed, PowerSGD) is wrapped the same way.
+`arrived` is when the last bucket of a step was handed to the hook: this rank's backward is
+done there and it waits for the others, so its arrival time tells a compute straggler apart
+(shoal/observe/ranks.py), and the Trainer counts what follows as communication. Whatever
+hook runs (plain, compressed, PowerSGD) is wrapped the same way. The wrapper only reads the
+clock: a callback on each bucket's future would run Python on the collective's thread every
+step, contending for the interpreter with the backward pass it overlaps.
 """
 
 from __future__ import annotations
@@ -21,18 +22,12 @@ Hook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 
 class CommTimer:
     def __init__(self) -> None:
-        self.seconds = 0.0
         self.arrived = 0.0  # time.perf_counter() of the latest bucket's hook call
 
     def wrap(self, hook: Hook) -> Hook:
         def timed(state, bucket):  # unannotated: DDP checks annotations against the real GradBucket type
-            started = self.arrived = time.perf_counter()
-
-            def done(fut: torch.futures.Future) -> torch.Tensor:
-                self.seconds += time.perf_counter() - started
-                return fut.value()
-
-            return hook(state, bucket).then(done)
+            self.arrived = time.perf_counter()
+            return hook(state, bucket)
 
         return timed
 

@@ -57,7 +57,7 @@ class ParallelModel:
         """Forward, loss and backward on one micro-batch; returns the unscaled loss, detached.
         `items`: the loss is the sum over the targets that count divided by it (Loss.__call__)."""
         loss = self._loss(inputs, targets, items)
-        (loss * loss_scale).backward()
+        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
         return loss.detach()
 
     @torch.no_grad()
