@@ -45,14 +45,16 @@ def one_process_losses(overrides: list[str], tmp_path) -> tuple[list[float], int
 
 
 def assert_same_training(losses: list[float], reference: list[float], *, through: int) -> None:
-    """`losses` (a run with failures) is the clean `reference` run. Step by step up to `through`,
-    past the last injected failure: only the order of the floating-point sums differs (3 ranks'
-    shares against one process's batch), so the losses agree to 1e-4. Afterwards that rounding
-    noise grows as any two trainings' does (measured: a step's loss differs by up to 4% around
-    step 650 of 900), so the end is compared over its last 100 steps, which agree to 1%."""
+    """`losses` (a run with failures) is the clean `reference` run. Only the order of the
+    floating-point sums differs (3 ranks' shares against one process's batch), and AdamW grows
+    that rounding noise about tenfold every 15 steps (measured on one machine: 1e-5 at step 5,
+    1e-4 by step 9, 1e-3 by step 25, 4e-3 at step 59; by step 650 of 900 a step's loss differs by
+    up to 4%). So: step by step to 1e-4 through step 8 (the first failure, at step 5, and its
+    regroup included; averaging the ranks' gradients unweighted fails from step 4), to 1% up to
+    `through`, past the last injected failure, and the last 100 steps' mean to 1%."""
     assert len(losses) == len(reference), (len(losses), len(reference))
-    early = [(step, a, b) for step, (a, b) in enumerate(zip(losses[:through], reference[:through]))
-             if not math.isclose(a, b, rel_tol=1e-4)]
+    pairs = list(enumerate(zip(losses[:through], reference[:through])))
+    early = [(step, a, b) for step, (a, b) in pairs if not math.isclose(a, b, rel_tol=1e-4 if step <= 8 else 0.01)]
     assert not early, early[:5]
     tail, reference_tail = losses[-100:], reference[-100:]
     mean, reference_mean = sum(tail) / len(tail), sum(reference_tail) / len(reference_tail)
