@@ -330,10 +330,12 @@ class Trainer:
         if any(c is None for c in counts):
             return None
         local = self.outer_sync is not None or self.sync.weights_by_samples or self.counts_agree()
-        if local and all(isinstance(c, int) for c in counts):  # every target counts: no tensor operation
-            return torch.tensor(float(max(1, sum(counts))), device=targets[0].device)
-        count = torch.stack([torch.tensor(c, device=targets[0].device) if isinstance(c, int) else c
-                             for c in counts]).sum().float()
+        if isinstance(counts[0], int):  # every target counts (all counts are ints): no tensor operation
+            if local:
+                return torch.tensor(float(max(1, sum(counts))), device=targets[0].device)
+            count = torch.tensor(float(sum(counts)), device=targets[0].device)
+        else:
+            count = torch.stack(counts).sum().float()
         if not local:
             count = self.means_over_dp(count)
         return torch.where(count > 0, count, torch.ones_like(count))  # nothing counts: a loss of 0, not NaN
