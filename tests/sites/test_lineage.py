@@ -50,13 +50,13 @@ def one_rank_group():
 class Site:
     """One site leader: a tiny model, its inner optimizer, and `SitesDiLoCo` over its plane."""
 
-    def __init__(self, name: str, ports: dict[str, int], certs: Path, events: list):
+    def __init__(self, name: str, ports: dict[str, int], certs: Path, events: list, grace: float):
         torch.manual_seed(0)  # every site starts from the same model, as a job's sites do
         self.model = torch.nn.Linear(4, 2)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
         self.plane = SitePlane(name=name, listen=("127.0.0.1", ports[name]),
                                peers={p: ("127.0.0.1", port) for p, port in ports.items() if p != name},
-                               certs_dir=certs, grace_seconds=1.0, limit=wire.message_limits(10),
+                               certs_dir=certs, grace_seconds=grace, limit=wire.message_limits(10),
                                events=lambda kind, **fields: events.append((name, kind, fields)))
         self.sync = SitesDiLoCo(self.model, self.optimizer, plane=self.plane, join_timeout=30,
                                 samples_per_step=SHARE, group=dist.group.WORLD, inner_steps=H, compression="none",
@@ -73,6 +73,15 @@ class Site:
         return thread
 
 
+def round_of_both(a: Site, b: Site, round_: int) -> None:
+    """Outer round `round_` of both, paced by events: b trains first, and a only once b's outer gradient has
+    reached it, so a's short grace window never races b's steps (a loaded machine may take seconds for them)."""
+    late = b.train(H)
+    wait_for(lambda: (wire.CONTRIB, round_, "b") in a.plane.inbox)
+    a.train(H).join(60)
+    late.join(60)
+
+
 def test_a_dropped_site_takes_the_map_with_the_state_and_continues_after_its_own_entry(tmp_path, one_rank_group):
     """Round 1 of both; b is left out of round 2 and takes a's state of round 3, whose map holds b's steps
     up to step 2 only: b continues at step 2 (its steps 3-4 are read again, an event says so), and its
@@ -81,10 +90,10 @@ def test_a_dropped_site_takes_the_map_with_the_state_and_continues_after_its_own
     make_site_certs(certs, ["a", "b"])
     ports = {"a": free_port(), "b": free_port()}
     events: list = []
-    a, b = (Site(name, ports, certs, events) for name in "ab")
+    # a drops b in round 2 after a short grace window; b drops no one, and waits for a as long as a needs.
+    a, b = (Site(name, ports, certs, events, grace) for name, grace in (("a", 1.0), ("b", 60.0)))
     with a.sync, b.sync:
-        for thread in (a.train(H), b.train(H)):
-            thread.join(60)
+        round_of_both(a, b, 1)
         assert a.sync.site_steps.steps == {"a": 2, "b": 2} == b.sync.site_steps.steps
         a.train(H).join(60)  # round 2: b sends nothing, a drops it after the grace window and goes on alone
         assert a.sync.site_steps.steps == {"a": 4, "b": 2}
@@ -99,7 +108,6 @@ def test_a_dropped_site_takes_the_map_with_the_state_and_continues_after_its_own
         assert [f for n, kind, f in events if kind == "site_data_reread"] == [
             {"site": "b", "first": 3, "last": 4, "samples": 2 * SHARE, "source": "a", "own_round": 2, "round": 3}]
         assert b.sync.outer_digest() == a.sync.outer_digest()
-        for thread in (a.train(H), b.train(H)):  # round 4 of both: a at step 8, b at its step 4 again
-            thread.join(60)
+        round_of_both(a, b, 4)  # a at step 8, b at its step 4 again
         assert a.sync.site_steps.steps == {"a": 8, "b": 4} == b.sync.site_steps.steps
         assert a.sync.state_dict()["site_steps"] == {"a": 8, "b": 4}  # in the leader's checkpoint too
