@@ -4,7 +4,8 @@ search and a perfect solver.
 Two parts, each runnable alone (`--part throughput`, `--part train`):
 
 - throughput: positions per second of one actor's self-play with batched leaf evaluation (the
-  searches of `--games` games share one network batch per simulation step) against the same
+  searches of `--games` games share one network batch per simulation step; by default the
+  config's `selfplay.games_per_batch`, what its actors play) against the same
   actor playing one game at a time; then 1 against 2 actor processes (one torch thread each,
   the learner idle), each playing batched games for `--seconds`. Goals: batched >= 3x
   unbatched, 2 processes >= 1.7x one.
@@ -21,7 +22,7 @@ Two parts, each runnable alone (`--part throughput`, `--part train`):
 
 Prints a table and writes benchmarks/out/selfplay.json (merging the parts run so far).
 
-    .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games 16] [--seconds 60]
+    .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games N] [--seconds 60]
     .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [key=value ...]
     .venv/bin/python benchmarks/selfplay.py --part failures [--fail-minutes 1.5] [--kill-every 20] [--strength-games 0]
 """
@@ -91,6 +92,7 @@ def processes_rate(cfg, processes: int, games_at_once: int, seconds: float) -> f
 
 def throughput(args) -> dict:
     cfg = config_module.load(ROOT / "examples" / "selfplay" / f"{args.game}.toml", args.overrides)
+    args.games = args.games or cfg.selfplay.games_per_batch
     unbatched, n1 = positions_per_second(cfg, 1, args.seconds, 1)
     batched, n2 = positions_per_second(cfg, args.games, args.seconds, 1)
     one = processes_rate(cfg, 1, args.games, args.seconds)
@@ -261,7 +263,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("throughput", "train", "failures", "all"), default="all")
     parser.add_argument("--game", default="connect4", help="throughput: the example config's game")
-    parser.add_argument("--games", type=int, default=16, help="throughput: games one actor plays at once")
+    parser.add_argument("--games", type=int, default=None,
+                        help="throughput: games one actor plays at once (default: the config's selfplay.games_per_batch)")
     parser.add_argument("--seconds", type=float, default=60.0, help="throughput: seconds per measurement")
     parser.add_argument("--minutes", type=float, default=60.0, help="train: the training budget (selfplay.minutes)")
     parser.add_argument("--fail-minutes", type=float, default=1.5, help="failures: training minutes of each run")
