@@ -15,10 +15,12 @@ CPU wheel, so Gloo's collectives cannot cross between sites):
 Every site thus sends (n - 1)/n of the gradient in each phase. A site whose shard or averaged shard
 has not come within the grace window (each phase waits at most that long) is dropped from the round,
 told and disconnected, as in the whole exchange. An owner lost between the phases leaves its shard's
-average missing: the surviving sites then send each other their own values of the missing shards
-(REPAIR, only on that failure) and average them alike, so they end the round with the same model;
-a survivor whose view differs ends with another model and the digests at the next round settle it
-(the later name takes the earlier's state). The frames carry the digest of the outer model the sender
+average missing, and its values in every other shard's average: the surviving sites then send each
+other their own values of the missing shards and their own shard's average again without the lost
+owners (REPAIR, only on that failure), and average the missing shards alike, so they end the round
+with the same model, the survivors' average and nothing of the lost owners (whose steps the round's
+map then rightly lacks); a survivor whose view differs ends with another model and the digests at
+the next round settle it (the later name takes the earlier's state). The frames carry the digest of the outer model the sender
 starts from and the sites it counts in the round, so shards cut for another layout are never mixed.
 
 Ring all-reduce's 2(n - 1)/n: Patarasuk and Yuan 2009, "Bandwidth optimal all-reduce algorithms for
@@ -135,7 +137,9 @@ class ShardedRounds:
             dropped_me = sorted(p for p in self.peers if self.inbox.get((wire.DROP, round_, p)) is not None)
         missing = [site for site in order if site not in pieces]
         if missing and not dropped_me:  # this site's average is taken from another site's state otherwise
-            pieces.update(self._repair(round_, missing, [p for p in partners if p.name in pieces], shard, mean))
+            mine = mean(dict(sorted((site, row) for site, row in rows.items() if site not in missing)))
+            pieces.update(self._repair(round_, missing, [p for p in partners if p.name in pieces], shard, mean,
+                                       mine))
         with self.cond:
             for site in dropped_me:
                 self.inbox.pop((wire.DROP, round_, site), None)
@@ -151,22 +155,25 @@ class ShardedRounds:
                            {site: steps[site] for site in members})
 
     def _repair(self, round_: int, missing: list[str], survivors: list[PeerView], shard: Callable[[str], bytes],
-                mean: Mean) -> dict[str, bytes]:
-        """The averages of the `missing` shards (their owners lost between the phases), among the survivors:
-        each sends the others its own values of them and each averages alike."""
+                mean: Mean, mine: bytes) -> dict[str, bytes]:
+        """The round's shards among the survivors alone, the `missing` owners lost between the phases: each
+        sends the others its own values of the missing shards and `mine`, its own shard averaged again without
+        them; each averages the missing shards alike. The survivors' averaged shards, by site (this one's
+        `mine`); a survivor whose repair does not come keeps the average it sent in the all-gather."""
         names = [p.name for p in survivors]
         log.warning("site %s: the averaged shard(s) of site(s) %s did not come in outer round %d; re-averaging "
                     "them with site(s) %s", self.name, ", ".join(missing), round_, ", ".join(names) or "none")
         self.event("site_shard_repaired", round=round_, owners=missing, sites=[self.name, *names])
         head = names_header(self.digest, missing)
         for peer in survivors:
-            self._send(peer, wire.REPAIR, round_, head + b"".join(shard(site) for site in missing))
+            self._send(peer, wire.REPAIR, round_, head + b"".join(shard(site) for site in missing) + mine)
         started = time.monotonic()
         got = self._collect(wire.REPAIR, round_, survivors, started + self.grace)
         rows: dict[str, list[bytes]] = {self.name: [shard(site) for site in missing]}
+        again = {self.name: mine}
         for peer in survivors:
             frame = got.get(peer.name)
-            expected = len(head) + sum(len(shard(site)) for site in missing)
+            expected = len(head) + sum(len(shard(site)) for site in [*missing, peer.name])
             if frame is None or not frame.startswith(head) or len(frame) != expected:
                 # Not dropped: it may hold the owner's average (its view differs); the digests settle it.
                 log.warning("site %s: no matching repair from site %s in outer round %d within %.1f s; the two "
@@ -179,9 +186,10 @@ class ShardedRounds:
                 size = len(shard(site))
                 rows[peer.name].append(body[offset:offset + size])
                 offset += size
+            again[peer.name] = body[offset:]
         ordered = dict(sorted(rows.items()))
-        return {site: mean({name: values[index] for name, values in ordered.items()})
-                for index, site in enumerate(missing)}
+        return again | {site: mean({name: values[index] for name, values in ordered.items()})
+                        for index, site in enumerate(missing)}
 
     def _collect(self, kind: int, round_: int, peers: list[PeerView], deadline: float) -> dict[str, bytes]:
         """Wait until each of `peers` has sent its `kind` frame of `round_`, said DROP or lost its link, or until

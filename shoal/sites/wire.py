@@ -61,7 +61,7 @@ def message_limits(num_params: int) -> dict[int, int]:
 
     A STATE is the outer model and its momentum in fp32; an outer gradient at most the model in fp32
     (the encodings are smaller) with a digest and a step; a shard or averaged shard at most a third of it (shards
-    exist from 3 sites on); a REPAIR may carry several lost owners' shards, so up to a whole gradient;
+    exist from 3 sites on); a REPAIR carries the lost owners' shards and the sender's own, so up to a whole gradient;
     the others a digest at most.
     """
     gradient = DIGEST_BYTES + STEP.size + 4 * num_params
