@@ -264,7 +264,8 @@ def main() -> int:
     parser.add_argument("--part", choices=("throughput", "train", "failures", "all"), default="all")
     parser.add_argument("--game", default="connect4", help="throughput: the example config's game")
     parser.add_argument("--games", type=int, default=None,
-                        help="throughput: games one actor plays at once (default: the config's selfplay.games_per_batch)")
+                        help="throughput: games one actor plays at once (default: the config's "
+                             "selfplay.games_per_batch)")
     parser.add_argument("--seconds", type=float, default=60.0, help="throughput: seconds per measurement")
     parser.add_argument("--minutes", type=float, default=60.0, help="train: the training budget (selfplay.minutes)")
     parser.add_argument("--fail-minutes", type=float, default=1.5, help="failures: training minutes of each run")

@@ -20,8 +20,9 @@ other their own values of the missing shards and their own shard's average again
 owners (REPAIR, only on that failure), and average the missing shards alike, so they end the round
 with the same model, the survivors' average and nothing of the lost owners (whose steps the round's
 map then rightly lacks); a survivor whose view differs ends with another model and the digests at
-the next round settle it (the later name takes the earlier's state). The frames carry the digest of the outer model the sender
-starts from and the sites it counts in the round, so shards cut for another layout are never mixed.
+the next round settle it (the later name takes the earlier's state). The frames carry the digest of
+the outer model the sender starts from and the sites it counts in the round, so shards cut for
+another layout are never mixed.
 
 Ring all-reduce's 2(n - 1)/n: Patarasuk and Yuan 2009, "Bandwidth optimal all-reduce algorithms for
 clusters of workstations", J. Parallel Distrib. Comput. 69(2).
