@@ -12,7 +12,9 @@ Two parts, each runnable alone (`--part throughput`, `--part train`):
 - train: `shoal run examples/selfplay/connect4.toml` for `--minutes` of training (selfplay.minutes),
   then its evaluations: win rate against plain MCTS with 200 and 1,000 random-rollout
   simulations (both colours) and agreement with the solver, per evaluated weight version and
-  training minute. Goals: >= 90% against MCTS-200 and >= 70% against MCTS-1000 within 60 minutes.
+  training minute; then the final weights' evaluation with `--final-games` games per opponent
+  (the goals ask for >= 100). Goals: >= 90% against MCTS-200 and >= 70% against MCTS-1000 within
+  60 minutes. `--part final --run DIR` is that final evaluation alone, of a finished run.
 
 - failures: the same self-play run twice for `--fail-minutes` of training each (evaluation off),
   once clean and once with an actor SIGKILLed every `--kill-every` seconds (the slots in turn);
@@ -23,7 +25,8 @@ Two parts, each runnable alone (`--part throughput`, `--part train`):
 Prints a table and writes benchmarks/out/selfplay.json (merging the parts run so far).
 
     .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games N] [--seconds 60]
-    .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [key=value ...]
+    .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [--final-games 100] [key=value ...]
+    .venv/bin/python benchmarks/selfplay.py --part final --run RUN_DIR [--final-games 100]
     .venv/bin/python benchmarks/selfplay.py --part failures [--fail-minutes 1.5] [--kill-every 20] [--strength-games 0]
 """
 
@@ -143,7 +146,36 @@ def train(args) -> dict:
     subprocess.run([*SHOAL, "report", str(run)], cwd=ROOT, capture_output=True)
     return {"command": "shoal " + " ".join(command[3:]), "exit_code": code, "wall_minutes": wall / 60, "run_dir": str(run),
             "versions": selfplay[-1]["version"] if selfplay else 0, "games": sum(r["games"] for r in selfplay),
-            "evaluations": [{**r, "training_minutes": minutes.get(r["version"])} for r in evals]}
+            "evaluations": [{**r, "training_minutes": minutes.get(r["version"])} for r in evals],
+            "final": final_evaluation(run, args.final_games) if args.final_games and code == 0 else None}
+
+
+def final_evaluation(run: Path, games: int) -> dict:
+    """The run's newest weights evaluated as its evaluator does (`evaluate_version`: each MCTS opponent, both
+    colours, and the solver's positions), with `games` games per opponent; printed as a table."""
+    import torch
+    from shoal.selfplay import transport
+    from shoal.selfplay.evaluate import evaluate_version
+    from shoal.selfplay.setup import build_network, load_game
+    cfg = config_module.load(run / "config.toml", [f"selfplay.eval_games={games}"])
+    game = load_game(cfg.selfplay.game)
+    net = build_network(game, cfg)
+    version = transport.latest_version(run)
+    net.load_state_dict(transport.load_weights(run, version))
+    torch.set_num_threads(2)
+    started = time.monotonic()
+    results = evaluate_version(game, net, cfg, seed=cfg.train.seed + 1_000_000, cache_dir=run / "selfplay")
+    seconds = time.monotonic() - started
+    print(f"\nfinal weights (version {version}), {games} games per opponent (both colours), {seconds / 60:.1f} min:")
+    print(f"{'opponent':>10} {'win':>6} {'draw':>6} {'loss':>6} {'win first':>10} {'win second':>11}")
+    for n in cfg.selfplay.eval_mcts_simulations:
+        name = f"mcts{n}"
+        print(f"{name:>10} " + " ".join(f"{results[f'{k}_rate_{name}']:>6.2f}" for k in ("win", "draw", "loss"))
+              + f" {results[f'win_rate_{name}_first']:>10.2f} {results[f'win_rate_{name}_second']:>11.2f}")
+    if "solver_agreement" in results:
+        print(f"solver agreement {results['solver_agreement']:.2f} (policy head alone "
+              f"{results['solver_agreement_policy']:.2f})")
+    return {"run_dir": str(run), "version": version, "games_per_opponent": games, "seconds": seconds, **results}
 
 
 def _actor_pid(run: Path, slot: int) -> int | None:
@@ -261,13 +293,16 @@ def failures(args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("throughput", "train", "failures", "all"), default="all")
+    parser.add_argument("--part", choices=("throughput", "train", "final", "failures", "all"), default="all")
     parser.add_argument("--game", default="connect4", help="throughput: the example config's game")
     parser.add_argument("--games", type=int, default=None,
                         help="throughput: games one actor plays at once (default: the config's "
                              "selfplay.games_per_batch)")
     parser.add_argument("--seconds", type=float, default=60.0, help="throughput: seconds per measurement")
     parser.add_argument("--minutes", type=float, default=60.0, help="train: the training budget (selfplay.minutes)")
+    parser.add_argument("--final-games", type=int, default=100,
+                        help="train, final: games per opponent of the final weights' evaluation (0: none)")
+    parser.add_argument("--run", type=Path, help="final: the run directory whose newest weights to evaluate")
     parser.add_argument("--fail-minutes", type=float, default=1.5, help="failures: training minutes of each run")
     parser.add_argument("--kill-every", type=float, default=20.0, help="failures: seconds between actor kills")
     parser.add_argument("--strength-games", type=int, default=0,
@@ -279,6 +314,10 @@ def main() -> int:
         results["throughput"] = throughput(args)
     if args.part in ("train", "all"):
         results["train"] = train(args)
+    if args.part == "final":
+        if args.run is None or not (args.run / "config.toml").is_file():
+            parser.error(f"--part final needs --run DIR, a self-play run directory (got {args.run})")
+        results["final"] = final_evaluation(args.run, args.final_games)
     if args.part == "failures":  # not in "all": it runs its own two trainings
         results["failures"] = failures(args)
     OUT.parent.mkdir(parents=True, exist_ok=True)
