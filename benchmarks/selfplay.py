@@ -95,18 +95,18 @@ def processes_rate(cfg, processes: int, games_at_once: int, seconds: float) -> f
 
 def throughput(args) -> dict:
     cfg = config_module.load(ROOT / "examples" / "selfplay" / f"{args.game}.toml", args.overrides)
-    args.games = args.games or cfg.selfplay.games_per_batch
+    games = args.games or cfg.selfplay.games_per_batch
     unbatched, n1 = positions_per_second(cfg, 1, args.seconds, 1)
-    batched, n2 = positions_per_second(cfg, args.games, args.seconds, 1)
-    one = processes_rate(cfg, 1, args.games, args.seconds)
-    two = processes_rate(cfg, 2, args.games, args.seconds)
+    batched, n2 = positions_per_second(cfg, games, args.seconds, 1)
+    one = processes_rate(cfg, 1, games, args.seconds)
+    two = processes_rate(cfg, 2, games, args.seconds)
     result = {"game": args.game, "simulations": cfg.selfplay.simulations, "channels": cfg.selfplay.channels,
-              "blocks": cfg.selfplay.blocks, "games_at_once": args.games, "seconds_each": args.seconds,
+              "blocks": cfg.selfplay.blocks, "games_at_once": games, "seconds_each": args.seconds,
               "unbatched_positions_per_s": unbatched, "batched_positions_per_s": batched,
               "batched_speedup": batched / unbatched, "one_process_positions_per_s": one,
               "two_processes_positions_per_s": two, "two_process_scaling": two / one}
     rows = [("unbatched search, 1 actor", f"{unbatched:.1f}", ""),
-            (f"batched search ({args.games} games at once), 1 actor", f"{batched:.1f}",
+            (f"batched search ({games} games at once), 1 actor", f"{batched:.1f}",
              f"{batched / unbatched:.2f}x (goal 3x)"),
             ("1 actor process", f"{one:.1f}", ""),
             ("2 actor processes", f"{two:.1f}", f"{two / one:.2f}x (goal 1.7x)")]
@@ -153,16 +153,8 @@ def train(args) -> dict:
 def final_evaluation(run: Path, games: int) -> dict:
     """The run's newest weights evaluated as its evaluator does (`evaluate_version`: each MCTS opponent, both
     colours, and the solver's positions), with `games` games per opponent; printed as a table."""
-    import torch
-    from shoal.selfplay import transport
     from shoal.selfplay.evaluate import evaluate_version
-    from shoal.selfplay.setup import build_network, load_game
-    cfg = config_module.load(run / "config.toml", [f"selfplay.eval_games={games}"])
-    game = load_game(cfg.selfplay.game)
-    net = build_network(game, cfg)
-    version = transport.latest_version(run)
-    net.load_state_dict(transport.load_weights(run, version))
-    torch.set_num_threads(2)
+    cfg, game, net, version = newest_network(run, [f"selfplay.eval_games={games}"])
     started = time.monotonic()
     results = evaluate_version(game, net, cfg, seed=cfg.train.seed + 1_000_000, cache_dir=run / "selfplay")
     seconds = time.monotonic() - started
@@ -241,20 +233,28 @@ def failure_run(args, name: str, kill_every: float) -> dict:
             "batches_whole": whole, "final_loss": selfplay[-1]["loss"] if selfplay else None}
 
 
+def newest_network(run: Path, overrides: list[str] = ()):
+    """(config, game, network in eval mode, version) of a run's newest published weights, on 2 torch threads."""
+    import torch
+    from shoal.selfplay import transport
+    from shoal.selfplay.setup import build_network, load_game
+    cfg = config_module.load(run / "config.toml", list(overrides))
+    game = load_game(cfg.selfplay.game)
+    net = build_network(game, cfg)
+    version = transport.latest_version(run)
+    net.load_state_dict(transport.load_weights(run, version))
+    torch.set_num_threads(2)
+    return cfg, game, net.eval(), version
+
+
 def final_strength(run: Path, games: int) -> float:
     """The win rate (draws half) of a run's newest weights against MCTS-200, both colours."""
     import numpy as np
-    import torch
-    from shoal.selfplay import transport
     from shoal.selfplay.evaluate import match, mcts_player, network_player
-    from shoal.selfplay.setup import build_network, load_game, make_evaluate
-    cfg = config_module.load(run / "config.toml")
-    game = load_game(cfg.selfplay.game)
-    net = build_network(game, cfg)
-    net.load_state_dict(transport.load_weights(run, transport.latest_version(run)))
-    torch.set_num_threads(2)
+    from shoal.selfplay.setup import make_evaluate
+    cfg, game, net, _ = newest_network(run)
     rng = np.random.default_rng(0)
-    player = network_player(game, make_evaluate(net.eval()), cfg.selfplay.eval_simulations, cfg.selfplay.c_puct)
+    player = network_player(game, make_evaluate(net), cfg.selfplay.eval_simulations, cfg.selfplay.c_puct)
     result = match(game, player, mcts_player(game, 200, rng), games, rng)
     return (result.wins + 0.5 * result.draws) / result.games
 
