@@ -423,13 +423,15 @@ class SitePlane(ShardedRounds):
             self.rounds, self.digest = round_, digest
             joiners = [p for p in self.peers.values() if p.link is not None and p.joining]
             linked = [p for p in self.peers.values() if p.link is not None]
+        # The status first: a joiner that has the state has this status too (a link's frames arrive in
+        # order), so its next round counts this site in step with it.
+        for peer in linked:
+            self._send(peer, wire.STATUS, round_, digest)
         encoded = state() if joiners else b""
         for peer in joiners:
             self._send(peer, wire.STATE, round_, encoded)  # its sender logs it once sent
             with self.cond:
                 peer.joining = False
-        for peer in linked:
-            self._send(peer, wire.STATUS, round_, digest)
 
     def take_state(self, source: str, timeout: float) -> tuple[int, bytes] | None:
         """Ask site `source` for its state after its next round and wait for it: (its round, the state)."""
