@@ -26,7 +26,7 @@ Prints a table and writes benchmarks/out/selfplay.json (merging the parts run so
 
     .venv/bin/python benchmarks/selfplay.py --part throughput [--game connect4] [--games N] [--seconds 60]
     .venv/bin/python benchmarks/selfplay.py --part train [--minutes 60] [--final-games 100] [key=value ...]
-    .venv/bin/python benchmarks/selfplay.py --part final --run RUN_DIR [--final-games 100]
+    .venv/bin/python benchmarks/selfplay.py --part final --run RUN_DIR [--final-games 100] [key=value ...]
     .venv/bin/python benchmarks/selfplay.py --part failures [--fail-minutes 1.5] [--kill-every 20] [--strength-games 0]
 """
 
@@ -150,15 +150,17 @@ def train(args) -> dict:
             "final": final_evaluation(run, args.final_games) if args.final_games and code == 0 else None}
 
 
-def final_evaluation(run: Path, games: int) -> dict:
+def final_evaluation(run: Path, games: int, overrides: list[str] = ()) -> dict:
     """The run's newest weights evaluated as its evaluator does (`evaluate_version`: each MCTS opponent, both
-    colours, and the solver's positions), with `games` games per opponent; printed as a table."""
+    colours, and the solver's positions), with `games` games per opponent and the run's config changed by
+    `overrides` (e.g. selfplay.eval_simulations); printed as a table."""
     from shoal.selfplay.evaluate import evaluate_version
-    cfg, game, net, version = newest_network(run, [f"selfplay.eval_games={games}"])
+    cfg, game, net, version = newest_network(run, [*overrides, f"selfplay.eval_games={games}"])
     started = time.monotonic()
     results = evaluate_version(game, net, cfg, seed=cfg.train.seed + 1_000_000, cache_dir=run / "selfplay")
     seconds = time.monotonic() - started
-    print(f"\nfinal weights (version {version}), {games} games per opponent (both colours), {seconds / 60:.1f} min:")
+    print(f"\nfinal weights (version {version}, {cfg.selfplay.eval_simulations} simulations a move), {games} games "
+          f"per opponent (both colours), {seconds / 60:.1f} min:")
     print(f"{'opponent':>10} {'win':>6} {'draw':>6} {'loss':>6} {'win first':>10} {'win second':>11}")
     for n in cfg.selfplay.eval_mcts_simulations:
         name = f"mcts{n}"
@@ -167,7 +169,8 @@ def final_evaluation(run: Path, games: int) -> dict:
     if "solver_agreement" in results:
         print(f"solver agreement {results['solver_agreement']:.2f} (policy head alone "
               f"{results['solver_agreement_policy']:.2f})")
-    return {"run_dir": str(run), "version": version, "games_per_opponent": games, "seconds": seconds, **results}
+    return {"run_dir": str(run), "version": version, "games_per_opponent": games, "overrides": list(overrides),
+            "eval_simulations": cfg.selfplay.eval_simulations, "seconds": seconds, **results}
 
 
 def _actor_pid(run: Path, slot: int) -> int | None:
@@ -307,7 +310,9 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=20.0, help="failures: seconds between actor kills")
     parser.add_argument("--strength-games", type=int, default=0,
                         help="failures: games of each final network against MCTS-200 (0: none)")
-    parser.add_argument("overrides", nargs="*", help="key=value for the example config")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value for the example config (final: for the run's config, e.g. "
+                             "selfplay.eval_simulations=200)")
     args = parser.parse_args()
     results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     if args.part in ("throughput", "all"):
@@ -317,7 +322,8 @@ def main() -> int:
     if args.part == "final":
         if args.run is None or not (args.run / "config.toml").is_file():
             parser.error(f"--part final needs --run DIR, a self-play run directory (got {args.run})")
-        results["final"] = final_evaluation(args.run, args.final_games)
+        key = " ".join(["final", *args.overrides])  # one entry per evaluation setting
+        results[key] = final_evaluation(args.run, args.final_games, args.overrides)
     if args.part == "failures":  # not in "all": it runs its own two trainings
         results["failures"] = failures(args)
     OUT.parent.mkdir(parents=True, exist_ok=True)
