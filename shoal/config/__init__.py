@@ -16,8 +16,8 @@ Every name is imported from here (`from shoal.config import load`), never from a
 
 from __future__ import annotations
 
-from shoal.config.checks import (LOOPBACK, SITE_NAME, site_peers, split_endpoint, validate, validate_selfplay,
-                                 validate_sites)
+from shoal.config.checks import (LOOPBACK, SITE_NAME, per_step_unsupported, replica_group_size, site_peers,
+                                 split_endpoint, validate, validate_selfplay, validate_sites)
 from shoal.config.fields import USER_ERROR, ConfigError, _suggest, option
 from shoal.config.loading import _coerce, apply_overrides, from_dict, load, reference, to_dict, to_toml
 from shoal.config.modes import FederatedConfig, SelfplayConfig, SitesConfig
@@ -30,7 +30,8 @@ __all__ = [
     "COMPRESSION_HOOKS", "LOOPBACK", "OUTER_SYNC_METHODS", "SECTIONS", "SITE_NAME", "USER_ERROR",
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "FaultConfig", "FederatedConfig", "LaunchConfig",
     "LogConfig", "ModelConfig", "ParallelConfig", "SelfplayConfig", "SitesConfig", "SyncConfig", "TrainConfig",
-    "apply_overrides", "from_dict", "load", "option", "rank_seed", "reference", "site_peers", "split_endpoint",
+    "apply_overrides", "from_dict", "load", "option", "per_step_unsupported", "rank_seed", "reference",
+    "replica_group_size", "site_peers", "split_endpoint",
     "to_dict", "to_toml", "validate", "validate_selfplay", "validate_sites",
     # the helpers below keep their leading underscore; they are re-exported so that `shoal.config._coerce`
     # and its like still name what they named when this package was one module

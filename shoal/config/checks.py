@@ -1,7 +1,8 @@
 """The rules a config keeps beyond each field's own type: `validate` checks every field's allowed values
 and range, then the rules that span fields, with those of [selfplay] (`validate_selfplay`) and
 [sites] (`validate_sites`: site names, host:port endpoints, the peers list, no c10d port facing the
-other sites). `load` (loading.py) calls `validate` on every config it returns.
+other sites). `load` (loading.py) calls `validate` on every config it returns. `per_step_unsupported`
+says which layouts and sync methods per-step fault tolerance covers (the launcher and the planner ask).
 """
 
 from __future__ import annotations
@@ -164,3 +165,29 @@ def validate_sites(cfg: Config) -> None:
     if cfg.fault.enabled:
         raise ConfigError("fault.enabled: per-step fault tolerance inside a site is not combined with sites yet; "
                           "a lost site is dropped after sites.grace_seconds")
+
+
+def replica_group_size(cfg: Config) -> int:
+    """Workers per replica under per-step fault tolerance: parallel.dp_shard, whose workers
+    shard one full copy of the model (1: every worker is a whole replica)."""
+    return max(1, cfg.parallel.dp_shard)
+
+
+def per_step_unsupported(cfg: Config) -> str:
+    """Why this config cannot run per-step fault tolerance ('' when it can)."""
+    p, nproc = cfg.parallel, cfg.launch.nproc
+    shard = p.dp_shard
+    replicas = nproc // shard if shard > 0 and nproc % shard == 0 else 0
+    if p.tp != 1 or p.pp != 1 or shard == -1 or (shard > 1 and (replicas < 2 or p.dp_replicate not in (-1, replicas))):
+        return (f"the layout (dp_replicate={p.dp_replicate}, dp_shard={shard}, tp={p.tp}, pp={p.pp}) over "
+                f"{nproc} workers has no replica to drop (per-step recovery needs whole replicas, or "
+                f"dp_replicate >= 2 replica groups of dp_shard workers with tp = pp = 1)")
+    sync = cfg.sync
+    if sync.method == "diloco" and shard == 1:  # shoal/fault/outer.py: replicas meet at outer syncs
+        if sync.fragments != 1 or sync.overlap:
+            return (f"streaming DiLoCo (sync.fragments = {sync.fragments}, sync.overlap = {sync.overlap}) is not "
+                    f"supported by per-step fault tolerance yet; use sync.fragments = 1 without overlap")
+        return ""
+    if sync.method != "allreduce":
+        return f"sync.method = '{sync.method}' is not supported by per-step fault tolerance yet"
+    return ""

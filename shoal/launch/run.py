@@ -139,7 +139,8 @@ def _launch(cfg: Config, worker_args: list[str], run_dir: Path, invocation: Invo
     from shoal.runtime.protocol import PREEMPTED_CODES
     from shoal.launch.local import Stopped, WorkerFailure, launch_workers
     if cfg.fault.enabled and not cfg.selfplay.game:  # per-step fault tolerance (shoal/launch/supervisor.py)
-        from shoal.launch.supervisor import launch_fault_tolerant, per_step_unsupported
+        from shoal.config import per_step_unsupported
+        from shoal.launch.supervisor import launch_fault_tolerant
         if not rendezvous.is_host and not per_step_unsupported(cfg):  # a host adding workers to the job
             from shoal.launch.remote import join_fault_tolerant
             return join_fault_tolerant(cfg, worker_args, run_dir, rendezvous.endpoint, verbose=invocation.verbose)

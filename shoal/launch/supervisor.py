@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from shoal.config import USER_ERROR, Config
+from shoal.config import USER_ERROR, Config, per_step_unsupported, replica_group_size
 from shoal.fault import chaos as chaos_module
 from shoal.runtime import protocol
 from shoal.launch import workers
@@ -319,32 +319,6 @@ def supervise(cfg: Config, worker_args: list[str], run_dir: Path, *, chaos: str 
                             store_port=store_port)
     code = supervisor.run()
     return code, supervisor.failures
-
-
-def replica_group_size(cfg: Config) -> int:
-    """Workers per replica under per-step fault tolerance: parallel.dp_shard, whose workers
-    shard one full copy of the model (1: every worker is a whole replica)."""
-    return max(1, cfg.parallel.dp_shard)
-
-
-def per_step_unsupported(cfg: Config) -> str:
-    """Why this config cannot run per-step fault tolerance ('' when it can)."""
-    p, nproc = cfg.parallel, cfg.launch.nproc
-    shard = p.dp_shard
-    replicas = nproc // shard if shard > 0 and nproc % shard == 0 else 0
-    if p.tp != 1 or p.pp != 1 or shard == -1 or (shard > 1 and (replicas < 2 or p.dp_replicate not in (-1, replicas))):
-        return (f"the layout (dp_replicate={p.dp_replicate}, dp_shard={shard}, tp={p.tp}, pp={p.pp}) over "
-                f"{nproc} workers has no replica to drop (per-step recovery needs whole replicas, or "
-                f"dp_replicate >= 2 replica groups of dp_shard workers with tp = pp = 1)")
-    sync = cfg.sync
-    if sync.method == "diloco" and shard == 1:  # shoal/fault/outer.py: replicas meet at outer syncs
-        if sync.fragments != 1 or sync.overlap:
-            return (f"streaming DiLoCo (sync.fragments = {sync.fragments}, sync.overlap = {sync.overlap}) is not "
-                    f"supported by per-step fault tolerance yet; use sync.fragments = 1 without overlap")
-        return ""
-    if sync.method != "allreduce":
-        return f"sync.method = '{sync.method}' is not supported by per-step fault tolerance yet"
-    return ""
 
 
 def check_fault_tolerant(cfg: Config, nproc: int, chaos: str | None) -> bool:
