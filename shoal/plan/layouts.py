@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from shoal.config import Config, ConfigError
+from shoal.config import Config, ConfigError, per_step_unsupported
 from shoal.plan.memory import MemoryEstimate, estimate_memory, meta_model
 from shoal.runtime.mesh import ParallelDims
 
@@ -67,6 +67,23 @@ def with_degrees(cfg: Config, degrees: dict[str, int]) -> Config:
     for axis, d in degrees.items():
         setattr(new.parallel, axis, d)
     return new
+
+
+def short_of_a_replica(cfg: Config, degrees: dict[str, int], world: int) -> tuple[Config, int] | None:
+    """The layout per-step recovery trains with after losing one worker, until its replacement joins:
+    one replica group fewer (the lost worker's; only that group leaves, shoal/fault), the same global
+    batch split among the rest, rounded up to a whole share each, as the busiest survivor takes it.
+    (config, world), or None where fault.enabled falls back to restarting every worker (a layout
+    with no replica to drop, or a sync method per-step recovery does not cover)."""
+    replicas = degrees.get("dp_replicate", 1)
+    layout = with_degrees(cfg, degrees)
+    layout.launch.nproc = world
+    if replicas < 2 or per_step_unsupported(layout):
+        return None
+    short = with_degrees(cfg, {**degrees, "dp_replicate": replicas - 1})
+    ranks = (replicas - 1) * degrees.get("dp_shard", 1) * short.train.grad_accum
+    short.train.batch_size = -(-cfg.train.batch_size // ranks) * ranks
+    return short, world - world // replicas
 
 
 def plan_layouts(cfg: Config, world: int, cap_bytes: int | None = None,

@@ -142,13 +142,33 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
                   f" over {nodes} node(s), per-step recovery: goodput {goodput:.1%}) against ${cost.dollars:,.0f} "
                   "on demand")
     if args.mtbf and times:
-        _failures(args, cfg, best, times[best.name], hw, cluster)
+        _failures(args, cfg, best, times[best.name], hw, cluster, model)
     if args.link or args.sites:
         _links(args, cfg, model, times.get(best.name))
     return 0
 
 
-def _failures(args, cfg, best, step, hw, cluster) -> None:
+def short_step(cfg, degrees: dict[str, int], world: int, model, hw) -> tuple[float, int] | None:
+    """(seconds a step, workers) of the layout after losing a worker, before its replacement joins
+    (`short_of_a_replica`), on `hw`'s kind of hardware; None for a layout of a single replica."""
+    from shoal.parallel.compose import check_layout
+    from shoal.plan.layouts import short_of_a_replica
+    from shoal.plan.memory import estimate_memory
+    from shoal.plan.steptime import block_shape, predict_step
+    short = short_of_a_replica(cfg, degrees, world)
+    if short is None:
+        return None
+    short_cfg, workers = short
+    dims = check_layout(short_cfg, workers)
+    if hasattr(hw, "cal"):  # this host: its workers share its cores, so the count changes the step
+        from shoal.plan.hardware import LocalHost
+        hw = LocalHost(hw.cal, workers)
+        hw.profile_blocks(short_cfg, model, {block_shape(short_cfg, dims)})
+    params = estimate_memory(short_cfg, dims, model).params
+    return predict_step(short_cfg, dims, model, hw, param_bytes_per_rank=params).total, workers
+
+
+def _failures(args, cfg, best, step, hw, cluster, model) -> None:
     from shoal.plan.goodput import best_interval, parse_duration, per_step_goodput, restart_goodput
     mtbf = parse_duration(args.mtbf, "--mtbf")
     # every rank writes its shards at once: on one host they share the disk, on a cluster each has its own
@@ -156,12 +176,20 @@ def _failures(args, cfg, best, step, hw, cluster) -> None:
     save_s = written / hw.disk_write()
     every = args.checkpoint_every or cfg.checkpoint.every or best_interval(step.total, save_s, mtbf)
     restart = restart_goodput(step.total, every, save_s, args.restart_seconds, mtbf)
-    per_step = per_step_goodput(step.total, every, save_s, args.regroup_seconds, mtbf)
+    short = short_step(cfg, best.degrees, args.world, model, hw)
+    per_step = per_step_goodput(step.total, every, save_s, args.regroup_seconds, mtbf,
+                                short[0] if short else None, args.restart_seconds)
     print(f"\nfailures every {args.mtbf} (whole job), checkpoint every {every} steps "
           f"({save_s * 1e3:.3g} ms to save {best.estimate.state * (1 if cluster else args.world) / 1e6:.3g} MB):")
     print(f"  restart from checkpoint ({args.restart_seconds:g} s to restart)  goodput {restart:.1%}")
     print(f"  per-step recovery ({args.regroup_seconds:g} s to regroup)        goodput {per_step:.1%}"
           "   [fault] enabled = true")
+    if short:
+        print(f"    (after a failure the run trains on {short[1]} workers at {short[0] * 1e3:.3g} ms a step, not "
+              f"{step.total * 1e3:.3g}, until the replacement has started, --restart-seconds {args.restart_seconds:g})")
+    else:
+        print("    (not for this layout: it has no replica to drop, so fault.enabled restarts every worker from "
+              "the last checkpoint, the row above)")
 
 
 def _links(args, cfg, model, step) -> None:

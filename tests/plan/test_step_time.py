@@ -123,18 +123,29 @@ def test_goodput_matches_the_closed_form():
     assert restart_goodput(step, every, save, restart, 1e12) == pytest.approx(tau / (tau + save))
     assert restart_goodput(step, every, save, restart, 30.0) == 0.0
     assert per_step_goodput(step, every, save, 0.1, mtbf) > restart_goodput(step, every, save, restart, mtbf)
+    # short of a worker for 60 s after each failure: slower steps cost, faster ones (more workers than
+    # cores) gain, in proportion to the time short; a second regroup when the replacement joins
+    base = tau / (tau + save)
+    slower = per_step_goodput(step, every, save, 0.1, mtbf, short_step_s=1.25, replace_s=60.0)
+    assert slower == pytest.approx(base * (1 - 0.7 / mtbf + 60 / mtbf * (1 / 1.25 - 1)))
+    faster = per_step_goodput(step, every, save, 0.1, mtbf, short_step_s=0.8, replace_s=60.0)
+    assert faster == pytest.approx(base * (1 - 0.7 / mtbf + 60 / mtbf * (1 / 0.8 - 1)))
+    assert slower < per_step_goodput(step, every, save, 0.1, mtbf) < faster
+    # short the whole time when replacements take longer than the time between failures
+    assert per_step_goodput(step, 1, 0.0, 0.0, 10.0, short_step_s=0.5, replace_s=30.0) == pytest.approx(2 - 0.05)
 
 
 def test_links_diloco_sends_h_times_less():
     rows = {r.method: r for r in link_rows(0.1, 40e6, 3, parse_rate("20mbit"), parse_duration("100ms", "--rtt"), 50)}
     ddp, diloco = rows["ddp (all-reduce every step)"], rows["diloco H=50 none"]
-    assert ddp.bytes_per_step == pytest.approx(2 * 2 / 3 * 40e6)
+    framed = 1 + 66 / 1448 + 33 / 1448  # headers of each segment sent, an ACK per two received
+    assert ddp.bytes_per_step == pytest.approx(2 * 2 / 3 * 40e6 * framed)
     assert diloco.bytes_per_step == pytest.approx(ddp.bytes_per_step / 50)
-    assert ddp.step_s == pytest.approx(0.1 + 2 * 2 / 3 * 40e6 / 2.5e6 + 4 * 0.05)
+    assert ddp.step_s == pytest.approx(0.1 + 2 * 2 / 3 * 40e6 * framed / 2.5e6 + 4 * 0.05)
     assert rows["diloco H=50 fp4"].bytes_per_step < diloco.bytes_per_step
     # DiLoCo's default int8: each of the 3 sites' codes (1 byte a value) and scales go to the 2 others
     int8 = rows["diloco H=50 int8"]
-    assert int8.bytes_per_step == pytest.approx(2 * 40e6 * (1 / 4 + 1 / 256) / 50)
+    assert int8.bytes_per_step == pytest.approx(2 * 40e6 * (1 / 4 + 1 / 256) * framed / 50)
     assert rows["diloco H=50 int4"].bytes_per_step < int8.bytes_per_step
     with pytest.raises(ConfigError, match="--link 'fast'"):
         parse_rate("fast")
