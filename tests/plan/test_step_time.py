@@ -15,7 +15,7 @@ from shoal.plan import cli
 from shoal.plan.cluster import PRESETS, check_world, load_cluster, run_cost
 from shoal.plan.collectives import CollectiveCost, fit_cost
 from shoal.plan.goodput import (link_rows, parse_duration, parse_rate, per_step_goodput, restart_goodput)
-from shoal.plan.layouts import with_degrees
+from shoal.plan.layouts import short_of_a_replica, with_degrees
 from shoal.plan.memory import meta_model
 from shoal.plan.opcount import count_forward_backward, count_optimizer_step
 from shoal.plan.steptime import predict_step
@@ -168,6 +168,8 @@ def test_plan_on_a_cluster_prints_time_cost_and_failures(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SPEC-ONLY" in out and "$/1B tok" in out and "recommended:" in out
     assert "restart from checkpoint" in out and "per-step recovery" in out
+    # the recommended layout has replicas: the output names the layout the run trains on while short
+    assert "after a failure the run trains on 7 workers at" in out, out
     assert "diloco H=30 fp4" in out  # sync.inner_steps, default 30
     with pytest.raises(ConfigError, match="--world 12 on h200"):
         _plan([str(config), "--world", "12", "--cluster", "h200"])
@@ -200,3 +202,19 @@ def test_calibration_is_cached_and_reused(tmp_path):
     assert "calibrating collectives" not in second.stdout and "calibrated, torch" in second.stdout
     assert "step ms" in second.stdout and "tokens/s" in second.stdout
     assert json.loads(cached[0].read_text())["seconds"] == measured["seconds"]  # the same calibration
+
+
+def test_short_of_a_replica_is_the_layout_per_step_recovery_trains_on():
+    cfg = gpt()
+    cfg.train.batch_size = 32
+    short, world = short_of_a_replica(cfg, {"dp_replicate": 4}, 4)
+    assert world == 3 and short.parallel.dp_replicate == 3
+    assert short.train.batch_size == 33  # 32 split over 3: the busiest survivor takes 11
+    check_layout(short, 3)
+    hsdp, world = short_of_a_replica(cfg, {"dp_replicate": 2, "dp_shard": 2}, 4)
+    assert world == 2 and (hsdp.parallel.dp_replicate, hsdp.parallel.dp_shard) == (1, 2)  # a whole group leaves
+    # no replica to drop, or a method per-step recovery does not cover: fault.enabled restarts every worker
+    assert short_of_a_replica(cfg, {"dp_shard": 4}, 4) is None
+    assert short_of_a_replica(cfg, {"dp_replicate": 2, "tp": 2}, 4) is None
+    cfg.sync.method = "fp16"
+    assert short_of_a_replica(cfg, {"dp_replicate": 4}, 4) is None
