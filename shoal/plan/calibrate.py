@@ -40,11 +40,12 @@ log = logging.getLogger(__name__)
 
 COLLECTIVE_WORLDS = (2, 4)
 COLLECTIVE_SIZES = (16_384, 262_144, 2_097_152, 8_388_608)
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 """1: the first format; 2: + the compressed hooks' arithmetic per element (hook_element), the
 optimizer's cost per operator on plain tensors (optimizer_op) and on FSDP2 and tensor-parallel
 DTensors (dtensor_op, tp_dtensor_op), FSDP2's cost per module and per parameter tensor
-(fsdp_unit, fsdp_param); 3: + DDP's cost per step and per parameter tensor (ddp_step)."""
+(fsdp_unit, fsdp_param); 3: + DDP's cost per step and per parameter tensor (ddp_step); 4: + DDP's
+cost per gradient byte (ddp_step's third value)."""
 HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
 HOOK_NUMEL = 1 << 21  # 8 MB of gradients: a bucket of the size DDP hands a hook (1 MB first, then 25 MB)
 
@@ -341,8 +342,11 @@ def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict
                                                                        RowwiseParallel())
                                                           for i in range(blocks) for j in range(2)})
 
+    def forward_backward_of(model, inputs):
+        return lambda: model(inputs).sum().backward()
+
     def forward_backward(model):
-        return lambda: model(x).sum().backward()
+        return forward_backward_of(model, x)
     params = list(plain.parameters())
     collectives = (2 * blocks - 1) * seconds["all_gather"][0] + blocks * seconds["reduce_scatter"][0]
     narrow = _fixed_quiet(forward_backward(sharded), 20) - _fixed_quiet(forward_backward(plain), 20) - collectives
@@ -351,13 +355,27 @@ def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict
     per_param = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))  # weight and bias per Linear
     out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks]}
     # DDP likewise, its one all-reduce (one bucket here) less at its latency
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     narrow = (_fixed_quiet(forward_backward(DistributedDataParallel(_stack(blocks, width))), 20)
               - _fixed_quiet(forward_backward(plain), 20) - seconds["all_reduce"][0])
     wide_extra = (_fixed_quiet(forward_backward(DistributedDataParallel(_stack(blocks, width, 6))), 20)
                   - _fixed_quiet(forward_backward(_stack(blocks, width, 6)), 20) - seconds["all_reduce"][0])
     per_tensor = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))
-    out["ddp_step"] = [max(0.0, narrow - per_tensor * len(params)), per_tensor]
+    per_step = max(0.0, narrow - per_tensor * len(params))
+    # and per gradient byte, on 8 MB of gradients: what DDP's reducer does beyond one all-reduce of them
+    # all (copies into and out of its buckets, the division by the world, a first bucket of 1 MB
+    # all-reduced apart); seen here as 0.5 ms per MB on 2 ranks and 1.6 on 4, a third of what DDP
+    # steps of a 7 MB model measured above their profiled blocks and one all-reduce
+    big_width = 512
+    big_x = torch.randn(2, big_width)
+    flat = torch.zeros(sum(p.numel() for p in _stack(blocks, big_width).parameters()))
+    whole = _fixed_quiet(lambda: dist.all_reduce(flat), 10)
+    big, big_plain = DistributedDataParallel(_stack(blocks, big_width)), _stack(blocks, big_width)
+    big_extra = (_fixed_quiet(forward_backward_of(big, big_x), 10)
+                 - _fixed_quiet(forward_backward_of(big_plain, big_x), 10) - whole
+                 - per_step - per_tensor * len(params))
+    out["ddp_step"] = [per_step, per_tensor, max(0.0, big_extra / (flat.numel() * 4))]
     ops = count_optimizer_step(params, "adamw").ops + 2 * len(params)
     forward_backward(tp)()
 

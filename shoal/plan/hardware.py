@@ -83,14 +83,15 @@ class LocalHost:
         measured = min(per_dp, key=lambda w: (abs(w - dp), -w))
         return numel * per_dp[measured]
 
-    def ddp_seconds(self, tensors: int) -> float:
+    def ddp_seconds(self, tensors: int, grad_bytes: float = 0.0) -> float:
         """What DDP adds to one forward+backward beyond its all-reduces, for `tensors` parameter
-        tensors (calibrated with this many workers: forward bookkeeping, a hook per gradient,
-        bucket copies, finalisation)."""
+        tensors holding `grad_bytes` of gradients (calibrated with this many workers: forward
+        bookkeeping, a hook per gradient and finalisation per step and tensor; bucket copies and
+        the division by the world per byte)."""
         if not self.cal.ddp_step:
             return 0.0
-        per_step, per_tensor = self._nearest(self.cal.ddp_step)
-        return per_step + tensors * per_tensor
+        per_step, per_tensor, per_byte = self._nearest(self.cal.ddp_step)
+        return per_step + tensors * per_tensor + grad_bytes * per_byte
 
     def fsdp_seconds(self, units: int, tensors: float, group: int | None = None) -> float:
         """What FSDP2 adds to one forward+backward beyond its collectives, for `units`

@@ -267,7 +267,8 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         else:
             per_bucket = ar.seconds
         if hasattr(hw, "ddp_seconds"):  # DDP's own work around its all-reduces, on the cores that compute
-            compute += accum * hw.ddp_seconds(sum(1 for _ in model.parameters()) // (tp * pp))
+            tensors = sum(1 for _ in model.parameters()) // (tp * pp)
+            compute += (accum - 1) * hw.ddp_seconds(tensors) + hw.ddp_seconds(tensors, local_bytes)
         n_buckets = max(1, math.ceil(local_bytes / DDP_BUCKET_BYTES))
         bucket = local_bytes / n_buckets
         grad_comm = n_buckets * per_bucket(bucket)

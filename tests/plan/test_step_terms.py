@@ -43,7 +43,7 @@ def calibration(cfg: Config, layouts: list[dict], world: int = WORLD, **changed)
         fsdp_unit={w: 1e-4 * f for w, f in per_world.items()},
         concurrent={w: [1e-5 * f, 1e10 / f] for w, f in per_world.items()},
         optimizer_op={w: 3e-6 * f for w, f in per_world.items()},
-        ddp_step={w: [1e-4 * f, 1e-6 * f] for w, f in per_world.items()},
+        ddp_step={w: [1e-4 * f, 1e-6 * f, 1e-10 * f] for w, f in per_world.items()},
         pp_slot={w: 3e-4 * f for w, f in per_world.items()},
         hook_element={f"{m}:{w}": 1e-9 for m in ("fp16", "bf16", "int8", "int4") for w in per_world})
     for degrees in layouts:
@@ -144,16 +144,20 @@ def test_the_optimizer_is_priced_at_its_own_cost_per_operator():
     assert step(cfg, ddp, costly).compute == step(cfg, ddp, cheap).compute
 
 
-def test_ddp_step_grows_with_its_own_work_per_step_and_per_tensor():
+def test_ddp_step_grows_with_its_own_work_per_step_per_tensor_and_per_byte():
     """DDP's own work (forward bookkeeping, a hook per gradient, bucket copies) is added to each
-    forward+backward: per step and per parameter tensor; FSDP does not pay it."""
+    forward+backward: per step, per parameter tensor and per gradient byte; FSDP does not pay it."""
     cfg = gpt()
     ddp, fsdp = {"dp_replicate": 2}, {"dp_shard": 2}
     base = calibration(cfg, [ddp, fsdp])
-    costly = calibration(cfg, [ddp, fsdp], ddp_step={"2": [5e-3, 1e-4], "4": [5e-3, 1e-4]})
-    tensors = sum(1 for _ in meta_model(cfg).parameters())
+    costly = calibration(cfg, [ddp, fsdp], ddp_step={"2": [5e-3, 1e-4, 1e-10], "4": [5e-3, 1e-4, 1e-10]})
+    per_byte = calibration(cfg, [ddp, fsdp], ddp_step={"2": [1e-4, 1e-6, 1e-8], "4": [1e-4, 1e-6, 1e-8]})
+    params = list(meta_model(cfg).parameters())
+    tensors, grad_bytes = len(params), sum(p.numel() for p in params) * 4
     assert step(cfg, ddp, costly).compute - step(cfg, ddp, base).compute == pytest.approx(
         (5e-3 - 1e-4) + tensors * (1e-4 - 1e-6))
+    assert step(cfg, ddp, per_byte).compute - step(cfg, ddp, base).compute == pytest.approx(
+        grad_bytes * (1e-8 - 1e-10))
     assert step(cfg, fsdp, costly).compute == step(cfg, fsdp, base).compute
 
 
