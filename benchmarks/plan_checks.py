@@ -29,8 +29,8 @@ from shoal.parallel.compose import check_layout  # noqa: E402
 from shoal.plan.calibrate import load_calibration  # noqa: E402
 from shoal.plan.goodput import link_rows, parse_rate, per_step_goodput, restart_goodput  # noqa: E402
 from shoal.plan.hardware import LocalHost  # noqa: E402
-from shoal.plan.layouts import short_of_a_replica  # noqa: E402
 from shoal.plan.memory import estimate_memory, meta_model  # noqa: E402
+from shoal.plan.report import short_step  # noqa: E402
 from shoal.plan.steptime import block_shape, predict_step  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
@@ -82,10 +82,7 @@ def chaos_rows() -> list[dict]:
                          "measured": result["goodput"], "step_s": step.total, "restart_s": RESTART_S})
             short_s = None
         else:  # after a kill the survivors train the same batch on workers - 1 until the replacement joins
-            short_cfg, short_world = short_of_a_replica(cfg, {"dp_replicate": workers}, workers)
-            short_s = predicted_step([*overrides, f"train.batch_size={short_cfg.train.batch_size}",
-                                      f"launch.nproc={short_world}", f"parallel.dp_replicate={short_world}"],
-                                     short_world)[3].total
+            short_s, _ = short_step(cfg, {"dp_replicate": workers}, workers, meta_model(cfg), hw)
             predicted = per_step_goodput(step.total, 1, 0.0, REGROUP_S, every, short_s, RESTART_S)
         rows.append({"check": f"goodput, {result['launcher']}, kill every {every:g}s, {workers} workers"
                               + (f", R = {restart_s:.2g} s (measured)" if torchrun else ""),

@@ -150,8 +150,10 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
 
 def short_step(cfg, degrees: dict[str, int], world: int, model, hw) -> tuple[float, int] | None:
     """(seconds a step, workers) of the layout after losing a worker, before its replacement joins
-    (`short_of_a_replica`), on `hw`'s kind of hardware; None for a layout of a single replica."""
+    (`short_of_a_replica`), on `hw`'s kind of hardware; None where fault.enabled restarts every
+    worker instead."""
     from shoal.parallel.compose import check_layout
+    from shoal.plan.hardware import LocalHost
     from shoal.plan.layouts import short_of_a_replica
     from shoal.plan.memory import estimate_memory
     from shoal.plan.steptime import block_shape, predict_step
@@ -160,8 +162,7 @@ def short_step(cfg, degrees: dict[str, int], world: int, model, hw) -> tuple[flo
         return None
     short_cfg, workers = short
     dims = check_layout(short_cfg, workers)
-    if hasattr(hw, "cal"):  # this host: its workers share its cores, so the count changes the step
-        from shoal.plan.hardware import LocalHost
+    if isinstance(hw, LocalHost):  # this host: its workers share its cores, so the count changes the step
         hw = LocalHost(hw.cal, workers)
         hw.profile_blocks(short_cfg, model, {block_shape(short_cfg, dims)})
     params = estimate_memory(short_cfg, dims, model).params
