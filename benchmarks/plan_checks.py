@@ -71,23 +71,22 @@ def chaos_rows() -> list[dict]:
         overrides = [*WORKLOAD, f"launch.nproc={workers}", f"parallel.dp_replicate={workers}"]
         overrides += ["checkpoint.every=10", "fault.enabled=false"] if torchrun else []
         cfg, est, hw, step = predicted_step(overrides, workers)
+        where = f"goodput, {result['launcher']}, kill every {every:g}s, {workers} workers"
+        common = {"measured": result["goodput"], "step_s": step.total}
         if torchrun:
-            # R, the seconds a restart takes, is the model's input: the run's own median (kill to the next
-            # step) where it has one, and shoal plan's default beside it
+            # R, the seconds a restart takes, is the model's input: shoal plan's default, and the run's own
+            # median (kill to the next step) where it has one
             save_s = est.state * workers / hw.disk_write()
-            restart_s = result["median_recovery_s"] or RESTART_S
-            predicted = restart_goodput(step.total, 10, save_s, restart_s, every)
-            rows.append({"check": f"goodput, {result['launcher']}, kill every {every:g}s, {workers} workers, "
-                                  f"R = {RESTART_S:g} s", "predicted": restart_goodput(step.total, 10, save_s, RESTART_S, every),
-                         "measured": result["goodput"], "step_s": step.total, "restart_s": RESTART_S})
-            short_s = None
+            restarts = [(RESTART_S, f"R = {RESTART_S:g} s")]
+            if result["median_recovery_s"]:
+                restarts.append((result["median_recovery_s"], f"R = {result['median_recovery_s']:.2g} s (measured)"))
+            rows += [{"check": f"{where}, {label}", "predicted": restart_goodput(step.total, 10, save_s, r, every),
+                      "restart_s": r, **common} for r, label in restarts]
         else:  # after a kill the survivors train the same batch on workers - 1 until the replacement joins
             short_s, _ = short_step(cfg, {"dp_replicate": workers}, workers, meta_model(cfg), hw)
-            predicted = per_step_goodput(step.total, 1, 0.0, REGROUP_S, every, short_s, RESTART_S)
-        rows.append({"check": f"goodput, {result['launcher']}, kill every {every:g}s, {workers} workers"
-                              + (f", R = {restart_s:.2g} s (measured)" if torchrun else ""),
-                     "predicted": predicted, "measured": result["goodput"], "step_s": step.total,
-                     "short_step_s": short_s, "restart_s": restart_s if torchrun else RESTART_S})
+            rows.append({"check": where, "predicted": per_step_goodput(step.total, 1, 0.0, REGROUP_S, every, short_s,
+                                                                       RESTART_S),
+                         "short_step_s": short_s, "restart_s": RESTART_S, **common})
     return rows
 
 

@@ -369,9 +369,9 @@ def _dtensor_step_overheads(world: int, seconds: dict[str, list[float]]) -> dict
     # steps of a 7 MB model measured above their profiled blocks and one all-reduce
     big_width = 512
     big_x = torch.randn(2, big_width)
-    flat = torch.zeros(sum(p.numel() for p in _stack(blocks, big_width).parameters()))
-    whole = _fixed_quiet(lambda: dist.all_reduce(flat), 10)
     big, big_plain = DistributedDataParallel(_stack(blocks, big_width)), _stack(blocks, big_width)
+    flat = torch.zeros(sum(p.numel() for p in big_plain.parameters()))
+    whole = _fixed_quiet(lambda: dist.all_reduce(flat), 10)
     big_extra = (_fixed_quiet(forward_backward_of(big, big_x), 10)
                  - _fixed_quiet(forward_backward_of(big_plain, big_x), 10) - whole
                  - per_step - per_tensor * len(params))
