@@ -9,6 +9,8 @@ key=value items:
     kill=2,step=5,at=during          worker slot 2 SIGKILLs itself at step 5, inside the all-reduce
     kill=source,step=3,at=transfer   the worker sending state to a joiner dies mid-transfer
     kill=0,step=40,size=3            slot 0 dies at the first step >= 40 with 3 workers in the group
+    kill=1,step=20,rejoin=3          slot 1 dies at step 20; its replacement starts only once the
+                                     job has committed step 23 without it (a replacement slow to come)
 
 Injections with `every` are driven by the launcher's clock (`ChaosMonkey`); those with
 `step` fire inside the worker at a named point of the step (`ChaosPoints`), so a test can
@@ -72,6 +74,9 @@ class Injection:
     """Point of the step: before, during or after the all-reduce, or transfer (sending state)."""
     size: int = 0
     """A step injection waits for a step with at least this many workers in the group."""
+    rejoin: int = 0
+    """A step kill: the launcher starts the replacement once the job has committed this many steps
+    past the one it died in (its step included); 0 starts it at once."""
 
 
 def parse(spec: str) -> list[Injection]:
@@ -93,10 +98,12 @@ def parse(spec: str) -> list[Injection]:
         target = items.pop(action)
         if target not in ("random", "source") and not target.isdigit():
             raise ChaosError(f"--chaos: {action}={target!r} must be 'random', 'source' or a worker slot number")
-        unknown = set(items) - {"every", "for", "start", "count", "step", "at", "size"}
+        unknown = set(items) - {"every", "for", "start", "count", "step", "at", "size", "rejoin"}
         if unknown:
             raise ChaosError(f"--chaos: unknown key(s) {', '.join(sorted(unknown))} in '{part}'; "
-                             f"allowed: every, for, start, count, step, at, size")
+                             f"allowed: every, for, start, count, step, at, size, rejoin")
+        if "rejoin" in items and (action != "kill" or "every" in items):
+            raise ChaosError(f"--chaos: rejoin= applies to step kills (kill=N,step=S), not to '{part}'")
         if ("every" in items) == ("step" in items):
             raise ChaosError(f"--chaos: '{part}' needs either every=DURATION (launcher clock) or step=N (in the worker)")
         duration = parse_duration(items["for"], "for") if "for" in items else (10.0 if action == "hang" else 0.5)
@@ -122,11 +129,13 @@ def parse(spec: str) -> list[Injection]:
                 raise ChaosError(f"--chaos: at={at!r} is not one of {', '.join(POINTS)}")
             if (target == "source") != (at == "transfer"):
                 raise ChaosError("--chaos: at=transfer goes with the target 'source' (the worker sending state)")
-            size = items.get("size", "0")
+            size, rejoin = items.get("size", "0"), items.get("rejoin", "0")
             if not size.isdigit():
                 raise ChaosError(f"--chaos: size={size!r} must be a number of workers")
+            if not rejoin.isdigit():
+                raise ChaosError(f"--chaos: rejoin={rejoin!r} must be a number of steps")
             injections.append(Injection(action=action, target=target, duration=duration, step=int(items["step"]),
-                                        at=at, size=int(size)))
+                                        at=at, size=int(size), rejoin=int(rejoin)))
     if not injections:
         raise ChaosError("--chaos: empty spec; e.g. --chaos kill=random,every=15s")
     return injections
@@ -139,6 +148,22 @@ def claim(store, injection: int, gen: int) -> bool:
         return False
     store.set(protocol.chaos_fired(injection), str(gen))
     return True
+
+
+def hold(store, slot: int, until: int) -> None:
+    """Ask the launcher to start the replacement of worker slot `slot` only once the job's progress
+    reaches step `until` (set by the worker just before it kills itself)."""
+    store.set(protocol.chaos_hold(slot), str(until))
+
+
+def take_hold(store, slot: int) -> int:
+    """The step the replacement of `slot` waits for (0: none); the request is consumed."""
+    key = protocol.chaos_hold(slot)
+    if not store.check([key]):
+        return 0
+    until = int(store.get(key))
+    store.delete_key(key)
+    return until
 
 
 def fired_in(store, injection: int) -> int:
@@ -161,8 +186,9 @@ class ChaosPoints:
     """Step injections inside one worker: `fire(point, step)` at each named point of a step."""
 
     def __init__(self, injections: list[Injection], *, slot: int, nproc: int, claim: Callable[[int, int], bool],
-                 fired_in: Callable[[int], int], seed: int = 0):
+                 fired_in: Callable[[int], int], hold: Callable[[int], None] = lambda until: None, seed: int = 0):
         self.slot, self.nproc, self.claim, self.fired_in, self.seed = slot, nproc, claim, fired_in, seed
+        self.hold = hold
         self.pending = [(k, i) for k, i in enumerate(injections) if i.step >= 0]
         self.earlier = {k: [j for j, other in self.pending if other.step < i.step] for k, i in self.pending}
 
@@ -185,6 +211,8 @@ class ChaosPoints:
             if not self.claim(k, gen):
                 continue
             if inj.action == "kill":
+                if inj.rejoin:  # step `step` is not committed by this worker: count from it
+                    self.hold(step + inj.rejoin)
                 os.kill(os.getpid(), signal.SIGKILL)
             else:
                 pause(os.getpid(), inj.duration)

@@ -98,7 +98,8 @@ class Replicas:
         spec = os.environ.get(CHAOS_ENV)
         points = chaos.ChaosPoints(chaos.parse(spec), slot=replica.slot, nproc=cfg.launch.nproc, seed=cfg.train.seed,
                                    claim=lambda k, gen: chaos.claim(store, k, gen),
-                                   fired_in=lambda k: chaos.fired_in(store, k)) if spec else None
+                                   fired_in=lambda k: chaos.fired_in(store, k),
+                                   hold=lambda until: chaos.hold(store, replica.slot, until)) if spec else None
         sample_log = Path(os.environ[SAMPLE_LOG_ENV]) if os.environ.get(SAMPLE_LOG_ENV) else None
         return cls(store, member=replica.member, slot=replica.slot, incarnation=replica.incarnation, cfg=cfg,
                    lane=replica.lane, group_size=replica.group_size, chaos_points=points, sample_log=sample_log)

@@ -92,6 +92,7 @@ class Supervisor:
         self.failures: list[str] = []
         self.restarts = RestartPolicy(cfg.fault.restarts_per_hour, cfg.fault.crash_loop)
         self.delayed: list[tuple[float, int, int]] = []  # (when, first slot, incarnation) of restarts backing off
+        self.held: list[tuple[int, int, int]] = []  # (step, first slot, incarnation): chaos rejoin=, until that step
         self.slots: list[Slot] = []
         for first in range(0, nproc, self.group_size):
             self.slots += self._start_group(first, 0)
@@ -227,6 +228,14 @@ class Supervisor:
             self.delayed.remove((when, first, incarnation))
             if not self.finished:
                 self.slots[first:first + self.group_size] = self._start_group(first, incarnation)
+        # a held replacement starts when the job's progress reaches its step, or at once when no worker is left
+        running = any(not slot.done for slot in self.slots)
+        for until, first, incarnation in [h for h in self.held if h[0] <= self.fleet.last_step or not running]:
+            self.held.remove((until, first, incarnation))
+            if not self.finished:
+                self.say(f"chaos: the job is at step {self.fleet.last_step}; starting the held replacement of "
+                         f"slot {first}")
+                self.slots[first:first + self.group_size] = self._start_group(first, incarnation)
         for slot in self.slots:
             if slot.done or slot.proc.exitcode is None:
                 continue
@@ -263,11 +272,16 @@ class Supervisor:
                 if code > 0:  # a crash loop: training would only lose the slot again and again
                     return 1
                 continue
+            first = slot.index - slot.index % self.group_size
+            until = chaos_module.take_hold(self.store, slot.index) if self.injections else 0
             self.say(f"{what} exited with {code}; starting a replacement"
                      + ("" if self.group_size == 1 else f" group of {self.group_size} workers")
-                     + (f" in {decision.delay:.0f}s" if decision.delay else ""))
-            self.delayed.append((now + decision.delay, slot.index - slot.index % self.group_size,
-                                 slot.incarnation + 1))
+                     + (f" in {decision.delay:.0f}s" if decision.delay else "")
+                     + (f" once the job is at step {until} (chaos rejoin=)" if until else ""))
+            if until:
+                self.held.append((until, first, slot.incarnation + 1))
+            else:
+                self.delayed.append((now + decision.delay, first, slot.incarnation + 1))
             self.record("replaced", member=slot.member, slot=slot.index, delay=round(decision.delay, 3))
         running = [s for s in self.slots if not s.done]
         if self.finished:
@@ -280,7 +294,7 @@ class Supervisor:
                     self.event("retire", slot=s.index, member=s.member)
             running = [s for s in running if not s.done]
             return 0 if not running else None
-        alive = len(running) + self.group_size * len(self.delayed)  # a slot backing off is still counted
+        alive = len(running) + self.group_size * (len(self.delayed) + len(self.held))  # one backing off still counts
         if not alive:
             return 1
         if alive < self.cfg.fault.min_workers:

@@ -128,6 +128,11 @@ def chaos_fired(injection: int) -> str:
     return f"ft/chaos/fired/{injection}"
 
 
+def chaos_hold(slot: int) -> str:
+    """A chaos kill's `rejoin=`: the step the replacement of worker slot `slot` waits for."""
+    return f"ft/chaos/hold/{slot}"
+
+
 def timing(window: int, member: str) -> str:
     """JSON [data, compute, arrival] medians of a member's steps in timing window `window`
     (shoal/observe/ranks.py): the logging member reads the previous window's of every member."""

@@ -27,7 +27,8 @@ SCENARIO = ";".join([
     "kill=1,step=5,at=before",
     "kill=2,step=10,at=during,size=3",
     "kill=0,step=15,at=after,size=3",
-    "kill=1,step=20,size=3", "kill=2,step=20,size=3",  # two at once
+    # two at once; their replacements start after the survivor alone has committed steps 20 and 21
+    "kill=1,step=20,size=3,rejoin=2", "kill=2,step=20,size=3,rejoin=2",
     "hang=0,step=25,at=before,for=6s,size=3",  # longer than the 3 s step timeout: dropped, then rejoins
     "kill=source,step=26,at=transfer",  # the worker sending state to the returning one dies
     "kill=1,step=30,size=3", "kill=1,step=35,size=3",  # slot 1's 4th and 5th deaths: no lifetime cap
@@ -93,4 +94,7 @@ def test_training_survives_kills_hangs_and_a_dying_sender(tmp_path):
     result = audit(samples, num_samples=num_samples, global_batch=32, grad_accum=1, seed=1234)
     assert result.steps == STEPS and result.clean, result
     assert {1, 2, 3} <= set(result.sizes)
+    alone = "".join("1" if size == 1 else "." for size in result.sizes)
+    assert "11" in alone, alone  # the survivor trains alone until its peers' rejoin=2 step
+    assert out.stderr.count("starting the held replacement") == 2, out.stderr[-3000:]
     assert_same_training(result.losses, reference, through=60)  # the last failure is injected at step 35

@@ -25,6 +25,7 @@ def test_chaos_spec_parses_launcher_and_step_injections():
     assert (timed.action, timed.target, timed.every, timed.start) == ("kill", "random", 15.0, 15.0)
     assert (step.action, step.target, step.step, step.at, step.duration, step.size) == ("hang", "1", 7, "before", 0.5, 3)
     assert chaos.parse("slow=0,every=2m,for=1s,count=3")[0].every == 120.0
+    assert chaos.parse("kill=1,step=20,rejoin=3")[0].rejoin == 3
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -35,6 +36,9 @@ def test_chaos_spec_parses_launcher_and_step_injections():
     ("kill=source,step=3", "at=transfer goes with the target 'source'"),
     ("kill=1,every=1s,colour=red", "unknown key(s) colour"),
     ("kill", "must look like key=value"),
+    ("hang=1,step=3,rejoin=2", "rejoin= applies to step kills"),
+    ("kill=random,every=5s,rejoin=2", "rejoin= applies to step kills"),
+    ("kill=1,step=3,rejoin=soon", "rejoin='soon' must be a number of steps"),
     ("", "empty spec"),
 ])
 def test_chaos_spec_errors_name_the_bad_part(spec, message):
