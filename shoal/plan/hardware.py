@@ -112,7 +112,9 @@ class LocalHost:
         missing = sorted(s for s in shapes if len(self.cal.blocks.get(profile_key(cfg, *s, self.world), [])) < 3)
         if not missing or not can_profile(model):
             return
-        for (micro, tp), times in profile_blocks(cfg, self.world, missing).items():
+        # tensor parallel's clipping: one norm all-reduce each for Shard(0) and Shard(1) gradients (steptime.py)
+        norms = {tp: 2 * self.collective("all_reduce", tp).seconds(8) for _, tp in missing if tp > 1}
+        for (micro, tp), times in profile_blocks(cfg, self.world, missing, norms).items():
             key = profile_key(cfg, micro, tp, self.world)
             self.cal.blocks[key] = list(times)
             self.measured_blocks.append(key)

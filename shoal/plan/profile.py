@@ -18,7 +18,8 @@ them):
 - `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
 - `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
   one-block model's parameters beyond the same step on a plain copy (under tensor parallelism,
-  DTensors whose sharding propagation costs several times FSDP's Shard(0) per operator).
+  DTensors whose sharding propagation costs several times FSDP's Shard(0) per operator), less
+  the clipping's norm all-reduces at the calibrated latency (the model prices them once a step).
 
 Nothing of the layout itself is run: no data parallel exchange, no sharding, no pipeline,
 no optimizer. The step-time model (shoal/plan/steptime.py) composes those from the
@@ -81,7 +82,8 @@ def _timed(fn) -> float:
     return statistics.median(times) if dist.get_world_size() > cores else quiet_seconds(times)
 
 
-def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], store: str, out: str) -> None:
+def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], norm_seconds: dict[int, float],
+                    store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from shoal.models import build_model, compute_loss
@@ -111,7 +113,8 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
 
         def model_step():
             compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step), _optimizer_extra(model, one, spec, tokens)]
+        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step),
+                                    _optimizer_extra(model, one, spec, tokens, norm_seconds.get(tp, 0.0))]
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:  # the slowest worker decides
@@ -122,9 +125,10 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
     os._exit(0)
 
 
-def _optimizer_extra(model, one, spec, tokens) -> float:
+def _optimizer_extra(model, one, spec, tokens, norm_seconds: float) -> float:
     """Seconds per counted operator that gradient clipping and the AdamW step cost on this model's
-    parameters (tensor-parallel DTensors when tp > 1) beyond the same step on a plain copy."""
+    parameters (tensor-parallel DTensors when tp > 1) beyond the same step on a plain copy, less
+    `norm_seconds`: the clipping's norm all-reduces as the step-time model prices them."""
     from shoal.models import build_model, compute_loss
     from shoal.plan.calibrate import _clip_and_step
     from shoal.plan.opcount import count_optimizer_step
@@ -138,16 +142,18 @@ def _optimizer_extra(model, one, spec, tokens) -> float:
     def step(module):  # AdamW and the clipping both pass over parameters without a gradient
         optimizer = torch.optim.AdamW(module.parameters())
         return lambda: _clip_and_step(module, optimizer)
-    return max(0.0, _timed(step(model)) - _timed(step(plain))) / ops
+    return max(0.0, _timed(step(model)) - _timed(step(plain)) - norm_seconds) / ops
 
 
-def profile_blocks(cfg, world: int, requests: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, ...]]:
+def profile_blocks(cfg, world: int, requests: list[tuple[int, int]],
+                   norm_seconds: dict[int, float] | None = None) -> dict[tuple[int, int], tuple[float, ...]]:
     """(micro-batch, tp) -> (block seconds, rest seconds, optimizer's extra seconds per operator)
-    with `world` workers at once."""
+    with `world` workers at once; `norm_seconds[tp]`: what the step-time model adds for the
+    clipping's norm all-reduces at that tp, left out of the optimizer's per-operator cost."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "profile.json")
-        mp.spawn(_profile_worker, args=(world, cfg, requests, os.path.join(tmp, "store"), out), nprocs=world)
+        mp.spawn(_profile_worker, args=(world, cfg, requests, norm_seconds or {}, os.path.join(tmp, "store"), out), nprocs=world)
         raw = json.loads(Path(out).read_text())
     return {(int(k.split(",")[0]), int(k.split(",")[1])): (block, max(0.0, whole - block), optimizer)
             for k, (block, whole, optimizer) in raw.items()}
