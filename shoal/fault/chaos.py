@@ -10,7 +10,7 @@ key=value items:
     kill=source,step=3,at=transfer   the worker sending state to a joiner dies mid-transfer
     kill=0,step=40,size=3            slot 0 dies at the first step >= 40 with 3 workers in the group
     kill=1,step=20,rejoin=3          slot 1 dies at step 20; its replacement starts only once the
-                                     job has committed step 23 without it (a replacement slow to come)
+                                     others have committed steps 20-22 (a replacement slow to come)
 
 Injections with `every` are driven by the launcher's clock (`ChaosMonkey`); those with
 `step` fire inside the worker at a named point of the step (`ChaosPoints`), so a test can

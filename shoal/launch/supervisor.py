@@ -229,8 +229,8 @@ class Supervisor:
             if not self.finished:
                 self.slots[first:first + self.group_size] = self._start_group(first, incarnation)
         # a held replacement starts when the job's progress reaches its step, or at once when no worker is left
-        running = any(not slot.done for slot in self.slots)
-        for until, first, incarnation in [h for h in self.held if h[0] <= self.fleet.last_step or not running]:
+        anyone = any(not slot.done for slot in self.slots)
+        for until, first, incarnation in [h for h in self.held if h[0] <= self.fleet.last_step or not anyone]:
             self.held.remove((until, first, incarnation))
             if not self.finished:
                 self.say(f"chaos: the job is at step {self.fleet.last_step}; starting the held replacement of "

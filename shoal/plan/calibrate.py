@@ -45,7 +45,8 @@ CALIBRATION_VERSION = 5
 optimizer's cost per operator on plain tensors (optimizer_op) and on FSDP2 and tensor-parallel
 DTensors (dtensor_op, tp_dtensor_op), FSDP2's cost per module and per parameter tensor
 (fsdp_unit, fsdp_param); 3: + DDP's cost per step and per parameter tensor (ddp_step); 4: + DDP's
-cost per gradient byte (ddp_step's third value)."""
+cost per gradient byte (ddp_step's third value); 5: dtensor_op, tp_dtensor_op and the profiled
+tensor-parallel optimizer cost without the clipping's norm all-reduces (priced as collectives)."""
 HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
 HOOK_NUMEL = 1 << 21  # 8 MB of gradients: a bucket of the size DDP hands a hook (1 MB first, then 25 MB)
 
