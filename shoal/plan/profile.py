@@ -130,7 +130,7 @@ def _optimizer_extra(model, one, spec, tokens, norm_seconds: float) -> float:
     parameters (tensor-parallel DTensors when tp > 1) beyond the same step on a plain copy, less
     `norm_seconds`: the clipping's norm all-reduces as the step-time model prices them."""
     from shoal.models import build_model, compute_loss
-    from shoal.plan.calibrate import _clip_and_step
+    from shoal.plan.overheads import clip_and_step
     from shoal.plan.opcount import count_optimizer_step
     torch.manual_seed(0)
     plain = build_model(one.model, spec)
@@ -141,7 +141,7 @@ def _optimizer_extra(model, one, spec, tokens, norm_seconds: float) -> float:
 
     def step(module):  # AdamW and the clipping both pass over parameters without a gradient
         optimizer = torch.optim.AdamW(module.parameters())
-        return lambda: _clip_and_step(module, optimizer)
+        return lambda: clip_and_step(module, optimizer)
     return max(0.0, _timed(step(model)) - _timed(step(plain)) - norm_seconds) / ops
 
 

@@ -29,6 +29,12 @@ from shoal.config import Config
 from shoal.plan.opcount import OpCount, count_forward_backward, count_optimizer_step
 from shoal.runtime.mesh import ParallelDims
 
+CLIP_NORM_BYTES = 8
+CLIP_NORM_REDUCES = {"fsdp": 1, "tp": 2}
+"""Gradient clipping's scalar all-reduces (ParallelModel.clip_grad_norm_: one per kind of sharded
+gradient): FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1). Priced as collectives here, so
+the calibrated DTensor optimizer costs leave them out (shoal/plan/overheads.py, profile.py)."""
+
 DDP_BUCKET_BYTES = 25 * 2**20
 # bytes sent per fp32 gradient byte by each compressed all-reduce (shoal/sync/compress.py)
 HOOK_RATIO = {"fp16": 0.5, "bf16": 0.5, "int8": 0.25, "int4": 0.125}
@@ -325,16 +331,15 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0,
                                        dtensor_kind="tp" if tp_params else "fsdp", optimizer=True)
     if cfg.train.grad_clip:
-        # the global norm (ParallelModel.clip_grad_norm_): one scalar all-reduce per kind of sharded
-        # gradient (FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1)), and one across stages
-        scalar = 8
+        # the global norm: its all-reduces per kind of sharded gradient, and one across stages
         clip = 0.0
         if fsdp:
-            clip += hw.collective("all_reduce", dims.dp_shard * tp, stride=1).seconds(scalar)
+            clip += CLIP_NORM_REDUCES["fsdp"] * hw.collective("all_reduce", dims.dp_shard * tp, stride=1).seconds(
+                CLIP_NORM_BYTES)
         if tp > 1:
-            clip += 2 * hw.collective("all_reduce", tp).seconds(scalar)
+            clip += CLIP_NORM_REDUCES["tp"] * hw.collective("all_reduce", tp).seconds(CLIP_NORM_BYTES)
         if pp > 1:
-            clip += hw.collective("all_reduce", pp, stride=dims.world_size // pp).seconds(scalar)
+            clip += hw.collective("all_reduce", pp, stride=dims.world_size // pp).seconds(CLIP_NORM_BYTES)
         comm += clip
         exposed += clip
     else:
