@@ -75,7 +75,7 @@ class LocalHost:
     def compression_seconds(self, method: str, numel: int, dp: int) -> float:
         """What a compressed all-reduce hook adds to one bucket of `numel` gradients beyond its
         collective: its own arithmetic, timed per gradient element on `dp` ranks at once at a
-        bucket's size (shoal/plan/calibrate.py). Counting its bytes against the `add_` bandwidth
+        bucket's size (shoal/plan/overheads.py). Counting its bytes against the `add_` bandwidth
         under-priced it ~5x here: rounding, casts to small integers and back run far slower per
         byte, and the hook makes passes (error feedback, the payload's copy) a count misses."""
         per_dp = {int(key.split(":")[1]): value for key, value in self.cal.hook_element.items()

@@ -132,7 +132,7 @@ def _tp_split(count: OpCount, tp: int) -> OpCount:
 def compression_arithmetic(method: str, bucket: torch.Tensor, dp: int) -> None:
     """The arithmetic one rank's compressed all-reduce does on a bucket of gradients, as
     shoal/sync/compress.py (int8, int4) and torch's fp16 hook do it: run on the meta device to
-    count it, on this host's CPU to time it (shoal/plan/calibrate.py)."""
+    count it (on this host the real hooks are timed instead: shoal/plan/overheads.py)."""
     from shoal.sync.compress import dequantize, quantize
     numel = bucket.numel()
     if method in ("int8", "int4"):
