@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import socket
-import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from shoal.plan.collectives import OPS, CollectiveCost, fit_cost
+from shoal.plan.timing import fixed_quiet, quiet_seconds, quiet_seconds_of
 
 log = logging.getLogger(__name__)
 
@@ -157,34 +157,6 @@ def save_calibration(cal: Calibration, path: Path | None = None) -> Path:
     return path
 
 
-def quiet_seconds(times: list[float]) -> float:
-    """The lower quartile of repeated timings: on a machine shared with other jobs, interference
-    only ever adds time, so the quiet runs are the machine's own speed (the median of a busy
-    minute here was seen 4x the quiet one)."""
-    return statistics.quantiles(times, n=4)[0] if len(times) >= 4 else min(times)
-
-
-def _quiet_seconds(fn, min_total: float = 0.02, max_reps: int = 50) -> float:
-    fn()  # warm-up: first-call allocations and thread pools
-    times, start = [], time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_total and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return quiet_seconds(times)
-
-
-def fixed_quiet(fn, reps: int) -> float:
-    """The quiet timing of a fixed number of runs: every rank must run a collective the same number of times."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return quiet_seconds(times)
-
-
 def _with_threads(threads: int, fn):
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -206,7 +178,7 @@ def measure_op_overhead() -> float:
 
     def step():
         nn.functional.cross_entropy(model(x), y).backward()
-    return _quiet_seconds(step, 0.2) / ops
+    return quiet_seconds_of(step, 0.2) / ops
 
 
 def measure_bandwidth() -> float:
@@ -214,7 +186,7 @@ def measure_bandwidth() -> float:
     sizes, seconds = [], []
     for numel in (1 << 18, 1 << 20, 1 << 22, 1 << 24):
         a, b = torch.ones(numel), torch.ones(numel)
-        seconds.append(_quiet_seconds(lambda: a.add_(b), 0.05))
+        seconds.append(quiet_seconds_of(lambda: a.add_(b), 0.05))
         sizes.append(3 * numel * 4)
     return fit_cost(sizes, seconds).bandwidth
 
@@ -222,7 +194,7 @@ def measure_bandwidth() -> float:
 def measure_matmul(shape: tuple[int, int, int]) -> float:
     m, k, n = shape
     a, b = torch.randn(m, k), torch.randn(k, n)
-    return 2 * m * k * n / _quiet_seconds(lambda: torch.mm(a, b), 0.02)
+    return 2 * m * k * n / quiet_seconds_of(lambda: torch.mm(a, b), 0.02)
 
 
 def measure_disk_write(folder: Path, nbytes: int = 64 << 20) -> float:

@@ -112,7 +112,7 @@ class LocalHost:
         missing = sorted(s for s in shapes if len(self.cal.blocks.get(profile_key(cfg, *s, self.world), [])) < 3)
         if not missing or not can_profile(model):
             return
-        from shoal.plan.steptime import CLIP_NORM_BYTES, CLIP_NORM_REDUCES
+        from shoal.plan.overheads import CLIP_NORM_BYTES, CLIP_NORM_REDUCES
         norms = {tp: CLIP_NORM_REDUCES["tp"] * self.collective("all_reduce", tp).seconds(CLIP_NORM_BYTES)
                  for _, tp in missing if tp > 1}
         for (micro, tp), times in profile_blocks(cfg, self.world, missing, norms).items():

@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.plan.calibrate import fixed_quiet
-from shoal.plan.steptime import CLIP_NORM_REDUCES
+from shoal.plan.timing import fixed_quiet
 
+CLIP_NORM_BYTES = 8
+CLIP_NORM_REDUCES = {"fsdp": 1, "tp": 2}
+"""Gradient clipping's scalar all-reduces (ParallelModel.clip_grad_norm_: one per kind of sharded
+gradient): FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1). The step-time model prices
+them as collectives, so the DTensor optimizer costs timed here (and in profile.py) leave them out."""
 HOOK_NUMEL = 1 << 21  # 8 MB of gradients: a bucket of the size DDP hands a hook (1 MB first, then 25 MB)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from shoal.plan.calibrate import quiet_seconds
+from shoal.plan.timing import quiet_seconds
 
 WARMUP, REPS = 3, 12
 

@@ -27,13 +27,8 @@ from torch import nn
 
 from shoal.config import Config
 from shoal.plan.opcount import OpCount, count_forward_backward, count_optimizer_step
+from shoal.plan.overheads import CLIP_NORM_BYTES, CLIP_NORM_REDUCES
 from shoal.runtime.mesh import ParallelDims
-
-CLIP_NORM_BYTES = 8
-CLIP_NORM_REDUCES = {"fsdp": 1, "tp": 2}
-"""Gradient clipping's scalar all-reduces (ParallelModel.clip_grad_norm_: one per kind of sharded
-gradient): FSDP's Shard(0); tensor parallel's Shard(0) and Shard(1). Priced as collectives here, so
-the calibrated DTensor optimizer costs leave them out (shoal/plan/overheads.py, profile.py)."""
 
 DDP_BUCKET_BYTES = 25 * 2**20
 # bytes sent per fp32 gradient byte by each compressed all-reduce (shoal/sync/compress.py)
