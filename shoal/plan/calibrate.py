@@ -43,13 +43,15 @@ log = logging.getLogger(__name__)
 
 COLLECTIVE_WORLDS = (2, 4)
 COLLECTIVE_SIZES = (16_384, 262_144, 2_097_152, 8_388_608)
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 """1: the first format; 2: + the compressed hooks' arithmetic per element (hook_element), the
 optimizer's cost per operator on plain tensors (optimizer_op) and on FSDP2 and tensor-parallel
 DTensors (dtensor_op, tp_dtensor_op), FSDP2's cost per module and per parameter tensor
 (fsdp_unit, fsdp_param); 3: + DDP's cost per step and per parameter tensor (ddp_step); 4: + DDP's
 cost per gradient byte (ddp_step's third value); 5: dtensor_op, tp_dtensor_op and the profiled
-tensor-parallel optimizer cost without the clipping's norm all-reduces (priced as collectives)."""
+tensor-parallel optimizer cost without the clipping's norm all-reduces (priced as collectives);
+6: + FSDP2's work in passes that do not reduce gradients (fsdp_nosync: pipeline micro-batches,
+gradient accumulation)."""
 HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
 
 
@@ -88,6 +90,9 @@ class Calibration:
     fsdp_param: dict[str, float] = field(default_factory=dict)
     """Group size -> seconds it adds per parameter tensor (copy-in and copy-out, DTensor views,
     gradient shards)."""
+    fsdp_nosync: dict[str, list[float]] = field(default_factory=dict)
+    """Group size -> [pipeline micro-batch, accumulation micro-step]: FSDP2's work in a
+    forward+backward that does not reduce gradients, as a fraction of one that does."""
     tp_linear: dict[str, float] = field(default_factory=dict)
     """Group size -> extra seconds a tensor-parallel Linear adds to a forward+backward, beyond
     its arithmetic and its collectives (DTensor dispatch, sharding propagation)."""
@@ -308,7 +313,7 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
         cal.dtensor_op[str(world)], cal.tp_linear[str(world)] = seconds["dtensor_op"][0], seconds["tp_linear"][0]
         cal.tp_dtensor_op[str(world)], cal.fsdp_param[str(world)] = seconds["tp_dtensor_op"][0], seconds["fsdp_param"][0]
         cal.fsdp_unit[str(world)], cal.optimizer_op[str(world)] = seconds["fsdp_unit"][0], seconds["optimizer_op"][0]
-        cal.ddp_step[str(world)] = seconds["ddp_step"]
+        cal.ddp_step[str(world)], cal.fsdp_nosync[str(world)] = seconds["ddp_step"], seconds["fsdp_nosync"]
         for method in HOOK_METHODS:
             cal.hook_element[f"{method}:{world}"] = seconds[f"hook_{method}"][0]
         cal.pp_slot[str(world)] = seconds["pp_slot"][0]

@@ -93,18 +93,21 @@ class LocalHost:
         per_step, per_tensor, per_byte = self._nearest(self.cal.ddp_step)
         return per_step + tensors * per_tensor + grad_bytes * per_byte
 
-    def fsdp_seconds(self, units: int, tensors: float, group: int | None = None) -> float:
+    def fsdp_seconds(self, units: int, tensors: float, group: int | None = None, sync: str = "full") -> float:
         """What FSDP2 adds to one forward+backward beyond its collectives, for `units`
         fully_shard'ed modules holding `tensors` parameter tensors on a data-parallel group of
         `group` ranks (hooks and unshard per module; copy-in, copy-out and DTensor views per
         tensor). Calibrated on groups of 2 and 4 workers, each group alone on the host: a group
         smaller than the world (pp 2 x dp 2) is priced at its own size, stretched by world / cores
-        as its workers share the cores with the other groups'."""
+        as its workers share the cores with the other groups'. `sync`: "full" for a pass that
+        reduces its gradients; "pipeline" for a pipeline stage's micro-batch and "accumulating"
+        for an accumulation micro-step, which do not (their calibrated fraction of a full pass)."""
         group = group or self.world
-        if group >= self.world:
-            return units * self._nearest(self.cal.fsdp_unit) + tensors * self._nearest(self.cal.fsdp_param)
         at = str(min((int(w) for w in self.cal.fsdp_unit), key=lambda w: (abs(w - group), -w)))
-        return (units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at]) * self.oversubscribed
+        seconds = units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at]
+        if sync != "full":
+            seconds *= self.cal.fsdp_nosync[at][("pipeline", "accumulating").index(sync)]
+        return seconds if group >= self.world else seconds * self.oversubscribed
 
     def profile_blocks(self, cfg, model, shapes: set[tuple[int, int]]) -> None:
         """Profile, in one start of `world` workers, every (micro-batch, tp) not yet cached."""

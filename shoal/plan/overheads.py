@@ -71,7 +71,8 @@ def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[
     wide_extra = (fixed_quiet(forward_backward(wide), 20) - fixed_quiet(forward_backward(_stack(blocks, width, 6)), 20)
                   - collectives)
     per_param = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))  # weight and bias per Linear
-    out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks]}
+    out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks],
+           "fsdp_nosync": fsdp_without_sync(mesh, seconds, forward_backward(plain), x)}
     # DDP likewise, its one all-reduce (one bucket here) less at its latency
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -110,6 +111,40 @@ def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[
     out["dtensor_op"] = [max(0.0, fixed_quiet(step(sharded), 20) - base - CLIP_NORM_REDUCES["fsdp"] * norm) / ops]
     out["tp_dtensor_op"] = [max(0.0, fixed_quiet(step(tp), 20) - base - CLIP_NORM_REDUCES["tp"] * norm) / ops]
     return out
+
+
+def fsdp_without_sync(mesh, seconds: dict[str, list[float]], plain, x: torch.Tensor) -> list[float]:
+    """FSDP2's own work in a forward+backward that does not reduce gradients, as a fraction of a
+    pass that does: [a pipeline stage's micro-batch, a gradient-accumulation micro-step].
+
+    A pipeline stage (torch.distributed.pipelining) runs every micro-batch's backward with
+    gradient sync and the reshard after backward turned off and reduces once, after the last;
+    the parameters stay unsharded, so a pass gathers only the blocks resharded after forward and
+    skips the gradient shards' copy-out. Gradient accumulation (ParallelModel.no_sync) turns off
+    only the sync: the gathers stay, the reduce-scatter and its copies go. Timed on blocks
+    sharded as training shards them (shoal/parallel/shard.py: all but the last resharded after
+    forward); each pass less its collectives' latency (a full pass: 2b - 1 gathers and b
+    reduce-scatters of b blocks; a pipeline pass b - 1 gathers; an accumulating one 2b - 1)."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = 4
+    model = _stack(blocks, x.shape[1])
+    for i, block in enumerate(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < blocks - 1)
+    fully_shard(model, mesh=mesh)
+
+    def timed(synced: bool, resharded: bool) -> float:
+        def step():
+            model.set_is_last_backward(synced)
+            model.set_requires_gradient_sync(synced)
+            model.set_reshard_after_backward(resharded)
+            model(x).sum().backward()
+        return fixed_quiet(step, 20)
+    gather, scatter, base = seconds["all_gather"][0], seconds["reduce_scatter"][0], fixed_quiet(plain, 20)
+    full = timed(True, True) - base - (2 * blocks - 1) * gather - blocks * scatter
+    pipeline = timed(False, False) - base - (blocks - 1) * gather
+    accumulating = timed(False, True) - base - (2 * blocks - 1) * gather
+    timed(True, True)  # leave no unsharded parameters or unreduced gradients behind
+    return [min(1.0, max(0.0, part / full)) if full > 0 else 1.0 for part in (pipeline, accumulating)]
 
 
 def hooks(world: int) -> dict[str, list[float]]:

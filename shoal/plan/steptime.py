@@ -284,23 +284,37 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         units = max(1, round(n_blocks / pp)) + 1  # each block of this rank's stages, and the root
         unit_bytes = local_bytes * dims.dp_shard / units  # whole (unsharded) unit
         fsdp_comm = 0.0
+        # the forward+backward passes of a step that do not reduce gradients: a pipeline stage
+        # reduces once per schedule step, after its last micro-batch (its backwards keep the
+        # parameters unsharded); gradient accumulation reduces after the last micro-step
+        m = cfg.parallel.pp_microbatches if pp > 1 else 1
+        unsynced = accum * (m - 1) if pp > 1 else accum - 1
+        reductions = accum if pp > 1 else 1
         if dims.dp_shard > 1:
             ag = hw.collective("all_gather", dims.dp_shard, stride=tp)
             rs = hw.collective("reduce_scatter", dims.dp_shard, stride=tp)
-            # forward gathers every unit; backward again all but the last block and the root
+            # a pass gathers every unit in forward, and in backward all but the last block and
+            # the root (they stay unsharded after forward); a pipeline micro-batch after the first
+            # finds them all unsharded and gathers in backward only
             gathers = units + max(0, units - 2)
-            fsdp_comm += accum * (gathers * ag.seconds(unit_bytes) + units * rs.seconds(unit_bytes))
+            per_pass = max(0, units - 2) if pp > 1 else gathers
+            fsdp_comm += ((reductions * gathers + unsynced * per_pass) * ag.seconds(unit_bytes)
+                          + reductions * units * rs.seconds(unit_bytes))
         if dims.dp_replicate > 1:  # HSDP, or replicate-only FSDP beside tp/pp: shards all-reduced
-            fsdp_comm += units * hw.collective("all_reduce", dims.dp_replicate, stride=tp * dims.dp_shard
+            fsdp_comm += reductions * units * hw.collective("all_reduce", dims.dp_replicate, stride=tp * dims.dp_shard
                                                ).seconds(unit_bytes / dims.dp_shard)
         comm += fsdp_comm
         if hasattr(hw, "fsdp_seconds"):
             # FSDP2's own work each forward+backward, per module (hooks, unshard, reshard) and per
             # parameter tensor (copy-in and copy-out around each gather, DTensor views, gradient
             # shards), on the cores that compute; also when it only replicates (beside pp or tp),
-            # and under a pipeline once per micro-batch: its hooks run on every stage call
-            passes = accum * (cfg.parallel.pp_microbatches if pp > 1 else 1)
-            compute += passes * hw.fsdp_seconds(units, sum(1 for _ in model.parameters()) / pp, group=dp)
+            # and under a pipeline on every micro-batch (its hooks run on every stage call), a
+            # calibrated fraction of it on the passes that do not reduce
+            tensors = sum(1 for _ in model.parameters()) / pp
+            compute += reductions * hw.fsdp_seconds(units, tensors, group=dp)
+            if unsynced:
+                compute += unsynced * hw.fsdp_seconds(units, tensors, group=dp,
+                                                      sync="pipeline" if pp > 1 else "accumulating")
         first = unit_bytes / dims.dp_shard
         exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
 

@@ -40,7 +40,7 @@ def calibration(cfg: Config, layouts: list[dict], world: int = WORLD, **changed)
         collectives={w: {op: [1e-4 * f, 1e9 / f] for op in OPS} for w, f in per_world.items()},
         dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, tp_linear={w: 1e-4 * f for w, f in per_world.items()},
         tp_dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, fsdp_param={w: 1e-5 * f for w, f in per_world.items()},
-        fsdp_unit={w: 1e-4 * f for w, f in per_world.items()},
+        fsdp_unit={w: 1e-4 * f for w, f in per_world.items()}, fsdp_nosync={w: [0.25, 0.5] for w in per_world},
         concurrent={w: [1e-5 * f, 1e10 / f] for w, f in per_world.items()},
         optimizer_op={w: 3e-6 * f for w, f in per_world.items()},
         ddp_step={w: [1e-4 * f, 1e-6 * f, 1e-10 * f] for w, f in per_world.items()},
@@ -164,11 +164,39 @@ def test_ddp_step_grows_with_its_own_work_per_step_per_tensor_and_per_byte():
 def test_fsdp_work_under_a_pipeline_is_paid_every_micro_batch():
     """pp 2 x dp 2 replicates each stage through FSDP2 on groups of 2: its work per module is
     paid on every micro-batch (its hooks run on each stage call), for the stage's share, at the
-    2-rank group's calibrated cost, stretched by the 4 workers sharing 2 cores."""
+    2-rank group's calibrated cost, stretched by the 4 workers sharing 2 cores; in full on the
+    last micro-batch, which reduces the gradients, and at the calibrated fraction of a pass
+    without gradient sync on the others (torch's pipeline stages keep the parameters unsharded)."""
     cfg = gpt()
     pipeline = {"pp": 2, "dp_replicate": 2}
     base = calibration(cfg, [pipeline], world=4)
     costly = calibration(cfg, [pipeline], world=4, fsdp_unit={"2": 1e-4 + 1e-2, "4": 5.0})
     units = cfg.model.n_layers // 2 + 1  # this stage's blocks and the root
-    assert step(cfg, pipeline, costly, world=4).compute - step(cfg, pipeline, base, world=4).compute == \
-        pytest.approx(cfg.parallel.pp_microbatches * units * 1e-2 * 2)
+    m = cfg.parallel.pp_microbatches
+    extra = step(cfg, pipeline, costly, world=4).compute - step(cfg, pipeline, base, world=4).compute
+    assert extra == pytest.approx((1 + (m - 1) * 0.25) * units * 1e-2 * 2)
+    cheaper = calibration(cfg, [pipeline], world=4, fsdp_unit={"2": 1e-4 + 1e-2, "4": 5.0},
+                          fsdp_nosync={"2": [0.1, 0.5], "4": [0.9, 0.9]})
+    full_pass = LocalHost(cheaper, 4).fsdp_seconds(units, sum(1 for _ in meta_model(cfg).parameters()) / 2, group=2)
+    assert step(cfg, pipeline, costly, world=4).compute - step(cfg, pipeline, cheaper, world=4).compute == \
+        pytest.approx((m - 1) * (0.25 - 0.1) * full_pass, rel=1e-6)
+
+
+def test_fsdp_accumulation_reduces_once_a_step():
+    """Gradient accumulation under FSDP (ParallelModel.no_sync) reduce-scatters after the last
+    micro-step only: the earlier micro-steps pay the accumulation fraction of FSDP2's own work and
+    their gathers, but no reduce-scatter."""
+    cfg = gpt()
+    fsdp = {"dp_shard": 2}
+    one = step(cfg, fsdp, calibration(cfg, [fsdp]))
+    cfg.train.grad_accum, cfg.train.batch_size = 2, 32  # the same micro-batch, twice
+    costly = calibration(cfg, [fsdp], fsdp_unit={"2": 1e-4 + 1e-2, "4": 2e-2})
+    base = calibration(cfg, [fsdp])
+    units = cfg.model.n_layers + 1
+    assert step(cfg, fsdp, costly).compute - step(cfg, fsdp, base).compute == pytest.approx((1 + 0.5) * units * 1e-2)
+    two = step(cfg, fsdp, base)
+    ag = LocalHost(base, WORLD).collective("all_gather", 2)
+    # a whole unit's bytes (predict_step without the memory estimate's per-rank bytes takes the model's as one shard's)
+    unit_bytes = 2 * sum(p.numel() for p in meta_model(cfg).parameters()) * 4 / units
+    gathers = units + units - 2
+    assert two.comm - one.comm == pytest.approx(gathers * ag.seconds(unit_bytes), rel=1e-6)  # no second reduce-scatter
