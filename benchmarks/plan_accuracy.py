@@ -173,8 +173,9 @@ def prepare_profiles(rows: dict) -> None:
             names = [n for n in rows if n.startswith(f"w{world}/{model_name}/")]
             if names:
                 cfg = config(model_name, {})
-                LocalHost(cal, world).profile_blocks(cfg, meta_model(cfg), {
-                    block_shape(config(model_name, LAYOUTS[world][n.split("/")[2]]), layout_dims(n)) for n in names})
+                model = meta_model(cfg)
+                LocalHost(cal, world).profile_blocks(cfg, model, {
+                    block_shape(config(model_name, LAYOUTS[world][n.split("/")[2]]), layout_dims(n), model) for n in names})
 
 
 def predict(name: str) -> dict:

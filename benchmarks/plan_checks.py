@@ -42,7 +42,7 @@ def predicted_step(overrides: list[str], world: int):
     dims = check_layout(cfg, world)
     model = meta_model(cfg)
     hw = LocalHost(CAL, world)
-    hw.profile_blocks(cfg, model, {block_shape(cfg, dims)})
+    hw.profile_blocks(cfg, model, {block_shape(cfg, dims, model)})
     est = estimate_memory(cfg, dims, model)
     return cfg, est, hw, predict_step(cfg, dims, model, hw, param_bytes_per_rank=est.params)
 

@@ -54,7 +54,7 @@ def choose_layout(cfg: Config, world: int, cap_bytes: int | None = None) -> Auto
     from shoal.plan.steptime import WorkCounter, block_shape, predict_step
     hw, counter = LocalHost(cal, world), WorkCounter(cfg, model)
     # blocks not yet profiled at these shapes are measured now, in one start of `world` workers
-    hw.profile_blocks(cfg, model, {block_shape(c, check_layout(c, world)) for c in
+    hw.profile_blocks(cfg, model, {block_shape(c, check_layout(c, world), model) for c in
                                    (with_degrees(cfg, p.degrees) for p in usable)})
     times = {}
     for p in usable:

@@ -109,36 +109,37 @@ class LocalHost:
             seconds *= self.cal.fsdp_nosync[at][("pipeline", "accumulating").index(sync)]
         return seconds if group >= self.world else seconds * self.oversubscribed
 
-    def profile_blocks(self, cfg, model, shapes: set[tuple[int, int]]) -> None:
-        """Profile, in one start of `world` workers, every (micro-batch, tp) not yet cached."""
+    def profile_blocks(self, cfg, model, shapes: set[tuple[int, int, int]]) -> None:
+        """Profile, in one start of `world` workers, every (micro-batch, tp, depth) not yet cached."""
         from shoal.plan.profile import can_profile, profile_blocks, profile_key
         missing = sorted(s for s in shapes if len(self.cal.blocks.get(profile_key(cfg, *s, self.world), [])) < 3)
         if not missing or not can_profile(model):
             return
         from shoal.plan.overheads import CLIP_NORM_BYTES, CLIP_NORM_REDUCES
         norms = {tp: CLIP_NORM_REDUCES["tp"] * self.collective("all_reduce", tp).seconds(CLIP_NORM_BYTES)
-                 for _, tp in missing if tp > 1}
-        for (micro, tp), times in profile_blocks(cfg, self.world, missing, norms).items():
-            key = profile_key(cfg, micro, tp, self.world)
+                 for _, tp, _ in missing if tp > 1}
+        for shape, times in profile_blocks(cfg, self.world, missing, norms).items():
+            key = profile_key(cfg, *shape, self.world)
             self.cal.blocks[key] = list(times)
             self.measured_blocks.append(key)
         save_calibration(self.cal)
 
-    def block_seconds(self, cfg, model, micro: int, tp: int) -> tuple[float, float]:
-        """(one block, the rest of the model) forward+backward at this micro-batch and tp, with
-        `world` workers at once, profiled on first use and cached (shoal/plan/profile.py)."""
+    def block_seconds(self, cfg, model, micro: int, tp: int, depth: int) -> tuple[float, float]:
+        """(one block, the rest of the model) forward+backward at this micro-batch and tp, in a
+        stage of `depth` blocks, with `world` workers at once, profiled on first use and cached
+        (shoal/plan/profile.py)."""
         from shoal.plan.profile import profile_key
-        self.profile_blocks(cfg, model, {(micro, tp)})
-        block, rest = self.cal.blocks[profile_key(cfg, micro, tp, self.world)][:2]
+        self.profile_blocks(cfg, model, {(micro, tp, depth)})
+        block, rest = self.cal.blocks[profile_key(cfg, micro, tp, depth, self.world)][:2]
         # profiled with all `world` workers at once: the cores' sharing is in the profile (not
         # scaled again: doing so over-predicted 4 workers' FSDP and TP steps here by 1.5-2.3x)
         return block, rest
 
-    def optimizer_extra_per_op(self, cfg, model, micro: int, tp: int) -> float:
+    def optimizer_extra_per_op(self, cfg, model, micro: int, tp: int, depth: int) -> float:
         """The profiled extra seconds per optimizer operator on this model's parameters at this tp."""
         from shoal.plan.profile import profile_key
-        self.profile_blocks(cfg, model, {(micro, tp)})
-        return self.cal.blocks[profile_key(cfg, micro, tp, self.world)][2]
+        self.profile_blocks(cfg, model, {(micro, tp, depth)})
+        return self.cal.blocks[profile_key(cfg, micro, tp, depth, self.world)][2]
 
     def pipeline_slot(self) -> float:
         """Seconds the pipeline schedule itself adds per slot (calibrated with this many workers)."""

@@ -10,11 +10,15 @@ the iteration composed from the profiles), the block is run here at the micro-ba
 tensor-parallel degree and the number of workers a layout gives it, and its time is cached
 beside the rest of the calibration.
 
-One profile is three numbers, each the lower-quartile forward+backward of the slowest worker while
-all `world` workers run it at once (one thread each beyond the cores, as `shoal run` gives
-them):
+One profile is three numbers, each from the lower-quartile forward+backward of the slowest worker
+while all `world` workers run it at once (one thread each beyond the cores, as `shoal run` gives
+them; the median with more workers than cores):
 - `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
-  it, its all-gathers and reduce-scatters included);
+  it, its all-gathers and reduce-scatters included), in a stage as deep as the layout's: a
+  model of `depth` blocks (the whole model, or one pipeline stage's blocks) less a one-block
+  model, per block. With more workers than cores a long forward+backward is stretched more
+  than a short one (here 4 workers on 2 cores ran the 4-block model 30-40% slower than four
+  times its block alone; 2 workers within 4%), so the block is timed at the stage's length;
 - `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
 - `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
   one-block model's parameters beyond the same step on a plain copy (under tensor parallelism,
@@ -44,11 +48,12 @@ from shoal.plan.timing import quiet_seconds
 WARMUP, REPS = 3, 12
 
 
-def profile_key(cfg, micro: int, tp: int, world: int) -> str:
-    """What a block's time depends on: the model's shapes, the micro-batch, tp and the workers at once."""
+def profile_key(cfg, micro: int, tp: int, depth: int, world: int) -> str:
+    """What a block's time depends on: the model's shapes, the micro-batch, tp, the stage's depth
+    and the workers at once."""
     m = cfg.model
     return (f"{m.name}/{m.flavour}/dim{m.dim}/heads{m.n_heads}/seq{cfg.data.seq_len}/src{cfg.data.source}"
-            f"/b{micro}/tp{tp}/w{world}")
+            f"/b{micro}/tp{tp}/d{depth}/w{world}")
 
 
 def can_profile(model) -> bool:
@@ -56,9 +61,9 @@ def can_profile(model) -> bool:
     return type(model).__name__ == "GPT"
 
 
-def _one_block_config(cfg, tp: int):
+def _stage_config(cfg, tp: int, depth: int = 1):
     one = copy.deepcopy(cfg)
-    one.model.n_layers = 1
+    one.model.n_layers = depth
     one.parallel.tp, one.parallel.pp, one.parallel.dp_shard, one.parallel.dp_replicate = tp, 1, 1, 1
     one.parallel.pp_schedule = "1f1b"
     return one
@@ -82,7 +87,7 @@ def _timed(fn) -> float:
     return statistics.median(times) if dist.get_world_size() > cores else quiet_seconds(times)
 
 
-def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]], norm_seconds: dict[int, float],
+def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int, int]], norm_seconds: dict[int, float],
                     store: str, out: str) -> None:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -94,15 +99,24 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     results = {}
-    for micro, tp in requests:
-        one = _one_block_config(cfg, tp)
-        spec = data_spec(one)
+    meshes = {}
+
+    def built(config, tp: int):
         torch.manual_seed(0)
-        model = build_model(one.model, spec)
+        model = build_model(config.model, data_spec(config))
         if tp > 1:
             from shoal.parallel.tensor import apply_tp
-            mesh = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
-            model = apply_tp(model, mesh["tp"])  # one block, one stage
+            if tp not in meshes:
+                meshes[tp] = init_device_mesh("cpu", (world // tp, tp), mesh_dim_names=("dp", "tp"))
+            model = apply_tp(model, meshes[tp]["tp"])  # one stage
+        return model
+
+    def model_step(model, tokens):
+        return lambda: compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    for micro, tp, depth in requests:
+        one = _stage_config(cfg, tp)
+        spec = data_spec(one)
+        model = built(one, tp)
         seq, dim = one.data.seq_len, model.args.dim
         tokens = torch.randint(0, spec.vocab_size, (micro, seq + 1))
         hidden = torch.randn(micro, seq, dim, requires_grad=True)
@@ -110,11 +124,15 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int]],
 
         def block_step():
             block(hidden).sum().backward()
-
-        def model_step():
-            compute_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
-        results[f"{micro},{tp}"] = [_timed(block_step), _timed(model_step),
-                                    _optimizer_extra(model, one, spec, tokens, norm_seconds.get(tp, 0.0))]
+        one_model = _timed(model_step(model, tokens))
+        if depth > 1:  # per block of a stage this deep, less the one-block model
+            stage = built(_stage_config(cfg, tp, depth), tp)
+            block_s = max(0.0, (_timed(model_step(stage, tokens)) - one_model) / (depth - 1))
+            del stage
+        else:
+            block_s = _timed(block_step)
+        results[f"{micro},{tp},{depth}"] = [block_s, max(0.0, one_model - block_s),
+                                            _optimizer_extra(model, one, spec, tokens, norm_seconds.get(tp, 0.0))]
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:  # the slowest worker decides
@@ -145,15 +163,14 @@ def _optimizer_extra(model, one, spec, tokens, norm_seconds: float) -> float:
     return max(0.0, _timed(step(model)) - _timed(step(plain)) - norm_seconds) / ops
 
 
-def profile_blocks(cfg, world: int, requests: list[tuple[int, int]],
-                   norm_seconds: dict[int, float] | None = None) -> dict[tuple[int, int], tuple[float, ...]]:
-    """(micro-batch, tp) -> (block seconds, rest seconds, optimizer's extra seconds per operator)
-    with `world` workers at once; `norm_seconds[tp]`: what the step-time model adds for the
-    clipping's norm all-reduces at that tp, left out of the optimizer's per-operator cost."""
+def profile_blocks(cfg, world: int, requests: list[tuple[int, int, int]],
+                   norm_seconds: dict[int, float] | None = None) -> dict[tuple[int, int, int], tuple[float, ...]]:
+    """(micro-batch, tp, depth) -> (block seconds, rest seconds, optimizer's extra seconds per
+    operator) with `world` workers at once; `norm_seconds[tp]`: what the step-time model adds for
+    the clipping's norm all-reduces at that tp, left out of the optimizer's per-operator cost."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "profile.json")
         mp.spawn(_profile_worker, args=(world, cfg, requests, norm_seconds or {}, os.path.join(tmp, "store"), out), nprocs=world)
         raw = json.loads(Path(out).read_text())
-    return {(int(k.split(",")[0]), int(k.split(",")[1])): (block, max(0.0, whole - block), optimizer)
-            for k, (block, whole, optimizer) in raw.items()}
+    return {tuple(int(part) for part in key.split(",")): tuple(times) for key, times in raw.items()}

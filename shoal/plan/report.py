@@ -65,7 +65,7 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
     counter = WorkCounter(cfg, model)
     times = {}
     if hw is not None and not cluster:  # every layout's block shapes profiled in one start of the workers
-        hw.profile_blocks(cfg, model, {block_shape(cfg_, check_layout(cfg_, args.world)) for cfg_ in
+        hw.profile_blocks(cfg, model, {block_shape(cfg_, check_layout(cfg_, args.world), model) for cfg_ in
                                        (with_degrees(cfg, p.degrees) for p in plans if p.estimate is not None)})
     if hw is not None:
         for p in plans:
@@ -164,7 +164,7 @@ def short_step(cfg, degrees: dict[str, int], world: int, model, hw) -> tuple[flo
     dims = check_layout(short_cfg, workers)
     if isinstance(hw, LocalHost):  # this host: its workers share its cores, so the count changes the step
         hw = LocalHost(hw.cal, workers)
-        hw.profile_blocks(short_cfg, model, {block_shape(short_cfg, dims)})
+        hw.profile_blocks(short_cfg, model, {block_shape(short_cfg, dims, model)})
     params = estimate_memory(short_cfg, dims, model).params
     return predict_step(short_cfg, dims, model, hw, param_bytes_per_rank=params).total, workers
 

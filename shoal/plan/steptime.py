@@ -155,10 +155,16 @@ def count_compression(method: str, numel: int, dp: int) -> OpCount:
     return count
 
 
-def block_shape(cfg: Config, dims: ParallelDims) -> tuple[int, int]:
-    """(micro-batch of one block's forward+backward, tp degree) a layout runs its blocks at."""
+def block_shape(cfg: Config, dims: ParallelDims, model: nn.Module) -> tuple[int, int, int]:
+    """(micro-batch of one block's forward+backward, tp degree, blocks a forward+backward runs in
+    one go: the model's, or one pipeline stage's) a layout runs `model`'s blocks at."""
+    from shoal.parallel.stages import STAGES_PER_RANK
     micro = max(1, cfg.train.batch_size // dims.dp // cfg.train.grad_accum)
-    return (max(1, micro // cfg.parallel.pp_microbatches) if dims.pp > 1 else micro), dims.tp
+    blocks = len(model.layers) if hasattr(model, "layers") else 1
+    if dims.pp == 1:
+        return micro, dims.tp, max(1, blocks)
+    stages = dims.pp * STAGES_PER_RANK[cfg.parallel.pp_schedule]
+    return max(1, micro // cfg.parallel.pp_microbatches), dims.tp, max(1, round(blocks / stages))
 
 
 def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter: WorkCounter | None = None,
@@ -202,19 +208,20 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
         block's profile where the hardware has one (this host), else from counted work."""
         if not profiled:
             return hw.compute_seconds(model_work(batch, blocks, True), tp_linears=linears * blocks)
-        block_s, rest_s = hw.block_seconds(cfg, model, batch, tp)
+        block_s, rest_s = hw.block_seconds(cfg, model, batch, tp, depth)
         extra = hw.compute_seconds(_plus((recomputed(batch), blocks))) if ac != "none" else 0.0
         return blocks * block_s + rest_s + extra
 
     from shoal.plan.profile import can_profile
     profiled = bool(n_blocks) and hasattr(hw, "block_seconds") and can_profile(model)
+    depth = block_shape(cfg, dims, model)[2]
     if pp == 1:
-        compute = accum * stage_seconds(block_shape(cfg, dims)[0], n_blocks)
+        compute = accum * stage_seconds(block_shape(cfg, dims, model)[0], n_blocks)
         backward = compute * 2 / 3
     else:
         v = STAGES_PER_RANK[cfg.parallel.pp_schedule]
         m = cfg.parallel.pp_microbatches
-        stage_micro = block_shape(cfg, dims)[0]
+        stage_micro = block_shape(cfg, dims, model)[0]
         per_rank_blocks = n_blocks / pp
         # the last rank holds the head and loss as well as its blocks: the slowest slot
         slot = stage_seconds(stage_micro, per_rank_blocks / v)
@@ -335,7 +342,7 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
     tp_params = tp > 1 and not fsdp
     if profiled and tp_params:  # the model's own tensor-parallel parameters, profiled beside its block
         optimizer = hw.compute_seconds(opt, optimizer=True) + opt.ops * hw.optimizer_extra_per_op(
-            cfg, model, *block_shape(cfg, dims))
+            cfg, model, *block_shape(cfg, dims, model))
     else:
         optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0,
                                        dtensor_kind="tp" if tp_params else "fsdp", optimizer=True)

@@ -48,8 +48,7 @@ def calibration(cfg: Config, layouts: list[dict], world: int = WORLD, **changed)
         hook_element={f"{m}:{w}": 1e-9 for m in ("fp16", "bf16", "int8", "int4") for w in per_world})
     for degrees in layouts:
         layout = with_degrees(cfg, degrees)
-        micro, tp = block_shape(layout, check_layout(layout, world))
-        cal.blocks[profile_key(cfg, micro, tp, world)] = [2e-3, 1e-3, 5e-5]
+        cal.blocks[profile_key(cfg, *block_shape(layout, check_layout(layout, world), meta_model(cfg)), world)] = [2e-3, 1e-3, 5e-5]
     for name, value in changed.items():
         setattr(cal, name, value)
     return cal
@@ -95,7 +94,7 @@ def test_tensor_parallel_optimizer_grows_with_its_profiled_dtensor_cost():
     tp, fsdp = {"tp": 2}, {"dp_shard": 2}
     base, costly = calibration(cfg, [tp, fsdp]), calibration(cfg, [tp, fsdp])
     layout = with_degrees(cfg, tp)
-    key = profile_key(cfg, *block_shape(layout, check_layout(layout, WORLD)), WORLD)
+    key = profile_key(cfg, *block_shape(layout, check_layout(layout, WORLD), meta_model(cfg)), WORLD)
     costly.blocks[key] = [2e-3, 1e-3, 5e-4]
     ops = step(cfg, tp, costly).optimizer - step(cfg, tp, base).optimizer
     assert ops > 100 * (5e-4 - 5e-5)  # a few hundred AdamW and clipping operators

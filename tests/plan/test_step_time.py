@@ -201,7 +201,16 @@ def test_calibration_is_cached_and_reused(tmp_path):
     assert second.returncode == 0, second.stderr
     assert "calibrating collectives" not in second.stdout and "calibrated, torch" in second.stdout
     assert "step ms" in second.stdout and "tokens/s" in second.stdout
-    assert json.loads(cached[0].read_text())["seconds"] == measured["seconds"]  # the same calibration
+    after = json.loads(cached[0].read_text())
+    assert after["seconds"] == measured["seconds"]  # the same calibration
+    # FSDP2's passes without gradient sync, as a fraction of a full pass, per group size
+    assert set(after["fsdp_nosync"]) == {"2", "4"}
+    assert all(0 <= f <= 1 for fractions in after["fsdp_nosync"].values() for f in fractions)
+    # the blocks were profiled at each layout's stage depth: the whole model's (debug GPT, 2 blocks)
+    # for data parallel and tensor parallel, one stage's for the pipelines
+    depths = {key.split("/d")[-1].split("/")[0] for key in after["blocks"]}
+    assert {"1", "2"} <= depths, sorted(after["blocks"])
+    assert all(len(times) == 3 and min(times) >= 0 for times in after["blocks"].values())
 
 
 def test_short_of_a_replica_is_the_layout_per_step_recovery_trains_on():
