@@ -51,7 +51,7 @@ DTensors (dtensor_op, tp_dtensor_op), FSDP2's cost per module and per parameter 
 cost per gradient byte (ddp_step's third value); 5: dtensor_op, tp_dtensor_op and the profiled
 tensor-parallel optimizer cost without the clipping's norm all-reduces (priced as collectives);
 6: + FSDP2's work in passes that do not reduce gradients (fsdp_nosync: pipeline micro-batches,
-gradient accumulation)."""
+gradient accumulation) and per byte of unsharded parameters (fsdp_byte)."""
 HOOK_METHODS = ("fp16", "bf16", "int8", "int4")
 
 
@@ -90,6 +90,9 @@ class Calibration:
     fsdp_param: dict[str, float] = field(default_factory=dict)
     """Group size -> seconds it adds per parameter tensor (copy-in and copy-out, DTensor views,
     gradient shards)."""
+    fsdp_byte: dict[str, float] = field(default_factory=dict)
+    """Group size -> seconds it adds per byte of unsharded parameters (the copies around each
+    gather and reduce-scatter), beyond its collectives, per module and per tensor."""
     fsdp_nosync: dict[str, list[float]] = field(default_factory=dict)
     """Group size -> [pipeline micro-batch, accumulation micro-step]: FSDP2's work in a
     forward+backward that does not reduce gradients, as a fraction of one that does."""
@@ -314,6 +317,7 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
         cal.tp_dtensor_op[str(world)], cal.fsdp_param[str(world)] = seconds["tp_dtensor_op"][0], seconds["fsdp_param"][0]
         cal.fsdp_unit[str(world)], cal.optimizer_op[str(world)] = seconds["fsdp_unit"][0], seconds["optimizer_op"][0]
         cal.ddp_step[str(world)], cal.fsdp_nosync[str(world)] = seconds["ddp_step"], seconds["fsdp_nosync"]
+        cal.fsdp_byte[str(world)] = seconds["fsdp_byte"][0]
         for method in HOOK_METHODS:
             cal.hook_element[f"{method}:{world}"] = seconds[f"hook_{method}"][0]
         cal.pp_slot[str(world)] = seconds["pp_slot"][0]

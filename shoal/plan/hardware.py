@@ -93,7 +93,8 @@ class LocalHost:
         per_step, per_tensor, per_byte = self._nearest(self.cal.ddp_step)
         return per_step + tensors * per_tensor + grad_bytes * per_byte
 
-    def fsdp_seconds(self, units: int, tensors: float, group: int | None = None, sync: str = "full") -> float:
+    def fsdp_seconds(self, units: int, tensors: float, group: int | None = None, sync: str = "full",
+                     sharded_bytes: float = 0.0) -> float:
         """What FSDP2 adds to one forward+backward beyond its collectives, for `units`
         fully_shard'ed modules holding `tensors` parameter tensors on a data-parallel group of
         `group` ranks (hooks and unshard per module; copy-in, copy-out and DTensor views per
@@ -101,10 +102,13 @@ class LocalHost:
         smaller than the world (pp 2 x dp 2) is priced at its own size, stretched by world / cores
         as its workers share the cores with the other groups'. `sync`: "full" for a pass that
         reduces its gradients; "pipeline" for a pipeline stage's micro-batch and "accumulating"
-        for an accumulation micro-step, which do not (their calibrated fraction of a full pass)."""
+        for an accumulation micro-step, which do not (their calibrated fraction of a full pass).
+        `sharded_bytes`: the unsharded bytes of the parameters it gathers (none when it only
+        replicates), each copied into and out of the collectives' buffers."""
         group = group or self.world
         at = str(min((int(w) for w in self.cal.fsdp_unit), key=lambda w: (abs(w - group), -w)))
-        seconds = units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at]
+        seconds = units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at] + \
+            sharded_bytes * self.cal.fsdp_byte.get(at, 0.0)
         if sync != "full":
             seconds *= self.cal.fsdp_nosync[at][("pipeline", "accumulating").index(sync)]
         return seconds if group >= self.world else seconds * self.oversubscribed

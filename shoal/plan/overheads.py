@@ -95,6 +95,7 @@ def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[
                  - fixed_quiet(forward_backward_of(big_plain, big_x), 10) - whole
                  - per_step - per_tensor * len(params))
     out["ddp_step"] = [per_step, per_tensor, max(0.0, big_extra / (flat.numel() * 4))]
+    out["fsdp_byte"] = [fsdp_per_byte(mesh, big_width, out["fsdp_unit"][0], out["fsdp_param"][0])]
     ops = count_optimizer_step(params, "adamw").ops + 2 * len(params)
     forward_backward(tp)()
 
@@ -111,6 +112,29 @@ def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[
     out["dtensor_op"] = [max(0.0, fixed_quiet(step(sharded), 20) - base - CLIP_NORM_REDUCES["fsdp"] * norm) / ops]
     out["tp_dtensor_op"] = [max(0.0, fixed_quiet(step(tp), 20) - base - CLIP_NORM_REDUCES["tp"] * norm) / ops]
     return out
+
+
+def fsdp_per_byte(mesh, width: int, per_unit: float, per_param: float) -> float:
+    """Seconds FSDP2 adds per byte of unsharded parameters to a forward+backward beyond its
+    collectives and its cost per module and per tensor: the copies into and out of each gather's
+    and reduce-scatter's flat buffer, the gradient's chunking and division. Timed on 4 sharded
+    blocks of 2 MB (2 Linears of `width`) against the same plain blocks, less their 7 gathers and
+    4 reduce-scatters timed alone at a block's size."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    blocks, x = 4, torch.randn(2, width)
+    plain, sharded = _stack(blocks, width), _stack(blocks, width)
+    for i, block in enumerate(sharded):
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < blocks - 1)
+    fully_shard(sharded, mesh=mesh)
+    world = dist.get_world_size()
+    unit = sum(p.numel() for p in plain[0].parameters())
+    whole, shard = torch.zeros(unit - unit % world), torch.zeros((unit - unit % world) // world)
+    gather = fixed_quiet(lambda: dist.all_gather_single(whole, shard), 10)
+    scatter = fixed_quiet(lambda: dist.reduce_scatter_single(shard, whole), 10)
+    extra = (fixed_quiet(lambda: sharded(x).sum().backward(), 10) - fixed_quiet(lambda: plain(x).sum().backward(), 10)
+             - (2 * blocks - 1) * gather - blocks * scatter - blocks * per_unit - blocks * 4 * per_param)
+    return max(0.0, extra / (blocks * unit * 4))
 
 
 def fsdp_without_sync(mesh, seconds: dict[str, list[float]], plain, x: torch.Tensor) -> list[float]:

@@ -16,12 +16,12 @@ them; the median with more workers than cores):
 - `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
   it, its all-gathers and reduce-scatters included), in a stage as deep as the layout's: a
   model of `depth` blocks (the whole model, or one pipeline stage's blocks) less a one-block
-  model, per block. With more workers than cores a long forward+backward is stretched more
+  model, per block, and never less than the block alone. With more workers than cores a long forward+backward is stretched more
   than a short one (here 4 workers on 2 cores ran the 4-block model 30-40% slower than four
   times its block alone; 2 workers within 4%), so the block is timed at the stage's length;
 - `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
 - `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
-  one-block model's parameters beyond the same step on a plain copy (under tensor parallelism,
+  stage's parameters beyond the same step on a plain copy (under tensor parallelism,
   DTensors whose sharding propagation costs several times FSDP's Shard(0) per operator), less
   the clipping's norm all-reduces at the calibrated latency (the model prices them once a step).
 
@@ -124,15 +124,18 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int, i
 
         def block_step():
             block(hidden).sum().backward()
-        one_model = _timed(model_step(model, tokens))
+        one_model, alone = _timed(model_step(model, tokens)), _timed(block_step)
+        block_s, stage, stage_cfg = alone, model, one
         if depth > 1:  # per block of a stage this deep, less the one-block model
-            stage = built(_stage_config(cfg, tp, depth), tp)
-            block_s = max(0.0, (_timed(model_step(stage, tokens)) - one_model) / (depth - 1))
-            del stage
-        else:
-            block_s = _timed(block_step)
-        results[f"{micro},{tp},{depth}"] = [block_s, max(0.0, one_model - block_s),
-                                            _optimizer_extra(model, one, spec, tokens, norm_seconds.get(tp, 0.0))]
+            stage_cfg = _stage_config(cfg, tp, depth)
+            stage = built(stage_cfg, tp)
+            # a difference of two timings: its noise can only be trusted upwards (a deeper stage
+            # is never cheaper per block than the block alone)
+            block_s = max(alone, (_timed(model_step(stage, tokens)) - one_model) / (depth - 1))
+        # the optimizer on the stage's own parameters: their mix of kinds (a tensor-parallel
+        # block's sharded Linears, the replicated norms and embeddings) sets the cost per operator
+        results[f"{micro},{tp},{depth}"] = [block_s, max(0.0, one_model - alone),
+                                            _optimizer_extra(stage, stage_cfg, spec, tokens, norm_seconds.get(tp, 0.0))]
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:  # the slowest worker decides

@@ -318,9 +318,10 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
             # and under a pipeline on every micro-batch (its hooks run on every stage call), a
             # calibrated fraction of it on the passes that do not reduce
             tensors = sum(1 for _ in model.parameters()) / pp
-            compute += reductions * hw.fsdp_seconds(units, tensors, group=dp)
+            gathered = local_bytes * dims.dp_shard if dims.dp_shard > 1 else 0.0
+            compute += reductions * hw.fsdp_seconds(units, tensors, group=dp, sharded_bytes=gathered)
             if unsynced:
-                compute += unsynced * hw.fsdp_seconds(units, tensors, group=dp,
+                compute += unsynced * hw.fsdp_seconds(units, tensors, group=dp, sharded_bytes=gathered,
                                                       sync="pipeline" if pp > 1 else "accumulating")
         first = unit_bytes / dims.dp_shard
         exposed += max(fsdp_comm - backward, first / 1e12) if hw.overlaps_backward else fsdp_comm
