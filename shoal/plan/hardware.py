@@ -139,8 +139,9 @@ class LocalHost:
         # scaled again: doing so over-predicted 4 workers' FSDP and TP steps here by 1.5-2.3x)
         return block, rest
 
-    def optimizer_extra_per_op(self, cfg, model, micro: int, tp: int, depth: int) -> float:
-        """The profiled extra seconds per optimizer operator on this model's parameters at this tp."""
+    def optimizer_per_op(self, cfg, model, micro: int, tp: int, depth: int) -> float:
+        """The profiled seconds per optimizer operator (clipping and AdamW) on the stage's own
+        parameters at this tp, with `world` workers at once."""
         from shoal.plan.profile import profile_key
         self.profile_blocks(cfg, model, {(micro, tp, depth)})
         return self.cal.blocks[profile_key(cfg, micro, tp, depth, self.world)][2]

@@ -21,12 +21,13 @@ them; the median with more workers than cores):
   times its block alone; 2 workers within 4%), so the block is timed at the stage's length;
 - `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
 - `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
-  stage's parameters beyond the same step on a plain copy (under tensor parallelism,
-  DTensors whose sharding propagation costs several times FSDP's Shard(0) per operator), less
-  the clipping's norm all-reduces at the calibrated latency (the model prices them once a step).
+  stage's parameters (under tensor parallelism DTensors, whose sharding propagation costs
+  several times FSDP's Shard(0) per operator; the step-time model prices a tensor-parallel
+  layout's optimizer from it), less the clipping's norm all-reduces at the calibrated latency
+  (the model prices them once a step).
 
-Nothing of the layout itself is run: no data parallel exchange, no sharding, no pipeline,
-no optimizer. The step-time model (shoal/plan/steptime.py) composes those from the
+Nothing else of the layout is run: no data parallel exchange, no sharding, no pipeline. The
+step-time model (shoal/plan/steptime.py) composes those from the
 collectives' and operators' own calibration.
 """
 
@@ -125,17 +126,16 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int, i
         def block_step():
             block(hidden).sum().backward()
         one_model, alone = _timed(model_step(model, tokens)), _timed(block_step)
-        block_s, stage, stage_cfg = alone, model, one
+        block_s, stage = alone, model
         if depth > 1:  # per block of a stage this deep, less the one-block model
-            stage_cfg = _stage_config(cfg, tp, depth)
-            stage = built(stage_cfg, tp)
+            stage = built(_stage_config(cfg, tp, depth), tp)
             # a difference of two timings: its noise can only be trusted upwards (a deeper stage
             # is never cheaper per block than the block alone)
             block_s = max(alone, (_timed(model_step(stage, tokens)) - one_model) / (depth - 1))
         # the optimizer on the stage's own parameters: their mix of kinds (a tensor-parallel
         # block's sharded Linears, the replicated norms and embeddings) sets the cost per operator
         results[f"{micro},{tp},{depth}"] = [block_s, max(0.0, one_model - alone),
-                                            _optimizer_extra(stage, stage_cfg, spec, tokens, norm_seconds.get(tp, 0.0))]
+                                            _optimizer_per_op(stage, norm_seconds.get(tp, 0.0))]
     gathered = [None] * world
     dist.all_gather_object(gathered, results)
     if rank == 0:  # the slowest worker decides
@@ -146,29 +146,22 @@ def _profile_worker(rank: int, world: int, cfg, requests: list[tuple[int, int, i
     os._exit(0)
 
 
-def _optimizer_extra(model, one, spec, tokens, norm_seconds: float) -> float:
-    """Seconds per counted operator that gradient clipping and the AdamW step cost on this model's
-    parameters (tensor-parallel DTensors when tp > 1) beyond the same step on a plain copy, less
-    `norm_seconds`: the clipping's norm all-reduces as the step-time model prices them."""
-    from shoal.models import build_model, compute_loss
+def _optimizer_per_op(model, norm_seconds: float) -> float:
+    """Seconds per counted operator of gradient clipping and the AdamW step on this stage's
+    parameters (tensor-parallel DTensors when tp > 1), less `norm_seconds`: the clipping's norm
+    all-reduces as the step-time model prices them."""
     from shoal.plan.overheads import clip_and_step
     from shoal.plan.opcount import count_optimizer_step
-    torch.manual_seed(0)
-    plain = build_model(one.model, spec)
-    compute_loss(plain(tokens[:, :-1]), tokens[:, 1:]).backward()  # every parameter has a gradient
     params = list(model.parameters())
     counted = [torch.nn.Parameter(torch.empty(tuple(p.shape), device="meta")) for p in params]
     ops = count_optimizer_step(counted, "adamw").ops + 2 * len(params)
-
-    def step(module):  # AdamW and the clipping both pass over parameters without a gradient
-        optimizer = torch.optim.AdamW(module.parameters())
-        return lambda: clip_and_step(module, optimizer)
-    return max(0.0, _timed(step(model)) - _timed(step(plain)) - norm_seconds) / ops
+    optimizer = torch.optim.AdamW(params)  # AdamW and the clipping both pass over parameters without a gradient
+    return max(0.0, _timed(lambda: clip_and_step(model, optimizer)) - norm_seconds) / ops
 
 
 def profile_blocks(cfg, world: int, requests: list[tuple[int, int, int]],
                    norm_seconds: dict[int, float] | None = None) -> dict[tuple[int, int, int], tuple[float, ...]]:
-    """(micro-batch, tp, depth) -> (block seconds, rest seconds, optimizer's extra seconds per
+    """(micro-batch, tp, depth) -> (block seconds, rest seconds, the optimizer's seconds per
     operator) with `world` workers at once; `norm_seconds[tp]`: what the step-time model adds for
     the clipping's norm all-reduces at that tp, left out of the optimizer's per-operator cost."""
     import torch.multiprocessing as mp

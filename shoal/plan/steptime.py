@@ -341,9 +341,8 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
     # turns them into 2-D DTensors, whose step measured here costs what FSDP's does (4 workers,
     # gpt 192x4: clipping + AdamW 63 ms under dp 2 x tp 2, 364 ms under tp 4, 45 ms under FSDP)
     tp_params = tp > 1 and not fsdp
-    if profiled and tp_params:  # the model's own tensor-parallel parameters, profiled beside its block
-        optimizer = hw.compute_seconds(opt, optimizer=True) + opt.ops * hw.optimizer_extra_per_op(
-            cfg, model, *block_shape(cfg, dims, model))
+    if profiled and tp_params:  # the model's own tensor-parallel parameters, their step profiled beside its block
+        optimizer = opt.ops * hw.optimizer_per_op(cfg, model, *block_shape(cfg, dims, model))
     else:
         optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0,
                                        dtensor_kind="tp" if tp_params else "fsdp", optimizer=True)

@@ -89,7 +89,8 @@ def test_a_cache_of_an_older_format_is_not_used(tmp_path):
 
 def test_tensor_parallel_optimizer_grows_with_its_profiled_dtensor_cost():
     """Clipping and the optimizer on tensor-parallel parameters are priced per operator at the cost
-    profiled on the model's own TP parameters: raising it slows the TP step and leaves FSDP's alone."""
+    profiled on the stage's own TP parameters (the whole step, nothing priced beside it): raising
+    it slows the TP step in proportion and leaves FSDP's alone."""
     cfg = gpt()
     tp, fsdp = {"tp": 2}, {"dp_shard": 2}
     base, costly = calibration(cfg, [tp, fsdp]), calibration(cfg, [tp, fsdp])
@@ -98,6 +99,7 @@ def test_tensor_parallel_optimizer_grows_with_its_profiled_dtensor_cost():
     costly.blocks[key] = [2e-3, 1e-3, 5e-4]
     ops = step(cfg, tp, costly).optimizer - step(cfg, tp, base).optimizer
     assert ops > 100 * (5e-4 - 5e-5)  # a few hundred AdamW and clipping operators
+    assert step(cfg, tp, costly).optimizer == pytest.approx(10 * step(cfg, tp, base).optimizer)
     assert step(cfg, fsdp, costly).optimizer == step(cfg, fsdp, base).optimizer
 
 
