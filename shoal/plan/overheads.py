@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shoal.plan.timing import fixed_quiet
+from shoal.plan.timing import fixed_quiet, paired_difference
 
 CLIP_NORM_BYTES = 8
 CLIP_NORM_REDUCES = {"fsdp": 1, "tp": 2}
@@ -67,9 +67,8 @@ def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[
         return forward_backward_of(model, x)
     params = list(plain.parameters())
     collectives = (2 * blocks - 1) * seconds["all_gather"][0] + blocks * seconds["reduce_scatter"][0]
-    narrow = fixed_quiet(forward_backward(sharded), 20) - fixed_quiet(forward_backward(plain), 20) - collectives
-    wide_extra = (fixed_quiet(forward_backward(wide), 20) - fixed_quiet(forward_backward(_stack(blocks, width, 6)), 20)
-                  - collectives)
+    narrow = paired_difference(forward_backward(sharded), forward_backward(plain), 30) - collectives
+    wide_extra = paired_difference(forward_backward(wide), forward_backward(_stack(blocks, width, 6)), 30) - collectives
     per_param = max(0.0, (wide_extra - narrow) / (blocks * 2 * (6 - 2)))  # weight and bias per Linear
     out = {"fsdp_param": [per_param], "fsdp_unit": [max(0.0, narrow - per_param * len(params)) / blocks],
            "fsdp_nosync": fsdp_without_sync(mesh, seconds, forward_backward(plain), x)}
@@ -132,7 +131,7 @@ def fsdp_per_byte(mesh, width: int, per_unit: float, per_param: float) -> float:
     whole, shard = torch.zeros(unit - unit % world), torch.zeros((unit - unit % world) // world)
     gather = fixed_quiet(lambda: dist.all_gather_single(whole, shard), 10)
     scatter = fixed_quiet(lambda: dist.reduce_scatter_single(shard, whole), 10)
-    extra = (fixed_quiet(lambda: sharded(x).sum().backward(), 10) - fixed_quiet(lambda: plain(x).sum().backward(), 10)
+    extra = (paired_difference(lambda: sharded(x).sum().backward(), lambda: plain(x).sum().backward(), 12)
              - (2 * blocks - 1) * gather - blocks * scatter - blocks * per_unit - blocks * 4 * per_param)
     return max(0.0, extra / (blocks * unit * 4))
 

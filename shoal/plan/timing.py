@@ -33,3 +33,21 @@ def fixed_quiet(fn, reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return quiet_seconds(times)
+
+
+def paired_difference(fn, baseline, reps: int) -> float:
+    """Seconds `fn` takes beyond `baseline`: the median of `reps` differences, each of one run of
+    both back to back (their order alternating). A difference of two separate quiet timings moved
+    by 1.7x between calibrations with 4 workers on 2 cores: the other workers' phases fall on
+    one side's runs and not the other's; paired runs share them. Every rank runs the same
+    sequence, so either side may hold collectives."""
+    fn(), baseline()
+    diffs = []
+    for rep in range(reps):
+        pair = []
+        for call in ((fn, baseline) if rep % 2 == 0 else (baseline, fn)):
+            t0 = time.perf_counter()
+            call()
+            pair.append((call is fn, time.perf_counter() - t0))
+        diffs.append(sum(t if is_fn else -t for is_fn, t in pair))
+    return statistics.median(diffs)
