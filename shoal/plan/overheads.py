@@ -33,6 +33,16 @@ def _stack(blocks: int, width: int, linears: int = 2) -> nn.Sequential:
     return nn.Sequential(*[nn.Sequential(*[nn.Linear(width, width) for _ in range(linears)]) for _ in range(blocks)])
 
 
+def _sharded_as_trained(blocks: int, width: int, mesh) -> nn.Sequential:
+    """`_stack` sharded as shoal/parallel/shard.py shards a model: each block, all but the last
+    resharded after forward, then the root."""
+    from torch.distributed.fsdp import fully_shard
+    model = _stack(blocks, width)
+    for i, block in enumerate(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=i < blocks - 1)
+    return fully_shard(model, mesh=mesh)
+
+
 def dtensor_step(world: int, seconds: dict[str, list[float]]) -> dict[str, list[float]]:
     """What DTensor parameters add, on layers of negligible arithmetic:
     - fsdp_unit and fsdp_param: a forward+backward of 4 fully_shard'ed blocks against the same
@@ -120,12 +130,8 @@ def fsdp_per_byte(mesh, width: int, per_unit: float, per_param: float) -> float:
     blocks of 2 MB (2 Linears of `width`) against the same plain blocks, less their 7 gathers and
     4 reduce-scatters timed alone at a block's size."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     blocks, x = 4, torch.randn(2, width)
-    plain, sharded = _stack(blocks, width), _stack(blocks, width)
-    for i, block in enumerate(sharded):
-        fully_shard(block, mesh=mesh, reshard_after_forward=i < blocks - 1)
-    fully_shard(sharded, mesh=mesh)
+    plain, sharded = _stack(blocks, width), _sharded_as_trained(blocks, width, mesh)
     world = dist.get_world_size()
     unit = sum(p.numel() for p in plain[0].parameters())
     whole, shard = torch.zeros(unit - unit % world), torch.zeros((unit - unit % world) // world)
@@ -148,12 +154,8 @@ def fsdp_without_sync(mesh, seconds: dict[str, list[float]], plain, x: torch.Ten
     sharded as training shards them (shoal/parallel/shard.py: all but the last resharded after
     forward); each pass less its collectives' latency (a full pass: 2b - 1 gathers and b
     reduce-scatters of b blocks; a pipeline pass b - 1 gathers; an accumulating one 2b - 1)."""
-    from torch.distributed.fsdp import fully_shard
     blocks = 4
-    model = _stack(blocks, x.shape[1])
-    for i, block in enumerate(model):
-        fully_shard(block, mesh=mesh, reshard_after_forward=i < blocks - 1)
-    fully_shard(model, mesh=mesh)
+    model = _sharded_as_trained(blocks, x.shape[1], mesh)
 
     def timed(synced: bool, resharded: bool) -> float:
         def step():

@@ -16,9 +16,10 @@ them; the median with more workers than cores):
 - `block`: one block (under tensor parallelism, the block as shoal/parallel/tensor.py splits
   it, its all-gathers and reduce-scatters included), in a stage as deep as the layout's: a
   model of `depth` blocks (the whole model, or one pipeline stage's blocks) less a one-block
-  model, per block, and never less than the block alone. With more workers than cores a long forward+backward is stretched more
-  than a short one (here 4 workers on 2 cores ran the 4-block model 30-40% slower than four
-  times its block alone; 2 workers within 4%), so the block is timed at the stage's length;
+  model, per block, and never less than the block alone. With more workers than cores a long
+  forward+backward is stretched more than a short one (here 4 workers on 2 cores ran the
+  4-block model 30-40% slower than four times its block alone; 2 workers within 4%), so the
+  block is timed at the stage's length;
 - `rest`: a one-block model with its embeddings, final norm, head and loss, less `block`;
 - `optimizer`: what gradient clipping and the AdamW step cost per counted operator on that
   stage's parameters (under tensor parallelism DTensors, whose sharding propagation costs
