@@ -19,7 +19,8 @@ launch position (0..nproc-1); a restarted worker keeps its slot. Each step injec
 once per job (claimed through the store), so a replacement never repeats its predecessor's,
 and only after every injection with a smaller step has fired in an earlier generation, so a
 scenario plays in order, one recovery at a time (injections with the same step fire
-together: two at once).
+together: two at once; one whose partner fired first still fires at its next point, even if
+the group has shrunk below its `size=` meanwhile).
 """
 
 from __future__ import annotations
@@ -191,13 +192,20 @@ class ChaosPoints:
         self.hold = hold
         self.pending = [(k, i) for k, i in enumerate(injections) if i.step >= 0]
         self.earlier = {k: [j for j, other in self.pending if other.step < i.step] for k, i in self.pending}
+        self.together = {k: [j for j, other in self.pending if other.step == i.step and j != k]
+                         for k, i in self.pending}
 
     def fire(self, point: str, step: int, *, size: int, gen: int, is_source: bool = False) -> None:
         """Fire the injections due at `point` of `step` in generation `gen` of `size` workers.
         `claim(k, gen)` is true for the first caller only, so each injection fires once per job;
         `fired_in(k)` is the generation injection k fired in (-1: not yet)."""
         for k, inj in list(self.pending):
-            if inj.at != point or step < inj.step or size < inj.size:
+            if inj.at != point or step < inj.step:
+                continue
+            # `size=` holds for the first of injections at one step; one whose partner already
+            # fired fires at its own next point even in the smaller group the partner's death
+            # left (a worker slower to reach its point than the survivors to regroup)
+            if size < inj.size and not any(self.fired_in(j) >= 0 for j in self.together[k]):
                 continue
             if inj.target == "source":
                 hit = is_source

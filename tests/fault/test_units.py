@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -242,3 +244,19 @@ def test_an_abandoned_generation_is_destroyed_once_its_collective_ends():
     generation.groups.reap()  # at the next step: destroyed, its sockets closed
     assert time.monotonic() - started < 1.0 and not generation.groups.retiring
     assert _sockets() < connected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("partner_fired_in, code", [(5, -9), (-1, 0)])
+def test_a_kill_whose_partner_fired_still_fires_in_the_smaller_group(partner_fired_in, code):
+    """Two kills at one step with size=3: if slot 1 died first and the survivors regrouped at 2
+    before slot 2 reached its point, slot 2 still dies at its next point (a real SIGKILL of a
+    real process); while its partner has not fired, size=3 keeps it waiting."""
+    script = f"""
+from shoal.fault.chaos import ChaosPoints, parse
+points = ChaosPoints(parse("kill=1,step=20,size=3;kill=2,step=20,size=3"), slot=2, nproc=3,
+                     claim=lambda k, gen: True, fired_in=lambda k: {partner_fired_in} if k == 0 else -1)
+points.fire("during", 20, size=2, gen=6)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
