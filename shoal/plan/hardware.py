@@ -108,7 +108,7 @@ class LocalHost:
         group = group or self.world
         at = str(min((int(w) for w in self.cal.fsdp_unit), key=lambda w: (abs(w - group), -w)))
         seconds = units * self.cal.fsdp_unit[at] + tensors * self.cal.fsdp_param[at] + \
-            sharded_bytes * self.cal.fsdp_byte.get(at, 0.0)
+            sharded_bytes * self.cal.fsdp_byte[at]
         if sync != "full":
             seconds *= self.cal.fsdp_nosync[at][("pipeline", "accumulating").index(sync)]
         return seconds if group >= self.world else seconds * self.oversubscribed

@@ -214,14 +214,15 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
 
     from shoal.plan.profile import can_profile
     profiled = bool(n_blocks) and hasattr(hw, "block_seconds") and can_profile(model)
-    depth = block_shape(cfg, dims, model)[2]
+    shape = block_shape(cfg, dims, model)
+    depth = shape[2]
     if pp == 1:
-        compute = accum * stage_seconds(block_shape(cfg, dims, model)[0], n_blocks)
+        compute = accum * stage_seconds(shape[0], n_blocks)
         backward = compute * 2 / 3
     else:
         v = STAGES_PER_RANK[cfg.parallel.pp_schedule]
         m = cfg.parallel.pp_microbatches
-        stage_micro = block_shape(cfg, dims, model)[0]
+        stage_micro = shape[0]
         per_rank_blocks = n_blocks / pp
         # the last rank holds the head and loss as well as its blocks: the slowest slot
         slot = stage_seconds(stage_micro, per_rank_blocks / v)
@@ -342,7 +343,7 @@ def predict_step(cfg: Config, dims: ParallelDims, model: nn.Module, hw, counter:
     # gpt 192x4: clipping + AdamW 63 ms under dp 2 x tp 2, 364 ms under tp 4, 45 ms under FSDP)
     tp_params = tp > 1 and not fsdp
     if profiled and tp_params:  # the model's own tensor-parallel parameters, their step profiled beside its block
-        optimizer = opt.ops * hw.optimizer_per_op(cfg, model, *block_shape(cfg, dims, model))
+        optimizer = opt.ops * hw.optimizer_per_op(cfg, model, *shape)
     else:
         optimizer = hw.compute_seconds(opt, dtensor_ops=opt.ops if (fsdp or tp > 1) else 0,
                                        dtensor_kind="tp" if tp_params else "fsdp", optimizer=True)

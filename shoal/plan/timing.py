@@ -42,12 +42,15 @@ def paired_difference(fn, baseline, reps: int) -> float:
     one side's runs and not the other's; paired runs share them. Every rank runs the same
     sequence, so either side may hold collectives."""
     fn(), baseline()
+
+    def seconds(call) -> float:
+        t0 = time.perf_counter()
+        call()
+        return time.perf_counter() - t0
     diffs = []
     for rep in range(reps):
-        pair = []
-        for call in ((fn, baseline) if rep % 2 == 0 else (baseline, fn)):
-            t0 = time.perf_counter()
-            call()
-            pair.append((call is fn, time.perf_counter() - t0))
-        diffs.append(sum(t if is_fn else -t for is_fn, t in pair))
+        if rep % 2 == 0:
+            diffs.append(seconds(fn) - seconds(baseline))
+        else:
+            diffs.append(-seconds(baseline) + seconds(fn))  # baseline first: left to right
     return statistics.median(diffs)

@@ -41,6 +41,7 @@ def calibration(cfg: Config, layouts: list[dict], world: int = WORLD, **changed)
         dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, tp_linear={w: 1e-4 * f for w, f in per_world.items()},
         tp_dtensor_op={w: 2e-5 * f for w, f in per_world.items()}, fsdp_param={w: 1e-5 * f for w, f in per_world.items()},
         fsdp_unit={w: 1e-4 * f for w, f in per_world.items()}, fsdp_nosync={w: [0.25, 0.5] for w in per_world},
+        fsdp_byte={w: 1e-10 * f for w, f in per_world.items()},
         concurrent={w: [1e-5 * f, 1e10 / f] for w, f in per_world.items()},
         optimizer_op={w: 3e-6 * f for w, f in per_world.items()},
         ddp_step={w: [1e-4 * f, 1e-6 * f, 1e-10 * f] for w, f in per_world.items()},
