@@ -133,6 +133,12 @@ class SelfplayConfig:
                                  "position (the board's rotations and mirrors, as AlphaGo Zero did). false "
                                  "trains on the positions as played.")
     versions: int = option(100, "Weight versions to train; the run ends after the last one.", min=1)
+    lr_final: float = option(1.0, "train.lr's multiplier at the end of the run (selfplay.versions or "
+                                  "selfplay.minutes, whichever comes first), reached by a cosine from "
+                                  "selfplay.lr_decay_from on. 1 keeps train.lr throughout.", min=0.0, max=1.0)
+    lr_decay_from: float = option(0.5, "Share of the run (versions or minutes, whichever is further along) "
+                                       "after which the learning rate decays to selfplay.lr_final.",
+                                  min=0.0, max=1.0)
     minutes: float = option(0.0, "Stop after the version in flight once this many minutes of training have "
                                  "passed (a checkpoint is saved). 0 means no time limit.", min=0.0)
     channels: int = option(64, "Width of the policy-value network's convolutions.", min=1)

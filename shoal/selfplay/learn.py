@@ -8,6 +8,7 @@ resumed run still samples bit for bit the same batches.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -28,6 +29,16 @@ def augment(planes: torch.Tensor, policy: torch.Tensor, symmetries: Symmetries,
     all_planes = np.stack([p for p, _ in copies])  # (copies, B, ...)
     all_policy = np.stack([q for _, q in copies])
     return torch.from_numpy(all_planes[pick, rows]), torch.from_numpy(all_policy[pick, rows])
+
+
+def decayed_lr(lr: float, progress: float, *, final: float, start: float) -> float:
+    """`lr` until `progress` (the share of the run done, 0..1) reaches `start`, then a half cosine down
+    to `lr * final` at the run's end: a constant learning rate leaves the last versions' network as
+    noisy as the middle ones'."""
+    if final >= 1.0 or progress <= start:
+        return lr
+    done = min(1.0, (progress - start) / max(1e-9, 1.0 - start))
+    return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * done)))
 
 
 def train_steps(net: torch.nn.Module, optimizer: torch.optim.Optimizer, buffer: ReplayBuffer, steps: int,

@@ -51,6 +51,8 @@ class LearnerState:
     version: int = 0
     ledger: list[list[str]] = field(default_factory=list)
     """ledger[v] holds the batch ids ingested before training version v + 1, in ingest order."""
+    lrs: list[float] = field(default_factory=list)
+    """lrs[v] is the learning rate version v + 1 trained at (selfplay.lr_final decays it by run time)."""
     seconds: float = 0.0
     """Training time before this process (a resumed run's time budget continues)."""
 
@@ -95,25 +97,41 @@ class Learner:
         self.state.ledger.append(list(batches))
         return games, positions
 
-    def train_version(self) -> dict[str, float]:
-        """One version's optimizer steps; the mean losses."""
+    def next_lr(self) -> float:
+        """The learning rate of the next version: train.lr, decayed over the run's last part by the share
+        of selfplay.versions or selfplay.minutes done, whichever is further along."""
+        from shoal.selfplay.learn import decayed_lr
+        sp = self.cfg.selfplay
+        progress = (self.state.version + 1) / sp.versions  # the last version trains at the final rate
+        if sp.minutes:
+            progress = max(progress, self.elapsed() / (60 * sp.minutes))
+        return decayed_lr(self.cfg.train.lr, progress, final=sp.lr_final, start=sp.lr_decay_from)
+
+    def train_version(self, lr: float) -> dict[str, float]:
+        """One version's optimizer steps at learning rate `lr`; the mean losses."""
         from shoal.selfplay.learn import train_steps
         sp = self.cfg.selfplay
         self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         # with augmentation each sampled position is one of its symmetric copies (learn.augment)
         losses = train_steps(self.model, self.optimizer, self.buffer, sp.train_steps_per_version,
                              sp.batch_size // self.world_size, self.generator,
                              symmetries=self.game.symmetries if sp.augment else None)
         self.state.version += 1
+        self.state.lrs.append(lr)
         return losses
 
     def trainer_state(self) -> dict:
         s = self.state
-        return {"version": s.version, "ledger": s.ledger, "seconds": self.elapsed(), "buffer": self.buffer.state_dict(),
+        return {"version": s.version, "ledger": s.ledger, "lrs": s.lrs, "seconds": self.elapsed(), "buffer": self.buffer.state_dict(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
     def load_trainer_state(self, saved: dict) -> None:
-        self.state = LearnerState(version=int(saved["version"]), ledger=[list(b) for b in saved["ledger"]],
+        ledger = [list(b) for b in saved["ledger"]]
+        # a checkpoint from before the decay trained every version at train.lr
+        lrs = [float(lr) for lr in saved.get("lrs", [self.cfg.train.lr] * len(ledger))]
+        self.state = LearnerState(version=int(saved["version"]), ledger=ledger, lrs=lrs,
                                   seconds=float(saved["seconds"]))
         self.started = time.monotonic()
         self.buffer.load_state_dict(saved["buffer"])
@@ -130,9 +148,10 @@ def replay_ledger(cfg: Config, run_dir: Path, *, threads: int, versions: int | N
     torch.set_num_threads(threads)
     try:
         learner = Learner(cfg)
-        for batches in transport.read_ledger(run_dir)[:versions]:
+        rows = list(zip(transport.read_ledger(run_dir), transport.read_ledger(run_dir, "lr")))
+        for batches, lr in rows[:versions]:
             learner.ingest(run_dir, batches)
-            learner.train_version()
+            learner.train_version(cfg.train.lr if lr is None else lr)  # a ledger from before the decay: train.lr
     finally:
         torch.set_num_threads(previous)
     return learner
@@ -207,7 +226,7 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
         # batches it ingested without a checkpoint are ingested again (they are not in the ledger).
         dropped = drop_records_after(run_dir, learner.state.version)
         withdrawn = transport.withdraw_weights_after(run_dir, learner.state.version)
-        transport.write_ledger(run_dir, learner.state.ledger)
+        transport.write_ledger(run_dir, learner.state.ledger, learner.state.lrs)
         if dropped or withdrawn:
             log.info("versions after %d are trained again: %d metric records dropped, weight files %s withdrawn",
                      learner.state.version, dropped, withdrawn)
@@ -226,11 +245,12 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
                 raise ActorsFailed(batches)
             if not batches:  # a stop signal while waiting: the checkpoint below holds everything
                 raise preempt.Preempted(_agree(preempt.requested(), rank, world_size) or 15, learner.state.version)
+            lr = _agree(learner.next_lr(), rank, world_size)  # run time differs between ranks
             if master:
-                transport.append_ledger(run_dir, learner.state.version + 1, batches)
+                transport.append_ledger(run_dir, learner.state.version + 1, batches, lr)
             ingest_started = time.monotonic()
             games, positions = learner.ingest(run_dir, batches)
-            losses = learner.train_version()
+            losses = learner.train_version(lr)
             version = learner.state.version
             if master:
                 transport.publish_weights(run_dir, version, learner.net.state_dict(), keep_every=sp.eval_every)
@@ -240,7 +260,7 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
                              "games_per_second": games / seconds, "positions_per_second": positions / seconds,
                              "wait_seconds": ingest_started - waited,
                              "train_seconds": time.monotonic() - ingest_started,
-                             "buffer_positions": len(learner.buffer), "torch_threads": torch.get_num_threads(),
+                             "buffer_positions": len(learner.buffer), "lr": lr, "torch_threads": torch.get_num_threads(),
                              **losses})
                 log.info("version %d: %d games (%d positions) from %d batches; %s", version, games, positions,
                          len(batches), " ".join(f"{k} {v:.4f}" for k, v in losses.items()))

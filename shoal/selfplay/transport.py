@@ -224,23 +224,27 @@ def next_incarnation(run_dir: Path, role: str, slot: int) -> int:
 
 # --- the ledger and the run's end ------------------------------------------------------------
 
-def write_ledger(run_dir: Path, ledger: list[list[str]]) -> None:
-    """The whole ledger (one line per weight version: the batches it ingested), replaced atomically."""
-    text = "".join(json.dumps({"version": v + 1, "batches": b}) + "\n" for v, b in enumerate(ledger))
+def write_ledger(run_dir: Path, ledger: list[list[str]], lrs: list[float]) -> None:
+    """The whole ledger (one line per weight version: the batches it ingested and the learning rate
+    it trained at), replaced atomically."""
+    text = "".join(json.dumps({"version": v + 1, "batches": b, "lr": lr}) + "\n"
+                   for v, (b, lr) in enumerate(zip(ledger, lrs, strict=True)))
     _write_atomically(selfplay_dir(run_dir) / "ledger.jsonl", lambda tmp: tmp.write_text(text))
 
 
-def append_ledger(run_dir: Path, version: int, batches: list[str]) -> None:
+def append_ledger(run_dir: Path, version: int, batches: list[str], lr: float) -> None:
     path = selfplay_dir(run_dir) / "ledger.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as out:
-        out.write(json.dumps({"version": version, "batches": batches}) + "\n")
+        out.write(json.dumps({"version": version, "batches": batches, "lr": lr}) + "\n")
 
 
-def read_ledger(run_dir: Path) -> list[list[str]]:
+def read_ledger(run_dir: Path, key: str = "batches") -> list:
+    """Each weight version's `key` in version order: "batches" (the batch ids it ingested) or "lr"
+    (None in a ledger written before the learning rate was recorded)."""
     path = selfplay_dir(run_dir) / "ledger.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [row["batches"] for row in sorted(rows, key=lambda row: row["version"])]
+    return [row.get(key) for row in sorted(rows, key=lambda row: row["version"])]
 
 
 def mark_finished(run_dir: Path) -> None:

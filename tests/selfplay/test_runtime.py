@@ -74,7 +74,7 @@ def test_actor_and_learner_killed_nothing_counted_twice_and_resume_exact(tmp_pat
     out = tmp_path / "output.txt"
     with out.open("w") as sink:
         proc = subprocess.Popen([SHOAL, "run", EXAMPLE, *SMALL, "selfplay.versions=10", "selfplay.eval_every=0",
-                                 "checkpoint.every=2", f"log.dir={tmp_path}"], cwd=tmp_path, stdout=sink,
+                                 "selfplay.lr_final=0.1", "checkpoint.every=2", f"log.dir={tmp_path}"], cwd=tmp_path, stdout=sink,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_for(lambda: (games / "actor0-i000-000000.safetensors").exists(), 120, "actor 0's first batch")
@@ -102,7 +102,13 @@ def test_actor_and_learner_killed_nothing_counted_twice_and_resume_exact(tmp_pat
     assert [r["version"] for r in records] == list(range(1, 11)), "each version logged once"
     assert [r["batches"] for r in records] == [len(v) for v in ledger]
 
-    # A fresh learner fed the same batches, version by version, ends with the same weights.
+    # The learning rate decayed over the last half (the resumed learner went on with the schedule).
+    lrs = transport.read_ledger(run, "lr")
+    assert lrs[:5] == [cfg_lr := lrs[0]] * 5 and lrs[-1] < lrs[-2] < lrs[5] < cfg_lr, lrs
+    assert lrs[-1] == pytest.approx(0.1 * cfg_lr)
+    assert [r["lr"] for r in records] == lrs
+
+    # A fresh learner fed the same batches at the same rates, version by version, ends with the same weights.
     cfg = config_module.load(run / "config.toml")
     replayed = replay_ledger(cfg, run, threads=records[-1]["torch_threads"]).net.state_dict()
     final = transport.load_weights(run, 10)

@@ -47,11 +47,13 @@ def test_a_replacement_continues_its_slot_count(tmp_path):
 
 
 def test_ledger_and_weights(tmp_path):
-    transport.append_ledger(tmp_path, 1, ["a", "b"])
-    transport.append_ledger(tmp_path, 2, ["c"])
+    transport.append_ledger(tmp_path, 1, ["a", "b"], 1e-3)
+    transport.append_ledger(tmp_path, 2, ["c"], 5e-4)
     assert transport.read_ledger(tmp_path) == [["a", "b"], ["c"]]
-    transport.write_ledger(tmp_path, [["a", "b"]])  # a resumed learner cuts the versions it trains again
+    assert transport.read_ledger(tmp_path, "lr") == [1e-3, 5e-4]
+    transport.write_ledger(tmp_path, [["a", "b"]], [1e-3])  # a resumed learner cuts the versions it trains again
     assert transport.read_ledger(tmp_path) == [["a", "b"]]
+    assert transport.read_ledger(tmp_path, "lr") == [1e-3]
     for version in range(12):
         transport.publish_weights(tmp_path, version, {"w": torch.full((2,), float(version))}, keep_every=5)
     kept = [v for v, _ in transport.weight_versions(tmp_path)]
