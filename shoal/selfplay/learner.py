@@ -124,8 +124,8 @@ class Learner:
 
     def trainer_state(self) -> dict:
         s = self.state
-        return {"version": s.version, "ledger": s.ledger, "lrs": s.lrs, "seconds": self.elapsed(), "buffer": self.buffer.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+        return {"version": s.version, "ledger": s.ledger, "lrs": s.lrs, "seconds": self.elapsed(),
+                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
 
     def load_trainer_state(self, saved: dict) -> None:
         ledger = [list(b) for b in saved["ledger"]]
