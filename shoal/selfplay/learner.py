@@ -125,7 +125,8 @@ class Learner:
     def trainer_state(self) -> dict:
         s = self.state
         return {"version": s.version, "ledger": s.ledger, "lrs": s.lrs, "seconds": self.elapsed(),
-                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                "buffer": self.buffer.state_dict(), "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state()}
 
     def load_trainer_state(self, saved: dict) -> None:
         ledger = [list(b) for b in saved["ledger"]]
@@ -260,7 +261,8 @@ def run_learner(cfg: Config, run_dir: Path, *, resume: str | None, verbose: bool
                              "games_per_second": games / seconds, "positions_per_second": positions / seconds,
                              "wait_seconds": ingest_started - waited,
                              "train_seconds": time.monotonic() - ingest_started,
-                             "buffer_positions": len(learner.buffer), "lr": lr, "torch_threads": torch.get_num_threads(),
+                             "buffer_positions": len(learner.buffer), "lr": lr,
+                             "torch_threads": torch.get_num_threads(),
                              **losses})
                 log.info("version %d: %d games (%d positions) from %d batches; %s", version, games, positions,
                          len(batches), " ".join(f"{k} {v:.4f}" for k, v in losses.items()))

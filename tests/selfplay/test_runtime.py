@@ -74,8 +74,8 @@ def test_actor_and_learner_killed_nothing_counted_twice_and_resume_exact(tmp_pat
     out = tmp_path / "output.txt"
     with out.open("w") as sink:
         proc = subprocess.Popen([SHOAL, "run", EXAMPLE, *SMALL, "selfplay.versions=10", "selfplay.eval_every=0",
-                                 "selfplay.lr_final=0.1", "checkpoint.every=2", f"log.dir={tmp_path}"], cwd=tmp_path, stdout=sink,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                 "selfplay.lr_final=0.1", "checkpoint.every=2", f"log.dir={tmp_path}"],
+                                cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         wait_for(lambda: (games / "actor0-i000-000000.safetensors").exists(), 120, "actor 0's first batch")
         actor = _pid(run / "logs" / "actors" / "actor0.log", r"incarnation 0, pid (\d+)")
