@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -113,6 +114,8 @@ class Calibration:
     disk_write: float = 0.0
     """Bytes/s written and fsync'd to the cache folder's disk."""
     seconds: float = 0.0
+    calibrated_at: str = ""
+    """When it was measured (UTC); empty in a cache written before this was recorded."""
     version: int = 1
     """The cache's format: a cache of another format is measured again (CALIBRATION_VERSION)."""
 
@@ -325,4 +328,33 @@ def calibrate(shapes_by_threads: dict[int, set] | None = None, say=print) -> Cal
     say("calibrating disk write bandwidth")
     cal.disk_write = measure_disk_write(cache_path().parent)
     cal.seconds = time.perf_counter() - start
+    cal.calibrated_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return cal
+
+
+DRIFT = 0.25
+"""A host whose operators run this much slower than its calibration's is warned about; one faster
+only beyond twice as fast: the short timing of a fresh process came out 10-40% faster than the
+calibration's on the same idle host here, never slower."""
+
+
+def speed_drift(cal: Calibration) -> float:
+    """This host's seconds per operator now over the calibration's (> 1: slower now), timed again at
+    the calibration's thread count (a fraction of a second). A shared or throttled host moves:
+    the same rows here ran 40-60% slower one day than the day before, and a calibration is a
+    snapshot of one moment's speed."""
+    key = str(cal.threads) if str(cal.threads) in cal.op_overhead else min(cal.op_overhead, default=None)
+    if key is None:
+        return 1.0
+    now = statistics.median(_with_threads(int(key), measure_op_overhead) for _ in range(3))
+    return now / cal.op_overhead[key]
+
+
+def drift_warning(cal: Calibration, ratio: float) -> str | None:
+    """One line telling the user the host's speed moved since `cal` (None within DRIFT)."""
+    if 0.5 <= ratio <= 1.0 + DRIFT:
+        return None
+    when = f" ({cal.calibrated_at})" if cal.calibrated_at else ""
+    factor, word = (ratio, "slower") if ratio > 1 else (1 / ratio, "faster")
+    return (f"warning: this host runs operators {factor:.1f}x {word} now than when it was calibrated{when}; "
+            "the step times below assume the calibration's speed: `shoal plan --calibrate` measures again")

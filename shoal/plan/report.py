@@ -54,10 +54,16 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
             print(stale, flush=True)
             cal = calibrate(None, say=lambda line: print(line, flush=True))
             print(f"calibrated in {cal.seconds:.0f} s; cached in {save_calibration(cal)}")
+        if cal is not None and not calibrate_now and not stale:
+            from shoal.plan.calibrate import drift_warning, speed_drift
+            warning = drift_warning(cal, speed_drift(cal))
+            if warning:
+                print(warning, flush=True)
         if cal is not None:
             hw = LocalHost(cal, args.world)
+            at = f" {cal.calibrated_at}" if cal.calibrated_at else ""
             where = (f"on this host ({cal.host}, {cal.cores} cores, {hw.threads} thread(s) per worker; "
-                     f"calibrated, torch {cal.torch_version})")
+                     f"calibrated{at}, torch {cal.torch_version})")
     seq = cfg.data.seq_len if data_spec(cfg).kind == "tokens" else 1
     unit = "tokens/s" if seq > 1 else "samples/s"
     per_step = cfg.train.batch_size * seq

@@ -11,8 +11,8 @@ import torch
 
 from shoal.config import Config
 from shoal.parallel.compose import check_layout
-from shoal.plan.calibrate import CALIBRATION_VERSION, Calibration, load_calibration, save_calibration, \
-    stale_calibration
+from shoal.plan.calibrate import CALIBRATION_VERSION, DRIFT, Calibration, drift_warning, load_calibration, \
+    save_calibration, speed_drift, stale_calibration
 from shoal.plan.collectives import OPS
 from shoal.plan.hardware import LocalHost
 from shoal.plan.layouts import with_degrees
@@ -73,6 +73,22 @@ def test_compressed_hook_arithmetic_is_priced_per_element():
     elements = sum(p.numel() for p in meta_model(cfg).parameters())
     assert slow.compute - cheap.compute == pytest.approx(elements * (1e-7 - 1e-9), rel=0.02)
     assert step(cfg, ddp, slow_cal).compute == step(cfg, ddp, calibration(cfg, [ddp])).compute  # no hook, no cost
+
+
+def test_a_host_slower_or_faster_than_its_calibration_is_warned_about():
+    """`shoal plan` times the operator overhead again against the cached one: a host that moved by
+    more than DRIFT is told so (the calibration is a snapshot of one moment's speed)."""
+    cal = calibration(gpt(), [], calibrated_at="2026-12-05 20:10 UTC")
+    cal.op_overhead = {"2": 1e-12}  # a picosecond an operator: every host is slower than that
+    slower = speed_drift(cal)
+    assert slower > 1 + DRIFT
+    warning = drift_warning(cal, slower)
+    assert "slower now than when it was calibrated (2026-12-05 20:10 UTC)" in warning
+    assert "shoal plan --calibrate" in warning
+    cal.op_overhead = {"2": 1.0}  # a second an operator: every host is faster than that
+    assert "faster now" in drift_warning(cal, speed_drift(cal))
+    assert drift_warning(cal, 1.2) is None and drift_warning(cal, 0.6) is None  # within the probe's noise
+    assert "1.3x slower" in drift_warning(cal, 1.3) and "2.5x faster" in drift_warning(cal, 0.4)
 
 
 def test_a_cache_of_an_older_format_is_not_used(tmp_path):

@@ -199,7 +199,8 @@ def test_calibration_is_cached_and_reused(tmp_path):
     second = subprocess.run([shoal, "plan", str(config), "--world", "2"], env=env, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr
-    assert "calibrating collectives" not in second.stdout and "calibrated, torch" in second.stdout
+    assert "calibrating collectives" not in second.stdout
+    assert f"calibrated {measured['calibrated_at']}, torch" in second.stdout and "UTC" in measured["calibrated_at"]
     assert "step ms" in second.stdout and "tokens/s" in second.stdout
     after = json.loads(cached[0].read_text())
     assert after["seconds"] == measured["seconds"]  # the same calibration
