@@ -149,10 +149,9 @@ def replay_ledger(cfg: Config, run_dir: Path, *, threads: int, versions: int | N
     torch.set_num_threads(threads)
     try:
         learner = Learner(cfg)
-        rows = list(zip(transport.read_ledger(run_dir), transport.read_ledger(run_dir, "lr")))
-        for batches, lr in rows[:versions]:
-            learner.ingest(run_dir, batches)
-            learner.train_version(cfg.train.lr if lr is None else lr)  # a ledger from before the decay: train.lr
+        for row in transport.ledger_rows(run_dir)[:versions]:
+            learner.ingest(run_dir, row["batches"])
+            learner.train_version(row.get("lr", cfg.train.lr))  # a ledger from before the decay: train.lr
     finally:
         torch.set_num_threads(previous)
     return learner

@@ -239,12 +239,18 @@ def append_ledger(run_dir: Path, version: int, batches: list[str], lr: float) ->
         out.write(json.dumps({"version": version, "batches": batches, "lr": lr}) + "\n")
 
 
-def read_ledger(run_dir: Path, key: str = "batches") -> list:
-    """Each weight version's `key` in version order: "batches" (the batch ids it ingested) or "lr"
-    (None in a ledger written before the learning rate was recorded)."""
+def ledger_rows(run_dir: Path) -> list[dict]:
+    """The ledger's lines in version order: {"version", "batches", "lr"} ("lr" absent in a ledger
+    written before the learning rate was recorded)."""
     path = selfplay_dir(run_dir) / "ledger.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-    return [row.get(key) for row in sorted(rows, key=lambda row: row["version"])]
+    return sorted(rows, key=lambda row: row["version"])
+
+
+def read_ledger(run_dir: Path, key: str = "batches") -> list:
+    """Each weight version's `key` in version order: "batches" (the batch ids it ingested) or "lr"
+    (None where the ledger has none)."""
+    return [row.get(key) for row in ledger_rows(run_dir)]
 
 
 def mark_finished(run_dir: Path) -> None:
