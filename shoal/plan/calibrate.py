@@ -177,8 +177,9 @@ def _with_threads(threads: int, fn):
         torch.set_num_threads(saved)
 
 
-def measure_op_overhead() -> float:
-    """Seconds per operator of a forward+backward whose arithmetic is negligible."""
+def measure_op_overhead(timings: int = 1) -> float:
+    """Seconds per operator of a forward+backward whose arithmetic is negligible (the median of
+    `timings` quiet timings)."""
     from shoal.plan.opcount import count_forward_backward
     layers = [m for _ in range(40) for m in (nn.Linear(4, 4), nn.GELU())]
     model = nn.Sequential(*layers, nn.Linear(4, 2))
@@ -189,7 +190,7 @@ def measure_op_overhead() -> float:
 
     def step():
         nn.functional.cross_entropy(model(x), y).backward()
-    return quiet_seconds_of(step, 0.2) / ops
+    return statistics.median(quiet_seconds_of(step, 0.2) for _ in range(timings)) / ops
 
 
 def measure_bandwidth() -> float:
@@ -346,8 +347,7 @@ def speed_drift(cal: Calibration) -> float:
     key = str(cal.threads) if str(cal.threads) in cal.op_overhead else min(cal.op_overhead, default=None)
     if key is None:
         return 1.0
-    now = statistics.median(_with_threads(int(key), measure_op_overhead) for _ in range(3))
-    return now / cal.op_overhead[key]
+    return _with_threads(int(key), lambda: measure_op_overhead(timings=3)) / cal.op_overhead[key]
 
 
 def drift_warning(cal: Calibration, ratio: float) -> str | None:
