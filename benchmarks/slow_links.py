@@ -2,22 +2,28 @@
 
 Each worker runs in its own network namespace (shoal/launch/netbed.py) whose link is
 limited with `tc tbf`; the workers are ordinary `python -m shoal.worker` processes that
-find each other through MASTER_ADDR, as on separate hosts. Every method gets the same
-token budget (steps x global batch). Bytes are the kernel's counters of each worker's
-link, not estimates.
+find each other through MASTER_ADDR, as on separate hosts. With `--rtt 100ms` every worker
+is instead its own site of the sites netbed (shoal/launch/netbed_sites.py): a namespace behind
+a `tc tbf`-limited TUN link to a WAN router, so that every pair of workers is one WAN round
+trip apart. Every method gets the same token budget (steps x global batch). Bytes are the
+kernel's counters of each worker's link, not estimates.
 
     # as root: it makes network namespaces
     .venv/bin/python benchmarks/slow_links.py                 # five methods at 2 and 4 workers
     .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco-default --steps 300 --batch-size 16
+    # the same links with 100 ms of round trip between any two workers
+    .venv/bin/python benchmarks/slow_links.py --methods ddp,diloco-default --steps 300 --batch-size 16 --rtt 100ms
     # issue 28's size: a 1.3M-parameter gpt, 3000 steps, the default DiLoCo at H 10/30/100 (hours here)
     .venv/bin/python benchmarks/slow_links.py --workers 2,4 --dim 160 --layers 4 --steps 3000 --batch-size 32 \
         --methods ddp,diloco-default-h10,diloco-default-h30,diloco-default-h100
 
 `--workers 2,4` runs every method at each worker count (one netbed each) and ends with the
 loss gap to DDP at each count side by side. `diloco-default` is `sync.method=diloco` and nothing
-else (the tuned defaults, docs/sync.md); `diloco-default-h<H>` changes only inner_steps. The
-links are rate-limited only: this kernel has neither `netem` nor the `fq` qdisc, so no delay is
-added (docs/sync.md says what 100 ms would add).
+else (the tuned defaults, docs/sync.md); `diloco-default-h<H>` changes only inner_steps. By
+default (`--rtt none`) the links are rate-limited only. This kernel has no `netem`, so `--rtt`
+adds the delay below TCP with the TUN delay line of shoal/launch/netwire.py: it holds every
+packet rtt/4 on each site's wire each way, so a packet between two workers is held rtt/2 and a
+round trip takes `rtt` on top of the rate limit.
 
 The default shape is chosen so that communication dominates DDP's step: the gpt debug model
 (137k parameters, 0.55 MB in fp32) with 4 sequences of 64 tokens per worker per step costs
@@ -44,7 +50,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shoal.config import load  # noqa: E402
-from shoal.launch.netbed import Netbed  # noqa: E402
+from shoal.launch.netbed import Netbed, NetbedError  # noqa: E402
+from shoal.launch.netbed_sites import SitesNetbed, parse_rtt  # noqa: E402
 from shoal.observe.metrics import read_metrics  # noqa: E402
 
 # ddp, fp16, powersgd, the paper's diloco, streaming and Shoal's default diloco; int8 (per-step, error
@@ -85,7 +92,31 @@ def common_overrides(args: argparse.Namespace, run_root: Path, name: str) -> lis
     ]
 
 
-def run_method(bed: Netbed, args: argparse.Namespace, name: str, run_root: Path, port: int) -> dict:
+class SiteWorkers:
+    """A SitesNetbed seen as a Netbed: worker i is site "w<i>", reached over its wan0."""
+
+    def __init__(self, bed: SitesNetbed, workers: int):
+        self.bed, self.sites = bed, [f"w{i}" for i in range(workers)]
+
+    def address(self, worker: int) -> str:
+        return self.bed.address(self.sites[worker])
+
+    def env(self, worker: int) -> dict[str, str]:
+        # As Netbed.env: Gloo talks over the one link out of the namespace (a site's is wan0, not eth0).
+        return {**os.environ, "GLOO_SOCKET_IFNAME": "wan0"}
+
+    def spawn(self, worker: int, argv: list[str], **popen) -> subprocess.Popen:
+        return self.bed.spawn(self.sites[worker], argv, **popen)
+
+    def counters(self, worker: int) -> tuple[int, int]:
+        return self.bed.counters(self.sites[worker])
+
+
+def link_text(args: argparse.Namespace) -> str:
+    return f"{args.rate}" + ("" if args.rtt == "none" else f", {args.rtt} rtt")
+
+
+def run_method(bed: Netbed | SiteWorkers, args: argparse.Namespace, name: str, run_root: Path, port: int) -> dict:
     overrides = common_overrides(args, run_root, name) + METHODS[name]
     load(None, overrides)  # a bad override fails here, before four workers start
     run_dir = run_root / name
@@ -142,12 +173,22 @@ def time_to_reach(result: dict, target: float) -> float | None:
 
 def run_world_size(args: argparse.Namespace, names: list[str]) -> list[dict]:
     """Every method at `args.workers` workers, each worker in its own namespace of one bed."""
+    if args.rtt != "none":
+        # Every worker its own site: any two are one WAN round trip apart. A prefix per worker count (the
+        # previous bed may linger a moment) and a /16 apart from Netbed's 10.79.<n>.0/24 and the tests' beds.
+        with SitesNetbed([f"w{i}" for i in range(args.workers)], None if args.rate == "none" else args.rate,
+                         args.rtt, prefix=f"shs{args.workers}x", subnet=f"10.{90 + args.workers}.0.0/16") as sites:
+            return run_methods(SiteWorkers(sites, args.workers), args, names)
+    with Netbed(args.workers, None if args.rate == "none" else args.rate, prefix=f"shb{args.workers}x",
+                subnet=f"10.79.{args.workers}.0/24") as bed:  # the previous bed's links may linger a moment
+        return run_methods(bed, args, names)
+
+
+def run_methods(bed: Netbed | SiteWorkers, args: argparse.Namespace, names: list[str]) -> list[dict]:
     results = []
-    with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp, \
-            Netbed(args.workers, None if args.rate == "none" else args.rate, prefix=f"shb{args.workers}x",
-                   subnet=f"10.79.{args.workers}.0/24") as bed:  # the previous bed's links may linger a moment
+    with tempfile.TemporaryDirectory(prefix="shoal-slow-links-") as tmp:
         for index, name in enumerate(names):
-            print(f"running {name} ({args.steps} steps, {args.workers} workers at {args.rate})...", flush=True)
+            print(f"running {name} ({args.steps} steps, {args.workers} workers at {link_text(args)})...", flush=True)
             try:
                 result = run_method(bed, args, name, Path(tmp) / "try1", 29600 + index)
             except WorkersFailed as failure:
@@ -165,7 +206,7 @@ def print_table(args: argparse.Namespace, results: list[dict]) -> None:
     reference = next((r for r in results if r["method"] == "ddp"), None)
     header = (f"{'method':<22} {'wall s':>8} {'train s':>8} {'MB sent/worker':>15} {'of it start-up':>15} "
               f"{'val loss':>9} {'s to DDP+1%':>12} {'bytes ÷':>8} {'wall ÷':>7} {'train ÷':>8} {'loss vs DDP':>12}")
-    print(f"\n{args.workers} workers, {args.rate} links, gpt {args.flavour} dim {args.dim or 'preset'} layers "
+    print(f"\n{args.workers} workers, {link_text(args)} links, gpt {args.flavour} dim {args.dim or 'preset'} layers "
           f"{args.layers or 'preset'}, {args.steps} steps x {args.batch_size} x 64 tokens")
     print(f"{header}\n{'-' * len(header)}")
     for r in results:
@@ -191,6 +232,10 @@ def main() -> int:
                         help=f"comma-separated from {', '.join(METHODS)}")
     parser.add_argument("--workers", default="2,4", help="worker (replica) counts, comma-separated")
     parser.add_argument("--rate", default="20mbit", help="each worker's link, both ways; none for no limit")
+    parser.add_argument("--rtt", default="none", help="round trip added between any two workers, e.g. 100ms "
+                        "(each worker its own site of shoal/launch/netbed_sites.py, the delay made by "
+                        "shoal/launch/netwire.py); none (the default) for the bridge of shoal/launch/netbed.py, "
+                        "no delay")
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the same for every method)")
     parser.add_argument("--batch-size", type=int, default=16, help="global batch, sequences of 64 tokens")
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -204,6 +249,11 @@ def main() -> int:
     unknown = sorted(set(names) - set(METHODS))
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.rtt != "none":
+        try:
+            parse_rtt(args.rtt)
+        except NetbedError as error:
+            parser.error(f"--rtt: {error}")
 
     from shoal.data import build_dataset
     build_dataset(load(None, ["data.source=stdlib", "data.seq_len=64"]).data, 0)  # fill the cache once, here
@@ -224,8 +274,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "command": "benchmarks/slow_links.py " + " ".join(sys.argv[1:]), "workers": counts,
-        "rate": args.rate, "steps": args.steps, "batch_size": args.batch_size, "flavour": args.flavour,
-        "dim": args.dim, "layers": args.layers,
+        "rate": args.rate, "rtt": args.rtt, "steps": args.steps, "batch_size": args.batch_size,
+        "flavour": args.flavour, "dim": args.dim, "layers": args.layers,
         "torch": torch.__version__, "host": platform.node(), "cpus": os.cpu_count(), "results": results,
     }, indent=2))
     print(f"\nwrote {out}")
