@@ -195,8 +195,8 @@ class SitesDiLoCo(DiLoCo):
                             source, self.outer_syncs)
                 got = self.plane.take_state(source, self.join_timeout)
                 if got is None:
-                    log.error("site %s: no state from site %s (its link was lost, or sites.join_timeout = %g s "
-                              "passed); training on alone", self.plane.name, source, self.join_timeout)
+                    log.error("site %s: no state from site %s within sites.join_timeout = %g s (its link was down "
+                              "or kept being lost); training on alone", self.plane.name, source, self.join_timeout)
                 else:
                     rounds, blob = got
         tensors: list[torch.Tensor] = []

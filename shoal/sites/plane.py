@@ -440,21 +440,26 @@ class SitePlane(ShardedRounds):
         with self.cond:
             for key in [k for k in self.inbox if k[0] == wire.STATE]:
                 del self.inbox[key]
-            while peer.link is None and time.monotonic() < deadline:  # a dropped link is dialled again
-                self.cond.wait(deadline - time.monotonic())
-        if not self._send(peer, wire.JOIN, self.rounds):
-            return None
-        with self.cond:
-            while True:
-                found = [k for k in self.inbox if k[0] == wire.STATE and k[2] == source]
-                left = deadline - time.monotonic()
-                if found or peer.link is None or left <= 0:
-                    break
-                self.cond.wait(left)
-            if not found:
-                return None
-            key = found[0]
-            return key[1], self.inbox.pop(key)
+        # A JOIN sent on a link that is closing (the source dropped this site: DROP, then the link shut)
+        # never arrives; so while time is left, each new link gets the JOIN again.
+        while time.monotonic() < deadline:
+            with self.cond:
+                while peer.link is None and time.monotonic() < deadline:  # a dropped link is dialled again
+                    self.cond.wait(max(deadline - time.monotonic(), 0.0))
+                link = peer.link
+            if link is None or not self._send(peer, wire.JOIN, self.rounds):
+                continue
+            with self.cond:
+                while True:
+                    found = [k for k in self.inbox if k[0] == wire.STATE and k[2] == source]
+                    left = deadline - time.monotonic()
+                    if found or peer.link is not link or left <= 0:
+                        break
+                    self.cond.wait(left)
+                if found:
+                    key = found[0]
+                    return key[1], self.inbox.pop(key)
+        return None
 
 
 def _shut(sock: ssl.SSLSocket) -> None:
