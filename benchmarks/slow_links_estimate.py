@@ -71,6 +71,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default="docs/diloco_sweep_1m.jsonl", help="benchmarks/diloco_sweep.py's JSONL")
     parser.add_argument("--seed", type=int, default=1234, help="the sweep's seed whose rows are used")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="the sweep's global batch whose rows are used; 0: the first DDP row's")
     parser.add_argument("--rate-mbit", type=float, default=20.0)
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--workers", default="2,4")
@@ -78,13 +80,16 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "slow_links_estimate.json"))
     args = parser.parse_args()
     rows = [json.loads(line) for line in Path(args.sweep).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r["seed"] == args.seed]
+    rows = [r for r in rows if r["seed"] == args.seed and (not args.batch_size or r["batch_size"] == args.batch_size)]
     ddp = [r for r in rows if r["method"] == "ddp" and r["lr"] == rows[0]["lr"]]
     if not ddp:
-        raise SystemExit(f"{args.sweep}: no DDP row for seed {args.seed}; run diloco_sweep.py --ddp-only first")
+        raise SystemExit(f"{args.sweep}: no DDP row for seed {args.seed}"
+                         + (f" and batch {args.batch_size}" if args.batch_size else "")
+                         + "; run diloco_sweep.py --ddp-only first")
     ddp = ddp[0]
     shape = {k: ddp[k] for k in ("steps", "batch_size", "seq_len", "lr", "warmup", "flavour", "dim", "layers",
                                  "params", "seed", "max_bytes")}
+    rows = [r for r in rows if all(r[k] == v for k, v in shape.items())]  # one file may hold several shapes
     rate, rtt, params, steps = args.rate_mbit * 1e6 / 8, args.rtt_ms / 1e3, shape["params"], shape["steps"]
     print(f"gpt {params / 1e6:.2f}M parameters, {steps} steps x {shape['batch_size']} x {shape['seq_len']} tokens; "
           f"links {args.rate_mbit:g} Mbit/s, {args.rtt_ms:g} ms RTT (computed, not a netbed run)")
