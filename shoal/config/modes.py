@@ -124,6 +124,10 @@ class SelfplayConfig:
     temperature_moves: int = option(8, "Opening moves of a self-play game sampled in proportion to visit "
                                        "counts; later moves take the most visited. 0 means always the most "
                                        "visited.", min=0)
+    value_target_q: float = option(0.0, "Weight w of the search's own value in the value target, z' = (1 - w) "
+                                        "z + w q, with z the game's result and q the root search's mean value "
+                                        "for the mover (Prasad et al., 'Lessons from AlphaZero'). 0 is "
+                                        "AlphaZero's z alone.", min=0.0, max=1.0)
     replay_size: int = option(50_000, "Positions the learner's replay buffer holds; the oldest leave first.",
                               min=1)
     games_per_version: int = option(64, "New games the learner ingests before each weight version.", min=1)

@@ -44,6 +44,28 @@ def test_self_play_records_hold_every_position_with_the_movers_result():
             assert r.value_targets[-1] == 1.0
 
 
+def test_selfplay_value_target_q_mixes_the_search_value_into_the_targets():
+    """selfplay.value_target_q reaches the actors' settings: same games (same seed), targets
+    (1 - w) z + w q, so they move off the pure results toward the searches' values."""
+    from shoal.config import Config
+    from shoal.selfplay.setup import selfplay_settings
+    cfg = Config()
+    cfg.selfplay.game, cfg.selfplay.simulations, cfg.selfplay.temperature_moves = "tictactoe", 16, 9
+    cfg.selfplay.value_target_q = 0.5
+    settings = selfplay_settings(cfg)
+    assert settings.value_target_q_weight == 0.5
+    net = PolicyValueNet(TTT, channels=8, blocks=1).eval()
+    played = {}
+    for w in (0.0, 0.5):
+        settings.value_target_q_weight = w
+        played[w] = play_games(TTT, evaluator(net), 4, settings, np.random.default_rng(0), weight_version=0)
+    for plain, mixed in zip(played[0.0], played[0.5]):
+        assert torch.equal(plain.planes, mixed.planes)
+        z = plain.value_targets
+        q = 2 * mixed.value_targets - z  # the root values the mixed targets were made from
+        assert q.abs().max() <= 1.0 + 1e-6 and not torch.equal(mixed.value_targets, z)
+
+
 def test_the_ring_keeps_the_newest_positions():
     buffer = ReplayBuffer(10)
     buffer.add([record(4, 0.0), record(4, 100.0)])
