@@ -173,13 +173,14 @@ def time_to_reach(result: dict, target: float) -> float | None:
 
 def run_world_size(args: argparse.Namespace, names: list[str]) -> list[dict]:
     """Every method at `args.workers` workers, each worker in its own namespace of one bed."""
+    rate = None if args.rate == "none" else args.rate
     if args.rtt != "none":
         # Every worker its own site: any two are one WAN round trip apart. A prefix per worker count (the
         # previous bed may linger a moment) and a /16 apart from Netbed's 10.79.<n>.0/24 and the tests' beds.
-        with SitesNetbed([f"w{i}" for i in range(args.workers)], None if args.rate == "none" else args.rate,
-                         args.rtt, prefix=f"shs{args.workers}x", subnet=f"10.{90 + args.workers}.0.0/16") as sites:
+        with SitesNetbed([f"w{i}" for i in range(args.workers)], rate, args.rtt, prefix=f"shs{args.workers}x",
+                         subnet=f"10.{90 + args.workers}.0.0/16") as sites:
             return run_methods(SiteWorkers(sites, args.workers), args, names)
-    with Netbed(args.workers, None if args.rate == "none" else args.rate, prefix=f"shb{args.workers}x",
+    with Netbed(args.workers, rate, prefix=f"shb{args.workers}x",
                 subnet=f"10.79.{args.workers}.0/24") as bed:  # the previous bed's links may linger a moment
         return run_methods(bed, args, names)
 
