@@ -28,13 +28,13 @@ class SelfPlaySettings:
     dirichlet_fraction: float = 0.25  # share of the root prior replaced by noise; 0 means none
     temperature_moves: int = 8  # moves sampled by visit counts, then the most visited
     leaves_per_game: int = 1  # leaves per game per simulation step (> 1 adds virtual loss)
-    value_target_q_weight: float = 0.0  # w of z' = (1 - w) z + w q; 0 is AlphaZero's z alone
+    value_target_q: float = 0.0  # w of z' = (1 - w) z + w q; 0 is AlphaZero's z alone
 
     def __post_init__(self) -> None:
         for name, low in (("simulations", 1), ("temperature_moves", 0), ("leaves_per_game", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"SelfPlaySettings.{name} = {getattr(self, name)}; it must be >= {low}")
-        for name in ("dirichlet_fraction", "value_target_q_weight"):
+        for name in ("dirichlet_fraction", "value_target_q"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SelfPlaySettings.{name} = {getattr(self, name)}; it must be in [0, 1]")
 
@@ -97,7 +97,7 @@ def play_games(game: Game, evaluate: Evaluate, n_games: int, settings: SelfPlayS
         moves = len(planes[g])
         first = results[g]
         values = np.array([first if i % 2 == 0 else -first for i in range(moves)])
-        w = settings.value_target_q_weight
+        w = settings.value_target_q
         if w > 0:
             values = (1.0 - w) * values + w * np.array(searched_values[g])
         values = values.astype(np.float32)

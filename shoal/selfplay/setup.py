@@ -56,7 +56,7 @@ def selfplay_settings(cfg: Config):
     sp = cfg.selfplay
     return SelfPlaySettings(simulations=sp.simulations, c_puct=sp.c_puct, dirichlet_alpha=sp.dirichlet_alpha,
                             dirichlet_fraction=sp.dirichlet_fraction, temperature_moves=sp.temperature_moves,
-                            value_target_q_weight=sp.value_target_q)
+                            value_target_q=sp.value_target_q)
 
 
 def actor_rng(seed: int, slot: int, incarnation: int):

@@ -31,7 +31,7 @@ EVAL_SIMULATIONS = 64
 # loss probability 0 against minimax on seeds 0-2, at 16 and 32 evaluation simulations, on the
 # first machine).
 SETTINGS = LocalSettings(play=SelfPlaySettings(simulations=32, c_puct=1.5, dirichlet_alpha=1.0, dirichlet_fraction=0.25,
-                                               temperature_moves=9, value_target_q_weight=0.5),
+                                               temperature_moves=9, value_target_q=0.5),
                          versions=40, games_per_version=32, train_steps_per_version=40, batch_size=64,
                          replay_size=10_000, lr=2e-3, channels=64, blocks=2)
 

@@ -53,11 +53,11 @@ def test_selfplay_value_target_q_mixes_the_search_value_into_the_targets():
     cfg.selfplay.game, cfg.selfplay.simulations, cfg.selfplay.temperature_moves = "tictactoe", 16, 9
     cfg.selfplay.value_target_q = 0.5
     settings = selfplay_settings(cfg)
-    assert settings.value_target_q_weight == 0.5
+    assert settings.value_target_q == 0.5
     net = PolicyValueNet(TTT, channels=8, blocks=1).eval()
     played = {}
     for w in (0.0, 0.5):
-        settings.value_target_q_weight = w
+        settings.value_target_q = w
         played[w] = play_games(TTT, evaluator(net), 4, settings, np.random.default_rng(0), weight_version=0)
     for plain, mixed in zip(played[0.0], played[0.5]):
         assert torch.equal(plain.planes, mixed.planes)
