@@ -21,6 +21,21 @@ def _hours(h: float) -> str:
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h" if h < 48 else f"{h / 24:.1f} d"
 
 
+def model_label(cfg, model) -> str:
+    """The model the plan is for, as the config names it: a Hugging Face folder's architecture, a
+    factory, or a reference model and its flavour; with its parameter count."""
+    count = sum(p.numel() for p in model.parameters())
+    if cfg.model.hf:
+        from shoal.models.hf import read_hf_config
+        arch = (getattr(read_hf_config(cfg.model.hf), "architectures", None) or ["?"])[0]
+        name = f"{arch} ({cfg.model.hf})"
+    elif cfg.model.factory:
+        name = cfg.model.factory
+    else:
+        name = f"{cfg.model.name} ({cfg.model.flavour})"
+    return f"{name}, {count:,} parameters"
+
+
 def plan_report(args: argparse.Namespace, calibrate_now) -> int:
     from shoal import config
     from shoal.parallel.compose import check_layout
@@ -91,7 +106,7 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
     else:
         best = recommend(plans)
 
-    print(f"{cfg.model.name} ({cfg.model.flavour}) on {args.world} workers"
+    print(f"{model_label(cfg, model)} on {args.world} workers"
           + (f", cap {format_size(cap)} per worker" if cap else "") + (f"; step time {where}" if hw else ""))
     header = f"  {'layout':<34}{'memory':>10}" + ("  fits" if cap else "")
     if times:

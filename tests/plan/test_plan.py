@@ -114,7 +114,24 @@ def test_plan_command_lists_flags_and_recommends(tmp_path, capsys, monkeypatch):
     config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n[data]\nseq_len = 32\n[train]\nbatch_size = 16\n')
     assert _plan([str(config), "--world", "4", "--memory-per-worker", "2GB", "--all"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith("gpt (debug), ") and " parameters on 4 workers" in out
     assert "recommended: dp_replicate=4" in out and "dp_shard=4" in out and "  yes" in out
     assert "[parallel]\ndp_replicate = 4" in out
     assert _plan([str(config), "--world", "4", "--memory-per-worker", "1KB"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+
+
+def test_plan_names_the_hugging_face_model_it_planned(tmp_path, capsys, monkeypatch):
+    """The title is the model the config trains (here a Hugging Face folder's architecture and its
+    exact parameter count), not the reference model `model.name` would otherwise pick."""
+    import transformers as tf
+
+    from tests.hf.tiny import save_tiny
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path / "cache"))
+    folder = save_tiny("qwen2", tmp_path / "qwen2")
+    count = sum(p.numel() for p in tf.Qwen2ForCausalLM(tf.AutoConfig.from_pretrained(folder)).parameters())
+    config = tmp_path / "run.toml"
+    config.write_text(f'[model]\nhf = "{folder}"\n[data]\nseq_len = 16\n[train]\nbatch_size = 4\n')
+    assert _plan([str(config), "--world", "2"]) == 0
+    title = capsys.readouterr().out.splitlines()[0]
+    assert title == f"Qwen2ForCausalLM ({folder}), {count:,} parameters on 2 workers"
