@@ -32,6 +32,7 @@ from shoal.plan.hardware import Accelerators
 
 REQUIRED = ("accelerator", "peak_tflops", "hbm_gb", "hbm_bandwidth_gbps", "per_node", "intra_node_gbps",
             "intra_node_latency_us", "inter_node_gbps", "inter_node_latency_us", "dollars_per_hour")
+OPTIONAL = ("spot_dollars_per_hour", "spot_preemptions_per_hour", "efficiency", "measured")
 
 # Dense tensor-core peaks and memory from NVIDIA's data sheets; prices are typical on-demand
 # and spot list prices per GPU-hour (late 2025), a starting point to overwrite with a quote.
@@ -87,6 +88,12 @@ class Cluster:
 
 def parse_cluster(values: dict, name: str) -> Cluster:
     """A Cluster from a TOML table; a missing or impossible field is one ConfigError naming it."""
+    unknown = sorted(set(values) - set(REQUIRED) - set(OPTIONAL))
+    if unknown:
+        tables = [k for k in unknown if isinstance(values[k], dict)]
+        hint = (f" (the fields go at the top of the file, not under [{tables[0]}])" if tables and len(values) == 1
+                else f"; the fields are {', '.join(REQUIRED + OPTIONAL)}")
+        raise ConfigError(f"cluster {name}: unknown field {', '.join(repr(k) for k in unknown)}{hint}")
     for key in REQUIRED:
         if key not in values:
             raise ConfigError(f"cluster {name}: missing field '{key}' (see docs/plan.md for the format)")
@@ -100,8 +107,14 @@ def parse_cluster(values: dict, name: str) -> Cluster:
     for dtype, tflops in peaks.items():
         if not isinstance(tflops, (int, float)) or tflops <= 0:
             raise ConfigError(f"cluster {name}: peak_tflops.{dtype} = {tflops!r} must be a positive number")
+    for key in ("spot_dollars_per_hour", "spot_preemptions_per_hour"):
+        value = values.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ConfigError(f"cluster {name}: {key} = {value!r} must be a number, 0 or more")
+    if not isinstance(values.get("measured", False), bool):
+        raise ConfigError(f"cluster {name}: measured = {values['measured']!r} must be true or false")
     efficiency = values.get("efficiency", 0.45)
-    if not 0 < efficiency <= 1:
+    if isinstance(efficiency, bool) or not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 1:
         raise ConfigError(f"cluster {name}: efficiency = {efficiency!r} must be in (0, 1]")
     if int(values["per_node"]) != values["per_node"]:
         raise ConfigError(f"cluster {name}: per_node = {values['per_node']!r} must be a whole number")

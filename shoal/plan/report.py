@@ -108,6 +108,13 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
 
     print(f"{model_label(cfg, model)} on {args.world} workers"
           + (f", cap {format_size(cap)} per worker" if cap else "") + (f"; step time {where}" if hw else ""))
+    invalid = [p for p in plans if not p.estimate]
+    if not valid:
+        print(f"no layout of {args.world} workers is possible for this model:")
+        for p in invalid:
+            print(f"  {p.name:<36}{p.error}")
+        print("\nchange --world, or the field each line names")
+        return 1
     header = f"  {'layout':<34}{'memory':>10}" + ("  fits" if cap else "")
     if times:
         header += f"{'step ms':>10}{'comm ms':>9}{unit:>12}"
@@ -128,7 +135,6 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
             if t.notes:
                 row += "  " + "; ".join(t.notes)
         print(row)
-    invalid = [p for p in plans if not p.estimate]
     if invalid and args.all:
         print("\nnot possible for this model:")
         for p in invalid:

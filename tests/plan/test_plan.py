@@ -119,6 +119,11 @@ def test_plan_command_lists_flags_and_recommends(tmp_path, capsys, monkeypatch):
     assert "[parallel]\ndp_replicate = 4" in out
     assert _plan([str(config), "--world", "4", "--memory-per-worker", "1KB"]) == 1
     assert "no layout fits" in capsys.readouterr().out
+    # 7 workers: no layout is possible at all (not a memory problem): each reason is listed
+    assert _plan([str(config), "--world", "7"]) == 1
+    out = capsys.readouterr().out
+    assert "no layout of 7 workers is possible" in out and "no layout fits" not in out
+    assert "train.batch_size = 16 must divide into 7" in out and "model.n_layers" in out
 
 
 def test_plan_names_the_hugging_face_model_it_planned(tmp_path, capsys, monkeypatch):

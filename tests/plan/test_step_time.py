@@ -88,6 +88,9 @@ def test_cluster_presets_and_cost():
     ({**PRESETS["l4"], "hbm_gb": -1}, ["hbm_gb = -1", "positive"]),
     ({**PRESETS["l4"], "efficiency": 1.5}, ["efficiency = 1.5"]),
     ("not toml [", ["not valid TOML"]),
+    ({**PRESETS["l4"], "spot_dolars_per_hour": 0.3}, ["unknown field 'spot_dolars_per_hour'", "spot_dollars_per_hour"]),
+    ({**PRESETS["l4"], "spot_dollars_per_hour": "cheap"}, ["spot_dollars_per_hour = 'cheap'", "a number"]),
+    ('[cluster]\naccelerator = "X"\n', ["unknown field 'cluster'", "top of the file, not under [cluster]"]),
 ])
 def test_bad_cluster_files_name_the_field(tmp_path, text, words):
     if isinstance(text, dict):
