@@ -6,7 +6,7 @@ import tomllib
 
 import pytest
 
-from shoal.config import Config
+from shoal.config import Config, ConfigError
 from shoal.plan.auto import choose_layout
 from tests.conftest import TINY, shoal
 
@@ -21,6 +21,19 @@ def test_without_a_calibration_auto_takes_the_memory_rule_and_says_so(tmp_path, 
     assert choice.degrees == {"dp_replicate": 2, "dp_shard": 1, "tp": 1, "pp": 1}
     assert "no calibration" in choice.reason and "shoal plan --calibrate" in choice.reason
     assert choice.row.startswith("dp_replicate=2:")
+
+
+
+def test_auto_on_a_world_no_layout_can_take_names_each_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path))
+    cfg = Config()
+    cfg.model.name, cfg.model.flavour, cfg.data.seq_len, cfg.train.batch_size = "gpt", "debug", 32, 8
+    cfg.parallel.auto = True
+    with pytest.raises(ConfigError) as err:
+        choose_layout(cfg, 7)
+    message = str(err.value)
+    assert "no layout of 7 workers is possible" in message and "fits" not in message
+    assert "train.batch_size = 8 must divide into 7" in message and "pp=7:" in message
 
 
 @pytest.mark.slow
