@@ -35,6 +35,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     ("[train]\nsteps = 'many'\n", [], "train.steps: expected int"),
     ("", ["train.steps=abc"], "train.steps: expected int, got 'abc'"),
     ("", ["train.lr=-1"], "train.lr = -1.0 is below its minimum"),
+    ("", ["train.lr=nan"], "train.lr = nan must be a finite number"),
+    ("[sync]\nouter_lr = inf\n", [], "sync.outer_lr = inf must be a finite number"),
     ("", ["model.name=gtp"], "model.name = 'gtp' is not one of gpt, mlp, dlrm, cnn (did you mean 'gpt'?)"),
     ("", ["data.source=text"], "data.path is required"),
     ("", ["data.source=npy", "data.path=/no/such/dir"], "data.path: /no/such/dir does not exist"),

@@ -8,6 +8,7 @@ says which layouts and sync methods per-step fault tolerance covers (the launche
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(obj):
             value, meta = getattr(obj, f.name), f.metadata
             where = f"{section}.{f.name}"
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{where} = {value} must be a finite number")
             if meta.get("choices") and value not in meta["choices"]:
                 raise ConfigError(f"{where} = {value!r} is not one of {', '.join(map(str, meta['choices']))}"
                                   f"{_suggest(str(value), list(meta['choices'])) if isinstance(value, str) else ''}")
