@@ -139,7 +139,10 @@ def _orphans_of(folder: Path) -> list[tuple[int, str]]:
         if not entry.name.isdigit():
             continue
         try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state in ("Z", "X"):  # exited, not yet reaped: nothing left to run
+                continue
+            ppid = int(ppid)
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
             cwd = os.readlink(entry / "cwd")
         except (OSError, IndexError, ValueError):  # gone meanwhile, or a kernel thread
@@ -166,7 +169,11 @@ def no_leftover_processes(request):
     folder = getattr(request.node, "funcargs", {}).get("tmp_path")  # the test's folder, set up for it
     if not request.node.get_closest_marker("slow") or folder is None:
         return
-    left = _orphans_of(folder)
+    # A worker ends with its launcher (PR_SET_PDEATHSIG): the signal is sent as the launcher dies, so
+    # one may still be on its way out when the test returns. Give such a process a moment to go.
+    deadline = time.monotonic() + 5
+    while (left := _orphans_of(folder)) and time.monotonic() < deadline:
+        time.sleep(0.1)
     for pid, _ in left:
         try:
             os.kill(pid, signal.SIGKILL)  # a SIGSTOPped one too
