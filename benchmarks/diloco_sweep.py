@@ -136,11 +136,17 @@ class Wire:
 
 
 def run_diloco(cfg, train, val, spec, order, *, replicas, inner_steps, outer_lr, outer_momentum, nesterov,
-               compression, topk_fraction, topk_bits, outer_warmup, inner_lr_scale):
+               compression, topk_fraction, topk_bits, outer_warmup, inner_lr_scale, inner_clip_scale=1.0,
+               inner_beta2=None):
     models = [fresh_model(cfg, spec) for _ in range(replicas)]
     tcfg = cfg.train
-    inner_cfg = type(tcfg)(**{**vars(tcfg), "lr": tcfg.lr * inner_lr_scale})
+    inner_cfg = type(tcfg)(**{**vars(tcfg), "lr": tcfg.lr * inner_lr_scale,
+                              "grad_clip": tcfg.grad_clip * inner_clip_scale if inner_clip_scale else math.inf})
     optimizers = [build_optimizer(m.parameters(), inner_cfg) for m in models]
+    for optimizer in optimizers:  # the replicas' AdamW second-moment decay, where it is set apart from DDP's
+        for group in optimizer.param_groups:
+            if inner_beta2 is not None:
+                group["betas"] = (group["betas"][0], inner_beta2)
     params = [list(m.parameters()) for m in models]
     outer = [p.detach().clone().float() for p in params[0]]
     outer_opt = torch.optim.SGD(outer, lr=outer_lr, momentum=outer_momentum,
@@ -219,6 +225,10 @@ def main() -> int:
     parser.add_argument("--topk-bits", type=int, default=2)
     parser.add_argument("--outer-warmup", default="0", help="outer syncs of linear outer-lr warm-up")
     parser.add_argument("--inner-lr-scale", default="1", help="inner lr multiplier for the replicas")
+    parser.add_argument("--inner-clip-scale", type=float, default=1.0,
+                        help="the replicas' gradient clipping threshold x this (DDP keeps train.grad_clip); 0: none")
+    parser.add_argument("--inner-beta2", type=float, default=None,
+                        help="the replicas' AdamW beta2 (DDP keeps the Trainer's 0.95)")
     parser.add_argument("--settings", default="", help="instead of the grid: ';'-separated "
                         "R:H:outer_lr:momentum[:warmup[:inner_lr_scale[:compression]]]")
     parser.add_argument("--ddp-only", action="store_true")
@@ -281,13 +291,16 @@ def main() -> int:
         loss, n_bytes, syncs = run_diloco(
             cfg, train, val, spec, order, replicas=replicas, inner_steps=h, outer_lr=olr, outer_momentum=mom,
             nesterov=bool(int(args.nesterov)), compression=wire, topk_fraction=args.topk_fraction,
-            topk_bits=args.topk_bits, outer_warmup=warm, inner_lr_scale=scale)
+            topk_bits=args.topk_bits, outer_warmup=warm, inner_lr_scale=scale,
+            inner_clip_scale=args.inner_clip_scale, inner_beta2=args.inner_beta2)
         seconds = time.perf_counter() - started
         reference = reference or ddp_loss()
         gap = loss / reference - 1 if reference else float("nan")
         record({"method": "diloco", "replicas": replicas, "inner_steps": h, "outer_lr": olr, "outer_momentum": mom,
                 "nesterov": bool(int(args.nesterov)), "outer_warmup": warm, "inner_lr_scale": scale,
                 "compression": wire, "topk_fraction": args.topk_fraction, "topk_bits": args.topk_bits,
+                **({"inner_clip_scale": args.inner_clip_scale} if args.inner_clip_scale != 1 else {}),
+                **({"inner_beta2": args.inner_beta2} if args.inner_beta2 is not None else {}),
                 "val_loss": loss, "ddp_val_loss": reference, "gap": gap, "bytes_per_sync": n_bytes,
                 "syncs": syncs, "seconds": round(seconds, 1)})
         print(f"{replicas:>2} {h:>4} {olr:>8.2f} {mom:>5.2f} {warm:>4} {scale:>7.2f} {wire:>6} {loss:>9.4f} "
