@@ -76,6 +76,26 @@ def setup(args):
 
 
 DEVICE = torch.device("cpu")
+BETA2: float | None = None  # --beta2: AdamW's second-moment decay for DDP and the replicas (None: the Trainer's)
+
+
+GRAD_NORMS: list[tuple[float, bool]] = []  # every inner step's gradient norm before clipping, and whether it clipped
+
+
+def grad_norm_summary() -> dict:
+    """The median gradient norm (before clipping) over the run's inner steps and the share clipped;
+    a replica's gradient on 1/R of the batch carries more noise than DDP's on all of it."""
+    norms = torch.tensor([n for n, _ in GRAD_NORMS])
+    summary = {"grad_norm_median": round(float(norms.median()), 4),
+               "clipped_share": round(sum(c for _, c in GRAD_NORMS) / len(GRAD_NORMS), 4)}
+    GRAD_NORMS.clear()
+    return summary
+
+
+def set_beta2(optimizer, beta2: float | None) -> None:
+    if beta2 is not None:
+        for group in optimizer.param_groups:
+            group["betas"] = (group["betas"][0], beta2)
 
 
 def fresh_model(cfg, spec):
@@ -95,7 +115,8 @@ def inner_step(model, optimizer, x, y, cfg, step):
         group["lr"] = lr_at(step, cfg)
     loss = compute_loss(model(x.to(DEVICE)), y.to(DEVICE))
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
+    GRAD_NORMS.append((float(norm), float(norm) > cfg.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -143,10 +164,8 @@ def run_diloco(cfg, train, val, spec, order, *, replicas, inner_steps, outer_lr,
     inner_cfg = type(tcfg)(**{**vars(tcfg), "lr": tcfg.lr * inner_lr_scale,
                               "grad_clip": tcfg.grad_clip * inner_clip_scale if inner_clip_scale else math.inf})
     optimizers = [build_optimizer(m.parameters(), inner_cfg) for m in models]
-    for optimizer in optimizers:  # the replicas' AdamW second-moment decay, where it is set apart from DDP's
-        for group in optimizer.param_groups:
-            if inner_beta2 is not None:
-                group["betas"] = (group["betas"][0], inner_beta2)
+    for optimizer in optimizers:  # the replicas' AdamW second-moment decay: --inner-beta2, else --beta2
+        set_beta2(optimizer, inner_beta2 if inner_beta2 is not None else BETA2)
     params = [list(m.parameters()) for m in models]
     outer = [p.detach().clone().float() for p in params[0]]
     outer_opt = torch.optim.SGD(outer, lr=outer_lr, momentum=outer_momentum,
@@ -193,6 +212,7 @@ def run_ddp(cfg, train, val, spec, order):
     """DDP's final validation loss, and its curve at 80 % and 90 % of the steps: still falling at the end?"""
     model = fresh_model(cfg, spec)
     optimizer = build_optimizer(model.parameters(), cfg.train)
+    set_beta2(optimizer, BETA2)
     steps = order.shape[0]
     marks = {steps * 8 // 10, steps * 9 // 10} - {0}
     curve = {}
@@ -227,8 +247,10 @@ def main() -> int:
     parser.add_argument("--inner-lr-scale", default="1", help="inner lr multiplier for the replicas")
     parser.add_argument("--inner-clip-scale", type=float, default=1.0,
                         help="the replicas' gradient clipping threshold x this (DDP keeps train.grad_clip); 0: none")
+    parser.add_argument("--beta2", type=float, default=None,
+                        help="AdamW's beta2 for DDP and the replicas (default: the Trainer's 0.95)")
     parser.add_argument("--inner-beta2", type=float, default=None,
-                        help="the replicas' AdamW beta2 (DDP keeps the Trainer's 0.95)")
+                        help="the replicas' AdamW beta2 alone (DDP keeps --beta2, else the Trainer's 0.95)")
     parser.add_argument("--settings", default="", help="instead of the grid: ';'-separated "
                         "R:H:outer_lr:momentum[:warmup[:inner_lr_scale[:compression]]]")
     parser.add_argument("--ddp-only", action="store_true")
@@ -242,14 +264,15 @@ def main() -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "diloco_sweep.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, BETA2
+    DEVICE, BETA2 = torch.device(args.device), args.beta2
     cfg, train, val, spec = setup(args)
     n_params = sum(p.numel() for p in fresh_model(cfg, spec).parameters())
     order = batches(train, cfg, args.steps)
     shape = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "lr": args.lr,
              "warmup": args.warmup, "flavour": args.flavour, "dim": args.dim, "layers": args.layers,
-             "params": n_params, "seed": args.seed, "max_bytes": args.max_bytes}
+             "params": n_params, "seed": args.seed, "max_bytes": args.max_bytes,
+             **({"beta2": args.beta2} if args.beta2 is not None else {})}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -267,7 +290,7 @@ def main() -> int:
     if args.ddp_only or (ddp_loss() is None and not args.skip_ddp):
         started = time.perf_counter()
         loss, curve = run_ddp(cfg, train, val, spec, order)
-        record({"method": "ddp", "val_loss": loss, "val_curve": curve,
+        record({"method": "ddp", "val_loss": loss, "val_curve": curve, **grad_norm_summary(),
                 "seconds": round(time.perf_counter() - started, 1)})
         print(f"ddp: val loss {loss:.4f} ({time.perf_counter() - started:.0f} s, {n_params} params); at steps "
               + ", ".join(f"{s}: {v:.4f}" for s, v in curve.items()), flush=True)
@@ -302,7 +325,7 @@ def main() -> int:
                 **({"inner_clip_scale": args.inner_clip_scale} if args.inner_clip_scale != 1 else {}),
                 **({"inner_beta2": args.inner_beta2} if args.inner_beta2 is not None else {}),
                 "val_loss": loss, "ddp_val_loss": reference, "gap": gap, "bytes_per_sync": n_bytes,
-                "syncs": syncs, "seconds": round(seconds, 1)})
+                "syncs": syncs, **grad_norm_summary(), "seconds": round(seconds, 1)})
         print(f"{replicas:>2} {h:>4} {olr:>8.2f} {mom:>5.2f} {warm:>4} {scale:>7.2f} {wire:>6} {loss:>9.4f} "
               f"{gap:>+8.1%} {n_bytes / 1e3:>8.1f} {seconds:>5.0f}", flush=True)
     return 0
