@@ -74,3 +74,25 @@ def test_every_worker_of_every_site_draws_its_own_seed(sizes):
     seeds = [rank_seed(1234, rank, site) for site, size in enumerate(sizes) for rank in range(size)]
     assert len(set(seeds)) == sum(sizes)
     assert rank_seed(1234, 3) == rank_seed(1234, 3, 0)  # one site: the streams of a run without sites
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path, unbuffered):
+    """`shoal plan ... | head -1`: the pipe closes under the writer, which stops with the shell's status
+    for SIGPIPE (141) and no traceback, whether its output is buffered (the error shows at the final
+    flush) or not (PYTHONUNBUFFERED: inside a print)."""
+    import os
+    import subprocess
+
+    from tests.conftest import SHOAL
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n')
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is already gone: the first write meets a closed pipe
+    env = {**os.environ, "SHOAL_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": unbuffered}
+    proc = subprocess.run([SHOAL, "plan", str(config), "--world", "2"], cwd=tmp_path, stdout=write_end,
+                          stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, timeout=120)
+    os.close(write_end)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err, (proc.returncode, err)
