@@ -79,6 +79,11 @@ def plan_report(args: argparse.Namespace, calibrate_now) -> int:
             at = f" {cal.calibrated_at}" if cal.calibrated_at else ""
             where = (f"on this host ({cal.host}, {cal.cores} cores, {hw.threads} thread(s) per worker; "
                      f"calibrated{at}, torch {cal.torch_version})")
+    if (args.link or args.sites) and not (args.link and args.sites):
+        raise ConfigError("--link and --sites go together, e.g. --link 20mbit --rtt 100ms --sites 3")
+    if hw is None and (args.mtbf or args.link):  # both are priced from the step time
+        raise ConfigError(f"{'--mtbf' if args.mtbf else '--link'} needs a step time: calibrate this host "
+                          "(shoal plan --calibrate, under a minute) or give --cluster")
     seq = cfg.data.seq_len if data_spec(cfg).kind == "tokens" else 1
     unit = "tokens/s" if seq > 1 else "samples/s"
     per_step = cfg.train.batch_size * seq

@@ -140,3 +140,20 @@ def test_plan_names_the_hugging_face_model_it_planned(tmp_path, capsys, monkeypa
     assert _plan([str(config), "--world", "2"]) == 0
     title = capsys.readouterr().out.splitlines()[0]
     assert title == f"Qwen2ForCausalLM ({folder}), {count:,} parameters on 2 workers"
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--mtbf", "6h"], "--mtbf needs a step time"),
+    (["--link", "20mbit", "--rtt", "100ms", "--sites", "3"], "--link needs a step time"),
+    (["--link", "20mbit"], "--link and --sites go together"),
+])
+def test_failure_and_link_predictions_without_a_step_time_are_refused_before_the_table(
+        tmp_path, capsys, monkeypatch, flags, words):
+    """--mtbf without a calibration or --cluster printed the table and dropped the failure prediction
+    without a word; now it, like --link, is one line before anything is printed."""
+    monkeypatch.setenv("SHOAL_CACHE", str(tmp_path / "cache"))  # no calibration of this host
+    config = tmp_path / "run.toml"
+    config.write_text('[model]\nname = "gpt"\nflavour = "debug"\n[data]\nseq_len = 32\n[train]\nbatch_size = 16\n')
+    with pytest.raises(ConfigError, match=words):
+        _plan([str(config), "--world", "4", *flags])
+    assert capsys.readouterr().out == ""
