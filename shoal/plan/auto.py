@@ -33,11 +33,11 @@ def choose_layout(cfg: Config, world: int, cap_bytes: int | None = None) -> Auto
 
     model = meta_model(cfg)
     plans = plan_layouts(cfg, world, cap_bytes, model)
-    usable = [p for p in plans if p.estimate is not None and p.fits is not False]
     if not any(p.estimate is not None for p in plans):
         reasons = "; ".join(f"{p.name}: {p.error}" for p in plans)
         raise ConfigError(f"parallel.auto = true: no layout of {world} workers is possible for this model "
                           f"({reasons}); change the worker count or the field named")
+    usable = [p for p in plans if p.estimate is not None and p.fits is not False]
     if not usable:
         raise ConfigError(f"parallel.auto = true: no layout of {world} workers fits this model "
                           f"(`shoal plan CONFIG --world {world} --all` says why); set the [parallel] degrees")

@@ -86,6 +86,11 @@ class Cluster:
                             inter_bandwidth=f["inter_node_gbps"] * 1e9, inter_latency=f["inter_node_latency_us"] * 1e-6)
 
 
+def _is_number(value) -> bool:
+    """An int or float from TOML; `true` is an int to Python, not a number in a cluster file."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def parse_cluster(values: dict, name: str) -> Cluster:
     """A Cluster from a TOML table; a missing or impossible field is one ConfigError naming it."""
     unknown = sorted(set(values) - set(REQUIRED) - set(OPTIONAL))
@@ -109,12 +114,12 @@ def parse_cluster(values: dict, name: str) -> Cluster:
             raise ConfigError(f"cluster {name}: peak_tflops.{dtype} = {tflops!r} must be a positive number")
     for key in ("spot_dollars_per_hour", "spot_preemptions_per_hour"):
         value = values.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if not _is_number(value) or value < 0:
             raise ConfigError(f"cluster {name}: {key} = {value!r} must be a number, 0 or more")
     if not isinstance(values.get("measured", False), bool):
         raise ConfigError(f"cluster {name}: measured = {values['measured']!r} must be true or false")
     efficiency = values.get("efficiency", 0.45)
-    if isinstance(efficiency, bool) or not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 1:
+    if not _is_number(efficiency) or not 0 < efficiency <= 1:
         raise ConfigError(f"cluster {name}: efficiency = {efficiency!r} must be in (0, 1]")
     if int(values["per_node"]) != values["per_node"]:
         raise ConfigError(f"cluster {name}: per_node = {values['per_node']!r} must be a whole number")
