@@ -79,17 +79,11 @@ DEVICE = torch.device("cpu")
 BETA2: float | None = None  # --beta2: AdamW's second-moment decay for DDP and the replicas (None: the Trainer's)
 
 
-GRAD_NORMS: list[tuple[float, bool]] = []  # every inner step's gradient norm before clipping, and whether it clipped
-
-
-def grad_norm_summary() -> dict:
-    """The median gradient norm (before clipping) over the run's inner steps and the share clipped;
-    a replica's gradient on 1/R of the batch carries more noise than DDP's on all of it."""
-    norms = torch.tensor([n for n, _ in GRAD_NORMS])
-    summary = {"grad_norm_median": round(float(norms.median()), 4),
-               "clipped_share": round(sum(c for _, c in GRAD_NORMS) / len(GRAD_NORMS), 4)}
-    GRAD_NORMS.clear()
-    return summary
+def grad_norm_summary(norms: list[tuple[float, bool]]) -> dict:
+    """The median gradient norm (before clipping) over a run's inner steps, each (norm, clipped), and
+    the share clipped; a replica's gradient on 1/R of the batch carries more noise than DDP's on all of it."""
+    return {"grad_norm_median": round(float(torch.tensor([n for n, _ in norms]).median()), 4),
+            "clipped_share": round(sum(c for _, c in norms) / len(norms), 4)}
 
 
 def set_beta2(optimizer, beta2: float | None) -> None:
@@ -110,13 +104,13 @@ def batches(train, cfg, steps):
     return order.view(steps, cfg.train.batch_size)
 
 
-def inner_step(model, optimizer, x, y, cfg, step):
+def inner_step(model, optimizer, x, y, cfg, step, norms: list[tuple[float, bool]]):
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     loss = compute_loss(model(x.to(DEVICE)), y.to(DEVICE))
     loss.backward()
     norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), cfg.grad_clip)
-    GRAD_NORMS.append((float(norm), float(norm) > cfg.grad_clip))
+    norms.append((float(norm), float(norm) > cfg.grad_clip))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -173,11 +167,11 @@ def run_diloco(cfg, train, val, spec, order, *, replicas, inner_steps, outer_lr,
     numel = sum(o.numel() for o in outer)
     wires = [Wire(compression, numel, topk_fraction, topk_bits) for _ in range(replicas)]
     share = order.shape[1] // replicas
-    sync_bytes, syncs = 0, 0
+    sync_bytes, syncs, norms = 0, 0, []
     for step in range(order.shape[0]):
         for r in range(replicas):
             x, y = train.get(order[step, r * share:(r + 1) * share])
-            inner_step(models[r], optimizers[r], x, y, inner_cfg, step)
+            inner_step(models[r], optimizers[r], x, y, inner_cfg, step, norms)
         if (step + 1) % inner_steps:
             continue
         with torch.no_grad():
@@ -198,7 +192,7 @@ def run_diloco(cfg, train, val, spec, order, *, replicas, inner_steps, outer_lr,
                 for p, o in zip(params[r], outer):
                     p.copy_(o)
         sync_bytes, syncs = n_bytes, syncs + 1
-    return evaluate(models[0], val), sync_bytes, syncs
+    return evaluate(models[0], val), sync_bytes, syncs, grad_norm_summary(norms)
 
 
 def decode_average_rows(rows: list[torch.Tensor]) -> torch.Tensor:
@@ -215,14 +209,14 @@ def run_ddp(cfg, train, val, spec, order):
     set_beta2(optimizer, BETA2)
     steps = order.shape[0]
     marks = {steps * 8 // 10, steps * 9 // 10} - {0}
-    curve = {}
+    curve, norms = {}, []
     for step in range(steps):
         x, y = train.get(order[step])
-        inner_step(model, optimizer, x, y, cfg.train, step)
+        inner_step(model, optimizer, x, y, cfg.train, step, norms)
         if step + 1 in marks:
             curve[step + 1] = evaluate(model, val)
     curve[steps] = evaluate(model, val)
-    return curve[steps], curve
+    return curve[steps], curve, grad_norm_summary(norms)
 
 
 def main() -> int:
@@ -289,8 +283,8 @@ def main() -> int:
 
     if args.ddp_only or (ddp_loss() is None and not args.skip_ddp):
         started = time.perf_counter()
-        loss, curve = run_ddp(cfg, train, val, spec, order)
-        record({"method": "ddp", "val_loss": loss, "val_curve": curve, **grad_norm_summary(),
+        loss, curve, norms = run_ddp(cfg, train, val, spec, order)
+        record({"method": "ddp", "val_loss": loss, "val_curve": curve, **norms,
                 "seconds": round(time.perf_counter() - started, 1)})
         print(f"ddp: val loss {loss:.4f} ({time.perf_counter() - started:.0f} s, {n_params} params); at steps "
               + ", ".join(f"{s}: {v:.4f}" for s, v in curve.items()), flush=True)
@@ -311,7 +305,7 @@ def main() -> int:
           f"{'val loss':>9} {'vs DDP':>8} {'kB/sync':>8} {'s':>5}", flush=True)
     for replicas, h, olr, mom, warm, scale, wire in grid:
         started = time.perf_counter()
-        loss, n_bytes, syncs = run_diloco(
+        loss, n_bytes, syncs, norms = run_diloco(
             cfg, train, val, spec, order, replicas=replicas, inner_steps=h, outer_lr=olr, outer_momentum=mom,
             nesterov=bool(int(args.nesterov)), compression=wire, topk_fraction=args.topk_fraction,
             topk_bits=args.topk_bits, outer_warmup=warm, inner_lr_scale=scale,
@@ -325,7 +319,7 @@ def main() -> int:
                 **({"inner_clip_scale": args.inner_clip_scale} if args.inner_clip_scale != 1 else {}),
                 **({"inner_beta2": args.inner_beta2} if args.inner_beta2 is not None else {}),
                 "val_loss": loss, "ddp_val_loss": reference, "gap": gap, "bytes_per_sync": n_bytes,
-                "syncs": syncs, **grad_norm_summary(), "seconds": round(seconds, 1)})
+                "syncs": syncs, **norms, "seconds": round(seconds, 1)})
         print(f"{replicas:>2} {h:>4} {olr:>8.2f} {mom:>5.2f} {warm:>4} {scale:>7.2f} {wire:>6} {loss:>9.4f} "
               f"{gap:>+8.1%} {n_bytes / 1e3:>8.1f} {seconds:>5.0f}", flush=True)
     return 0

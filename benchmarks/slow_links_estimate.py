@@ -58,7 +58,7 @@ def compute_seconds_per_step(shape: dict, per_worker_batch: int, repeats: int) -
     for step in range(repeats + 3):
         x, y = train.get(order[step])
         started = time.perf_counter()
-        sweep.inner_step(model, optimizer, x, y, cfg.train, step)
+        sweep.inner_step(model, optimizer, x, y, cfg.train, step, norms=[])
         times.append(time.perf_counter() - started)
     return sorted(times[3:])[repeats // 2]
 
